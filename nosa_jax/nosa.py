@@ -1,0 +1,201 @@
+"""The NOSA attention math in plain `jnp`: the reference every faster path must reproduce.
+
+Everything works on a LEFT-ALIGNED batch: token `t` of sequence `b` sits at index `t`, the
+sequence has `kv_len[b]` valid tokens, and entries past that are padding whose values never reach
+a valid output. Queries carry their own positions `q_pos [B, Tq]`, so one set of functions serves
+prefill (q_pos = 0..T-1), chunked prefill and decode (q_pos = kv_len - 1).
+
+Spec references are to `shared/spec/nosa-upstream.md` section 2:
+  cis[t]      = A * softplus(delta(v_all[t]))                       (2.2 step 3)
+  ktilde[c]   = mean(k[S c : S c + K])       for complete windows    (2.3)
+  cisw[c]     = mean(cis[S c : S c + K])                              (2.6)
+  S1[t, c]    = sum_g softmax_{c visible at t}(q[t,g] . ktilde[c] / sqrt(D))   (2.4)
+  P(x)[t, j]  = +inf on forced blocks, else max over the windows of block j   (2.5)
+  two-stage top-k (2.7), biased block-sparse attention (2.8).
+All selection math runs in float32; ties in top-k break lowest-index-first (`lax.top_k`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .config import NosaConfig
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+
+def num_windows(kv_len: jax.Array, cfg: NosaConfig) -> jax.Array:
+    """Complete compression windows per sequence: max(0, (N - K) // S + 1). [B] int32."""
+    n = (kv_len - cfg.kernel_size) // cfg.kernel_stride + 1
+    return jnp.maximum(n, 0).astype(jnp.int32)
+
+
+def window_means(x: jax.Array, cfg: NosaConfig) -> jax.Array:
+    """Mean of `x` over every window of `kernel_size` tokens at stride `kernel_stride`.
+
+    x: [B, T, ...] -> [B, C, ...] float32 with C = max(0, (T - K) // S + 1). Windows that run past
+    a sequence's own length hold padding; `num_windows(kv_len)` says how many are valid.
+    Computed as a sum of K/S consecutive stride chunks (exact in the order of summation used by
+    a 32-element mean up to float32 rounding).
+    """
+    S, K = cfg.kernel_stride, cfg.kernel_size
+    B, T = x.shape[:2]
+    C = max(0, (T - K) // S + 1)
+    if C == 0:
+        return jnp.zeros((B, 0) + x.shape[2:], jnp.float32)
+    n_chunks = C - 1 + K // S
+    chunks = x[:, : n_chunks * S].astype(jnp.float32)
+    chunks = chunks.reshape((B, n_chunks, S) + x.shape[2:]).sum(axis=2)
+    total = sum(chunks[:, i : i + C] for i in range(K // S))
+    return total / K
+
+
+def compute_cis(v: jax.Array, A: jax.Array, delta_kernel: jax.Array,
+                delta_bias: jax.Array | None) -> jax.Array:
+    """Eviction score cis = A * softplus(delta(concat_h v[h])).
+
+    v: [B, T, Hk, D]; A: [Hk]; delta_kernel: [Hk*D, Hk]; delta_bias: [Hk] or None.
+    Returns [B, T, Hk] float32. Each head's score reads all kv heads' values (spec 2.2).
+    """
+    B, T, Hk, D = v.shape
+    z = jnp.einsum("btf,fh->bth", v.reshape(B, T, Hk * D).astype(jnp.float32),
+                   delta_kernel.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    if delta_bias is not None:
+        z = z + delta_bias.astype(jnp.float32)
+    return A.astype(jnp.float32) * jax.nn.softplus(z)
+
+
+def stage1_scores(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, n_win: jax.Array,
+                  cfg: NosaConfig) -> jax.Array:
+    """Query-aware window scores, summed over the G query heads of each kv head.
+
+    q: [B, Tq, Hq, D]; q_pos: [B, Tq]; ktilde: [B, C, Hk, D]; n_win: [B].
+    Window c is visible to a query at position p iff S c + K - 1 <= p and c < n_win[b].
+    Each query head's softmax runs over its visible windows; rows with none are 0.
+    Returns S1: [B, Hk, Tq, C] float32.
+    """
+    B, Tq, Hq, D = q.shape
+    C, Hk = ktilde.shape[1], ktilde.shape[2]
+    G = Hq // Hk
+    qg = q.astype(jnp.float32).reshape(B, Tq, Hk, G, D)
+    logits = jnp.einsum("bthgd,bchd->bhgtc", qg, ktilde.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
+    c = jnp.arange(C)
+    visible = ((cfg.kernel_stride * c + cfg.kernel_size - 1)[None, None, :] <= q_pos[:, :, None]) & (
+        c[None, None, :] < n_win[:, None, None])  # [B, Tq, C]
+    visible = visible[:, None, None]  # [B, 1, 1, Tq, C]
+    logits = jnp.where(visible, logits, NEG_INF)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(visible, jnp.exp(logits - m), 0.0)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(z > 0, z, 1.0)
+    return p.sum(axis=2)
+
+
+def pool_blocks(x: jax.Array, q_pos: jax.Array, n_win: jax.Array, n_blocks: int,
+                cfg: NosaConfig) -> jax.Array:
+    """Block pooling with forced sink/local blocks (spec 2.5).
+
+    x: [B, Hk, Tq or 1, C] window scores; q_pos: [B, Tq]; n_win: [B].
+    Block j takes the max over windows P j - 1 .. P j + P - 1 (P = block/stride) clipped to
+    [0, n_win); -inf when that range is empty. Blocks j < init_blocks and qb - local <= j <= qb
+    (qb = q_pos // block) are +inf. Returns [B, Hk, Tq, n_blocks] float32.
+    """
+    P = cfg.pool_stride
+    B, Tq = q_pos.shape
+    C = x.shape[-1]
+    j = jnp.arange(n_blocks)
+    win = P * j[:, None] - 1 + jnp.arange(P + 1)[None, :]  # [nb, P+1]
+    if C > 0:
+        g = x.astype(jnp.float32)[..., jnp.clip(win, 0, C - 1)]  # [B, Hk, Tq|1, nb, P+1]
+        ok = (win >= 0)[None] & (win[None] < n_win[:, None, None])  # [B, nb, P+1]
+        g = jnp.where(ok[:, None, None], g, NEG_INF)
+        pooled = jnp.max(g, axis=-1)
+    else:
+        pooled = jnp.full(x.shape[:3] + (n_blocks,), NEG_INF, jnp.float32)
+    pooled = jnp.broadcast_to(pooled, (B, x.shape[1], Tq, n_blocks))
+    qb = (q_pos // cfg.block_size)[:, None, :, None]  # [B, 1, Tq, 1]
+    forced = (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
+    return jnp.where(forced, POS_INF, pooled)
+
+
+def _finish_selection(idx: jax.Array, qb: jax.Array) -> jax.Array:
+    """Sort picks ascending and turn blocks after the query's own block into -1 (they sort last)."""
+    idx = jnp.sort(idx, axis=-1)
+    return jnp.where(idx > qb, -1, idx).astype(jnp.int32)
+
+
+def select_blocks(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, cis_windows: jax.Array | None,
+                  kv_len: jax.Array, n_blocks: int, cfg: NosaConfig, mode: str) -> jax.Array:
+    """Block ids each query attends to (spec 2.7).
+
+    q: [B, Tq, Hq, D]; q_pos: [B, Tq]; ktilde: [B, C, Hk, D]; cis_windows: [B, C, Hk] (nosa);
+    kv_len: [B]; n_blocks: static number of blocks of the padded key axis.
+    mode "nosa": 33 query-aware picks by pooled stage-1 scores, forced into the final top-64 ranked by
+    the pooled cis window means (future blocks -inf). mode "infllmv2": top-64 of the pooled stage-1
+    scores. Returns [B, Hk, Tq, K] int32, K = min(topk, n_blocks): ascending ids, then -1.
+    """
+    n_win = num_windows(kv_len, cfg)
+    s1 = stage1_scores(q, q_pos, ktilde, n_win, cfg)
+    b_qk = pool_blocks(s1, q_pos, n_win, n_blocks, cfg)
+    qb = (q_pos // cfg.block_size)[:, None, :, None]
+    k_final = min(cfg.topk, n_blocks)
+    if mode == "infllmv2":
+        return _finish_selection(lax.top_k(b_qk, k_final)[1], qb)
+    if mode != "nosa":
+        raise ValueError(f"select_blocks: mode must be 'nosa' or 'infllmv2', got {mode!r}")
+    cw = jnp.moveaxis(cis_windows, 2, 1)[:, :, None, :]  # [B, Hk, 1, C]
+    b_cis = pool_blocks(cw, q_pos, n_win, n_blocks, cfg)
+    j = jnp.arange(n_blocks)
+    b_cis = jnp.where(j > qb, NEG_INF, b_cis)
+    picks = lax.top_k(b_qk, min(cfg.qk_select, n_blocks))[1]  # [B, Hk, Tq, 33]
+    picked = jnp.any(picks[..., :, None] == j, axis=-2)
+    b_cis = jnp.where(picked, POS_INF, b_cis)
+    return _finish_selection(lax.top_k(b_cis, k_final)[1], qb)
+
+
+def block_token_mask(block_ids: jax.Array, n_keys: int, block_size: int) -> jax.Array:
+    """[B, Hk, Tq, K] block ids (-1 = none) -> [B, Hk, Tq, n_keys] bool: key in a selected block."""
+    n_blocks = -(-n_keys // block_size)
+    j = jnp.arange(n_blocks)
+    sel = jnp.any(block_ids[..., :, None] == j, axis=-2)  # [B, Hk, Tq, nb]
+    return jnp.repeat(sel, block_size, axis=-1)[..., :n_keys]
+
+
+def attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array,
+              bias: jax.Array | None = None, block_ids: jax.Array | None = None,
+              block_size: int = 64) -> jax.Array:
+    """Causal attention with an optional per-key bias and block selection (dense masks).
+
+    q: [B, Tq, Hq, D]; q_pos: [B, Tq]; k, v: [B, Tk, Hk, D]; kv_len: [B];
+    bias: [B, Tk, Hk] added UNSCALED to q.k/sqrt(D) (spec 2.8) or None;
+    block_ids: [B, Hk, Tq, K] (-1 ignored) or None for dense causal attention.
+    Key s is visible to a query at position p iff s <= p, s < kv_len and (if block_ids) its block
+    is selected. Softmax in float32; rows with no visible key give 0. Returns [B, Tq, Hq, D].
+    """
+    B, Tq, Hq, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    qg = q.astype(jnp.float32).reshape(B, Tq, Hk, G, D)
+    s = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
+    if bias is not None:
+        s = s + jnp.moveaxis(bias.astype(jnp.float32), 1, 2)[:, :, None, None, :]
+    pos = jnp.arange(Tk)
+    visible = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])
+    visible = jnp.broadcast_to(visible[:, None], (B, Hk, Tq, Tk))
+    if block_ids is not None:
+        visible = visible & block_token_mask(block_ids, Tk, block_size)
+    visible = visible[:, :, None]  # [B, Hk, 1, Tq, Tk]
+    s = jnp.where(visible, s, NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(visible, jnp.exp(s - m), 0.0)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(z > 0, z, 1.0)
+    o = jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return o.reshape(B, Tq, Hq, D).astype(q.dtype)
