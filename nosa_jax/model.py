@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from . import nosa
-from .config import ATTENTION_MODES, ModelConfig
+from .cache import KVCache, cache_write, init_cache
+from .config import ATTENTION_MODES, ModelConfig, NosaConfig
 from .rope import apply_rope, rope_cos_sin, rope_parameters
 
 _ACT = {
@@ -92,40 +93,70 @@ class Attention(nnx.Module):
         cis = nosa.compute_cis(v, self.A[...], self.delta.kernel[...], delta_bias)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cis
 
-    def __call__(self, x, cos, sin, kv_len, settings: AttentionSettings):
-        """Prefill over a left-aligned batch. Returns (out [B, T, H], block_ids [B, Hk, T, K], cis)."""
-        cfg, n = self.cfg, self.cfg.nosa
-        B, T, _ = x.shape
+    def __call__(self, x, cos, sin, layer: jax.Array, cache: KVCache, start: jax.Array,
+                 settings: AttentionSettings):
+        """Extend each sequence by the tokens of `x` and attend (prefill, chunked prefill, decode).
+
+        x: [B, Tc, H], tokens at positions start[b] .. start[b] + Tc - 1 (entries past a sequence's
+        new length `cache.length` are padding); layer: this layer's index into the stacked cache.
+        Returns (out [B, Tc, H], block_ids [B, Hk, Tc, K], cis [B, Tc, Hk], updated cache).
+        """
         q, k, v, cis = self.project(x, cos, sin)
-        mode = settings.mode
-        n_blocks = n.num_blocks(T)
-        ktilde = nosa.window_means(k, n) if mode != "full" else None
-        cisw = nosa.window_means(cis, n) if mode == "nosa" else None
-        bias = cis if mode == "nosa" else None
+        cache = cache_write(cache, layer, start, k, v, cis, self.cfg.nosa)
+        o, ids = attend(q, layer, cache, start, self.cfg.nosa, settings)
+        B, Tc = x.shape[:2]
+        return self.o_proj(o.reshape(B, Tc, -1).astype(x.dtype)), ids, cis, cache
 
-        chunk = min(settings.q_chunk, T)
-        n_chunks = -(-T // chunk)
-        pad = n_chunks * chunk - T
-        q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        pos = jnp.broadcast_to(jnp.arange(n_chunks * chunk, dtype=jnp.int32), (B, n_chunks * chunk))
-        qc = jnp.moveaxis(q_pad.reshape(B, n_chunks, chunk, *q.shape[2:]), 1, 0)
-        pc = jnp.moveaxis(pos.reshape(B, n_chunks, chunk), 1, 0)
 
-        def one_chunk(args):
-            q_i, p_i = args
-            ids = None
-            if mode != "full":
-                ids = nosa.select_blocks(q_i, p_i, ktilde, cisw, kv_len, n_blocks, n, mode)
-            o = nosa.attention(q_i, p_i, k, v, kv_len, bias=bias, block_ids=ids,
-                               block_size=n.block_size)
-            if ids is None:
-                ids = jnp.zeros((B, cfg.num_key_value_heads, chunk, 0), jnp.int32)
-            return o, ids
+def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):
+    """Selection and attention of the queries q [B, Tc, Hq, D] at positions start + arange(Tc)
+    against layer `layer` of the cache (already holding these tokens).
 
-        o, ids = jax.lax.map(one_chunk, (qc, pc))
-        o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, -1)[:, :T]
-        ids = jnp.moveaxis(ids, 0, 2).reshape(B, cfg.num_key_value_heads, n_chunks * chunk, -1)[:, :, :T]
-        return self.o_proj(o.astype(x.dtype)), ids, cis
+    Decode (Tc == 1) gathers the selected blocks; longer chunks use dense masks, `q_chunk` queries
+    at a time. Returns (o [B, Tc, Hq, D], block_ids [B, Hk, Tc, K]); K = 0 in full mode.
+    """
+    mode = settings.mode
+    B, Tc, Hq, D = q.shape
+    Hk = cache.k.shape[3]
+    n_blocks = cache.k.shape[2] // n.block_size
+    kv_len = cache.length
+    q_pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
+    k_l, v_l = cache.k[layer], cache.v[layer]
+    ktilde = cache.ktilde[layer] if mode != "full" else None
+    cisw = cache.cisw[layer] if mode == "nosa" else None
+    bias = cache.cis[layer] if mode == "nosa" else None
+
+    def select(q_i, p_i):
+        if mode == "full":
+            return jnp.zeros((B, Hk, q_i.shape[1], 0), jnp.int32)
+        return nosa.select_blocks(q_i, p_i, ktilde, cisw, kv_len, n_blocks, n, mode)
+
+    if Tc == 1:
+        ids = select(q, q_pos)
+        if mode == "full":
+            o = nosa.attention(q, q_pos, k_l, v_l, kv_len)
+        else:
+            o = nosa.gathered_block_attention(q[:, 0], q_pos[:, 0], k_l, v_l, bias, ids[:, :, 0],
+                                              n.block_size)[:, None]
+        return o, ids
+
+    chunk = min(settings.q_chunk, Tc)
+    n_chunks = -(-Tc // chunk)
+    pad = n_chunks * chunk - Tc
+    qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n_chunks, chunk, Hq, D), 1, 0)
+    pc = jnp.moveaxis(jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge").reshape(B, n_chunks, chunk), 1, 0)
+
+    def one_chunk(args):
+        q_i, p_i = args
+        ids = select(q_i, p_i)
+        o = nosa.attention(q_i, p_i, k_l, v_l, kv_len, bias=bias,
+                           block_ids=None if mode == "full" else ids, block_size=n.block_size)
+        return o, ids
+
+    o, ids = jax.lax.map(one_chunk, (qc, pc))
+    o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
+    ids = jnp.moveaxis(ids, 0, 2).reshape(B, Hk, n_chunks * chunk, -1)[:, :, :Tc]
+    return o, ids
 
 
 class MLP(nnx.Module):
@@ -147,26 +178,44 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, cos, sin, kv_len, settings):
-        a, ids, cis = self.self_attn(self.input_layernorm(x), cos, sin, kv_len, settings)
+    def __call__(self, x, cos, sin, layer, cache, start, settings):
+        a, ids, cis, cache = self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start, settings)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, ids, cis
+        return x, ids, cis, cache
 
 
 @dataclasses.dataclass
 class ForwardOutput:
-    """logits [B, P, V] float32; block_ids [B, L, Hk, P, K] int32 (K = 0 in full mode);
-    cis [B, L, P, Hk] float32; hidden [B, L + 1, P, H] (embeddings, then each layer's input, then the
-    final norm's output) when asked for."""
+    """logits [B, P, V] float32; block_ids [B, L, Hk, P, K] int32 (ascending ids then -1; K = 0 in
+    full mode); cis [B, L, P, Hk] float32; hidden [B, L + 1, P, H] (embeddings, each later layer's
+    input, the final norm's output) when asked for; nll [B, T] float32 (aligned: entry i is
+    -log p(token i+1 | tokens <= i) of the sequence, NaN past its end) when asked for."""
 
     logits: jax.Array
     block_ids: jax.Array
     cis: jax.Array
     hidden: jax.Array | None = None
+    nll: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(ForwardOutput, data_fields=["logits", "block_ids", "cis", "hidden"],
+jax.tree_util.register_dataclass(ForwardOutput, data_fields=["logits", "block_ids", "cis", "hidden", "nll"],
+                                 meta_fields=[])
+
+
+@dataclasses.dataclass
+class ExtendOutput:
+    """h [B, R, H] final-norm output at the requested rows; block_ids [L, B, Hk, R, K];
+    cis [L, B, R, Hk]; layer_inputs [L, B, R, H] (each layer's input at those rows)."""
+
+    h: jax.Array
+    block_ids: jax.Array
+    cis: jax.Array
+    layer_inputs: jax.Array
+    cache: KVCache
+
+
+jax.tree_util.register_dataclass(ExtendOutput, data_fields=["h", "block_ids", "cis", "layer_inputs", "cache"],
                                  meta_fields=[])
 
 
@@ -196,14 +245,50 @@ class NosaForCausalLM(nnx.Module):
     def mode(self) -> str:
         return self.settings.mode
 
+    def init_cache(self, batch: int, capacity: int) -> KVCache:
+        return init_cache(self.cfg, batch, capacity, self.dtype, self.mode)
+
     def logits(self, h):
         """Final-norm output [..., H] -> float32 logits [..., V]."""
         if self.lm_head is None:
             return jnp.einsum("...h,vh->...v", h, self.embed_tokens.embedding[...]).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, return_hidden=False):
-        """Teacher-forced forward.
+    def extend(self, input_ids, start, n_valid, cache: KVCache, rows=None) -> ExtendOutput:
+        """Append tokens to every sequence of the cache and run all layers over them.
+
+        input_ids: [B, Tc] tokens at positions start[b] .. start[b] + Tc - 1; only the first
+        n_valid[b] of a row are real (the rest is padding). rows: [B, R] indices into Tc whose
+        outputs are returned (default: all Tc). One code path serves prefill, chunked prefill and
+        decode (Tc = 1).
+        """
+        B, Tc = input_ids.shape
+        if rows is None:
+            rows = jnp.broadcast_to(jnp.arange(Tc), (B, Tc))
+        inv_freq, scaling = rope_parameters(self.cfg, cache.capacity)
+        pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
+        cos, sin = rope_cos_sin(pos, inv_freq, scaling, self.dtype)
+        cache = dataclasses.replace(cache, length=(start + n_valid).astype(jnp.int32))
+        x = self.embed_tokens(input_ids)
+        settings = self.settings
+
+        def at_rows(a, axis):
+            idx = rows.reshape((B,) + (1,) * (axis - 1) + (rows.shape[1],) + (1,) * (a.ndim - axis - 1))
+            return jnp.take_along_axis(a, idx, axis=axis)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        def run_layers(carry, layer, idx):
+            x, cache = carry
+            y, ids, cis, cache = layer(x, cos, sin, idx, cache, start, settings)
+            return (y, cache), (at_rows(ids, 2), at_rows(cis, 1), at_rows(x, 1))
+
+        (x, cache), (ids, cis, hid) = run_layers((x, cache), self.layers,
+                                                  jnp.arange(self.cfg.num_hidden_layers))
+        return ExtendOutput(h=self.norm(at_rows(x, 1)), block_ids=ids, cis=cis, layer_inputs=hid, cache=cache)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, return_hidden=False,
+                 return_nll=False) -> ForwardOutput:
+        """Teacher-forced forward over whole sequences (a prefill into a fresh cache).
 
         input_ids: [B, T] int; attention_mask: [B, T] (1 = token, 0 = padding; left, right or any
         padding); positions: [B, P] indices into T of the rows to return (default: all T).
@@ -220,31 +305,37 @@ class NosaForCausalLM(nnx.Module):
         ids = jnp.take_along_axis(input_ids, order, axis=1)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        at = jnp.take_along_axis(rank, positions, axis=1)  # [B, P] aligned rows to return
-        at = jnp.clip(at, 0, T - 1)
+        rows = jnp.clip(jnp.take_along_axis(rank, positions, axis=1), 0, T - 1)
 
-        inv_freq, scaling = rope_parameters(self.cfg, T)
-        cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), inv_freq, scaling, self.dtype)
-        x = self.embed_tokens(ids)
-        settings = self.settings
-
-        def gather_rows(a, axis):  # pick rows `at` along the token axis
-            idx = at.reshape((B,) + (1,) * (axis - 1) + (at.shape[1],) + (1,) * (a.ndim - axis - 1))
-            return jnp.take_along_axis(a, idx, axis=axis)
-
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-        def run_layers(x, layer):
-            y, blk, cis = layer(x, cos, sin, kv_len, settings)
-            return y, (gather_rows(blk, 2), gather_rows(cis, 1), gather_rows(x, 1))
-
-        x, (blk, cis, hid) = run_layers(x, self.layers)
-        h = self.norm(x)
-        h_at = gather_rows(h, 1)
-        hidden = None
+        out = self.extend(ids, jnp.zeros((B,), jnp.int32), kv_len, self.init_cache(B, T), rows=rows)
+        k_width = 0 if self.mode == "full" else min(self.cfg.nosa.topk, self.cfg.nosa.num_blocks(T))
+        hidden = nll = None
         if return_hidden:
-            hidden = jnp.concatenate([jnp.moveaxis(hid, 0, 1), h_at[:, None]], axis=1).astype(jnp.float32)
-        return ForwardOutput(logits=self.logits(h_at), block_ids=jnp.moveaxis(blk, 0, 1),
-                             cis=jnp.moveaxis(cis, 0, 1), hidden=hidden)
+            hidden = jnp.concatenate([jnp.moveaxis(out.layer_inputs, 0, 1), out.h[:, None]], axis=1)
+            hidden = hidden.astype(jnp.float32)
+        if return_nll:
+            full = self.extend(ids, jnp.zeros((B,), jnp.int32), kv_len, self.init_cache(B, T)) if rows.shape[1] != T else out
+            nll = self.token_nll(full.h, ids, kv_len)
+        return ForwardOutput(logits=self.logits(out.h), block_ids=jnp.moveaxis(out.block_ids, 0, 1)[..., :k_width],
+                             cis=jnp.moveaxis(out.cis, 0, 1), hidden=hidden, nll=nll)
+
+    def token_nll(self, h, ids, kv_len, chunk: int = 512):
+        """-log p(ids[i+1] | <= i) for each aligned row i < kv_len - 1 (NaN elsewhere); the vocab
+        projection runs `chunk` rows at a time so [T, V] logits are never held at once."""
+        B, T, H = h.shape
+        n = -(-T // chunk)
+        hp = jnp.pad(h, ((0, 0), (0, n * chunk - T), (0, 0)))
+        tgt = jnp.pad(ids[:, 1:], ((0, 0), (0, n * chunk - T + 1)))
+
+        def one(args):
+            h_i, t_i = args
+            lg = self.logits(h_i)
+            return jax.nn.logsumexp(lg, axis=-1) - jnp.take_along_axis(lg, t_i[..., None], axis=-1)[..., 0]
+
+        nll = jax.lax.map(one, (jnp.moveaxis(hp.reshape(B, n, chunk, H), 1, 0),
+                                jnp.moveaxis(tgt.reshape(B, n, chunk), 1, 0)))
+        nll = jnp.moveaxis(nll, 0, 1).reshape(B, n * chunk)[:, :T]
+        return jnp.where(jnp.arange(T) < (kv_len - 1)[:, None], nll, jnp.nan)
 
 
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:

@@ -199,3 +199,37 @@ def attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, kv_len
     p = e / jnp.where(z > 0, z, 1.0)
     o = jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return o.reshape(B, Tq, Hq, D).astype(q.dtype)
+
+
+def gathered_block_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array,
+                             bias: jax.Array | None, block_ids: jax.Array, block_size: int) -> jax.Array:
+    """One query per sequence attending only to its selected blocks (gathered, no dense mask).
+
+    q: [B, Hq, D]; q_pos: [B]; k, v: [B, T, Hk, D]; bias: [B, T, Hk] or None;
+    block_ids: [B, Hk, K] (-1 ignored). Same math as `attention` with `block_ids`, but reads
+    K * block_size keys per (sequence, kv head) instead of T. Returns [B, Hq, D].
+    """
+    B, Hq, D = q.shape
+    T, Hk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    K = block_ids.shape[-1]
+    tok = block_ids[..., None] * block_size + jnp.arange(block_size)  # [B, Hk, K, bs]
+    valid = (block_ids[..., None] >= 0) & (tok <= q_pos[:, None, None, None])
+    tok = jnp.clip(tok, 0, T - 1).reshape(B, Hk, K * block_size)
+    valid = valid.reshape(B, Hk, K * block_size)
+    b_idx = jnp.arange(B)[:, None, None]
+    h_idx = jnp.arange(Hk)[None, :, None]
+    kg = k[b_idx, tok, h_idx].astype(jnp.float32)  # [B, Hk, N, D]
+    vg = v[b_idx, tok, h_idx].astype(jnp.float32)
+    qg = q.astype(jnp.float32).reshape(B, Hk, G, D)
+    s = jnp.einsum("bhgd,bhnd->bhgn", qg, kg, precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
+    if bias is not None:
+        s = s + bias[b_idx, tok, h_idx].astype(jnp.float32)[:, :, None, :]
+    s = jnp.where(valid[:, :, None], s, NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(valid[:, :, None], jnp.exp(s - m), 0.0)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(z > 0, z, 1.0)
+    o = jnp.einsum("bhgn,bhnd->bhgd", p, vg, precision=lax.Precision.HIGHEST)
+    return o.reshape(B, Hq, D).astype(q.dtype)

@@ -1,0 +1,113 @@
+"""The device KV cache: keys, values, eviction scores and their compressed windows.
+
+A `KVCache` is a plain pytree of arrays stacked over layers, so it can be donated to a jitted
+step, carried through `lax.while_loop` and sharded later. Shapes (L layers, B sequences,
+T = allocated tokens, C = allocated windows):
+  k, v     [L, B, T, Hk, D]  model dtype   post-RoPE keys, values
+  cis      [L, B, T, Hk]     float32       eviction scores
+  ktilde   [L, B, C, Hk, D]  float32       compressed keys (window means); C = 0 in `full` mode
+  cisw     [L, B, C, Hk]     float32       cis window means; C = 0 unless `nosa` mode
+  length   [B]               int32         tokens held per sequence
+
+Compressed windows are maintained incrementally (spec 2.3, 2.6): when tokens [start, start + Tc)
+are written, exactly the windows they complete are recomputed from the keys already in the cache
+(O(Tc) work), with the same arithmetic as a from-scratch computation, so decode equals recompute
+(no upstream B4/B6 lag or loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import nosa
+from .config import ModelConfig, NosaConfig
+
+
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array
+    v: jax.Array
+    cis: jax.Array
+    ktilde: jax.Array
+    cisw: jax.Array
+    length: jax.Array
+    capacity: int  # tokens a sequence may hold (static)
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "cis", "ktilde", "cisw", "length"],
+                                 meta_fields=["capacity"])
+
+
+def allocation(cfg: ModelConfig, capacity: int) -> tuple[int, int]:
+    """(tokens, windows) to allocate for `capacity` tokens per sequence.
+
+    Tokens: capacity plus one window (kernel_size) of slack, rounded up to whole blocks, so the
+    window update of a chunk never reads past the end (it reads at most up to start + Tc +
+    kernel_size). Windows: enough for every window a chunk can touch.
+    """
+    n = cfg.nosa
+    t_alloc = -(-(capacity + n.kernel_size) // n.block_size) * n.block_size
+    return t_alloc, t_alloc // n.kernel_stride + 2
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -> KVCache:
+    L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    T, C = allocation(cfg, capacity)
+    c_k = C if mode != "full" else 0
+    c_cis = C if mode == "nosa" else 0
+    return KVCache(
+        k=jnp.zeros((L, batch, T, Hk, D), dtype),
+        v=jnp.zeros((L, batch, T, Hk, D), dtype),
+        cis=jnp.zeros((L, batch, T, Hk), jnp.float32),
+        ktilde=jnp.zeros((L, batch, c_k, Hk, D), jnp.float32),
+        cisw=jnp.zeros((L, batch, c_cis, Hk), jnp.float32),
+        length=jnp.zeros((batch,), jnp.int32),
+        capacity=capacity,
+    )
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -> int:
+    """Bytes `init_cache` would allocate (for capacity checks before allocating)."""
+    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, capacity, dtype, mode))
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def _new_windows(x: jax.Array, start: jax.Array, n_windows: int, n: NosaConfig) -> tuple[jax.Array, jax.Array]:
+    """Window means of the `n_windows` windows from the first one a chunk at `start` can complete.
+
+    x: [B, T, ...] (one layer); start: [B]. Returns (first window index [B], means [B, W, ...]).
+    """
+    c0 = nosa.num_windows(start, n)
+    span = (n_windows - 1) * n.kernel_stride + n.kernel_size
+
+    def one(x_b, c):
+        seg = lax.dynamic_slice_in_dim(x_b, c * n.kernel_stride, span, axis=0)
+        return nosa.window_means(seg[None], n)[0]
+
+    return c0, jax.vmap(one)(x, c0)
+
+
+def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
+                n: NosaConfig) -> KVCache:
+    """Write tokens at positions start[b] + arange(Tc) of layer `layer` and refresh the windows
+    they complete. k, v: [B, Tc, Hk, D]; cis: [B, Tc, Hk]. `cache.length` must already hold the
+    new lengths; tokens past them are padding and land in the unused tail."""
+    B, Tc = k.shape[:2]
+    b_idx = jnp.arange(B)[:, None]
+    pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
+    kc = cache.k.at[layer, b_idx, pos].set(k.astype(cache.k.dtype))
+    vc = cache.v.at[layer, b_idx, pos].set(v.astype(cache.v.dtype))
+    cc = cache.cis.at[layer, b_idx, pos].set(cis)
+    kt, cw = cache.ktilde, cache.cisw
+    W = Tc // n.kernel_stride + 1
+    if kt.shape[2]:
+        c0, new_k = _new_windows(kc[layer], start, W, n)
+        kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k)
+    if cw.shape[2]:
+        c0, new_c = _new_windows(cc[layer], start, W, n)
+        cw = cw.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_c)
+    return dataclasses.replace(cache, k=kc, v=vc, cis=cc, ktilde=kt, cisw=cw)

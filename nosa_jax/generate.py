@@ -1,0 +1,296 @@
+"""Batched generation: prefill (one-shot or chunked) and a jitted `lax.while_loop` decode.
+
+The model is split once (`nnx.split`); every hot function is a plain `jax.jit` of
+`(graphdef, state, ...)` with the cache donated, so the decode loop runs all layers, sampling and
+stop checks on the device with no host round trip per token (the flax NNX performance guide).
+Streaming runs the same loop in chunks of steps and hands each chunk's tokens to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import KVCache, cache_bytes
+from .model import NosaForCausalLM
+
+PAD = -1  # token id written after a sequence has stopped
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty prompt, ids outside the vocabulary, over capacity, no memory)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Composable sampling: temperature 0 is greedy; otherwise logits / temperature, then keep the
+    `top_k` best (0 = all), then the smallest set of tokens whose probability reaches `top_p`."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits [B, V] float32 -> tokens [B] int32."""
+        if self.temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][..., -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p < 1:
+            order = jnp.argsort(-logits, axis=-1)
+            sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            keep_sorted = mass_before < self.top_p  # always keeps the best token
+            keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+            logits = jnp.where(keep, logits, -jnp.inf)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """The decode loop's carry. tokens [B, N]; logits [B, N, V] or [B, 0, V]; last [B]; done [B]."""
+
+    cache: KVCache
+    tokens: jax.Array
+    logits: jax.Array
+    last: jax.Array
+    done: jax.Array
+    step: jax.Array
+    key: jax.Array
+
+
+jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
+                                 meta_fields=[])
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """tokens: per sequence, the generated ids (stopping token included, nothing after it);
+    logits: [B, N, V] float32 per step (with save_logits); timings in seconds."""
+
+    tokens: list[list[int]]
+    logits: np.ndarray | None
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens: int
+    cache_bytes: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def available_memory_bytes(device=None) -> int | None:
+    """Free memory of the device that will hold the cache (host RAM on CPU)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class Generator:
+    """Holds a split model and the jitted prefill/decode functions for one (batch, capacity)."""
+
+    def __init__(self, model: NosaForCausalLM, *, sampler: Sampler = Sampler(),
+                 eos_ids: Sequence[int] | None = None, save_logits: bool = False):
+        self.cfg = model.cfg
+        self.model_dtype = model.dtype
+        self.mode = model.mode
+        self.graphdef, self.state = nnx.split(model)
+        self.sampler = sampler
+        self.eos_ids = tuple(self.cfg.eos_token_ids if eos_ids is None else eos_ids)
+        self.save_logits = save_logits
+        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps",), donate_argnames=("st",))
+        self._step = jax.jit(self._step_impl, donate_argnames=("st",))
+        self._first = jax.jit(self._advance, donate_argnames=("st",))
+
+    # ---- pure functions -------------------------------------------------------------------
+    def _model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def _prefill_impl(self, state, ids, start, n_valid, cache, last_logits):
+        """One prefill chunk: ids [B, Tc] at positions start..; keeps the logits of each sequence's
+        last prompt token when this chunk holds it."""
+        model = self._model(state)
+        B, Tc = ids.shape
+        last_row = jnp.clip(n_valid - 1, 0, Tc - 1)
+        out = model.extend(ids, start, n_valid, cache, rows=last_row[:, None])
+        logits = model.logits(out.h[:, 0])
+        return out.cache, jnp.where((n_valid > 0)[:, None], logits, last_logits)
+
+    def _advance(self, st: DecodeState, logits) -> DecodeState:
+        """Sample from `logits`, record the token, feed it back through the model."""
+        key = jax.random.fold_in(st.key, st.step)
+        tok = self.sampler(logits, key)
+        tok = jnp.where(st.done, PAD, tok)
+        tokens = st.tokens.at[:, st.step].set(tok)
+        saved = st.logits.at[:, st.step].set(logits) if st.logits.shape[1] else st.logits
+        done = st.done | jnp.isin(tok, jnp.asarray(self.eos_ids or (-2,), jnp.int32))
+        done = done | (st.step + 1 >= st.tokens.shape[1])
+        return dataclasses.replace(st, tokens=tokens, logits=saved, last=tok, done=done, step=st.step + 1)
+
+    def _feed(self, model, st: DecodeState):
+        """Run the model on each live sequence's last token; returns next logits and new cache."""
+        live = (~st.done).astype(jnp.int32)
+        out = model.extend(jnp.maximum(st.last, 0)[:, None], st.cache.length, live, st.cache)
+        return model.logits(out.h[:, 0]), out.cache
+
+    def _step_impl(self, state, st: DecodeState, logits):
+        """One decode step (the Python-loop baseline): feed the last token, then sample."""
+        model = self._model(state)
+        logits, cache = self._feed(model, st)
+        st = dataclasses.replace(st, cache=cache)
+        return self._advance(st, logits), logits
+
+    def _decode_impl(self, state, st: DecodeState, logits, n_steps: int):
+        """Up to n_steps decode steps in one `lax.while_loop` (stops early when all are done).
+        The parameters ride in the carry so the model is merged inside the loop's trace."""
+        stop_at = st.step + n_steps
+
+        def cond(carry):
+            s, _, _ = carry
+            return (s.step < stop_at) & ~jnp.all(s.done)
+
+        def body(carry):
+            s, _, params = carry
+            lg, cache = self._feed(self._model(params), s)
+            s = dataclasses.replace(s, cache=cache)
+            return self._advance(s, lg), lg, params
+
+        st, logits, _ = jax.lax.while_loop(cond, body, (st, logits, state))
+        return st, logits
+
+    # ---- host-side driver -----------------------------------------------------------------
+    def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, capacity: int,
+                 memory_budget: int | None) -> None:
+        if not prompts:
+            raise GenerationError("no prompts given")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        V = self.cfg.vocab_size
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise GenerationError(f"prompt {i} is empty; give at least one token")
+            bad = [t for t in p if not 0 <= int(t) < V]
+            if bad:
+                raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {V}): {bad[:5]}")
+        need = max(len(p) for p in prompts) + max_new_tokens
+        if need > capacity:
+            raise GenerationError(
+                f"prompt length {max(len(p) for p in prompts)} + max_new_tokens {max_new_tokens} = {need} "
+                f"exceeds the capacity of {capacity} tokens per sequence; shorten the prompt, lower "
+                f"max_new_tokens or raise the capacity (--capacity / max_position_embeddings)")
+        nbytes = cache_bytes(self.cfg, len(prompts), capacity, self.model_dtype, self.mode)
+        budget = memory_budget if memory_budget is not None else available_memory_bytes()
+        if budget is not None and nbytes > budget:
+            raise GenerationError(
+                f"the KV cache for batch {len(prompts)} x {capacity} tokens needs {nbytes / 2**30:.2f} GiB "
+                f"but only {budget / 2**30:.2f} GiB is available; lower the batch size, the prompt "
+                f"length or max_new_tokens (capacity), or use the offloaded cache")
+
+    def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, capacity: int | None = None,
+              prefill_chunk: int | None = None, seed: int = 0,
+              memory_budget: int | None = None) -> tuple[DecodeState, jax.Array, float]:
+        """Validate, allocate, prefill. Returns (decode state, first logits, prefill seconds)."""
+        capacity = capacity or (max(len(p) for p in prompts) + max_new_tokens)
+        self.validate(prompts, max_new_tokens, capacity, memory_budget)
+        B = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        Tp = int(lengths.max())
+        chunk = Tp if not prefill_chunk else min(prefill_chunk, Tp)
+        n_chunks = -(-Tp // chunk)
+        ids = np.zeros((B, n_chunks * chunk), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+        t0 = time.perf_counter()
+        model = nnx.merge(self.graphdef, self.state)
+        cache = model.init_cache(B, capacity)
+        logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
+        for c in range(n_chunks):
+            start = np.minimum(c * chunk, lengths)
+            n_valid = np.clip(lengths - c * chunk, 0, chunk)
+            cache, logits = self._prefill(self.state, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                                          jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
+                                          cache, logits)
+        jax.block_until_ready(logits)
+        prefill_s = time.perf_counter() - t0
+        V = self.cfg.vocab_size
+        st = DecodeState(
+            cache=cache,
+            tokens=jnp.full((B, max_new_tokens), PAD, jnp.int32),
+            logits=jnp.zeros((B, max_new_tokens if self.save_logits else 0, V), jnp.float32),
+            last=jnp.zeros((B,), jnp.int32),
+            done=jnp.zeros((B,), bool),
+            step=jnp.zeros((), jnp.int32),
+            key=jax.random.key(seed),
+        )
+        # the first token comes from the prefill logits
+        st = self._first(st, logits)
+        return st, logits, prefill_s
+
+    def stream(self, st: DecodeState, logits: jax.Array, chunk_steps: int) -> Iterator[tuple[DecodeState, jax.Array]]:
+        """Run the jitted loop `chunk_steps` steps at a time, yielding after each chunk."""
+        while not bool(jnp.all(st.done)):
+            st, logits = self._decode(self.state, st, logits, n_steps=chunk_steps)
+            yield st, logits
+
+
+def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             sampler: Sampler = Sampler(), seed: int = 0, eos_ids: Sequence[int] | None = None,
+             capacity: int | None = None, prefill_chunk: int | None = None, save_logits: bool = False,
+             chunk_steps: int | None = None, on_tokens=None,
+             memory_budget: int | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` for each prompt (lists of token ids, any lengths).
+
+    The decode loop is one jitted `lax.while_loop`; with `chunk_steps` it returns to the host every
+    that many steps and calls `on_tokens(tokens_so_far [B, N] np.ndarray, step)` (streaming).
+    Stops per sequence at an EOS id (config's by default) or after max_new_tokens.
+    """
+    gen = Generator(model, sampler=sampler, eos_ids=eos_ids, save_logits=save_logits)
+    st, logits, prefill_s = gen.start(prompts, max_new_tokens=max_new_tokens, capacity=capacity,
+                                      prefill_chunk=prefill_chunk, seed=seed, memory_budget=memory_budget)
+    t0 = time.perf_counter()
+    first_step = int(st.step)
+    for st, logits in gen.stream(st, logits, chunk_steps or max_new_tokens):
+        if on_tokens is not None:
+            on_tokens(np.asarray(st.tokens), int(st.step))
+    tokens = np.asarray(st.tokens)
+    decode_s = time.perf_counter() - t0
+    out = []
+    for row in tokens:
+        row = row.tolist()
+        out.append(row[: row.index(PAD)] if PAD in row else row)
+    n_decoded = sum(max(0, len(r) - first_step) for r in out)
+    cap = capacity or (max(len(p) for p in prompts) + max_new_tokens)
+    return GenerationResult(
+        tokens=out,
+        logits=np.asarray(st.logits) if save_logits else None,
+        prefill_seconds=prefill_s,
+        decode_seconds=decode_s,
+        decode_tokens=n_decoded,
+        cache_bytes=cache_bytes(model.cfg, len(prompts), cap, model.dtype, model.mode),
+    )
