@@ -11,28 +11,32 @@ find_python() {
     # A Python >= 3.12 (jax 0.11 needs it): $NOSA_PYTHON, then PATH, then pyenv's installed versions.
     local candidates=()
     [ -n "${NOSA_PYTHON:-}" ] && candidates+=("$NOSA_PYTHON")
-    for name in python3.13 python3.12 python3 python; do
+    for name in python3.12 python3.13 python3 python; do
         command -v "$name" >/dev/null 2>&1 && candidates+=("$(command -v "$name")")
     done
     local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
     if command -v pyenv >/dev/null 2>&1; then pyenv_root="$(pyenv root)"; fi
     for p in $(ls -d "$pyenv_root"/versions/3.*/bin/python 2>/dev/null | sort -rV); do candidates+=("$p"); done
-    for p in "${candidates[@]}"; do
-        if "$p" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then
-            echo "$p"; return 0
-        fi
+    # Prefer 3.12 (what the GPU machine runs), else any newer one.
+    for want in 'sys.version_info[:2] == (3, 12)' 'sys.version_info >= (3, 12)'; do
+        for p in "${candidates[@]}"; do
+            if "$p" -c "import sys, venv; sys.exit(0 if $want else 1)" >/dev/null 2>&1; then
+                echo "$p"; return 0
+            fi
+        done
     done
     return 1
 }
 
 setup() {
-    local extras="$1" stamp=".venv/.nosa-setup-$extras"
+    local extras="$1"
+    local stamp=".venv/.nosa-setup-$extras"
     if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then return 0; fi
     if [ ! -x .venv/bin/python ]; then
         local py
         if ! py="$(find_python)"; then
             echo "error: no Python >= 3.12 found (jax 0.11.2 needs it)." >&2
-            echo "  Looked at \$NOSA_PYTHON, python3.13/python3.12/python3 on PATH and pyenv's versions folder." >&2
+            echo "  Looked at \$NOSA_PYTHON, python3.12/python3.13/python3 on PATH and pyenv's versions folder." >&2
             echo "  Fix: install one (e.g. 'pyenv install 3.12') or set NOSA_PYTHON=/path/to/python3.12." >&2
             exit 2
         fi
@@ -41,7 +45,8 @@ setup() {
         .venv/bin/python -m pip install -q --upgrade pip
     fi
     echo "setup: installing nosa-jax[$extras] into .venv"
-    .venv/bin/python -m pip install -q -e ".[$extras]"
+    # (sed drops the machine-local pip index warnings; pipefail keeps pip's exit status)
+    .venv/bin/python -m pip install -q -e ".[$extras]" 2>&1 | sed '/is ignored: it is neither a file nor a directory/d' 
     touch "$stamp"
 }
 

@@ -220,8 +220,19 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _device_put_tree(params: dict) -> dict:
-    return jax.tree.map(lambda a: jax.device_put(a), params)
+def _to_device(flat: dict[tuple, Any]) -> dict:
+    """Numpy leaves -> jax arrays one at a time, releasing each numpy array as it goes."""
+    out = {}
+    device = jax.devices()[0]  # committed there, as the orbax restore of a converted dir is
+    for k in list(flat):
+        out[k] = jax.device_put(flat.pop(k), device)
+    tree: dict = {}
+    for path, v in out.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = v
+    return tree
 
 
 def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
@@ -229,6 +240,9 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
     from .model import abstract_params
 
     meta = read_metadata(path)
+    if meta.get("nosa_weights") == "missing":
+        print(f"notice: {path} was converted from a checkpoint without NOSA weights (A=0, delta=0): "
+              f"the eviction score cis is 0 everywhere", file=sys.stderr)
     try:
         cfg = ModelConfig.from_json(path / CONFIG_FILE)
     except ConfigError as e:
@@ -284,7 +298,9 @@ def load_params(path: str | Path, *, dtype=None, progress: bool = False) -> tupl
         loaded = load_hf_checkpoint(path, dtype=dtype, progress=progress)
         for note in loaded.notices:
             print(f"notice: {note}", file=sys.stderr)
-        return loaded.cfg, _device_put_tree(loaded.params)
+        flat = _flatten(loaded.params)
+        loaded.params = None  # the flat dict now holds the only references
+        return loaded.cfg, _to_device(flat)
     raise CheckpointError(
         f"{path} is neither a converted nosa-jax checkpoint (no {METADATA_FILE}) nor a HF checkpoint "
         f"(no {CONFIG_FILE}); point to the directory that holds them")

@@ -296,7 +296,8 @@ class ModelConfig:
             "mlp_bias": self.mlp_bias,
             "hidden_act": self.hidden_act,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            "eos_token_id": (None if not self.eos_token_ids else self.eos_token_ids[0]
+                             if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)),
             "pad_token_id": self.pad_token_id,
             "nosa": self.nosa.to_dict(),
         }

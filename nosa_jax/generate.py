@@ -111,8 +111,74 @@ def available_memory_bytes(device=None) -> int | None:
         return None
 
 
+def _merge(graphdef, state):
+    return nnx.merge(graphdef, state)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_chunk(graphdef, state, ids, start, n_valid, cache, last_logits):
+    """One prefill chunk: ids [B, Tc] at positions start..; keeps the logits of each sequence's
+    last prompt token when this chunk holds it."""
+    model = _merge(graphdef, state)
+    Tc = ids.shape[1]
+    last_row = jnp.clip(n_valid - 1, 0, Tc - 1)
+    out = model.extend(ids, start, n_valid, cache, rows=last_row[:, None])
+    logits = model.logits(out.h[:, 0])
+    return out.cache, jnp.where((n_valid > 0)[:, None], logits, last_logits)
+
+
+def _advance(sampler: Sampler, eos_ids: tuple[int, ...], st: DecodeState, logits) -> DecodeState:
+    """Sample from `logits`, record the token, mark stopped sequences."""
+    key = jax.random.fold_in(st.key, st.step)
+    tok = sampler(logits, key)
+    tok = jnp.where(st.done, PAD, tok)
+    tokens = st.tokens.at[:, st.step].set(tok)
+    saved = st.logits.at[:, st.step].set(logits) if st.logits.shape[1] else st.logits
+    done = st.done | jnp.isin(tok, jnp.asarray(eos_ids or (-2,), jnp.int32))
+    done = done | (st.step + 1 >= st.tokens.shape[1])
+    return dataclasses.replace(st, tokens=tokens, logits=saved, last=tok, done=done, step=st.step + 1)
+
+
+_first_token = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(2,))
+
+
+def _feed(model, st: DecodeState):
+    """Run the model on each live sequence's last token; returns next logits and the new cache."""
+    live = (~st.done).astype(jnp.int32)
+    out = model.extend(jnp.maximum(st.last, 0)[:, None], st.cache.length, live, st.cache)
+    return model.logits(out.h[:, 0]), out.cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids"), donate_argnames=("st",))
+def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: tuple[int, ...]):
+    """One decode step as its own jitted call (the Python-loop baseline of the benchmark)."""
+    logits, cache = _feed(_merge(graphdef, state), st)
+    return _advance(sampler, eos_ids, dataclasses.replace(st, cache=cache), logits), logits
+
+
+@partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",))
+def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, eos_ids: tuple[int, ...],
+                n_steps: int):
+    """Up to n_steps decode steps in one `lax.while_loop` (stops early once all sequences are done).
+    The parameters ride in the carry so the model is merged inside the loop's trace."""
+    stop_at = st.step + n_steps
+
+    def cond(carry):
+        s, _, _ = carry
+        return (s.step < stop_at) & ~jnp.all(s.done)
+
+    def body(carry):
+        s, _, params = carry
+        lg, cache = _feed(_merge(graphdef, params), s)
+        return _advance(sampler, eos_ids, dataclasses.replace(s, cache=cache), lg), lg, params
+
+    st, logits, _ = jax.lax.while_loop(cond, body, (st, logits, state))
+    return st, logits
+
+
 class Generator:
-    """Holds a split model and the jitted prefill/decode functions for one (batch, capacity)."""
+    """A split model plus the settings of one generation run; the jitted functions above are shared
+    by every Generator of the same model structure (their cache is keyed on the graph definition)."""
 
     def __init__(self, model: NosaForCausalLM, *, sampler: Sampler = Sampler(),
                  eos_ids: Sequence[int] | None = None, save_logits: bool = False):
@@ -121,68 +187,8 @@ class Generator:
         self.mode = model.mode
         self.graphdef, self.state = nnx.split(model)
         self.sampler = sampler
-        self.eos_ids = tuple(self.cfg.eos_token_ids if eos_ids is None else eos_ids)
+        self.eos_ids = tuple(int(e) for e in (self.cfg.eos_token_ids if eos_ids is None else eos_ids))
         self.save_logits = save_logits
-        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("cache",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps",), donate_argnames=("st",))
-        self._step = jax.jit(self._step_impl, donate_argnames=("st",))
-        self._first = jax.jit(self._advance, donate_argnames=("st",))
-
-    # ---- pure functions -------------------------------------------------------------------
-    def _model(self, state):
-        return nnx.merge(self.graphdef, state)
-
-    def _prefill_impl(self, state, ids, start, n_valid, cache, last_logits):
-        """One prefill chunk: ids [B, Tc] at positions start..; keeps the logits of each sequence's
-        last prompt token when this chunk holds it."""
-        model = self._model(state)
-        B, Tc = ids.shape
-        last_row = jnp.clip(n_valid - 1, 0, Tc - 1)
-        out = model.extend(ids, start, n_valid, cache, rows=last_row[:, None])
-        logits = model.logits(out.h[:, 0])
-        return out.cache, jnp.where((n_valid > 0)[:, None], logits, last_logits)
-
-    def _advance(self, st: DecodeState, logits) -> DecodeState:
-        """Sample from `logits`, record the token, feed it back through the model."""
-        key = jax.random.fold_in(st.key, st.step)
-        tok = self.sampler(logits, key)
-        tok = jnp.where(st.done, PAD, tok)
-        tokens = st.tokens.at[:, st.step].set(tok)
-        saved = st.logits.at[:, st.step].set(logits) if st.logits.shape[1] else st.logits
-        done = st.done | jnp.isin(tok, jnp.asarray(self.eos_ids or (-2,), jnp.int32))
-        done = done | (st.step + 1 >= st.tokens.shape[1])
-        return dataclasses.replace(st, tokens=tokens, logits=saved, last=tok, done=done, step=st.step + 1)
-
-    def _feed(self, model, st: DecodeState):
-        """Run the model on each live sequence's last token; returns next logits and new cache."""
-        live = (~st.done).astype(jnp.int32)
-        out = model.extend(jnp.maximum(st.last, 0)[:, None], st.cache.length, live, st.cache)
-        return model.logits(out.h[:, 0]), out.cache
-
-    def _step_impl(self, state, st: DecodeState, logits):
-        """One decode step (the Python-loop baseline): feed the last token, then sample."""
-        model = self._model(state)
-        logits, cache = self._feed(model, st)
-        st = dataclasses.replace(st, cache=cache)
-        return self._advance(st, logits), logits
-
-    def _decode_impl(self, state, st: DecodeState, logits, n_steps: int):
-        """Up to n_steps decode steps in one `lax.while_loop` (stops early when all are done).
-        The parameters ride in the carry so the model is merged inside the loop's trace."""
-        stop_at = st.step + n_steps
-
-        def cond(carry):
-            s, _, _ = carry
-            return (s.step < stop_at) & ~jnp.all(s.done)
-
-        def body(carry):
-            s, _, params = carry
-            lg, cache = self._feed(self._model(params), s)
-            s = dataclasses.replace(s, cache=cache)
-            return self._advance(s, lg), lg, params
-
-        st, logits, _ = jax.lax.while_loop(cond, body, (st, logits, state))
-        return st, logits
 
     # ---- host-side driver -----------------------------------------------------------------
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, capacity: int,
@@ -216,6 +222,8 @@ class Generator:
               prefill_chunk: int | None = None, seed: int = 0,
               memory_budget: int | None = None) -> tuple[DecodeState, jax.Array, float]:
         """Validate, allocate, prefill. Returns (decode state, first logits, prefill seconds)."""
+        if not prompts:
+            raise GenerationError("no prompts given")
         capacity = capacity or (max(len(p) for p in prompts) + max_new_tokens)
         self.validate(prompts, max_new_tokens, capacity, memory_budget)
         B = len(prompts)
@@ -233,9 +241,10 @@ class Generator:
         for c in range(n_chunks):
             start = np.minimum(c * chunk, lengths)
             n_valid = np.clip(lengths - c * chunk, 0, chunk)
-            cache, logits = self._prefill(self.state, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                          jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
-                                          cache, logits)
+            cache, logits = _prefill_chunk(self.graphdef, self.state,
+                                           jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                                           jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
+                                           cache, logits)
         jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - t0
         V = self.cfg.vocab_size
@@ -249,13 +258,14 @@ class Generator:
             key=jax.random.key(seed),
         )
         # the first token comes from the prefill logits
-        st = self._first(st, logits)
+        st = _first_token(self.sampler, self.eos_ids, st, logits)
         return st, logits, prefill_s
 
     def stream(self, st: DecodeState, logits: jax.Array, chunk_steps: int) -> Iterator[tuple[DecodeState, jax.Array]]:
         """Run the jitted loop `chunk_steps` steps at a time, yielding after each chunk."""
         while not bool(jnp.all(st.done)):
-            st, logits = self._decode(self.state, st, logits, n_steps=chunk_steps)
+            st, logits = decode_loop(self.graphdef, self.state, st, logits, sampler=self.sampler,
+                                     eos_ids=self.eos_ids, n_steps=chunk_steps)
             yield st, logits
 
 

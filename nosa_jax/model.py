@@ -6,11 +6,11 @@ One set of weights, three attention modes chosen at load time:
   nosa      two-stage selection (query-aware picks + eviction-score ranking) and the cis bias
 
 The decoder layers are created stacked (`nnx.vmap`) and run with `nnx.scan`, so compile time does
-not grow with depth. Parameter layout (`nnx.state(model).to_pure_dict()`), with L layers:
+not grow with depth. Parameter layout (`nnx.to_pure_dict(nnx.state(model))`), with L layers:
   embed_tokens.embedding                 [V, H]
   layers.input_layernorm.weight          [L, H]
   layers.self_attn.{q,k,v}_proj.kernel   [L, H, heads*D]   (+ .bias if attention_bias)
-  layers.self_attn.o_proj.kernel         [L, Hq*D, H]
+  layers.self_attn.o_proj.kernel         [L, Hq*D, H]     (+ .bias if attention_bias)
   layers.self_attn.A                     [L, Hk]
   layers.self_attn.delta.kernel          [L, Hk*D, Hk]     (+ .bias if attention_bias)
   layers.post_attention_layernorm.weight [L, H]
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         self.q_proj = _linear(H, Hq * D, b, dtype, rngs)
         self.k_proj = _linear(H, Hk * D, b, dtype, rngs)
         self.v_proj = _linear(H, Hk * D, b, dtype, rngs)
-        self.o_proj = _linear(Hq * D, H, False, dtype, rngs)
+        self.o_proj = _linear(Hq * D, H, b, dtype, rngs)
         self.A = nnx.Param(jnp.zeros((Hk,), dtype))
         self.delta = _linear(Hk * D, Hk, b, dtype, rngs)
         self.cfg = cfg
@@ -341,7 +341,7 @@ class NosaForCausalLM(nnx.Module):
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:
     """Nested dict of `jax.ShapeDtypeStruct`: the exact parameter layout a checkpoint must fill."""
     model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def from_params(cfg: ModelConfig, params: dict[str, Any], *, mode: str = "nosa",
@@ -352,10 +352,11 @@ def from_params(cfg: ModelConfig, params: dict[str, Any], *, mode: str = "nosa",
     model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode=mode, dtype=dtype, rngs=nnx.Rngs(0),
                                                    q_chunk=q_chunk))
     graphdef, state = nnx.split(model)
-    expected = jax.tree.map(lambda a: a.shape, state.to_pure_dict())
-    got = jax.tree.map(lambda a: tuple(np.shape(a)), params)
-    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
-        raise ValueError("parameter layout does not match the config: expected "
-                         f"{expected}, got {got}")
-    state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
+    expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    if expected != got:
+        problems = [f"{k}: expected {expected[k]}, got {got.get(k, 'missing')}" for k in expected if expected[k] != got.get(k)]
+        problems += [f"{k}: unexpected" for k in got if k not in expected]
+        raise ValueError("parameters do not match the config: " + "; ".join(problems[:10]))
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
     return nnx.merge(graphdef, state)

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("NOSA_TEST_GPU") != "1" else None
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "upstream"
+
+
+def on_gpu() -> bool:
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+def pytest_collection_modifyitems(config, items):
+    if on_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine with NOSA_TEST_GPU=1); "
+                                   "the CPU suite covers the same code in interpret mode")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixture_dirs():
+    dirs = sorted(p for p in FIXTURES.iterdir() if (p / "expected.npz").is_file()) if FIXTURES.is_dir() else []
+    if not dirs:
+        pytest.fail(f"upstream fixtures not found under {FIXTURES} (the shared/ folder beside the repo)")
+    return dirs

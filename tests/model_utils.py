@@ -1,0 +1,41 @@
+"""Small random NOSA models for tests (weights large enough that selections are well separated)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nosa_jax.config import ModelConfig, NosaConfig
+from nosa_jax.model import NosaForCausalLM
+
+SMALL_NOSA = NosaConfig(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=1,
+                        topk=6, qk_select=4)
+
+
+def small_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                nosa=SMALL_NOSA, max_position_embeddings=4096)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_model(cfg: ModelConfig, mode: str, seed: int = 0, std: float = 0.35) -> NosaForCausalLM:
+    """Random weights with a non-trivial eviction head (A of both signs) in the given mode."""
+    model = NosaForCausalLM(cfg, mode=mode, rngs=nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "weight":  # norms
+            val = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif name == "A":
+            val = rng.uniform(-2.0, 1.0, leaf.shape)
+        else:
+            val = std * rng.standard_normal(leaf.shape)
+        return jnp.asarray(val, leaf.dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+    nnx.update(model, state)
+    return model

@@ -1,0 +1,189 @@
+"""Generation engine: decode with incremental caches equals recomputation, batching, chunked
+prefill, samplers, stopping and input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model_utils import random_model, small_config
+from nosa_jax.generate import GenerationError, Generator, Sampler, generate
+
+MODES = ["nosa", "infllmv2", "full"]
+
+
+def _step_fns(model, capacity):
+    gd, st = nnx.split(model)
+
+    @jax.jit
+    def prefill(st, ids):
+        m = nnx.merge(gd, st)
+        out = m.extend(ids, jnp.zeros(ids.shape[0], jnp.int32), jnp.full(ids.shape[0], ids.shape[1], jnp.int32),
+                       m.init_cache(ids.shape[0], capacity))
+        return m.logits(out.h), out.block_ids, out.cache
+
+    @jax.jit
+    def step(st, tok, cache):
+        m = nnx.merge(gd, st)
+        out = m.extend(tok, cache.length, jnp.ones(tok.shape[0], jnp.int32), cache)
+        return m.logits(out.h[:, 0]), out.block_ids[:, :, :, 0], out.cache
+
+    return st, prefill, step
+
+
+def _valid_sets(ids):
+    return [set(int(x) for x in row if x >= 0) for row in ids.reshape(-1, ids.shape[-1])]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("prompt_len", [5, 37])
+def test_decode_equals_recompute(mode, prompt_len):
+    """Prefill N, decode M = 300 steps (block 8: crosses ~38 blocks, the top-6 budget, every stride
+    and window boundary) == one forward over N + M tokens: identical selections, logits to f32."""
+    cfg = small_config()
+    model = random_model(cfg, mode, seed=prompt_len)
+    N, M = prompt_len, 300
+    seq = np.random.default_rng(prompt_len).integers(0, cfg.vocab_size, N + M)
+    st, prefill, step = _step_fns(model, N + M)
+    _, _, cache = prefill(st, jnp.asarray(seq[None, :N]))
+    logits, blocks = [], []
+    for t in range(N, N + M):
+        lg, blk, cache = step(st, jnp.asarray([[seq[t]]]), cache)
+        logits.append(np.asarray(lg[0]))
+        blocks.append(np.asarray(blk[:, 0]))  # [L, Hk, K]
+    full_lg, full_blk, _ = prefill(st, jnp.asarray(seq[None]))
+    full_lg, full_blk = np.asarray(full_lg[0]), np.asarray(full_blk[:, 0])  # [T, V], [L, Hk, T, K]
+    scale = np.abs(full_lg).max()
+    for i in range(M):
+        np.testing.assert_allclose(logits[i], full_lg[N + i], atol=2e-5 * scale, rtol=0)
+        if mode != "full":
+            assert _valid_sets(blocks[i]) == _valid_sets(full_blk[:, :, N + i]), f"step {i}"
+    if mode != "full":  # the budget is really exceeded: selections are sparse at the end
+        assert all(len(s) == cfg.nosa.topk for s in _valid_sets(blocks[-1]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jitted_loop_equals_teacher_forced(mode):
+    """The while_loop generator's greedy tokens and per-step logits == a forward over the result."""
+    cfg = small_config()
+    model = random_model(cfg, mode, seed=3)
+    prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, 29).tolist()
+    res = generate(model, [prompt], max_new_tokens=80, save_logits=True, eos_ids=[], chunk_steps=32)
+    toks = res.tokens[0]
+    assert len(toks) == 80
+    seq = jnp.asarray([prompt + toks])
+    full = np.asarray(model(seq).logits[0])
+    lg = res.logits[0]
+    np.testing.assert_allclose(lg, full[len(prompt) - 1: len(prompt) - 1 + 80], atol=2e-5 * np.abs(full).max())
+    assert toks == np.argmax(lg, -1).tolist()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ragged_batch_equals_alone(mode):
+    cfg = small_config()
+    model = random_model(cfg, mode, seed=5)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 41, 18)]
+    batch = generate(model, prompts, max_new_tokens=48, save_logits=True, eos_ids=[])
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=48, save_logits=True, eos_ids=[])
+        assert batch.tokens[i] == alone.tokens[0]
+        np.testing.assert_allclose(batch.logits[i], alone.logits[0], atol=1e-4 * np.abs(alone.logits).max())
+
+
+@pytest.mark.parametrize("mode", ["nosa", "full"])
+def test_chunked_prefill_equals_one_shot(mode):
+    cfg = small_config()
+    model = random_model(cfg, mode, seed=7)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (70, 23)]
+    one = Generator(model, eos_ids=[])
+    st1, lg1, _ = one.start(prompts, max_new_tokens=10)
+    for chunk in (8, 13):
+        st2, lg2, _ = Generator(model, eos_ids=[]).start(prompts, max_new_tokens=10, prefill_chunk=chunk)
+        np.testing.assert_allclose(np.asarray(lg2), np.asarray(lg1), atol=1e-4 * np.abs(np.asarray(lg1)).max())
+        np.testing.assert_array_equal(np.asarray(st2.cache.length), [70, 23])
+        for name in ("k", "v", "cis", "ktilde", "cisw"):
+            a, b = np.asarray(getattr(st1.cache, name)), np.asarray(getattr(st2.cache, name))
+            if a.size == 0:  # not kept in this mode
+                continue
+            for i, n in enumerate((70, 23)):
+                lim = n if name in ("k", "v", "cis") else max(0, (n - cfg.nosa.kernel_size) // cfg.nosa.kernel_stride + 1)
+                np.testing.assert_allclose(b[:, i, :lim], a[:, i, :lim], rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=name)
+    a = generate(model, prompts, max_new_tokens=30, eos_ids=[])
+    b = generate(model, prompts, max_new_tokens=30, eos_ids=[], prefill_chunk=16)
+    assert a.tokens == b.tokens
+
+
+def test_eos_stops_each_sequence():
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=11)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    free = generate(model, prompts, max_new_tokens=20, eos_ids=[])
+    eos = free.tokens[0][4]  # make sequence 0 stop at its 5th token
+    res = generate(model, prompts, max_new_tokens=20, eos_ids=[eos])
+    assert res.tokens[0] == free.tokens[0][:5]
+    j = free.tokens[1].index(eos) + 1 if eos in free.tokens[1] else 20
+    assert res.tokens[1] == free.tokens[1][:j]
+
+
+def test_sampler_top_k_top_p_temperature():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 50)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 400)
+    # top-k: never outside the k best
+    s = Sampler(temperature=1.0, top_k=5)
+    draws = np.stack([np.asarray(s(logits, k)) for k in keys[:200]])
+    best = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    for b in range(4):
+        assert set(draws[:, b]) <= set(best[b])
+    # top-p: only the smallest prefix reaching mass p (float64 reference), and it is sampled broadly
+    p = 0.6
+    s = Sampler(temperature=1.0, top_p=p)
+    draws = np.stack([np.asarray(s(logits, k)) for k in keys])
+    probs = np.exp(np.asarray(logits, np.float64))
+    probs /= probs.sum(-1, keepdims=True)
+    for b in range(4):
+        order = np.argsort(-probs[b])
+        before = np.cumsum(probs[b][order]) - probs[b][order]
+        allowed = set(order[before < p])
+        assert set(draws[:, b]) <= allowed
+        assert len(set(draws[:, b])) == len(allowed) or len(allowed) > 8
+    # temperature 0 == greedy; same key, same draw; frequencies follow softmax(logits / T)
+    np.testing.assert_array_equal(np.asarray(Sampler()(logits, keys[0])), np.argmax(np.asarray(logits), -1))
+    s = Sampler(temperature=0.7)
+    np.testing.assert_array_equal(np.asarray(s(logits, keys[3])), np.asarray(s(logits, keys[3])))
+    row = jnp.asarray([[0.0, 1.0, 2.0]], jnp.float32)
+    draws = np.concatenate([np.asarray(jax.vmap(lambda k: s(row, k))(jax.random.split(jax.random.key(i), 1000)))[:, 0]
+                            for i in range(4)])
+    ref = np.exp(np.array([0.0, 1.0, 2.0]) / 0.7)
+    ref /= ref.sum()
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    np.testing.assert_allclose(freq, ref, atol=0.03)
+
+
+def test_sampled_generation_is_seeded():
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=2)
+    s = Sampler(temperature=1.0, top_k=10, top_p=0.9)
+    a = generate(model, [[1, 2, 3]], max_new_tokens=25, sampler=s, seed=4, eos_ids=[])
+    b = generate(model, [[1, 2, 3]], max_new_tokens=25, sampler=s, seed=4, eos_ids=[])
+    c = generate(model, [[1, 2, 3]], max_new_tokens=25, sampler=s, seed=5, eos_ids=[])
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_generation_input_errors():
+    cfg = small_config()
+    model = random_model(cfg, "nosa")
+    with pytest.raises(GenerationError, match="empty"):
+        generate(model, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        generate(model, [[1, 2, cfg.vocab_size]], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="exceeds the capacity"):
+        generate(model, [[1] * 30], max_new_tokens=10, capacity=32)
+    with pytest.raises(GenerationError, match="GiB"):
+        generate(model, [[1] * 30], max_new_tokens=10, memory_budget=1000)
+    with pytest.raises(GenerationError, match="no prompts"):
+        generate(model, [], max_new_tokens=4)
