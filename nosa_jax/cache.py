@@ -8,6 +8,7 @@ T = allocated tokens, C = allocated windows):
   ktilde   [L, B, C, Hk, D]  float32       compressed keys (window means); C = 0 in `full` mode
   cisw     [L, B, C, Hk]     float32       cis window means; C = 0 unless `nosa` mode
   length   [B]               int32         tokens held per sequence
+  rope_len [B]               int32         each sequence's final length (length-dependent RoPE)
 
 Compressed windows are maintained incrementally (spec 2.3, 2.6): when tokens [start, start + Tc)
 are written, exactly the windows they complete are recomputed from the keys already in the cache
@@ -35,10 +36,11 @@ class KVCache:
     ktilde: jax.Array
     cisw: jax.Array
     length: jax.Array
+    rope_len: jax.Array  # [B] length at which length-dependent RoPE is evaluated per sequence
     capacity: int  # tokens a sequence may hold (static)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "cis", "ktilde", "cisw", "length"],
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "cis", "ktilde", "cisw", "length", "rope_len"],
                                  meta_fields=["capacity"])
 
 
@@ -54,7 +56,9 @@ def allocation(cfg: ModelConfig, capacity: int) -> tuple[int, int]:
     return t_alloc, t_alloc // n.kernel_stride + 2
 
 
-def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, rope_len=None) -> KVCache:
+    """A zeroed cache. `rope_len` [B]: each sequence's final length, used only by length-dependent
+    RoPE types (dynamic, switching LongRoPE); default: the capacity."""
     L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     T, C = allocation(cfg, capacity)
     c_k = C if mode != "full" else 0
@@ -66,6 +70,8 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) ->
         ktilde=jnp.zeros((L, batch, c_k, Hk, D), jnp.float32),
         cisw=jnp.zeros((L, batch, c_cis, Hk), jnp.float32),
         length=jnp.zeros((batch,), jnp.int32),
+        rope_len=(jnp.full((batch,), capacity, jnp.int32) if rope_len is None
+                  else jnp.asarray(rope_len, jnp.int32).reshape(batch)),
         capacity=capacity,
     )
 

@@ -239,6 +239,7 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
     import orbax.checkpoint as ocp
     from .model import abstract_params
 
+    path = path.absolute()  # orbax resolves relative paths wrongly
     meta = read_metadata(path)
     if meta.get("nosa_weights") == "missing":
         print(f"notice: {path} was converted from a checkpoint without NOSA weights (A=0, delta=0): "

@@ -209,7 +209,7 @@ def cmd_demo(args) -> int:
     from .demo import demo_text, make_demo_checkpoint
 
     work = Path(args.workdir)
-    hf_dir = make_demo_checkpoint(work / "hf")
+    hf_dir = make_demo_checkpoint(work / "hf", retrain=args.retrain)
     conv = work / "converted"
     print(f"converting {hf_dir} -> {conv}")
     convert_checkpoint(hf_dir, conv, overwrite=True, progress=False)
@@ -285,10 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the built-in small NOSA checkpoint, convert it and generate")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--prompt-chars", type=int, default=1200, help="characters of the built-in text used as prompt")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the demo model again instead of using the shipped one (minutes on a CPU)")
+    p.add_argument("--prompt-chars", type=int, default=300, help="characters of the built-in text used as prompt")
     p.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["nosa", "full"])
     _gen_args(p)
-    p.set_defaults(func=cmd_demo, max_new_tokens=200, capacity=None)
+    p.set_defaults(func=cmd_demo, max_new_tokens=180, capacity=None)
     return ap
 
 

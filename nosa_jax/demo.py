@@ -1,8 +1,10 @@
 """The built-in default: a small NOSA checkpoint that the project generates deterministically.
 
-`make_demo_checkpoint(dir)` writes a Hugging Face style directory (config.json, model.safetensors
-with upstream parameter names, tokenizer.json) holding a 2-layer NOSA model trained for a short
-while (optax, on the CPU, fixed seed) to continue a public-domain passage shipped with the package.
+`make_demo_checkpoint(dir, retrain=True)` writes a Hugging Face style directory (config.json,
+model.safetensors with upstream parameter names, tokenizer.json) holding a 2-layer NOSA model
+trained for a short while (optax, on the CPU, fixed seed) to continue a public-domain passage
+shipped with the package; the result of that run ships in `data/demo_checkpoint` (1.5 MB) so the
+demo starts at once.
 Its NOSA settings are scaled down (block 16, top-k 6) so that block selection is really sparse at a
 few hundred tokens. The demo then converts it and generates from a prompt cut from the passage,
 showing how much of the true continuation the sparse-attention model reproduces.
@@ -87,8 +89,8 @@ def train_demo_model(cfg: ModelConfig, ids: np.ndarray, steps: int, log=print) -
     graphdef, params = nnx.split(model, nnx.Param)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=0.0))
     opt_state = opt.init(params)
-    window = 256
-    starts = np.arange(0, len(ids) - window - 1, 64)
+    window = 512
+    starts = np.arange(0, len(ids) - window - 1, 32)
 
     def loss_fn(params, x, y):
         m = nnx.merge(graphdef, params)
@@ -104,7 +106,7 @@ def train_demo_model(cfg: ModelConfig, ids: np.ndarray, steps: int, log=print) -
 
     rng = np.random.default_rng(SEED)
     for step in range(steps):
-        s = rng.choice(starts, size=8)
+        s = rng.choice(starts, size=6)
         x = np.stack([ids[i:i + window] for i in s])
         y = np.stack([ids[i + 1:i + window + 1] for i in s])
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(x), jnp.asarray(y))
@@ -113,17 +115,27 @@ def train_demo_model(cfg: ModelConfig, ids: np.ndarray, steps: int, log=print) -
     return nnx.merge(graphdef, params)
 
 
-def make_demo_checkpoint(out_dir: str | Path, *, steps: int = 400, log=print) -> Path:
-    """Write the demo HF checkpoint to `out_dir` (skipped when it is already there)."""
+def make_demo_checkpoint(out_dir: str | Path, *, retrain: bool = False, steps: int = 400, log=print) -> Path:
+    """Put the demo HF checkpoint in `out_dir` (kept when already there).
+
+    By default the copy shipped with the package (`data/demo_checkpoint`, produced by this very
+    function) is used; `retrain=True` trains it again from scratch (a few minutes on 2 CPU cores).
+    """
     out = Path(out_dir)
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not retrain:
         return out
     out.mkdir(parents=True, exist_ok=True)
+    if not retrain:
+        shipped = resources.files("nosa_jax").joinpath("data/demo_checkpoint")
+        for name in ("config.json", "tokenizer.json", "model.safetensors"):
+            (out / name).write_bytes(shipped.joinpath(name).read_bytes())
+        log(f"demo checkpoint (shipped with the package) -> {out}")
+        return out
     tok = byte_tokenizer()
     cfg = demo_config()
     ids = np.asarray(tok.encode(demo_text()).ids, np.int32)
     log(f"training the demo NOSA model ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on "
-        f"{len(ids)} tokens of the built-in text, {steps} steps (once; cached in {out})")
+        f"{len(ids)} tokens of the built-in text, {steps} steps")
     model = train_demo_model(cfg, ids, steps, log=log)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tmp = out / "model.safetensors.tmp"

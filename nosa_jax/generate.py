@@ -236,7 +236,7 @@ class Generator:
             ids[i, : len(p)] = p
         t0 = time.perf_counter()
         model = nnx.merge(self.graphdef, self.state)
-        cache = model.init_cache(B, capacity)
+        cache = model.init_cache(B, capacity, rope_len=lengths + max_new_tokens)
         logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
         for c in range(n_chunks):
             start = np.minimum(c * chunk, lengths)

@@ -33,7 +33,7 @@ from flax import nnx
 from . import nosa
 from .cache import KVCache, cache_write, init_cache
 from .config import ATTENTION_MODES, ModelConfig, NosaConfig
-from .rope import apply_rope, rope_cos_sin, rope_parameters
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _ACT = {
     "silu": jax.nn.silu,
@@ -245,8 +245,8 @@ class NosaForCausalLM(nnx.Module):
     def mode(self) -> str:
         return self.settings.mode
 
-    def init_cache(self, batch: int, capacity: int) -> KVCache:
-        return init_cache(self.cfg, batch, capacity, self.dtype, self.mode)
+    def init_cache(self, batch: int, capacity: int, rope_len=None) -> KVCache:
+        return init_cache(self.cfg, batch, capacity, self.dtype, self.mode, rope_len)
 
     def logits(self, h):
         """Final-norm output [..., H] -> float32 logits [..., V]."""
@@ -265,7 +265,7 @@ class NosaForCausalLM(nnx.Module):
         B, Tc = input_ids.shape
         if rows is None:
             rows = jnp.broadcast_to(jnp.arange(Tc), (B, Tc))
-        inv_freq, scaling = rope_parameters(self.cfg, cache.capacity)
+        inv_freq, scaling = rope_inv_freq(self.cfg, cache.rope_len)
         pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
         cos, sin = rope_cos_sin(pos, inv_freq, scaling, self.dtype)
         cache = dataclasses.replace(cache, length=(start + n_valid).astype(jnp.int32))
@@ -307,14 +307,15 @@ class NosaForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         rows = jnp.clip(jnp.take_along_axis(rank, positions, axis=1), 0, T - 1)
 
-        out = self.extend(ids, jnp.zeros((B,), jnp.int32), kv_len, self.init_cache(B, T), rows=rows)
+        out = self.extend(ids, jnp.zeros((B,), jnp.int32), kv_len, self.init_cache(B, T, kv_len), rows=rows)
         k_width = 0 if self.mode == "full" else min(self.cfg.nosa.topk, self.cfg.nosa.num_blocks(T))
         hidden = nll = None
         if return_hidden:
             hidden = jnp.concatenate([jnp.moveaxis(out.layer_inputs, 0, 1), out.h[:, None]], axis=1)
             hidden = hidden.astype(jnp.float32)
         if return_nll:
-            full = self.extend(ids, jnp.zeros((B,), jnp.int32), kv_len, self.init_cache(B, T)) if rows.shape[1] != T else out
+            full = (self.extend(ids, jnp.zeros((B,), jnp.int32), kv_len, self.init_cache(B, T, kv_len))
+                    if rows.shape[1] != T else out)
             nll = self.token_nll(full.h, ids, kv_len)
         return ForwardOutput(logits=self.logits(out.h), block_ids=jnp.moveaxis(out.block_ids, 0, 1)[..., :k_width],
                              cis=jnp.moveaxis(out.cis, 0, 1), hidden=hidden, nll=nll)

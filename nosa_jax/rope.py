@@ -70,9 +70,40 @@ def rope_parameters(cfg: ModelConfig, seq_len: int | None = None) -> tuple[np.nd
     return np.asarray(inv, np.float32), float(scaling)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scaling: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """positions [...] -> cos, sin [..., head_dim] (float32 math, then cast to `dtype` as HF does)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+def length_dependent(cfg: ModelConfig) -> bool:
+    """Whether the frequencies depend on the sequence length (dynamic NTK, switching LongRoPE)."""
+    return cfg.rope_type == "dynamic" or (cfg.rope_type == "longrope" and cfg.longrope_switch)
+
+
+def rope_inv_freq(cfg: ModelConfig, lengths: jax.Array) -> tuple[jax.Array, float]:
+    """Per-sequence inverse frequencies [B, head_dim/2] for sequences of total lengths [B].
+
+    Length-dependent types are evaluated at each sequence's own length, so a padded batch equals
+    each sequence alone and a decode equals a recompute over the same final length.
+    """
+    inv, scaling = rope_parameters(cfg)
+    B = lengths.shape[0]
+    if not length_dependent(cfg):
+        return jnp.broadcast_to(jnp.asarray(inv), (B, inv.shape[0])), scaling
+    n = lengths.astype(jnp.float32)[:, None]
+    if cfg.rope_type == "dynamic":
+        rs, dim = cfg.rope_scaling, cfg.head_dim
+        factor = float(rs["factor"])
+        orig = float(cfg.original_max_position_embeddings or cfg.max_position_embeddings)
+        exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        base = cfg.rope_theta * jnp.where(n > orig, (factor * n / orig) - (factor - 1), 1.0) ** (dim / (dim - 2))
+        return (1.0 / base ** exponent).astype(jnp.float32), scaling
+    orig = longrope_original_max(cfg)
+    long_inv, _ = rope_parameters(cfg, seq_len=orig + 1)
+    return jnp.where(n > orig, jnp.asarray(long_inv), jnp.asarray(inv)), scaling
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq, scaling: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] with inv_freq [D/2] or [B, D/2] -> cos, sin [B, T, head_dim] (float32
+    math, then cast to `dtype` as HF does)."""
+    inv_freq = jnp.asarray(inv_freq)
+    inv_freq = inv_freq[:, None, :] if inv_freq.ndim == 2 else inv_freq
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
 

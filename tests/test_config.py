@@ -13,7 +13,10 @@ import pytest
 
 from nosa_jax.config import ConfigError, ModelConfig, NosaConfig
 
-FIXTURES = Path("/work/shared/fixtures/upstream")
+# shared/ lies beside the repository (CI copies it there too)
+_SHARED = next((d for d in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
+                if (d / "fixtures" / "upstream").is_dir()), Path("/work/shared"))
+FIXTURES = _SHARED / "fixtures" / "upstream"
 UPSTREAM = dict(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, local_blocks=16,
                 topk=64, qk_select=33)
 

@@ -187,3 +187,19 @@ def test_generation_input_errors():
         generate(model, [[1] * 30], max_new_tokens=10, memory_budget=1000)
     with pytest.raises(GenerationError, match="no prompts"):
         generate(model, [], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 4.0},
+                                  {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                   "long_factor": [2.0, 3.0, 5.0, 8.0], "original_max_position_embeddings": 64}])
+def test_length_dependent_rope_decode_equals_recompute(rope):
+    """Length-dependent RoPE is evaluated at each sequence's final length (prompt + new tokens),
+    so generation past the original context equals a forward over the final sequence."""
+    extra = {"longrope_switch": True} if rope["rope_type"] == "longrope" else {}
+    cfg = small_config(rope_scaling=rope, max_position_embeddings=64 if rope["rope_type"] == "dynamic" else 256,
+                       **extra)
+    model = random_model(cfg, "nosa", seed=9)
+    prompt = np.random.default_rng(9).integers(0, cfg.vocab_size, 40).tolist()
+    res = generate(model, [prompt], max_new_tokens=60, save_logits=True, eos_ids=[])
+    full = np.asarray(model(jnp.asarray([prompt + res.tokens[0]])).logits[0])
+    np.testing.assert_allclose(res.logits[0], full[39:99], atol=2e-5 * np.abs(full).max())

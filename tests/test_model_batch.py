@@ -240,12 +240,20 @@ def test_batch_of_one_with_trailing_padding(mode):
     np.testing.assert_allclose(out.logits[0], one.logits[0, [0, 9, len(s) - 1]], atol=2e-5, rtol=1e-5)
 
 
-def test_dynamic_rope_padding_invariance():
-    """Invariant 21 with dynamic (NTK) RoPE: the frequencies depend on the sequence length, so the
-    padded width must not leak into them. Sequence of 30 tokens (<= max_position_embeddings 32:
-    no rescaling when alone) padded to 48 tokens."""
-    cfg = dataclasses.replace(CFG, rope_scaling={"rope_type": "dynamic", "factor": 4.0},
-                              max_position_embeddings=32)
+@pytest.mark.parametrize("rope", ["dynamic", "longrope_switch"])
+def test_length_dependent_rope_padding_invariance(rope):
+    """Invariant 21 with a RoPE whose frequencies depend on the sequence length (dynamic NTK, and
+    longrope with switching to long_factor past original_max): the padded width must not leak into
+    them. A sequence of 30 tokens (<= 32, so no rescaling / short factors when alone) padded to 48."""
+    if rope == "dynamic":
+        cfg = dataclasses.replace(CFG, rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+                                  max_position_embeddings=32)
+    else:
+        half = CFG.head_dim // 2
+        cfg = dataclasses.replace(CFG, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * half,
+                                                     "long_factor": [4.0] * half},
+                                  max_position_embeddings=128, original_max_position_embeddings=32,
+                                  longrope_switch=True)
     s = SEQS[0][:30]
     ids = np.concatenate([s, np.full(18, 3)])[None]
     mask = (np.arange(48) < 30).astype(np.int32)[None]

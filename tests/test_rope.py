@@ -27,7 +27,10 @@ import pytest
 from nosa_jax.config import ModelConfig
 from nosa_jax.rope import apply_rope, rope_cos_sin, rope_parameters
 
-FIXTURE = Path("/work/shared/fixtures/upstream/R-6000")
+# shared/ lies beside the repository (CI copies it there too)
+_SHARED = next((d for d in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
+                if (d / "fixtures" / "upstream").is_dir()), Path("/work/shared"))
+FIXTURE = _SHARED / "fixtures" / "upstream" / "R-6000"
 
 
 def cfg(head_dim=32, theta=10000.0, rope_scaling=None, max_pos=2048, orig=None, switch=False):
