@@ -1,7 +1,7 @@
 """The device KV cache: keys, values, eviction scores and their compressed windows.
 
 A `KVCache` is a plain pytree of arrays stacked over layers, so it can be donated to a jitted
-step, carried through `lax.while_loop` and sharded later. Shapes (L layers, B sequences,
+step, carried through the jitted decode loop and sharded later. Shapes (L layers, B sequences,
 T = allocated tokens, C = allocated windows):
   k, v     [L, B, T, Hk, D]  model dtype   post-RoPE keys, values
   cis      [L, B, T, Hk]     float32       eviction scores

@@ -1,4 +1,4 @@
-"""Batched generation: prefill (one-shot or chunked) and a jitted `lax.while_loop` decode.
+"""Batched generation: prefill (one-shot or chunked) and a decode loop that runs on the device.
 
 The model is split once (`nnx.split`); every hot function is a plain `jax.jit` of
 `(graphdef, state, ...)` with the cache donated, so the decode loop runs all layers, sampling and
@@ -93,6 +93,7 @@ class GenerationResult:
     decode_seconds: float
     decode_tokens: int
     cache_bytes: int
+    texts: list[str] | None = None  # decoded generations when a tokenizer was given
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -159,20 +160,19 @@ def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: 
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",))
 def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, eos_ids: tuple[int, ...],
                 n_steps: int):
-    """Up to n_steps decode steps in one `lax.while_loop` (stops early once all sequences are done).
-    The parameters ride in the carry so the model is merged inside the loop's trace."""
-    stop_at = st.step + n_steps
+    """Exactly n_steps decode steps in one loop on the device.
 
-    def cond(carry):
-        s, _, _ = carry
-        return (s.step < stop_at) & ~jnp.all(s.done)
+    The trip count is static (`fori_loop`), so XLA runs the loop without reading a predicate back to
+    the host every iteration; sequences that have stopped are carried along without growing (their
+    token is PAD and their cache length stays). The parameters ride in the carry so the model is
+    merged inside the loop's trace."""
 
-    def body(carry):
+    def body(_, carry):
         s, _, params = carry
         lg, cache = _feed(_merge(graphdef, params), s)
         return _advance(sampler, eos_ids, dataclasses.replace(s, cache=cache), lg), lg, params
 
-    st, logits, _ = jax.lax.while_loop(cond, body, (st, logits, state))
+    st, logits, _ = jax.lax.fori_loop(0, n_steps, body, (st, logits, state))
     return st, logits
 
 
@@ -262,24 +262,34 @@ class Generator:
         return st, logits, prefill_s
 
     def stream(self, st: DecodeState, logits: jax.Array, chunk_steps: int) -> Iterator[tuple[DecodeState, jax.Array]]:
-        """Run the jitted loop `chunk_steps` steps at a time, yielding after each chunk."""
-        while not bool(jnp.all(st.done)):
+        """Run the jitted loop `chunk_steps` steps at a time (fewer for the last chunk), yielding after
+        each chunk; stops once every sequence is done (one host read per chunk)."""
+        step, total = int(st.step), st.tokens.shape[1]
+        while step < total and not bool(jnp.all(st.done)):
+            n = min(chunk_steps, total - step)
             st, logits = decode_loop(self.graphdef, self.state, st, logits, sampler=self.sampler,
-                                     eos_ids=self.eos_ids, n_steps=chunk_steps)
+                                     eos_ids=self.eos_ids, n_steps=n)
+            step += n
             yield st, logits
 
 
-def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int] | str], *, max_new_tokens: int = 32,
              sampler: Sampler = Sampler(), seed: int = 0, eos_ids: Sequence[int] | None = None,
              capacity: int | None = None, prefill_chunk: int | None = None, save_logits: bool = False,
              chunk_steps: int | None = None, on_tokens=None,
-             memory_budget: int | None = None) -> GenerationResult:
+             memory_budget: int | None = None, tokenizer=None) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, any lengths).
 
-    The decode loop is one jitted `lax.while_loop`; with `chunk_steps` it returns to the host every
+    The decode loop is one jitted device loop (`lax.fori_loop`, an XLA while loop with a static trip
+    count) over all layers, sampling and stop checks; with `chunk_steps` it returns to the host every
     that many steps and calls `on_tokens(tokens_so_far [B, N] np.ndarray, step)` (streaming).
-    Stops per sequence at an EOS id (config's by default) or after max_new_tokens.
+    Stops per sequence at an EOS id (config's by default) or after max_new_tokens. With a
+    `tokenizers.Tokenizer`, prompts may be strings and the result carries decoded `texts`.
     """
+    if any(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise GenerationError("text prompts need a tokenizer (tokenizer=tokenizers.Tokenizer...)")
+        prompts = [tokenizer.encode(p).ids if isinstance(p, str) else p for p in prompts]
     gen = Generator(model, sampler=sampler, eos_ids=eos_ids, save_logits=save_logits)
     st, logits, prefill_s = gen.start(prompts, max_new_tokens=max_new_tokens, capacity=capacity,
                                       prefill_chunk=prefill_chunk, seed=seed, memory_budget=memory_budget)
@@ -303,4 +313,5 @@ def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int]], *, max_ne
         decode_seconds=decode_s,
         decode_tokens=n_decoded,
         cache_bytes=cache_bytes(model.cfg, len(prompts), cap, model.dtype, model.mode),
+        texts=[tokenizer.decode(t, skip_special_tokens=True) for t in out] if tokenizer is not None else None,
     )

@@ -7,7 +7,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "upstream"
+FIXTURES = Path(os.environ.get("NOSA_FIXTURES_DIR", ROOT.parent / "shared" / "fixtures" / "upstream"))
 
 
 def on_gpu() -> bool:

@@ -36,3 +36,11 @@ def test_demo_retrain_writes_loadable_checkpoint(tmp_path):
     assert model.cfg.nosa.block_size == 16
     out = model(np.asarray([[1, 2, 3, 4]]))
     assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_generate_text_api(tmp_path):
+    model = load_model(make_demo_checkpoint(tmp_path / "hf"), mode="nosa")
+    tok = byte_tokenizer()
+    text = demo_text()
+    res = generate(model, [text[:300]], max_new_tokens=30, tokenizer=tok, eos_ids=[])
+    assert res.texts[0].startswith(text[300:310])

@@ -1,0 +1,199 @@
+"""Decode selection: the Pallas kernel path (pallas_kernels/selection.py) against the jnp reference.
+
+Batch 16, 32 query / 2 kv heads, head_dim 128, contexts 32K and 128K (C = 2047 / 8191 valid
+windows of a float32 compressed-key pool stacked over 2 layers; layer 1 is read). Timed:
+  decode_block_scores  (kernel + jnp finish)   vs  nosa.stage1_scores + nosa.pool_blocks
+  decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks
+Each timing runs `iters` calls inside one jitted fori_loop (the query is perturbed per iteration so
+nothing is hoisted) and reports the median over repeats of wall time / iters, after a warm-up call.
+Effective bandwidth = compressed-key bytes of the valid windows (B * Hk * n_win * D * 4) / time.
+
+    python bench/kernels_selection.py [--quick] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bench.common import markdown_table, record, save
+from nosa_jax import nosa
+from nosa_jax.config import NosaConfig
+from pallas_kernels import selection as sel
+
+B, HQ, HK, D, L, LAYER = 16, 32, 2, 128, 2, 1
+CONTEXTS = (32768, 131072)
+NAME = "kernels_selection"
+# (label, kernel keyword arguments); the first is the default configuration.
+DEFAULT_KW: dict = {}
+SWEEP = [
+    ("c64-w4-ieee", dict(block_c=64, num_warps=4, precision="ieee")),
+    ("c64-w4-tf32x3", dict(block_c=64, num_warps=4, precision="tf32x3")),
+    ("c128-w4-ieee", dict(block_c=128, num_warps=4, precision="ieee")),
+    ("c128-w8-ieee", dict(block_c=128, num_warps=8, precision="ieee")),
+    ("c128-w8-tf32x3", dict(block_c=128, num_warps=8, precision="tf32x3")),
+    ("c32-w4-ieee", dict(block_c=32, num_warps=4, precision="ieee")),
+    ("c64-w4-ieee-t1", dict(block_c=64, num_warps=4, precision="ieee", tiles_per_program=1)),
+    ("c64-w4-ieee-t16", dict(block_c=64, num_warps=4, precision="ieee", tiles_per_program=16)),
+    ("c64-w4-ieee-s2", dict(block_c=64, num_warps=4, precision="ieee", num_stages=2)),
+    ("c64-w4-ieee-s4", dict(block_c=64, num_warps=4, precision="ieee", num_stages=4)),
+]
+
+
+def _inputs(context: int, key):
+    cfg = NosaConfig()
+    C = context // cfg.kernel_stride + 2  # allocated windows (cache.allocation adds slack)
+    n_blocks = -(-(context + cfg.kernel_size) // cfg.block_size)
+    kv_len = jnp.full((B,), context, jnp.int32)
+    n_win = nosa.num_windows(kv_len, cfg)
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, HQ, D), jnp.float32)
+    # Window means of unit-variance keys have small norms; scale so the softmax is not flat.
+    ktilde = jax.random.normal(k2, (L, B, C, HK, D), jnp.float32) * 0.5
+    cisw = jax.random.normal(k3, (L, B, C, HK), jnp.float32)
+    return cfg, n_blocks, q, ktilde, cisw, kv_len, n_win
+
+
+def _score_sum(x):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jnp.sum(x).astype(jnp.float32)
+    return jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
+
+
+def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
+    """Seconds per call of fn(q, *rest), `iters` calls inside one jitted loop."""
+
+    @jax.jit
+    def loop(q, *rest):
+        def body(i, acc):
+            qi = q * (1.0 + i.astype(jnp.float32) * 1e-7)
+            return acc + _score_sum(fn(qi, *rest))
+
+        return lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    jax.block_until_ready(loop(q, *rest))  # compile + warm-up
+    jax.block_until_ready(loop(q, *rest))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(q, *rest))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / iters
+
+
+def _fns(cfg, n_blocks, kw):
+    def scores_kernel(q, kt, cw, n_win, kv_len):
+        return sel.decode_block_scores(q, kt, n_win, kv_len - 1, LAYER, nosa_cfg=cfg, n_blocks=n_blocks, **kw)
+
+    def scores_ref(q, kt, cw, n_win, kv_len):
+        return sel.decode_block_scores_reference(q, kt, n_win, kv_len - 1, LAYER, nosa_cfg=cfg,
+                                                 n_blocks=n_blocks)
+
+    def select_kernel(q, kt, cw, n_win, kv_len):
+        return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg, n_blocks=n_blocks,
+                                 mode="nosa", **kw)
+
+    def select_ref(q, kt, cw, n_win, kv_len):
+        return sel.decode_select_reference(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg,
+                                           n_blocks=n_blocks, mode="nosa")
+
+    return scores_kernel, scores_ref, select_kernel, select_ref
+
+
+def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
+    """Time kernel vs reference at 32K and 128K; append records; return table rows."""
+    rows = []
+    iters, repeats = (20, 3) if quick else (100, 5)
+    contexts = CONTEXTS[-1:] if quick else CONTEXTS
+    variants = [("default", DEFAULT_KW)] + (SWEEP if sweep else [])
+    for context in contexts:
+        try:
+            cfg, n_blocks, q, kt, cw, kv_len, n_win = _inputs(context, jax.random.key(context))
+            rest = (kt, cw, n_win, kv_len)
+            n_valid = int(n_win[0])
+            key_bytes = B * HK * n_valid * D * 4
+        except Exception as e:  # noqa: BLE001
+            rows.append([context, "inputs", "-", f"FAILED: {type(e).__name__}: {e}"[:120], "-", "-"])
+            continue
+        settings = dict(context=context, batch=B, hq=HQ, hk=HK, head_dim=D, windows=n_valid,
+                        n_blocks=n_blocks, ktilde_dtype="float32")
+        ref_times = {}
+        for what, idx in (("block_scores", 1), ("select", 3)):
+            try:
+                fn = _fns(cfg, n_blocks, {})[idx]
+                t = _time_loop(fn, q, rest, max(iters // 5, 5), repeats)
+                ref_times[what] = t
+                records.append(record(f"{NAME}/{what}/jnp_reference", settings, "time", t * 1e6, "us"))
+                records.append(record(f"{NAME}/{what}/jnp_reference", settings, "effective_bandwidth",
+                                      key_bytes / t / 1e12, "TB/s"))
+                rows.append([context, what, "jnp reference", f"{t * 1e6:.1f}", f"{key_bytes / t / 1e12:.2f}", "1.00"])
+            except Exception as e:  # noqa: BLE001
+                rows.append([context, what, "jnp reference", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
+                traceback.print_exc()
+        # Correctness of the kernel path at this size (same inputs), reported, not asserted.
+        try:
+            sk, sr, ek, er = [jax.jit(f) for f in _fns(cfg, n_blocks, {})]
+            a, r = np.asarray(sk(q, *rest)), np.asarray(sr(q, *rest))
+            fin = np.isfinite(r)
+            same_inf = bool(np.array_equal(np.isinf(a), np.isinf(r)) and np.array_equal(a[~fin], r[~fin]))
+            err = float(np.max(np.abs(a[fin] - r[fin]))) if fin.any() else 0.0
+            ids_a, ids_r = np.asarray(ek(q, *rest)), np.asarray(er(q, *rest))
+            same_rows = float(np.mean(np.all(np.sort(ids_a, -1) == np.sort(ids_r, -1), axis=-1)))
+            records.append(record(f"{NAME}/block_scores/check", settings, "max_abs_err_vs_reference", err, "1"))
+            records.append(record(f"{NAME}/select/check", settings, "identical_rows_vs_reference", same_rows, "1"))
+            rows.append([context, "check", "kernel vs reference",
+                         f"max|err|={err:.2e} inf-pattern={'same' if same_inf else 'DIFFERENT'}",
+                         f"identical id rows={same_rows:.3f}", "-"])
+        except Exception as e:  # noqa: BLE001
+            rows.append([context, "check", "kernel vs reference", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
+            traceback.print_exc()
+        for label, kw in variants:
+            for what, idx in (("block_scores", 0), ("select", 2)):
+                if what == "select" and label != "default":
+                    continue
+                try:
+                    fn = _fns(cfg, n_blocks, kw)[idx]
+                    t = _time_loop(fn, q, rest, iters, repeats)
+                    s = dict(settings, variant=label, **{k: str(v) for k, v in kw.items()})
+                    records.append(record(f"{NAME}/{what}/pallas", s, "time", t * 1e6, "us"))
+                    records.append(record(f"{NAME}/{what}/pallas", s, "effective_bandwidth",
+                                          key_bytes / t / 1e12, "TB/s"))
+                    sp = f"{ref_times[what] / t:.2f}" if what in ref_times else "-"
+                    rows.append([context, what, f"pallas {label}", f"{t * 1e6:.1f}",
+                                 f"{key_bytes / t / 1e12:.2f}", sp])
+                except Exception as e:  # noqa: BLE001
+                    rows.append([context, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
+                    traceback.print_exc()
+    return rows
+
+
+HEADER = ["context", "op", "impl", "time (us)", "eff. TB/s (ktilde bytes)", "speedup vs jnp"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel tile/warp/precision variants")
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0]}  jax {jax.__version__}", flush=True)
+    records: list = []
+    rows = run(records, quick=args.quick, sweep=args.sweep)
+    table = markdown_table(HEADER, rows)
+    print(table)
+    path = save(records, NAME, table)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

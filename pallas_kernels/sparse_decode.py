@@ -1,0 +1,261 @@
+"""Block-sparse decode attention with the NOSA eviction bias: a Pallas (Triton lowering) GPU kernel.
+
+One query token per sequence attends to the blocks its kv head selected. The kernel reads the
+model's stacked KV cache directly: `k_pool`, `v_pool` [L, B, T, Hk, D] and `bias_pool` [L, B, T, Hk]
+stay in HBM (`memory_space=pl.ANY`), and every program computes the addresses of its blocks from
+the traced `layer`, its (b, h) grid position and the slot table, so no layer slice or gathered
+copy is ever materialised (the kernel runs inside the model's `scan` over layers).
+
+Math (must equal `nosa_jax.nosa.gathered_block_attention`): for each sequence b and kv head h the
+G = Hq / Hk query heads h*G .. h*G+G-1 share that head's blocks, and
+
+    out = softmax_over_visible(q . k / sqrt(D) + bias) . v
+
+in float32, the bias added UNSCALED after the 1/sqrt(D) scaling. Token i of logical block j sits at
+position j * block_size + i and is visible iff j >= 0 and position <= q_pos[b]; its key/value live at
+pool token slots[b, h, e] * block_size + i. Rows without a visible key give 0.
+
+Structure (flash-decoding / split-K):
+  grid (B, Hk, k_splits); program (b, h, s) walks entries s*E .. s*E+E-1 (E = ceil(K / k_splits))
+  of the (padded) block table with an online softmax whose running max includes the bias, and
+  writes an unnormalised partial output [Gp, D] plus its running max and sum [Gp]. The splits are
+  merged in `jnp` (with `lax.optimization_barrier` on the merged max, as jax's decode kernel does).
+  Invalid entries (id < 0, or a block wholly after the query) issue masked loads that move no data.
+
+Triton constraints (interpret mode does not check them): every array the kernel materialises must
+have power-of-two sizes and each dot dimension must be >= 16. The G query rows are padded to
+Gp = max(16, next_pow2(G)); block_size and D must be powers of two >= 16 on the GPU (64 and 128 in
+the model). `_check_gpu_shapes` enforces this whenever `interpret=False`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+NEG_INF = float("-inf")
+DEFAULT_NUM_SMS = 132  # H100/H200
+PROGRAMS_PER_SM = 4  # split-K target: about this many programs per SM (notes A.5: 256-512 on an H200)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (DEFAULT_NUM_SMS off-GPU or if unknown)."""
+    try:
+        d = jax.devices()[0]
+        if d.platform == "gpu":
+            return int(getattr(d, "core_count", DEFAULT_NUM_SMS) or DEFAULT_NUM_SMS)
+    except Exception:  # pragma: no cover - no backend
+        pass
+    return DEFAULT_NUM_SMS
+
+
+def default_k_splits(batch: int, num_kv_heads: int, num_entries: int, sms: int | None = None) -> int:
+    """Splits of the K block-table entries so that B * Hk * k_splits reaches about
+    PROGRAMS_PER_SM programs per SM (flash-decoding); never more splits than entries, and rounded
+    so that no split is empty (k_splits = ceil(K / ceil(K / k_splits))).
+
+    B=1, Hk=2, K=64 -> 64 (one block each); B=16, Hk=2 -> 22 -> 22 (3 blocks each);
+    B=16, Hk=8 -> 5 -> 5 (13 blocks each); B=64, Hk=8 -> 2.
+    """
+    sms = sms or num_sms()
+    K = max(1, int(num_entries))
+    want = -(-(PROGRAMS_PER_SM * sms) // max(1, batch * num_kv_heads))
+    ks = max(1, min(K, want))
+    per = -(-K // ks)
+    return -(-K // per)
+
+
+def _check_gpu_shapes(block_size: int, D: int, Gp: int) -> None:
+    for name, val in (("block_size", block_size), ("head_dim", D), ("padded group", Gp)):
+        if not (_is_pow2(val) and val >= 16):
+            raise ValueError(f"sparse_decode_attention on the GPU (Triton) needs {name} to be a power of two "
+                             f">= 16, got {val}; use interpret=True or the reference for other shapes")
+
+
+def _kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
+            block_size: int, per_split: int, scale: float, has_bias: bool):
+    if has_bias:
+        bias_ref, o_ref, m_ref, l_ref = rest
+    else:
+        bias_ref = None
+        o_ref, m_ref, l_ref = rest
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    s = pl.program_id(2)
+    layer = layer_ref[0]
+    q_pos = qpos_ref[b]
+    q = q_ref[...]  # [Gp, D], model dtype
+    Gp, D = q.shape
+    offs = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        e = s * per_split + i
+        blk = ids_ref[b, h, e]
+        slot = slots_ref[b, h, e]
+        visible = (blk >= 0) & (offs + blk * block_size <= q_pos)  # [bs]
+        slot = jnp.where(blk >= 0, slot, 0)  # keep even the masked addresses inside the pool
+        start = pl.multiple_of(slot * block_size, block_size)
+        rows = pl.ds(start, block_size)
+        kv_mask = jnp.broadcast_to(visible[:, None], (block_size, D))
+        k = pltriton.load(k_ref.at[layer, b, rows, h, :], mask=kv_mask, other=0)  # [bs, D]
+        v = pltriton.load(v_ref.at[layer, b, rows, h, :], mask=kv_mask, other=0)
+        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        sc = sc * scale  # [Gp, bs]
+        if has_bias:
+            bias = pltriton.load(bias_ref.at[layer, b, rows, h], mask=visible, other=0.0)
+            sc = sc + bias.astype(jnp.float32)[None, :]
+        sc = jnp.where(visible[None, :], sc, NEG_INF)
+        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))  # running max includes the bias
+        m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)  # all-masked rows: no (-inf) - (-inf)
+        alpha = jnp.exp(m_prev - m_use)
+        p = jnp.exp(sc - m_use[:, None])  # masked keys: exp(-inf) = 0
+        l_new = alpha * l_prev + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return alpha[:, None] * acc + pv, m_new, l_new
+
+    init = (jnp.zeros((Gp, D), jnp.float32), jnp.full((Gp,), NEG_INF, jnp.float32),
+            jnp.zeros((Gp,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, per_split, body, init)
+    # Plain stores (`ref[...] = x` lowers to a swap, which would also load the old contents).
+    pltriton.store(o_ref, acc)
+    pltriton.store(m_ref, m)
+    pltriton.store(l_ref, l)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "k_splits", "num_warps", "num_stages", "interpret"))
+def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, *,
+                            block_size: int, k_splits: int | None = None, num_warps: int = 4,
+                            num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """Block-sparse decode attention over the stacked KV pool (Pallas/Triton, split-K).
+
+    q: [B, Hq, D]; k_pool, v_pool: [L, B, T, Hk, D]; bias_pool: [L, B, T, Hk] float32 or None;
+    block_ids: [B, Hk, K] int32 logical block ids (-1 unused, any order); slots: [B, Hk, K] int32
+    physical block of each entry in the pool's T axis; q_pos: [B] int32; layer: int32 scalar
+    (may be traced). k_splits: None -> `default_k_splits`. Returns [B, Hq, D] in q.dtype.
+    """
+    B, Hq, D = q.shape
+    L, Bp, T, Hk, Dk = k_pool.shape
+    K = block_ids.shape[-1]
+    if Bp != B or Dk != D or v_pool.shape != k_pool.shape or Hq % Hk:
+        raise ValueError(f"shape mismatch: q {q.shape}, k_pool {k_pool.shape}, v_pool {v_pool.shape}")
+    if block_ids.shape != (B, Hk, K) or slots.shape != (B, Hk, K):
+        raise ValueError(f"block_ids {block_ids.shape} / slots {slots.shape} must be {(B, Hk, K)}")
+    if bias_pool is not None and bias_pool.shape != k_pool.shape[:4]:
+        raise ValueError(f"bias_pool {bias_pool.shape} must be {k_pool.shape[:4]}")
+    if T % block_size:
+        raise ValueError(f"pool length {T} must be a multiple of block_size {block_size}")
+    G = Hq // Hk
+    Gp = max(16, _next_pow2(G))
+    if not interpret:
+        _check_gpu_shapes(block_size, D, Gp)
+    if K == 0:
+        return jnp.zeros_like(q)
+
+    ks = default_k_splits(B, Hk, K) if k_splits is None else int(k_splits)
+    ks = max(1, min(ks, K))
+    per = -(-K // ks)
+    ks = -(-K // per)  # no empty split
+    Kp = ks * per
+    ids = block_ids.astype(jnp.int32)
+    sl = slots.astype(jnp.int32)
+    if Kp != K:
+        ids = jnp.pad(ids, ((0, 0), (0, 0), (0, Kp - K)), constant_values=-1)
+        sl = jnp.pad(sl, ((0, 0), (0, 0), (0, Kp - K)))
+
+    qg = q.reshape(B, Hk, G, D)
+    if Gp != G:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    qpos = jnp.asarray(q_pos, jnp.int32).reshape(B)
+
+    has_bias = bias_pool is not None
+    kernel = functools.partial(_kernel, block_size=block_size, per_split=per,
+                               scale=1.0 / math.sqrt(D), has_bias=has_bias)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    in_specs = [any_spec, any_spec, any_spec, any_spec,
+                pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),
+                any_spec, any_spec] + ([any_spec] if has_bias else [])
+    args = [layer_arr, qpos, ids, sl, qg, k_pool, v_pool] + ([bias_pool] if has_bias else [])
+    out_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
+                 pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
+                 pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, Hk, ks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="nosa_sparse_decode",
+    )(*args)
+
+    # Merge the splits (only the G real rows).
+    o, m, l = o[:, :, :, :G], m[:, :, :, :G], l[:, :, :, :G]
+    m_all = jnp.max(m, axis=2, keepdims=True)  # [B, Hk, 1, G]
+    m_all = lax.optimization_barrier(m_all)
+    m_all = jnp.where(m_all == NEG_INF, 0.0, m_all)
+    corr = jnp.exp(m - m_all)  # splits without a visible key: exp(-inf) = 0
+    l_sum = jnp.sum(l * corr, axis=2)  # [B, Hk, G]
+    o_sum = jnp.sum(o * corr[..., None], axis=2)  # [B, Hk, G, D]
+    out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
+    return out.reshape(B, Hq, D).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def sparse_decode_attention_reference(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, *,
+                                      block_size: int) -> jax.Array:
+    """Plain-jnp reference with the kernel's interface (gathers only the selected tokens).
+
+    Equals `nosa.gathered_block_attention(q, q_pos, k_pool[layer], v_pool[layer], bias_pool[layer],
+    block_ids, block_size)` when slots == block_ids.
+    """
+    B, Hq, D = q.shape
+    T, Hk = k_pool.shape[2], k_pool.shape[3]
+    G = Hq // Hk
+    K = block_ids.shape[-1]
+    i = jnp.arange(block_size, dtype=jnp.int32)
+    pos = block_ids[..., None] * block_size + i  # [B, Hk, K, bs] logical positions
+    valid = (block_ids[..., None] >= 0) & (pos <= jnp.asarray(q_pos, jnp.int32)[:, None, None, None])
+    phys = jnp.where(block_ids >= 0, slots, 0)[..., None] * block_size + i
+    phys = jnp.clip(phys, 0, T - 1).reshape(B, Hk, K * block_size)
+    valid = valid.reshape(B, Hk, K * block_size)
+    lyr = jnp.asarray(layer, jnp.int32)
+    b_idx = jnp.arange(B)[:, None, None]
+    h_idx = jnp.arange(Hk)[None, :, None]
+    # Invisible tokens (tail of the query's block, -1 entries) are zeroed so that whatever the pool
+    # holds there (garbage, NaN) cannot reach the output, as in the kernel's masked loads.
+    kg = jnp.where(valid[..., None], k_pool[lyr, b_idx, phys, h_idx].astype(jnp.float32), 0.0)  # [B, Hk, N, D]
+    vg = jnp.where(valid[..., None], v_pool[lyr, b_idx, phys, h_idx].astype(jnp.float32), 0.0)
+    qg = q.astype(jnp.float32).reshape(B, Hk, G, D)
+    s = jnp.einsum("bhgd,bhnd->bhgn", qg, kg, precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
+    if bias_pool is not None:
+        bias = jnp.where(valid, bias_pool[lyr, b_idx, phys, h_idx].astype(jnp.float32), 0.0)
+        s = s + bias[:, :, None, :]
+    s = jnp.where(valid[:, :, None], s, NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(valid[:, :, None], jnp.exp(s - m), 0.0)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(z > 0, z, 1.0)
+    o = jnp.einsum("bhgn,bhnd->bhgd", p, vg, precision=lax.Precision.HIGHEST)
+    return o.reshape(B, Hq, D).astype(q.dtype)

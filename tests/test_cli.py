@@ -1,0 +1,88 @@
+"""The `nosa-jax` command line: generate (text and ids), score inputs, and clear errors."""
+
+import numpy as np
+import pytest
+
+from nosa_jax.cli import main as cli_main
+from nosa_jax.demo import demo_text, make_demo_checkpoint
+
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "hf", log=lambda *_: None)
+
+
+def test_generate_from_text(demo_dir, tmp_path, capsys):
+    out = tmp_path / "gen.npz"
+    text = demo_text()
+    assert cli_main(["generate", "--checkpoint", str(demo_dir), "--prompt", text[:300],
+                     "--prompt", text[:420], "--max-new-tokens", "12", "--out", str(out),
+                     "--save-logits", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert text[300:310] in printed  # the demo model continues its passage
+    assert "tok/s" in printed and "KV cache" in printed
+    r = np.load(out)
+    assert r["generated_ids"].shape == (2, 12) and r["logits"].shape == (2, 12, 258)
+    np.testing.assert_array_equal(r["generated_ids"], r["logits"].argmax(-1))
+
+
+def test_generate_from_ids_with_sampling(tmp_path, capsys):
+    case = FIXTURES / "T-40"
+    ids = np.load(case / "expected.npz")["input_ids"]
+    np.save(tmp_path / "ids.npy", np.stack([ids, ids[::-1]]))
+    args = ["generate", "--checkpoint", str(case), "--input-ids", str(tmp_path / "ids.npy"), "--max-new-tokens",
+            "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--no-progress"]
+    assert cli_main(args + ["--out", str(tmp_path / "a.npz")]) == 0
+    assert cli_main(args + ["--out", str(tmp_path / "b.npz")]) == 0
+    assert "generated ids:" in capsys.readouterr().out  # no tokenizer: ids are printed
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["generated_ids"], np.load(tmp_path / "b.npz")["generated_ids"])
+
+
+def test_cli_errors(demo_dir, tmp_path, capsys):
+    case = str(FIXTURES / "T-40")
+    np.save(tmp_path / "bad.npy", np.array([1, 2, 9999]))
+    np.save(tmp_path / "float.npy", np.array([1.0, 2.0]))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    cases = [
+        (["generate", "--checkpoint", case, "--prompt", "hi"], "no tokenizer.json"),
+        (["generate", "--checkpoint", case], "exactly one of --prompt"),
+        (["generate", "--checkpoint", case, "--input-ids", str(tmp_path / "bad.npy")], "outside the vocabulary"),
+        (["generate", "--checkpoint", str(demo_dir), "--prompt", "x" * 50, "--capacity", "20"], "exceeds the capacity"),
+        (["score", "--checkpoint", case, "--input-ids", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "o.npz")],
+         "outside the vocabulary"),
+        (["score", "--checkpoint", case, "--input-ids", str(tmp_path / "float.npy"), "--out", str(tmp_path / "o.npz")],
+         "must hold integers"),
+        (["score", "--checkpoint", case, "--input-ids", str(tmp_path / "junk.npy"), "--out", str(tmp_path / "o.npz")],
+         "not a readable"),
+        (["score", "--checkpoint", str(tmp_path / "nope"), "--input-ids", str(tmp_path / "bad.npy"),
+          "--out", str(tmp_path / "o.npz")], "does not exist"),
+    ]
+    for argv, msg in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err, (argv, err)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_score_batch_with_padding(tmp_path):
+    """A left-padded batch through the CLI equals the rows scored alone."""
+    case = FIXTURES / "T-1000"
+    ids = np.load(case / "expected.npz")["input_ids"][:300]
+    short = ids[:200]
+    batch = np.stack([ids, np.concatenate([np.zeros(100, ids.dtype), short])])
+    mask = np.stack([np.ones(300, np.int64), np.concatenate([np.zeros(100, np.int64), np.ones(200, np.int64)])])
+    np.save(tmp_path / "ids.npy", batch)
+    np.save(tmp_path / "mask.npy", mask)
+    np.save(tmp_path / "short.npy", short)
+    pos = np.stack([np.arange(250, 300), np.arange(250, 300)])
+    np.save(tmp_path / "pos.npy", pos)
+    np.save(tmp_path / "pos_short.npy", np.arange(150, 200))
+    assert cli_main(["score", "--checkpoint", str(case), "--input-ids", str(tmp_path / "ids.npy"), "--attention-mask",
+                     str(tmp_path / "mask.npy"), "--positions", str(tmp_path / "pos.npy"), "--out", str(tmp_path / "b.npz")]) == 0
+    assert cli_main(["score", "--checkpoint", str(case), "--input-ids", str(tmp_path / "short.npy"), "--positions",
+                     str(tmp_path / "pos_short.npy"), "--out", str(tmp_path / "s.npz")]) == 0
+    b, s = np.load(tmp_path / "b.npz"), np.load(tmp_path / "s.npz")
+    np.testing.assert_allclose(b["logits"][1], s["logits"][0], atol=1e-4)
+    np.testing.assert_array_equal(b["selected_blocks"][1][..., : s["selected_blocks"].shape[-1]], s["selected_blocks"][0])
