@@ -95,23 +95,33 @@ def main():
             records.append(record("decode/cache_copies_in_hlo", {"mode": mode, "batch": B}, "count",
                                   len(big_copies), "ops"))
             del st0
+            # interleave the two variants so drift of the machine affects both alike
+            variants = (("jitted_device_loop", run_loop), ("python_loop_of_jitted_steps", run_python))
+            for _, fn in variants:
+                fn()  # compile and warm up
+            times = {name: [] for name, _ in variants}
+            for _ in range(args.repeats):
+                for name, fn in variants:
+                    times[name].append(fn())
             res = {}
-            for name, fn in (("jitted_device_loop", run_loop), ("python_loop_of_jitted_steps", run_python)):
-                fn()  # compile
-                times = sorted(fn() for _ in range(args.repeats))
-                t = times[len(times) // 2]
+            settings = {"mode": mode, "batch": B, "context": args.context, "steps": args.steps,
+                        "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
+                        "attention_impl": "reference", "repeats": args.repeats}
+            for name, _ in variants:
+                ts = sorted(times[name])
+                t = ts[len(ts) // 2]
                 res[name] = B * args.steps / t
-                settings = {"mode": mode, "batch": B, "context": args.context, "steps": args.steps,
-                            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
-                            "attention_impl": "reference"}
                 records.append(record(f"decode/{name}", settings, "throughput", res[name], "tokens/s"))
                 records.append(record(f"decode/{name}", settings, "step_time", t / args.steps * 1e3, "ms"))
+                records.append(record(f"decode/{name}", settings, "spread_max_over_min", ts[-1] / ts[0], "x"))
             ratio = res["jitted_device_loop"] / res["python_loop_of_jitted_steps"]
             records.append(record("decode/loop_speedup", settings, "ratio", ratio, "x"))
+            spread = max(max(v) / min(v) for v in times.values())
             rows.append([mode, B, args.context, f"{res['jitted_device_loop']:.1f}",
-                         f"{res['python_loop_of_jitted_steps']:.1f}", f"{ratio:.3f}"])
+                         f"{res['python_loop_of_jitted_steps']:.1f}", f"{ratio:.3f}", f"{spread:.3f}"])
             print(rows[-1], flush=True)
-    table = markdown_table(["mode", "batch", "context", "device loop tok/s", "python loop tok/s", "ratio"], rows)
+    table = markdown_table(["mode", "batch", "context", "device loop tok/s", "python loop tok/s", "ratio",
+                            "max/min time over repeats"], rows)
     print(table)
     print("wrote", save(records, "generate", table))
 
