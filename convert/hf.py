@@ -26,13 +26,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nosa_jax.checkpoint import (CheckpointError, TOKENIZER_FILES, resolve_dtype, save_params)
+from nosa_jax.checkpoint import (CheckpointError, TOKENIZER_FILES, flatten_params, resolve_dtype,
+                                 save_params)
 from nosa_jax.config import ConfigError, ModelConfig
 
 from .sources import ConversionError, WeightSource, find_weights
 
 __all__ = ["ConversionError", "HFCheckpoint", "Slot", "convert_checkpoint", "hf_layout",
-           "load_hf_checkpoint", "read_hf_config"]
+           "load_hf_checkpoint", "read_hf_config", "to_hf_state_dict"]
 
 # Non-persistent buffers that some exporters still write; they carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -55,16 +56,6 @@ class Slot:
         return _is_nosa_path(self.path)
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def _unflatten(flat: dict[tuple, Any]) -> dict:
     tree: dict = {}
     for path, v in flat.items():
@@ -82,7 +73,7 @@ def hf_layout(cfg: ModelConfig, dtype=jnp.float32) -> tuple[dict[tuple, Any], di
     """(flat abstract params {path: ShapeDtypeStruct}, {HF name: Slot}) for a config."""
     from nosa_jax.model import abstract_params
 
-    flat = _flatten(abstract_params(cfg, dtype))
+    flat = flatten_params(abstract_params(cfg, dtype))
     slots: dict[str, Slot] = {}
     for path, sds in flat.items():
         leaf = path[-1]
@@ -102,6 +93,18 @@ def hf_layout(cfg: ModelConfig, dtype=jnp.float32) -> tuple[dict[tuple, Any], di
             shape = tuple(sds.shape)
             slots[name] = Slot(name, path, None, transpose, shape[::-1] if transpose else shape)
     return flat, slots
+
+
+def to_hf_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The inverse map: Flax parameters -> {upstream HF name: float32 array} (for exporting)."""
+    _, slots = hf_layout(cfg)
+    flat = flatten_params(params)
+    out = {}
+    for name, slot in slots.items():
+        a = np.asarray(flat[slot.path], np.float32)
+        a = a[slot.layer] if slot.layer is not None else a
+        out[name] = np.ascontiguousarray(a.T if slot.transpose else a)
+    return out
 
 
 def _natural(name: str):

@@ -96,11 +96,12 @@ def tokenizer_path(path: str | Path) -> Path | None:
     return p if p.is_file() else None
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+def flatten_params(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested parameter dict -> {path tuple: leaf}."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
+            out.update(flatten_params(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
     return out
@@ -114,8 +115,8 @@ def check_layout(cfg: ModelConfig, params: dict, what: str = "parameters") -> No
     """Raise CheckpointError unless `params` has exactly the names and shapes of abstract_params."""
     from .model import abstract_params
 
-    want = {k: tuple(v.shape) for k, v in _flatten(abstract_params(cfg)).items()}
-    got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    want = {k: tuple(v.shape) for k, v in flatten_params(abstract_params(cfg)).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()}
     problems = []
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
@@ -152,7 +153,7 @@ def save_params(out_dir: str | Path, cfg: ModelConfig, params: dict, *,
         raise CheckpointError(f"output path {out_dir} exists and is not a directory; remove it or "
                               f"choose another output path")
     check_layout(cfg, params)
-    leaves = list(_flatten(params).values())
+    leaves = list(flatten_params(params).values())
     dtypes = sorted({jnp.dtype(a.dtype).name for a in leaves})
     if len(dtypes) != 1:
         raise CheckpointError(f"parameters must share one dtype, found {dtypes}")
@@ -249,14 +250,14 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
     stored = resolve_dtype(meta.get("dtype"))
-    target = _flatten(abstract_params(cfg, dtype or stored))
+    target = flatten_params(abstract_params(cfg, dtype or stored))
     with ocp.StandardCheckpointer() as ckptr:
         try:
             tree = ckptr.metadata(path / PARAMS_DIR).item_metadata.tree
         except Exception as e:  # orbax raises several types for a damaged directory
             raise CheckpointError(f"cannot read the orbax checkpoint {path / PARAMS_DIR} ({e}); the "
                                   f"directory is incomplete or damaged: re-run the conversion") from e
-        found = {k: tuple(v.shape) for k, v in _flatten(dict(tree)).items()}
+        found = {k: tuple(v.shape) for k, v in flatten_params(dict(tree)).items()}
         want = {k: tuple(v.shape) for k, v in target.items()}
         if found != want:
             problems = [f"missing {_dotted(k)}" for k in sorted(set(want) - set(found))]
@@ -299,7 +300,7 @@ def load_params(path: str | Path, *, dtype=None, progress: bool = False) -> tupl
         loaded = load_hf_checkpoint(path, dtype=dtype, progress=progress)
         for note in loaded.notices:
             print(f"notice: {note}", file=sys.stderr)
-        flat = _flatten(loaded.params)
+        flat = flatten_params(loaded.params)
         loaded.params = None  # the flat dict now holds the only references
         return loaded.cfg, _to_device(flat)
     raise CheckpointError(

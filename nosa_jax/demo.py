@@ -56,26 +56,6 @@ def demo_config() -> ModelConfig:
                        eos_token_ids=(257,), nosa=DEMO_NOSA)
 
 
-def _to_hf_state_dict(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
-    """Flax parameter layout -> upstream HF names (the inverse of the converter's map)."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-    sd = {"model.embed_tokens.weight": p["embed_tokens"]["embedding"],
-          "model.norm.weight": p["norm"]["weight"]}
-    if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = p["lm_head"]["kernel"].T
-    lay = p["layers"]
-    for i in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "delta"):
-            sd[pre + f"self_attn.{name}.weight"] = lay["self_attn"][name]["kernel"][i].T
-        sd[pre + "self_attn.A"] = lay["self_attn"]["A"][i]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            sd[pre + f"mlp.{name}.weight"] = lay["mlp"][name]["kernel"][i].T
-        sd[pre + "input_layernorm.weight"] = lay["input_layernorm"]["weight"][i]
-        sd[pre + "post_attention_layernorm.weight"] = lay["post_attention_layernorm"]["weight"][i]
-    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
-
-
 def train_demo_model(cfg: ModelConfig, ids: np.ndarray, steps: int, log=print) -> NosaForCausalLM:
     """Teacher-forced next-token training in `nosa` mode (gradients reach A and delta through the
     attention bias, as upstream trains them; the selection itself is not differentiated)."""
@@ -139,7 +119,9 @@ def make_demo_checkpoint(out_dir: str | Path, *, retrain: bool = False, steps: i
     model = train_demo_model(cfg, ids, steps, log=log)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tmp = out / "model.safetensors.tmp"
-    save_file(_to_hf_state_dict(cfg, params), str(tmp))
+    from convert.hf import to_hf_state_dict
+
+    save_file(to_hf_state_dict(cfg, params), str(tmp))
     tok.save(str(out / "tokenizer.json"))
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = "float32"

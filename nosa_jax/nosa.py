@@ -27,6 +27,16 @@ NEG_INF = float("-inf")
 POS_INF = float("inf")
 
 
+def masked_softmax(logits: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax over the last axis restricted to `visible` entries; all-invisible rows give 0."""
+    logits = jnp.where(visible, logits, NEG_INF)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(visible, jnp.exp(logits - m), 0.0)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(z > 0, z, 1.0)
+
+
 def num_windows(kv_len: jax.Array, cfg: NosaConfig) -> jax.Array:
     """Complete compression windows per sequence: max(0, (N - K) // S + 1). [B] int32."""
     n = (kv_len - cfg.kernel_size) // cfg.kernel_stride + 1
@@ -86,14 +96,7 @@ def stage1_scores(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, n_win: jax.
     c = jnp.arange(C)
     visible = ((cfg.kernel_stride * c + cfg.kernel_size - 1)[None, None, :] <= q_pos[:, :, None]) & (
         c[None, None, :] < n_win[:, None, None])  # [B, Tq, C]
-    visible = visible[:, None, None]  # [B, 1, 1, Tq, C]
-    logits = jnp.where(visible, logits, NEG_INF)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.where(visible, jnp.exp(logits - m), 0.0)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(z > 0, z, 1.0)
-    return p.sum(axis=2)
+    return masked_softmax(logits, visible[:, None, None]).sum(axis=2)  # visible: [B, 1, 1, Tq, C]
 
 
 def pool_blocks(x: jax.Array, q_pos: jax.Array, n_win: jax.Array, n_blocks: int,
@@ -190,13 +193,7 @@ def attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, kv_len
     visible = jnp.broadcast_to(visible[:, None], (B, Hk, Tq, Tk))
     if block_ids is not None:
         visible = visible & block_token_mask(block_ids, Tk, block_size)
-    visible = visible[:, :, None]  # [B, Hk, 1, Tq, Tk]
-    s = jnp.where(visible, s, NEG_INF)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.where(visible, jnp.exp(s - m), 0.0)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(z > 0, z, 1.0)
+    p = masked_softmax(s, visible[:, :, None])  # visible: [B, Hk, 1, Tq, Tk]
     o = jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return o.reshape(B, Tq, Hq, D).astype(q.dtype)
 
@@ -225,11 +222,6 @@ def gathered_block_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: ja
     s = jnp.einsum("bhgd,bhnd->bhgn", qg, kg, precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
     if bias is not None:
         s = s + bias[b_idx, tok, h_idx].astype(jnp.float32)[:, :, None, :]
-    s = jnp.where(valid[:, :, None], s, NEG_INF)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.where(valid[:, :, None], jnp.exp(s - m), 0.0)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(z > 0, z, 1.0)
+    p = masked_softmax(s, valid[:, :, None])
     o = jnp.einsum("bhgn,bhnd->bhgd", p, vg, precision=lax.Precision.HIGHEST)
     return o.reshape(B, Hq, D).astype(q.dtype)

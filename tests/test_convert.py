@@ -589,3 +589,31 @@ def test_loader_errors(hf, tmp_path):
 def test_public_api():
     assert issubclass(ConversionError, ValueError) and issubclass(CheckpointError, ValueError)
     assert convert.convert_checkpoint is convert_checkpoint
+
+
+def test_export_to_hf_names_round_trips(tmp_path):
+    """convert.hf.to_hf_state_dict (Flax -> upstream names) is the exact inverse of the loader."""
+    import json as _json
+
+    from safetensors.numpy import save_file as _save
+
+    from convert.hf import to_hf_state_dict
+    from nosa_jax.checkpoint import flatten_params, load_params
+    from nosa_jax.config import ModelConfig, NosaConfig
+    from nosa_jax.model import NosaForCausalLM
+    from flax import nnx
+
+    cfg = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=4, attention_bias=True,
+                      mlp_bias=True, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=8,
+                                                      init_blocks=1, local_blocks=1, topk=6, qk_select=4))
+    params = nnx.to_pure_dict(nnx.state(NosaForCausalLM(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    sd = to_hf_state_dict(cfg, params)
+    assert "model.layers.2.self_attn.delta.bias" in sd and sd["model.layers.1.self_attn.A"].shape == (2,)
+    _save(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(_json.dumps(cfg.to_hf_dict()))
+    _, back = load_params(tmp_path)
+    want, got = flatten_params(params), flatten_params(back)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
