@@ -309,9 +309,10 @@ def load_params(path: str | Path, *, dtype=None, progress: bool = False) -> tupl
 
 
 def load_model(path: str | Path, *, mode: str = "nosa", dtype=None, q_chunk: int = 256,
-               progress: bool = False):
-    """A `NosaForCausalLM` with the weights of a converted or HF checkpoint directory."""
+               impl: str = "auto", progress: bool = False):
+    """A `NosaForCausalLM` with the weights of a converted or HF checkpoint directory.
+    `impl`: "auto" (Pallas kernels on a GPU, plain jnp elsewhere), "reference" or "pallas"."""
     from .model import from_params
 
     cfg, params = load_params(path, dtype=dtype, progress=progress)
-    return from_params(cfg, params, mode=mode, dtype=resolve_dtype(dtype), q_chunk=q_chunk)
+    return from_params(cfg, params, mode=mode, dtype=resolve_dtype(dtype), q_chunk=q_chunk, impl=impl)

@@ -100,7 +100,7 @@ def cmd_score(args) -> int:
             raise ValueError(f"--positions must lie in [0, {T}), got [{positions.min()}, {positions.max()}]")
         if mask is not None and not np.take_along_axis(mask, positions, 1).all():
             raise ValueError("--positions points at padding (attention mask 0)")
-    model = load_model(args.checkpoint, mode=args.mode, dtype=args.dtype, q_chunk=args.q_chunk)
+    model = load_model(args.checkpoint, mode=args.mode, dtype=args.dtype, q_chunk=args.q_chunk, impl=args.impl)
     V = model.cfg.vocab_size
     if ids.min() < 0 or ids.max() >= V:
         raise ValueError(f"--input-ids holds ids outside the vocabulary [0, {V}): "
@@ -196,7 +196,7 @@ def cmd_generate(args) -> int:
     else:
         a = _load_ids(args.input_ids, "--input-ids")
         prompts = [row.tolist() for row in a]
-    model = load_model(args.checkpoint, mode=args.mode, dtype=args.dtype, q_chunk=args.q_chunk)
+    model = load_model(args.checkpoint, mode=args.mode, dtype=args.dtype, q_chunk=args.q_chunk, impl=args.impl)
     run_generate(model, tok, prompts, args, args.out)
     return 0
 
@@ -237,6 +237,8 @@ def _common(p, *, checkpoint=True):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--q-chunk", type=int, default=256, help="queries per chunk in prefill (memory bound)")
+    p.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto",
+                   help="attention implementation: Pallas GPU kernels or the jnp reference (auto: kernels on a GPU)")
 
 
 def _gen_args(p):

@@ -67,7 +67,9 @@ class AttentionSettings:
     """Static settings of the attention path (part of the model's graph definition)."""
 
     mode: str = "nosa"
-    q_chunk: int = 256  # queries per chunk in the reference path (bounds the dense mask memory)
+    q_chunk: int = 256  # queries per chunk in prefill (bounds the selection / dense-mask memory)
+    impl: str = "reference"  # "reference" (plain jnp) or "pallas" (GPU kernels)
+    interpret: bool = False  # run the pallas kernels in interpret mode (CPU tests)
 
 
 class Attention(nnx.Module):
@@ -103,9 +105,24 @@ class Attention(nnx.Module):
         """
         q, k, v, cis = self.project(x, cos, sin)
         cache = cache_write(cache, layer, start, k, v, cis, self.cfg.nosa)
-        o, ids = attend(q, layer, cache, start, self.cfg.nosa, settings)
+        attend_fn = attend_pallas if settings.impl == "pallas" else attend
+        o, ids = attend_fn(q, layer, cache, start, self.cfg.nosa, settings)
         B, Tc = x.shape[:2]
         return self.o_proj(o.reshape(B, Tc, -1).astype(x.dtype)), ids, cis, cache
+
+
+IMPLS = ("auto", "reference", "pallas")
+
+
+def resolve_impl(impl: str, interpret: bool = False) -> str:
+    """"auto" -> "pallas" on a GPU, else "reference" (interpret mode forces nothing: it is a test aid)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl == "pallas" and jax.default_backend() != "gpu" and not interpret:
+        raise ValueError("impl='pallas' needs a GPU (or interpret=True for CPU testing); use impl='reference'")
+    return impl
 
 
 def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):
@@ -152,6 +169,54 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
         o = nosa.attention(q_i, p_i, k_l, v_l, kv_len, bias=bias,
                            block_ids=None if mode == "full" else ids, block_size=n.block_size)
         return o, ids
+
+    o, ids = jax.lax.map(one_chunk, (qc, pc))
+    o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
+    ids = jnp.moveaxis(ids, 0, 2).reshape(B, Hk, n_chunks * chunk, -1)[:, :, :Tc]
+    return o, ids
+
+
+def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):
+    """`attend` with the Pallas kernels: decode selection and block-sparse attention read the
+    stacked cache in place (no per-layer slice); prefill chunks select with the jnp reference and
+    attend with the block-sparse prefill kernel. Same contract and results as `attend`."""
+    from pallas_kernels import decode_select, sparse_decode_attention, sparse_prefill_attention
+
+    mode, interp = settings.mode, settings.interpret
+    B, Tc, Hq, D = q.shape
+    Hk = cache.k.shape[3]
+    n_blocks = cache.k.shape[2] // n.block_size
+    kv_len = cache.length
+    q_pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
+    bias = cache.cis if mode == "nosa" else None
+    if Tc == 1:
+        pos = q_pos[:, 0]
+        if mode == "full":  # dense decode = every causal block
+            ids = jnp.arange(n_blocks, dtype=jnp.int32)[None, None, :]
+            ids = jnp.broadcast_to(jnp.where(ids <= (pos // n.block_size)[:, None, None], ids, -1), (B, Hk, n_blocks))
+        else:
+            ids = decode_select(q[:, 0], cache.ktilde, cache.cisw if mode == "nosa" else None,
+                                nosa.num_windows(kv_len, n), kv_len, layer, nosa_cfg=n, n_blocks=n_blocks,
+                                mode=mode, interpret=interp)
+        o = sparse_decode_attention(q[:, 0], cache.k, cache.v, bias, ids, ids, pos, layer,
+                                    block_size=n.block_size, interpret=interp)[:, None]
+        ids = ids[:, :, None] if mode != "full" else jnp.zeros((B, Hk, 1, 0), jnp.int32)
+        return o, ids
+
+    chunk = min(settings.q_chunk, Tc)
+    n_chunks = -(-Tc // chunk)
+    pad = n_chunks * chunk - Tc
+    qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n_chunks, chunk, Hq, D), 1, 0)
+    pc = jnp.moveaxis(jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge").reshape(B, n_chunks, chunk), 1, 0)
+    ktilde = cache.ktilde[layer] if mode != "full" else None
+    cisw = cache.cisw[layer] if mode == "nosa" else None
+
+    def one_chunk(args):
+        q_i, p_i = args
+        ids = None if mode == "full" else nosa.select_blocks(q_i, p_i, ktilde, cisw, kv_len, n_blocks, n, mode)
+        o = sparse_prefill_attention(q_i, p_i, cache.k, cache.v, bias, ids, kv_len, layer,
+                                     block_size=n.block_size, interpret=interp)
+        return o, (jnp.zeros((B, Hk, chunk, 0), jnp.int32) if ids is None else ids)
 
     o, ids = jax.lax.map(one_chunk, (qc, pc))
     o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
@@ -221,13 +286,15 @@ jax.tree_util.register_dataclass(ExtendOutput, data_fields=["h", "block_ids", "c
 
 class NosaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, mode: str = "nosa", dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, q_chunk: int = 256):
+                 rngs: nnx.Rngs | None = None, q_chunk: int = 256, impl: str = "auto",
+                 interpret: bool = False):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.settings = AttentionSettings(mode=mode, q_chunk=q_chunk)
+        self.settings = AttentionSettings(mode=mode, q_chunk=q_chunk, impl=resolve_impl(impl, interpret),
+                                          interpret=interpret)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
 
@@ -346,12 +413,12 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:
 
 
 def from_params(cfg: ModelConfig, params: dict[str, Any], *, mode: str = "nosa",
-                dtype=None, q_chunk: int = 256) -> NosaForCausalLM:
+                dtype=None, q_chunk: int = 256, impl: str = "auto", interpret: bool = False) -> NosaForCausalLM:
     """Build a model around a nested dict of arrays in the layout of `abstract_params`."""
     leaves = jax.tree.leaves(params)
     dtype = jnp.dtype(dtype or leaves[0].dtype)
     model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode=mode, dtype=dtype, rngs=nnx.Rngs(0),
-                                                   q_chunk=q_chunk))
+                                                   q_chunk=q_chunk, impl=impl, interpret=interpret))
     graphdef, state = nnx.split(model)
     expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
     got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}

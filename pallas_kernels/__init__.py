@@ -1,0 +1,17 @@
+"""Pallas GPU kernels for NOSA, one file per kernel family, each with a plain-jnp reference beside it.
+
+All kernels read the model's stacked cache pools ([layers, batch, tokens, kv_heads, head_dim]) in
+place with a traced layer index, so they can run inside the scan over layers without copying a
+layer per step. They lower with the Pallas Triton backend on the GPU and run in interpret mode on
+the CPU (`interpret=True`) for tests.
+
+  sparse_decode   block-sparse decode attention with the eviction bias (split-K, slot table)
+  sparse_prefill  block-sparse prefill attention with the bias (query tiles over the union of picks)
+  selection       decode selection: stage-1 window scores, block pooling, two-stage top-k
+"""
+
+from .selection import decode_block_scores, decode_select
+from .sparse_decode import sparse_decode_attention
+from .sparse_prefill import sparse_prefill_attention
+
+__all__ = ["decode_block_scores", "decode_select", "sparse_decode_attention", "sparse_prefill_attention"]
