@@ -106,7 +106,7 @@ def main():
             res = {}
             settings = {"mode": mode, "batch": B, "context": args.context, "steps": args.steps,
                         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
-                        "attention_impl": "reference", "repeats": args.repeats}
+                        "attention_impl": model.settings.impl, "repeats": args.repeats}
             for name, _ in variants:
                 ts = sorted(times[name])
                 t = ts[len(ts) // 2]

@@ -35,9 +35,7 @@ def main():
         except Exception:  # keep the other parts' numbers
             traceback.print_exc()
             continue
-        if rows:
-            header, body = rows[0], rows[1:]
-            tables.append(f"### {part}\n\n" + markdown_table(header, body))
+        tables.append(f"### {part}\n\n" + markdown_table(mod.HEADER, rows))
     table = "\n".join(tables)
     print(table)
     print("wrote", save(records, "kernels", table))

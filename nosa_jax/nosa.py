@@ -126,10 +126,45 @@ def pool_blocks(x: jax.Array, q_pos: jax.Array, n_win: jax.Array, n_blocks: int,
     return jnp.where(forced, POS_INF, pooled)
 
 
-def _finish_selection(idx: jax.Array, qb: jax.Array) -> jax.Array:
-    """Sort picks ascending and turn blocks after the query's own block into -1 (they sort last)."""
-    idx = jnp.sort(idx, axis=-1)
+def top_k_mask(x: jax.Array, k: int) -> jax.Array:
+    """[..., n] -> bool mask of the k largest entries, ties broken lowest-index-first.
+
+    Only the VALUES of `lax.top_k` are used (they do not depend on the tie order); the set is built
+    explicitly because XLA's GPU top-k does not always return tied entries lowest-index-first (seen
+    on an H200 for rows of ~100), and upstream's selections depend on that rule (spec section 8).
+    """
+    kth = lax.top_k(x, k)[0][..., k - 1:k]
+    above = x > kth
+    tied = x == kth
+    room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    return above | (tied & (jnp.cumsum(tied.astype(jnp.int32), axis=-1) <= room))
+
+
+def mask_to_ids(mask: jax.Array, k: int, qb: jax.Array) -> jax.Array:
+    """[..., n] mask with k True per row -> [..., k] their indices ascending, with blocks after the
+    query's own block (`qb`, broadcastable to [..., 1]) turned into -1 (they sort last, as upstream)."""
+    n = mask.shape[-1]
+    idx = jnp.sort(jnp.where(mask, jnp.arange(n, dtype=jnp.int32), n), axis=-1)[..., :k]
     return jnp.where(idx > qb, -1, idx).astype(jnp.int32)
+
+
+def two_stage_select(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Array, cfg: NosaConfig,
+                     mode: str) -> jax.Array:
+    """Top-k of pooled scores [..., n_blocks] (spec 2.7) -> ids [..., min(topk, n_blocks)].
+
+    "nosa": the qk_select best by the pooled stage-1 scores are forced (+inf) into the final top-k
+    ranked by the pooled cis scores `b_cis`, whose blocks after the query's own are set to -inf.
+    "infllmv2": top-k of the pooled stage-1 scores. Ascending ids then -1; ties lowest index first.
+    """
+    n_blocks = b_qk.shape[-1]
+    k_final = min(cfg.topk, n_blocks)
+    if mode == "infllmv2":
+        return mask_to_ids(top_k_mask(b_qk, k_final), k_final, qb)
+    if mode != "nosa":
+        raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
+    b_cis = jnp.where(jnp.arange(n_blocks) > qb, NEG_INF, b_cis)
+    b_cis = jnp.where(top_k_mask(b_qk, min(cfg.qk_select, n_blocks)), POS_INF, b_cis)
+    return mask_to_ids(top_k_mask(b_cis, k_final), k_final, qb)
 
 
 def select_blocks(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, cis_windows: jax.Array | None,
@@ -146,19 +181,11 @@ def select_blocks(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, cis_windows
     s1 = stage1_scores(q, q_pos, ktilde, n_win, cfg)
     b_qk = pool_blocks(s1, q_pos, n_win, n_blocks, cfg)
     qb = (q_pos // cfg.block_size)[:, None, :, None]
-    k_final = min(cfg.topk, n_blocks)
-    if mode == "infllmv2":
-        return _finish_selection(lax.top_k(b_qk, k_final)[1], qb)
-    if mode != "nosa":
-        raise ValueError(f"select_blocks: mode must be 'nosa' or 'infllmv2', got {mode!r}")
-    cw = jnp.moveaxis(cis_windows, 2, 1)[:, :, None, :]  # [B, Hk, 1, C]
-    b_cis = pool_blocks(cw, q_pos, n_win, n_blocks, cfg)
-    j = jnp.arange(n_blocks)
-    b_cis = jnp.where(j > qb, NEG_INF, b_cis)
-    picks = lax.top_k(b_qk, min(cfg.qk_select, n_blocks))[1]  # [B, Hk, Tq, 33]
-    picked = jnp.any(picks[..., :, None] == j, axis=-2)
-    b_cis = jnp.where(picked, POS_INF, b_cis)
-    return _finish_selection(lax.top_k(b_cis, k_final)[1], qb)
+    b_cis = None
+    if mode == "nosa":
+        cw = jnp.moveaxis(cis_windows, 2, 1)[:, :, None, :]  # [B, Hk, 1, C]
+        b_cis = pool_blocks(cw, q_pos, n_win, n_blocks, cfg)
+    return two_stage_select(b_qk, b_cis, qb, cfg, mode)
 
 
 def block_token_mask(block_ids: jax.Array, n_keys: int, block_size: int) -> jax.Array:

@@ -9,12 +9,23 @@ Plan (memory-bound: the compressed keys, C * D * 4 bytes per (sequence, kv head)
 
   kernel (grid B x Hk x splits, flash-decoding style): each program walks `tiles_per_program` tiles
     of `block_c` windows of one (sequence, kv head). Per tile it computes the logits of all G query
-    heads of the group with one dot [G_pad >= 16, D] x [D, block_c] (G padded with zero rows), writes
-    the raw logits (G rows only; G * 4 bytes per window against D * 4 read) and keeps a running
-    max / sum-of-exp per head (online softmax statistics). Windows >= n_win[b] are never loaded;
-    `layer` is read inside the kernel, so no layer of the stacked pool is ever copied.
-  finish (jnp, fused by XLA): combine the per-split statistics, normalise the logits, sum over the
-    G heads of the group, max-pool windows to blocks, force sink/local blocks to +inf.
+    heads of the group with one dot k [block_c, D] x q^T [D, G_pad >= 16] (zero columns past G),
+    writes the raw logits (G columns only: G * 4 bytes per window against D * 4 read) and keeps a
+    running max / sum-of-exp per head (online softmax statistics). Windows >= n_win[b] are never
+    loaded; `layer` is read inside the kernel, so no layer of the stacked pool is ever copied.
+    The dot is float32-accurate: three TF32 tensor-core products by default (see _dot_precision);
+    the next tile's load is issued before the current tile's math (`prefetch`).
+  finish (jnp fused by XLA, or a second small Pallas kernel): combine the per-split statistics,
+    normalise the logits, sum over the G heads, max-pool windows to blocks, force sink/local blocks.
+  selection (jnp): the two-stage top-k, with ties broken lowest-index-first explicitly
+    (`nosa.top_k_mask`), since XLA's GPU top-k does not guarantee that order.
+
+Measured on the H200 (jax 0.11.2; B=16, Hq=32, Hk=2, D=128, float32 ktilde; bench/kernels_selection.py):
+  128K context: block scores 87.7 us (1.53 TB/s on the key bytes; jnp reference 186 us),
+                decode_select 160 us (reference 253 us; ~70 us of it is XLA's two top-k passes).
+  32K context:  block scores 32.3 us (reference 89 us), decode_select 72 us (reference 108 us).
+  A Pallas kernel that only reads the same keys runs at ~3.0 TB/s (44 us at 128K); one TF32 pass
+  (not selection-exact) 54 us; the 3-product float32-accurate dot costs the rest.
 
 `interpret=True` runs the same kernel on CPU (Pallas interpret mode); on GPU it lowers through
 Triton (`pallas_call` with `triton.CompilerParams`). Shapes the kernel loads are powers of two
@@ -51,20 +62,32 @@ def _next_pow2(n: int) -> int:
 
 
 def _dot_precision(precision, interpret: bool):
-    """Precision of the logits dot. Default: exact float32 (IEEE FMA on GPU).
+    """Precision of the logits dot (all float32-accurate except "tf32").
 
-    "ieee" / None -> lax.Precision.HIGHEST (Triton input_precision=ieee);
-    "tf32x3"      -> DotAlgorithmPreset.TF32_TF32_F32_X3 (tensor cores, ~fp32 accuracy), GPU only;
-    "tf32"        -> lax.Precision.DEFAULT (single TF32 pass: ~1e-3 relative; NOT selection-exact).
-    Interpret mode always uses HIGHEST (the CPU backend lacks the TF32 presets).
+    None / "tf32x3" -> DotAlgorithmPreset.TF32_TF32_F32_X3: three TF32 tensor-core products
+                       (~1e-6 relative). The GPU default: measured fastest accurate option on H200.
+    "split3"        -> the same three products with the operands split explicitly in the kernel.
+    "bf16x6"/"bf16x9" -> six / nine bf16 tensor-core products.
+    "ieee"          -> lax.Precision.HIGHEST (Triton input_precision=ieee, FMA units: 10x slower).
+    "tf32"          -> one TF32 pass: ~1e-3 relative, NOT selection-exact (roofline experiments only).
+    Interpret mode uses HIGHEST for all but "split3" (the CPU backend lacks the TF32 presets).
     """
+    if precision == "split3":  # plain jnp ops: also runs (exactly) in interpret mode
+        return "split3"
+    if precision is None and not interpret:
+        precision = "tf32x3"
     if interpret or precision in (None, "ieee", "highest"):
         return lax.Precision.HIGHEST
     if precision == "tf32x3":
         return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    if precision == "bf16x6":
+        return lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    if precision == "bf16x9":
+        return lax.DotAlgorithmPreset.BF16_BF16_F32_X9
     if precision == "tf32":
         return lax.Precision.DEFAULT
-    raise ValueError(f"precision must be one of None, 'ieee', 'tf32x3', 'tf32'; got {precision!r}")
+    raise ValueError("precision must be one of None, 'tf32x3', 'split3', 'bf16x6', 'bf16x9', 'ieee', 'tf32'; "
+                     f"got {precision!r}")
 
 
 def _effective_windows(n_win, q_pos, C: int, cfg: NosaConfig):
@@ -75,47 +98,126 @@ def _effective_windows(n_win, q_pos, C: int, cfg: NosaConfig):
 
 # ----------------------------------------------------------------------------- the kernel
 
-def _logits_kernel(layer_ref, nwin_ref, q_ref, k_ref, s_ref, m_ref, l_ref, *, G: int, block_c: int,
-                   tiles_per_program: int, sqrt_d: float, precision):
+def _tf32_hi(x):
+    """x truncated to its top 10 mantissa bits: exactly representable in TF32."""
+    bits = lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-8192)  # 0xFFFFE000
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _dot(a, b, precision):
+    """a [M, K] @ b [K, N] in float32. precision "split3": three TF32 tensor-core products of
+    explicitly split operands (a_hi b_hi + a_lo b_hi + a_hi b_lo; relative error ~2^-20)."""
+    dims = (((1,), (0,)), ((), ()))
+    if isinstance(precision, str) and precision == "split3":
+        a_hi = _tf32_hi(a)
+        a_lo = a - a_hi
+        b_hi = _tf32_hi(b)
+        b_lo = b - b_hi
+        tf32 = lax.Precision.DEFAULT
+        out = lax.dot_general(a_lo, b_hi, dims, precision=tf32, preferred_element_type=jnp.float32)
+        out = out + lax.dot_general(a_hi, b_lo, dims, precision=tf32, preferred_element_type=jnp.float32)
+        return out + lax.dot_general(a_hi, b_hi, dims, precision=tf32, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _logits_kernel(layer_ref, nwin_ref, qt_ref, k_ref, s_ref, m_ref, l_ref, *, G: int, block_c: int,
+                   tiles_per_program: int, sqrt_d: float, precision, prefetch: bool):
     """One (sequence b, kv head h, split sp) program.
 
-    layer_ref [1] i32; nwin_ref [B] i32; q_ref [G_pad, D] f32; k_ref [L, C, D] (this b, h);
-    s_ref [G_pad, split_len] logits out; m_ref, l_ref [G_pad] softmax statistics of this split.
+    layer_ref [1] i32; nwin_ref [B] i32; qt_ref [D, G_pad] f32 (this b, h; zero columns >= G);
+    k_ref [L, C, D] (this b, h); s_ref [1 + C_pad, G_pad] logits out of this (b, h), window-major,
+    window c at row 1 + c (row 0 stands for window -1, so the pooling's shifted read never starts
+    below 0); m_ref, l_ref [G_pad] softmax statistics of this split.
+    The dot is k [block_c, D] x q^T [D, G_pad]: the keys are the M (row) operand, read K-major
+    straight from memory, so Hopper can use wgmma with block_c >= 64.
+    prefetch: issue the load of tile t + 1 before the math of tile t (register double buffering).
+    Triton only software-pipelines loads that feed a dot directly; the 3-product precisions put
+    elementwise splits between the load and the dots, so without this each tile's load latency is
+    exposed.
     """
     b = pl.program_id(0)
     sp = pl.program_id(2)
-    g_pad, d = q_ref.shape
+    d, g_pad = qt_ref.shape
     layer = layer_ref[0]
     n = nwin_ref[b]
     split_start = sp * (tiles_per_program * block_c)
     # Tiles of this split that hold at least one valid window; the rest is never touched.
     n_tiles = jnp.clip((n - split_start + block_c - 1) // block_c, 0, tiles_per_program)
 
-    q = q_ref[...].astype(jnp.float32)
-    row_ok = lax.broadcasted_iota(jnp.int32, (g_pad, block_c), 0) < G
-    col = lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
-    kcol = lax.broadcasted_iota(jnp.int32, (block_c, d), 0)
+    qt = qt_ref[...].astype(jnp.float32)
+    col_ok = lax.broadcasted_iota(jnp.int32, (block_c, g_pad), 1) < G
+    row = lax.broadcasted_iota(jnp.int32, (block_c, 1), 0)
+    krow = lax.broadcasted_iota(jnp.int32, (block_c, d), 0)
 
-    def body(t, carry):
-        m, l = carry
-        local = t * block_c
-        c0 = split_start + local
-        k = pltriton.load(k_ref.at[layer, pl.ds(c0, block_c), :], mask=(c0 + kcol) < n, other=0.0)
-        s = lax.dot_general(q, k.astype(jnp.float32), (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)
+    def load_tile(t):
+        c0 = split_start + t * block_c
+        ok = ((c0 + krow) < n) & (t < n_tiles)  # never touch windows past n or past this split
+        return pltriton.load(k_ref.at[layer, pl.ds(c0, block_c), :], mask=ok, other=0.0)
+
+    def step(t, k, m, l):
+        c0 = split_start + t * block_c
+        s = _dot(k.astype(jnp.float32), qt, precision)
         s = s / sqrt_d
-        s = jnp.where((c0 + col) < n, s, NEG_INF)  # [G_pad, block_c]
-        pltriton.store(s_ref.at[:, pl.ds(local, block_c)], s, mask=row_ok)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        s = jnp.where((c0 + row) < n, s, NEG_INF)  # [block_c, G_pad]
+        pltriton.store(s_ref.at[pl.ds(1 + c0, block_c), :], s, mask=col_ok)
+        m_new = jnp.maximum(m, jnp.max(s, axis=0))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s - m_safe[:, None]), axis=1)
+        l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s - m_safe[None, :]), axis=0)
         return m_new, l
 
     m0 = jnp.full((g_pad,), NEG_INF, jnp.float32)
     l0 = jnp.zeros((g_pad,), jnp.float32)
-    m, l = lax.fori_loop(0, n_tiles, body, (m0, l0))
+    if prefetch:
+        def body(t, carry):
+            m, l, k = carry
+            k_next = load_tile(t + 1)
+            m, l = step(t, k, m, l)
+            return m, l, k_next
+
+        m, l, _ = lax.fori_loop(0, n_tiles, body, (m0, l0, load_tile(0)))
+    else:
+        m, l = lax.fori_loop(0, n_tiles, lambda t, c: step(t, load_tile(t), *c), (m0, l0))
     m_ref[...] = m
     l_ref[...] = l
+
+
+def _finish_kernel(nwin_ref, m_ref, l_ref, s_ref, o_ref, *, G: int, P: int, blocks_per_program: int,
+                   n_splits: int):
+    """Normalise, sum over the group and max-pool one tile of blocks of one (b, h).
+
+    nwin_ref [B]; m_ref, l_ref [S_pad, G_pad] split statistics (rows >= n_splits unused);
+    s_ref [1 + C_pad, G_pad] logits (window c at row 1 + c); o_ref [blocks_per_program] pooled scores (no forcing).
+    Block j = max over windows P j - 1 .. P j + P - 1 = max(max S[P j .. P j + P - 1],
+    max S[P j - 1 .. P j + P - 2]): two window tiles, the second shifted back by one.
+    """
+    b = pl.program_id(0)
+    tile = pl.program_id(2)
+    s_pad, g_pad = m_ref.shape
+    n = nwin_ref[b]
+    split_ok = lax.broadcasted_iota(jnp.int32, (s_pad, g_pad), 0) < n_splits
+    m = pltriton.load(m_ref, mask=split_ok, other=NEG_INF)
+    l = pltriton.load(l_ref, mask=split_ok, other=0.0)
+    M = jnp.max(m, axis=0)
+    M = jnp.where(M == NEG_INF, 0.0, M)
+    Z = jnp.sum(l * jnp.exp(m - M[None, :]), axis=0)
+    Z = jnp.where(Z > 0, Z, 1.0)
+    nw = blocks_per_program * P
+    w0 = tile * nw
+    row = lax.broadcasted_iota(jnp.int32, (nw, g_pad), 0)
+    col_ok = lax.broadcasted_iota(jnp.int32, (nw, g_pad), 1) < G
+
+    def window_scores(start):
+        w = start + row
+        ok = (w >= 0) & (w < n)
+        x = pltriton.load(s_ref.at[pl.ds(start + 1, nw), :], mask=ok & col_ok, other=0.0)
+        p = jnp.where(col_ok, jnp.exp(x - M[None, :]) / Z[None, :], 0.0)
+        S = jnp.sum(p, axis=1)  # [nw]
+        w1 = start + lax.broadcasted_iota(jnp.int32, (nw,), 0)
+        return jnp.where((w1 >= 0) & (w1 < n), S, NEG_INF)
+
+    a = jnp.max(window_scores(w0).reshape(blocks_per_program, P), axis=1)
+    c = jnp.max(window_scores(w0 - 1).reshape(blocks_per_program, P), axis=1)
+    o_ref[...] = jnp.maximum(a, c)
 
 
 def _plan(C: int, B: int, Hk: int, block_c: int, tiles_per_program: int | None) -> tuple[int, int]:
@@ -129,12 +231,12 @@ def _plan(C: int, B: int, Hk: int, block_c: int, tiles_per_program: int | None) 
 
 def window_logits(q, ktilde_pool, n_eff, layer, *, interpret: bool = False, block_c: int = 64,
                   tiles_per_program: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                  precision=None):
+                  precision=None, prefetch: bool = True):
     """Raw stage-1 logits and per-split softmax statistics for one decode query per sequence.
 
     q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D]; n_eff [B] valid windows (clipped to C); layer: int
-    scalar (traced ok). Returns logits [B, Hk, G_pad, C_pad] (rows >= G and windows >= n_eff hold
-    garbage), m, l [B, Hk, splits, G_pad] (max / sum of exp over the split's valid windows).
+    scalar (traced ok). Returns logits [B, Hk, 1 + C_pad, G_pad] (window c at row 1 + c; row 0,
+    columns >= G and windows >= n_eff hold garbage), m, l [B, Hk, splits, G_pad] (max / sum of exp over each split's valid windows).
     """
     B, Hq, D = q.shape
     L, B2, C, Hk, D2 = ktilde_pool.shape
@@ -150,40 +252,76 @@ def window_logits(q, ktilde_pool, n_eff, layer, *, interpret: bool = False, bloc
     split_len = tpp * block_c
     c_pad = n_splits * split_len
 
-    qg = q.astype(jnp.float32).reshape(B, Hk, G, D)
+    qt = jnp.swapaxes(q.astype(jnp.float32).reshape(B, Hk, G, D), 2, 3)  # [B, Hk, D, G]
     if g_pad != G:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - G), (0, 0)))
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, g_pad - G)))
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
 
     kernel = functools.partial(_logits_kernel, G=G, block_c=block_c, tiles_per_program=tpp,
-                               sqrt_d=float(math.sqrt(D)), precision=_dot_precision(precision, interpret))
-    grid = (B, Hk, n_splits)
+                               sqrt_d=float(math.sqrt(D)), precision=_dot_precision(precision, interpret),
+                               prefetch=prefetch)
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, s: (0,)),
         pl.BlockSpec((B,), lambda b, h, s: (0,)),
-        pl.BlockSpec((None, None, g_pad, D), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, D, g_pad), lambda b, h, s: (b, h, 0, 0)),
         # The whole pool of one (b, h): a pointer, nothing is copied; the layer is picked inside.
         pl.BlockSpec((L, None, C, None, D), lambda b, h, s: (0, b, 0, h, 0)),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, g_pad, split_len), lambda b, h, s: (b, h, 0, s)),
+        # All splits of one (b, h) write disjoint rows of one block (offset by the row of window -1).
+        pl.BlockSpec((None, None, 1 + c_pad, g_pad), lambda b, h, s: (b, h, 0, 0)),
         pl.BlockSpec((None, None, None, g_pad), lambda b, h, s: (b, h, s, 0)),
         pl.BlockSpec((None, None, None, g_pad), lambda b, h, s: (b, h, s, 0)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((B, Hk, g_pad, c_pad), jnp.float32),
+        jax.ShapeDtypeStruct((B, Hk, 1 + c_pad, g_pad), jnp.float32),
         jax.ShapeDtypeStruct((B, Hk, n_splits, g_pad), jnp.float32),
         jax.ShapeDtypeStruct((B, Hk, n_splits, g_pad), jnp.float32),
     ]
     compiler_params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     logits, m, l = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=interpret, compiler_params=compiler_params, name="nosa_decode_stage1",
-    )(layer_arr, n_eff.astype(jnp.int32), qg, ktilde_pool)
+        kernel, grid=(B, Hk, n_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=compiler_params, name="nosa_decode_stage1_logits",
+    )(layer_arr, n_eff.astype(jnp.int32), qt, ktilde_pool)
     return logits, m, l
 
 
+def pooled_window_scores(logits, m, l, n_eff, *, G: int, n_blocks: int, P: int, interpret: bool = False,
+                         blocks_per_program: int = 64, num_warps: int = 4):
+    """Pallas finish: [B, Hk, n_blocks] pooled stage-1 scores (no sink/local forcing) from the
+    kernel's logits and split statistics. P (windows per block step) must be a power of two."""
+    B, Hk, rows, g_pad = logits.shape
+    n_splits = m.shape[2]
+    s_pad = _next_pow2(n_splits)
+    if s_pad != n_splits:  # the rows past n_splits are masked off in the kernel
+        m = jnp.pad(m, ((0, 0), (0, 0), (0, s_pad - n_splits), (0, 0)))
+        l = jnp.pad(l, ((0, 0), (0, 0), (0, s_pad - n_splits), (0, 0)))
+    bpp = max(1, min(blocks_per_program, _next_pow2(n_blocks)))
+    n_tiles = -(-n_blocks // bpp)
+    kernel = functools.partial(_finish_kernel, G=G, P=P, blocks_per_program=bpp, n_splits=n_splits)
+    out = pl.pallas_call(
+        kernel, grid=(B, Hk, n_tiles),
+        in_specs=[
+            pl.BlockSpec((B,), lambda b, h, t: (0,)),
+            pl.BlockSpec((None, None, s_pad, g_pad), lambda b, h, t: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, s_pad, g_pad), lambda b, h, t: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, rows, g_pad), lambda b, h, t: (b, h, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, bpp), lambda b, h, t: (b, h, t)),
+        out_shape=jax.ShapeDtypeStruct((B, Hk, n_tiles * bpp), jnp.float32),
+        interpret=interpret, name="nosa_decode_stage1_pool",
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+    )(n_eff.astype(jnp.int32), m, l, logits)
+    return out[:, :, :n_blocks]
+
+
 # ----------------------------------------------------------------------------- jnp finishing
+
+def _forced(q_pos, n_blocks: int, cfg: NosaConfig):
+    j = jnp.arange(n_blocks)
+    qb = (q_pos // cfg.block_size)[:, None, None]
+    return (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
+
 
 def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig):
     """[B, Hk, W] window scores (-inf where invalid) -> [B, Hk, n_blocks] pooled with forcing.
@@ -202,10 +340,7 @@ def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig):
     grp = jnp.max(g, axis=-1)
     prev = jnp.concatenate([jnp.full((B, Hk, 1), NEG_INF, x.dtype), g[..., :-1, P - 1]], axis=-1)
     pooled = jnp.maximum(grp, prev)
-    j = jnp.arange(n_blocks)
-    qb = (q_pos // cfg.block_size)[:, None, None]
-    forced = (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
-    return jnp.where(forced, POS_INF, pooled)
+    return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled)
 
 
 def _window_scores(logits, m, l, n_eff, G: int, n_windows: int):
@@ -214,22 +349,25 @@ def _window_scores(logits, m, l, n_eff, G: int, n_windows: int):
     M = jnp.where(jnp.isfinite(M), M, 0.0)
     Z = jnp.sum(l * jnp.exp(m - M[:, :, None]), axis=2)
     Z = jnp.where(Z > 0, Z, 1.0)
-    W = min(logits.shape[-1], n_windows)
-    x = logits[:, :, :G, :W]
-    p = jnp.exp(x - M[:, :, :G, None]) / Z[:, :, :G, None]
-    S = jnp.sum(p, axis=2)
+    W = min(logits.shape[2] - 1, n_windows)
+    x = logits[:, :, 1:W + 1, :G]
+    p = jnp.exp(x - M[:, :, None, :G]) / Z[:, :, None, :G]
+    S = jnp.sum(p, axis=-1)
     valid = jnp.arange(W)[None, None, :] < n_eff[:, None, None]
     return jnp.where(valid, S, NEG_INF)
 
 
 def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
                         interpret: bool = False, block_c: int = 64, tiles_per_program: int | None = None,
-                        num_warps: int = 4, num_stages: int = 3, precision=None) -> jax.Array:
+                        num_warps: int = 4, num_stages: int = 3, precision=None,
+                        prefetch: bool = True, finish: str = "jnp") -> jax.Array:
     """Pooled stage-1 block scores of one decode query per sequence. [B, Hk, n_blocks] float32.
 
     q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D] (all layers; `layer` selects one inside the kernel);
     n_win [B] valid windows; q_pos [B] query positions (kv_len - 1). Equal to
     nosa.pool_blocks(nosa.stage1_scores(q[:, None], q_pos[:, None], ktilde_pool[layer], n_win)).
+    finish: "jnp" (XLA fusions; default, measured as fast) or "pallas" (a second small kernel:
+    normalise, sum over G, pool); "pallas" needs block_size / kernel_stride to be a power of two, else "jnp" is used.
     """
     cfg = nosa_cfg
     B, Hq, D = q.shape
@@ -241,7 +379,13 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     n_eff = _effective_windows(jnp.asarray(n_win), q_pos, C, cfg)
     logits, m, l = window_logits(q, ktilde_pool, n_eff, layer, interpret=interpret, block_c=block_c,
                                  tiles_per_program=tiles_per_program, num_warps=num_warps,
-                                 num_stages=num_stages, precision=precision)
+                                 num_stages=num_stages, precision=precision, prefetch=prefetch)
+    if finish == "pallas" and _is_pow2(cfg.pool_stride):
+        pooled = pooled_window_scores(logits, m, l, n_eff, G=G, n_blocks=n_blocks, P=cfg.pool_stride,
+                                      interpret=interpret)
+        return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled)
+    if finish not in ("pallas", "jnp"):
+        raise ValueError(f"finish must be 'pallas' or 'jnp', got {finish!r}")
     S = _window_scores(logits, m, l, n_eff, G, n_blocks * cfg.pool_stride)
     return _pool_windows(S, q_pos, n_blocks, cfg)
 
@@ -255,36 +399,22 @@ def decode_block_scores_reference(q, ktilde_pool, n_win, q_pos, layer, *, nosa_c
     return nosa.pool_blocks(s1, q_pos, jnp.asarray(n_win, jnp.int32), n_blocks, nosa_cfg)[:, :, 0]
 
 
-def _finish(idx, qb):
-    idx = jnp.sort(idx, axis=-1)
-    return jnp.where(idx > qb, -1, idx).astype(jnp.int32)
-
-
 def select_from_scores(b_qk, cisw_layer, n_eff, q_pos, *, nosa_cfg: NosaConfig, n_blocks: int,
                        mode: str) -> jax.Array:
     """Two-stage top-k (spec 2.7) from pooled query-aware scores b_qk [B, Hk, n_blocks].
 
-    cisw_layer [B, C, Hk] (mode "nosa"; ignored for "infllmv2"). Returns [B, Hk, K] int32.
+    cisw_layer [B, C, Hk] (mode "nosa"; ignored for "infllmv2"). Returns [B, Hk, K] int32:
+    ascending ids then -1, ties broken lowest-index-first on every backend.
     """
     cfg = nosa_cfg
     qb = (q_pos // cfg.block_size)[:, None, None]
-    k_final = min(cfg.topk, n_blocks)
-    if mode == "infllmv2":
-        return _finish(lax.top_k(b_qk, k_final)[1], qb)
-    if mode != "nosa":
-        raise ValueError(f"decode_select: mode must be 'nosa' or 'infllmv2', got {mode!r}")
-    B, Hk, _ = b_qk.shape
-    C = cisw_layer.shape[1]
-    cw = jnp.moveaxis(cisw_layer.astype(jnp.float32), 2, 1)  # [B, Hk, C]
-    cw = jnp.where(jnp.arange(C)[None, None, :] < n_eff[:, None, None], cw, NEG_INF)
-    b_cis = _pool_windows(cw, q_pos, n_blocks, cfg)
-    j = jnp.arange(n_blocks)
-    b_cis = jnp.where(j > qb, NEG_INF, b_cis)
-    picks = lax.top_k(b_qk, min(cfg.qk_select, n_blocks))[1]
-    bi = jnp.arange(B)[:, None, None]
-    hi = jnp.arange(Hk)[None, :, None]
-    b_cis = b_cis.at[bi, hi, picks].set(POS_INF)
-    return _finish(lax.top_k(b_cis, k_final)[1], qb)
+    b_cis = None
+    if mode == "nosa":
+        C = cisw_layer.shape[1]
+        cw = jnp.moveaxis(cisw_layer.astype(jnp.float32), 2, 1)  # [B, Hk, C]
+        cw = jnp.where(jnp.arange(C)[None, None, :] < n_eff[:, None, None], cw, NEG_INF)
+        b_cis = _pool_windows(cw, q_pos, n_blocks, cfg)
+    return nosa.two_stage_select(b_qk, b_cis, qb, cfg, mode)
 
 
 def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: NosaConfig,

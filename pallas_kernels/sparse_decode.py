@@ -16,11 +16,17 @@ position j * block_size + i and is visible iff j >= 0 and position <= q_pos[b]; 
 pool token slots[b, h, e] * block_size + i. Rows without a visible key give 0.
 
 Structure (flash-decoding / split-K):
-  grid (B, Hk, k_splits); program (b, h, s) walks entries s*E .. s*E+E-1 (E = ceil(K / k_splits))
-  of the (padded) block table with an online softmax whose running max includes the bias, and
-  writes an unnormalised partial output [Gp, D] plus its running max and sum [Gp]. The splits are
-  merged in `jnp` (with `lax.optimization_barrier` on the merged max, as jax's decode kernel does).
-  Invalid entries (id < 0, or a block wholly after the query) issue masked loads that move no data.
+  grid (B, Hk, k_splits); program (b, h, s) loads its G query rows (gathered straight from q, padded
+  to Gp rows in registers), walks entries s*E .. s*E+E-1 (E = ceil(K / k_splits)) of the (padded)
+  block table with an online softmax whose running max includes the bias, and writes an
+  unnormalised partial output [Gp, D] plus its running max and sum [Gp]. The splits are merged in
+  jnp (with `lax.optimization_barrier` on the merged max, as jax's decode kernel does); with
+  k_splits == 1 the kernel normalises and writes the output itself. Invalid entries (id < 0, a block
+  wholly after the query, table padding) issue masked loads that move no data.
+  Measured on the H200: the jnp merge is 3-4 small XLA fusions (~1.2-1.6 us each, ~3 us at B=16),
+  which at batch 1 is as long as the main kernel (~4.3 us). A Pallas merge kernel with one program
+  per (b, kv head) looping over the splits was slower (7 us at B=16, 41 us at B=1: too few programs,
+  serial latency), so it was dropped.
 
 Triton constraints (interpret mode does not check them): every array the kernel materialises must
 have power-of-two sizes and each dot dimension must be >= 16. The G query rows are padded to
@@ -41,7 +47,7 @@ from jax.experimental.pallas import triton as pltriton
 
 NEG_INF = float("-inf")
 DEFAULT_NUM_SMS = 132  # H100/H200
-PROGRAMS_PER_SM = 4  # split-K target: about this many programs per SM (notes A.5: 256-512 on an H200)
+PROGRAMS_PER_SM = 2  # split-K target: about this many programs per SM (see default_k_splits)
 
 
 def _next_pow2(n: int) -> int:
@@ -68,8 +74,11 @@ def default_k_splits(batch: int, num_kv_heads: int, num_entries: int, sms: int |
     PROGRAMS_PER_SM programs per SM (flash-decoding); never more splits than entries, and rounded
     so that no split is empty (k_splits = ceil(K / ceil(K / k_splits))).
 
-    B=1, Hk=2, K=64 -> 64 (one block each); B=16, Hk=2 -> 22 -> 22 (3 blocks each);
-    B=16, Hk=8 -> 5 -> 5 (13 blocks each); B=64, Hk=8 -> 2.
+    On an H200 (132 SMs), K=64: B=1, Hk=2 -> 64 (one block each); B=1, Hk=8 -> 32;
+    B=16, Hk=2 -> 8 (256 programs); B=16, Hk=8 -> 3 (22 blocks each); B=64, Hk=8 -> 1.
+    Measured (H200, blocks of 64, D=128, bf16): at B=16/Hk=8 and B=64/Hk=2, 384 programs (ks=3) ran
+    at 3.6-3.9 TB/s, 128 (ks=1) at 2.4 TB/s and 768 (ks=6) at 3.0 TB/s; at B=16/Hk=2, ks=8 and 16
+    tie. More splits also mean more partial-output traffic and a bigger merge.
     """
     sms = sms or num_sms()
     K = max(1, int(num_entries))
@@ -86,38 +95,53 @@ def _check_gpu_shapes(block_size: int, D: int, Gp: int) -> None:
                              f">= 16, got {val}; use interpret=True or the reference for other shapes")
 
 
-def _kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
-            block_size: int, per_split: int, scale: float, has_bias: bool):
+def _rows(h, group: int, Gp: int):
+    """Row indices h*G + r of q for r < Gp (clamped to the head's last row, so every index is in
+    bounds even in interpret mode) and the mask r < G."""
+    r = lax.broadcasted_iota(jnp.int32, (Gp,), 0)
+    return h * group + jnp.minimum(r, group - 1), r < group
+
+
+def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
+                   block_size: int, per_split: int, num_entries: int, scale: float, has_bias: bool,
+                   group: int, Gp: int, normalize: bool):
     if has_bias:
-        bias_ref, o_ref, m_ref, l_ref = rest
+        bias_ref, *outs = rest
     else:
-        bias_ref = None
-        o_ref, m_ref, l_ref = rest
+        bias_ref, outs = None, rest
     b = pl.program_id(0)
     h = pl.program_id(1)
     s = pl.program_id(2)
     layer = layer_ref[0]
     q_pos = qpos_ref[b]
-    q = q_ref[...]  # [Gp, D], model dtype
-    Gp, D = q.shape
+    D = q_ref.shape[-1]
+    q_rows, rows_ok = _rows(h, group, Gp)
+    q = q_ref[b, q_rows, :]  # [Gp, D] gather of this kv head's query rows
+    if group < Gp:
+        q = jnp.where(rows_ok[:, None], q, jnp.zeros_like(q))
     offs = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
         e = s * per_split + i
-        blk = ids_ref[b, h, e]
-        slot = slots_ref[b, h, e]
+        if num_entries % per_split:  # the last split runs past the table: those entries are unused
+            e_in = jnp.minimum(e, num_entries - 1)
+            blk = jnp.where(e < num_entries, ids_ref[b, h, e_in], -1)
+            slot = slots_ref[b, h, e_in]
+        else:
+            blk = ids_ref[b, h, e]
+            slot = slots_ref[b, h, e]
         visible = (blk >= 0) & (offs + blk * block_size <= q_pos)  # [bs]
         slot = jnp.where(blk >= 0, slot, 0)  # keep even the masked addresses inside the pool
         start = pl.multiple_of(slot * block_size, block_size)
-        rows = pl.ds(start, block_size)
+        tok = pl.ds(start, block_size)
         kv_mask = jnp.broadcast_to(visible[:, None], (block_size, D))
-        k = pltriton.load(k_ref.at[layer, b, rows, h, :], mask=kv_mask, other=0)  # [bs, D]
-        v = pltriton.load(v_ref.at[layer, b, rows, h, :], mask=kv_mask, other=0)
+        k = pltriton.load(k_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)  # [bs, D]
+        v = pltriton.load(v_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         sc = sc * scale  # [Gp, bs]
         if has_bias:
-            bias = pltriton.load(bias_ref.at[layer, b, rows, h], mask=visible, other=0.0)
+            bias = pltriton.load(bias_ref.at[layer, b, tok, h], mask=visible, other=0.0)
             sc = sc + bias.astype(jnp.float32)[None, :]
         sc = jnp.where(visible[None, :], sc, NEG_INF)
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))  # running max includes the bias
@@ -133,9 +157,20 @@ def _kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
             jnp.zeros((Gp,), jnp.float32))
     acc, m, l = lax.fori_loop(0, per_split, body, init)
     # Plain stores (`ref[...] = x` lowers to a swap, which would also load the old contents).
-    pltriton.store(o_ref, acc)
-    pltriton.store(m_ref, m)
-    pltriton.store(l_ref, l)
+    if normalize:  # k_splits == 1: the final output [Gp, D]
+        (o_ref,) = outs
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        pltriton.store(o_ref, out.astype(o_ref.dtype))
+        return
+    o_ref, m_ref, l_ref = outs
+    if group < Gp:  # only the real rows: padding rows stay unwritten and are never read
+        pltriton.store(o_ref, acc, mask=jnp.broadcast_to(rows_ok[:, None], (Gp, D)))
+        pltriton.store(m_ref, m, mask=rows_ok)
+        pltriton.store(l_ref, l, mask=rows_ok)
+    else:
+        pltriton.store(o_ref, acc)
+        pltriton.store(m_ref, m)
+        pltriton.store(l_ref, l)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "k_splits", "num_warps", "num_stages", "interpret"))
@@ -171,48 +206,45 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
     ks = max(1, min(ks, K))
     per = -(-K // ks)
     ks = -(-K // per)  # no empty split
-    Kp = ks * per
     ids = block_ids.astype(jnp.int32)
     sl = slots.astype(jnp.int32)
-    if Kp != K:
-        ids = jnp.pad(ids, ((0, 0), (0, 0), (0, Kp - K)), constant_values=-1)
-        sl = jnp.pad(sl, ((0, 0), (0, 0), (0, Kp - K)))
-
-    qg = q.reshape(B, Hk, G, D)
-    if Gp != G:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     qpos = jnp.asarray(q_pos, jnp.int32).reshape(B)
 
     has_bias = bias_pool is not None
-    kernel = functools.partial(_kernel, block_size=block_size, per_split=per,
-                               scale=1.0 / math.sqrt(D), has_bias=has_bias)
+    normalize = ks == 1
+    kernel = functools.partial(_decode_kernel, block_size=block_size, per_split=per, num_entries=K,
+                               scale=1.0 / math.sqrt(D), has_bias=has_bias, group=G, Gp=Gp, normalize=normalize)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    in_specs = [any_spec, any_spec, any_spec, any_spec,
-                pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),
-                any_spec, any_spec] + ([any_spec] if has_bias else [])
-    args = [layer_arr, qpos, ids, sl, qg, k_pool, v_pool] + ([bias_pool] if has_bias else [])
-    out_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
-                 pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
-                 pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
-    o, m, l = pl.pallas_call(
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    args = [layer_arr, qpos, ids, sl, q, k_pool, v_pool] + ([bias_pool] if has_bias else [])
+    if normalize:
+        out_shape = [jax.ShapeDtypeStruct((B, Hk, Gp, D), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
+                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
+                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
+                     pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
+                     pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
+    res = pl.pallas_call(
         kernel,
         grid=(B, Hk, ks),
-        in_specs=in_specs,
+        in_specs=[any_spec] * len(args),
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=params,
         interpret=interpret,
         name="nosa_sparse_decode",
     )(*args)
 
-    # Merge the splits (only the G real rows).
-    o, m, l = o[:, :, :, :G], m[:, :, :, :G], l[:, :, :, :G]
+    if normalize:
+        return res[0][:, :, :G].reshape(B, Hq, D)
+    # Merge the splits (only the G real rows; the padding rows were never written).
+    o, m, l = (x[:, :, :, :G] for x in res)
     m_all = jnp.max(m, axis=2, keepdims=True)  # [B, Hk, 1, G]
-    m_all = lax.optimization_barrier(m_all)
+    m_all = lax.optimization_barrier(m_all)  # as jax's decode_attention (NaNs without it there)
     m_all = jnp.where(m_all == NEG_INF, 0.0, m_all)
     corr = jnp.exp(m - m_all)  # splits without a visible key: exp(-inf) = 0
     l_sum = jnp.sum(l * corr, axis=2)  # [B, Hk, G]

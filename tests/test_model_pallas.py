@@ -51,8 +51,10 @@ ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hid
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
 def test_pallas_model_equals_reference_gpu_1b(mode):
-    """1B shape, bf16, 8K tokens: prefill selections and the decode steps' selections agree, logits
-    within bf16 tolerance."""
+    """1B shape, bf16, 8K tokens, teacher-forced so both paths see the same inputs: the prefill
+    (prefill kernel) and 8 decode steps (selection + decode kernels) against the jnp reference:
+    selections agree wherever the reference's top-k boundary is not a near tie, logits within bf16
+    tolerance (relative Frobenius error <= 2e-2)."""
     cfg = ModelConfig(**ONE_B)
     ref = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="reference")
     st = nnx.state(ref, nnx.Param)
@@ -62,10 +64,44 @@ def test_pallas_model_equals_reference_gpu_1b(mode):
     nnx.replace_by_pure_dict(st, pure)
     nnx.update(ref, st)
     pal = _with_impl(ref, "pallas")
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 8192).tolist()
-    a = generate(ref, [prompt], max_new_tokens=16, save_logits=True, eos_ids=[], prefill_chunk=2048)
-    b = generate(pal, [prompt], max_new_tokens=16, save_logits=True, eos_ids=[], prefill_chunk=2048)
-    rel = np.linalg.norm(b.logits - a.logits) / np.linalg.norm(a.logits)
+    seq = np.random.default_rng(0).integers(0, cfg.vocab_size, 8192 + 8)
+    prompt, fed = seq[:8192], seq[8192:]
+
+    def run(model):
+        gd, state = nnx.split(model)
+
+        @jax.jit
+        def prefill(state, ids):
+            m = nnx.merge(gd, state)
+            out = m.extend(ids, jnp.zeros(1, jnp.int32), jnp.array([ids.shape[1]], jnp.int32),
+                           m.init_cache(1, 8192 + 16), rows=jnp.arange(8192 - 64, 8192)[None])
+            return m.logits(out.h), out.block_ids, out.cache
+
+        @jax.jit
+        def step(state, tok, cache):
+            m = nnx.merge(gd, state)
+            out = m.extend(tok, cache.length, jnp.ones(1, jnp.int32), cache)
+            return m.logits(out.h[:, 0]), out.block_ids, out.cache
+
+        lg, blk, cache = prefill(state, jnp.asarray(prompt[None]))
+        logits, blocks = [np.asarray(lg[0])], [np.asarray(blk)]
+        for t in fed:
+            lg, blk, cache = step(state, jnp.asarray([[t]]), cache)
+            logits.append(np.asarray(lg))
+            blocks.append(np.asarray(blk))
+        return np.concatenate(logits), blocks
+
+    la, ba = run(ref)
+    lb, bb = run(pal)
+    rel = np.linalg.norm(lb - la) / np.linalg.norm(la)
     assert rel < 2e-2, rel
-    agree = np.mean(np.array(a.tokens[0]) == np.array(b.tokens[0]))
-    assert agree >= 0.75, (a.tokens, b.tokens)
+    rows = same = 0
+    for x, y in zip(ba, bb):
+        for r1, r2 in zip(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])):
+            rows += 1
+            same += set(r1[r1 >= 0]) == set(r2[r2 >= 0])
+    # bf16 hidden states differ in the last bits between the paths, so a few near-tied boundary
+    # picks in later layers may flip; the first layer sees identical inputs and must agree exactly
+    assert same / rows >= 0.99, (same, rows)
+    for x, y in zip(ba, bb):
+        np.testing.assert_array_equal(np.sort(x[0], -1), np.sort(y[0], -1))

@@ -631,3 +631,20 @@ def test_gqa_heads_share_selection_and_bias(G):
     for h in range(HK):
         for g in range(1, G):
             np.testing.assert_allclose(out[:, :, h * G + g], out[:, :, h * G], atol=2e-6, rtol=0)
+
+
+def test_top_k_mask_breaks_ties_lowest_index_first():
+    """Selections rest on lowest-index-first ties (spec section 8), on every backend: the mask is
+    built from top_k's values only, so it cannot inherit a backend's tie order."""
+    from nosa_jax.nosa import top_k_mask
+
+    rng = np.random.default_rng(0)
+    for n, k in [(100, 64), (100, 33), (7, 3), (513, 64)]:
+        x = rng.integers(0, 5, (50, n)).astype(np.float32)
+        x[:, :3] = np.inf
+        x[:, -5:] = -np.inf
+        got = np.asarray(top_k_mask(jnp.asarray(x), k))
+        order = np.lexsort((np.broadcast_to(np.arange(n), x.shape), -x), axis=-1)[:, :k]
+        want = np.zeros_like(got)
+        np.put_along_axis(want, order, True, axis=-1)
+        np.testing.assert_array_equal(got, want)
