@@ -55,3 +55,20 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out) + "\n"
+
+
+def standalone(run, header: list[str], stem: str, *, sweep_help: str | None = None) -> None:
+    """The `python bench/kernels_X.py` entry point shared by the kernel benchmark modules."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    if sweep_help:
+        ap.add_argument("--sweep", action="store_true", help=sweep_help)
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0]}  jax {jax.__version__}", flush=True)
+    records: list = []
+    rows = run(records, quick=args.quick, **({"sweep": args.sweep} if sweep_help else {}))
+    table = markdown_table(header, rows)
+    print(table)
+    print(f"saved {save(records, stem, table)}")

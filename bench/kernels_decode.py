@@ -29,7 +29,6 @@ The roofline is the H200's ~4.3 TB/s device copy ceiling (notes A.5).
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -44,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import markdown_table, record, save  # noqa: E402
+from bench.common import record, standalone  # noqa: E402
 from nosa_jax import nosa  # noqa: E402
 from pallas_kernels.sparse_decode import (default_k_splits, sparse_decode_attention,  # noqa: E402
                                           sparse_decode_attention_reference)
@@ -286,16 +285,5 @@ def run(records: list, quick: bool = False) -> list:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 16 only, 3 kernel settings")
-    args = ap.parse_args()
-    records: list = []
-    rows = run(records, quick=args.quick)
-    table = markdown_table(HEADER, rows)
-    print(table)
-    print("wrote", save(records, "kernels_decode", table))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, HEADER, "kernels_decode")

@@ -24,7 +24,6 @@ kernel actually scores (tile union x rows) / pairs selected (the union's overhea
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import markdown_table, record, save
+from bench.common import record, standalone
 from pallas_kernels.sparse_prefill import default_tile_q, sparse_prefill_attention
 
 NAME = "kernels_prefill"
@@ -290,19 +289,5 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time tile_q / num_warps / num_stages variants")
-    args = ap.parse_args()
-    print(f"device: {jax.devices()[0]}  jax {jax.__version__}", flush=True)
-    records: list = []
-    rows = run(records, quick=args.quick, sweep=args.sweep)
-    table = markdown_table(HEADER, rows)
-    print(table)
-    path = save(records, NAME, table)
-    print(f"saved {path}")
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, HEADER, NAME, sweep_help="also time tile_q / num_warps / num_stages variants")

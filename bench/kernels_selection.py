@@ -13,7 +13,6 @@ Effective bandwidth = compressed-key bytes of the valid windows (B * Hk * n_win 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench.common import markdown_table, record, save
+from bench.common import record, standalone
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
@@ -184,19 +183,5 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
 HEADER = ["context", "op", "impl", "time (us)", "eff. TB/s (ktilde bytes)", "speedup vs jnp"]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time kernel tile/warp/precision variants")
-    args = ap.parse_args()
-    print(f"device: {jax.devices()[0]}  jax {jax.__version__}", flush=True)
-    records: list = []
-    rows = run(records, quick=args.quick, sweep=args.sweep)
-    table = markdown_table(HEADER, rows)
-    print(table)
-    path = save(records, NAME, table)
-    print(f"saved {path}")
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, HEADER, NAME, sweep_help="also time kernel tile/warp/precision variants")

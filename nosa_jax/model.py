@@ -111,6 +111,23 @@ class Attention(nnx.Module):
         return self.o_proj(o.reshape(B, Tc, -1).astype(x.dtype)), ids, cis, cache
 
 
+def map_query_chunks(fn, q, q_pos, chunk: int):
+    """Run fn(q_i [B, c, Hq, D], pos_i [B, c]) -> (o_i [B, c, Hq, D], ids_i [B, Hk, c, K]) over
+    chunks of `chunk` queries (`lax.map`: bounds the memory of selection and dense masks) and
+    reassemble [B, Tc, Hq, D], [B, Hk, Tc, K]. Padding queries repeat the last position."""
+    B, Tc, Hq, D = q.shape
+    chunk = min(chunk, Tc)
+    n_chunks = -(-Tc // chunk)
+    pad = n_chunks * chunk - Tc
+    qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n_chunks, chunk, Hq, D), 1, 0)
+    pc = jnp.moveaxis(jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge").reshape(B, n_chunks, chunk), 1, 0)
+    o, ids = jax.lax.map(lambda a: fn(*a), (qc, pc))
+    o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
+    ids = jnp.moveaxis(ids, 0, 2)
+    ids = ids.reshape(ids.shape[:2] + (n_chunks * chunk, ids.shape[-1]))[:, :, :Tc]
+    return o, ids
+
+
 IMPLS = ("auto", "reference", "pallas")
 
 
@@ -157,18 +174,13 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
                                               n.block_size)[:, None]
         return o, ids
 
-    chunk = min(settings.q_chunk, Tc)
-    n_chunks = -(-Tc // chunk)
-    pad = n_chunks * chunk - Tc
-    qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n_chunks, chunk, Hq, D), 1, 0)
-    pc = jnp.moveaxis(jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge").reshape(B, n_chunks, chunk), 1, 0)
-
-    def one_chunk(args):
-        q_i, p_i = args
+    def one_chunk(q_i, p_i):
         ids = select(q_i, p_i)
         o = nosa.attention(q_i, p_i, k_l, v_l, kv_len, bias=bias,
                            block_ids=None if mode == "full" else ids, block_size=n.block_size)
         return o, ids
+
+    return map_query_chunks(one_chunk, q, q_pos, settings.q_chunk)
 
     o, ids = jax.lax.map(one_chunk, (qc, pc))
     o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
@@ -203,25 +215,16 @@ def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: Atte
         ids = ids[:, :, None] if mode != "full" else jnp.zeros((B, Hk, 1, 0), jnp.int32)
         return o, ids
 
-    chunk = min(settings.q_chunk, Tc)
-    n_chunks = -(-Tc // chunk)
-    pad = n_chunks * chunk - Tc
-    qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n_chunks, chunk, Hq, D), 1, 0)
-    pc = jnp.moveaxis(jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge").reshape(B, n_chunks, chunk), 1, 0)
     ktilde = cache.ktilde[layer] if mode != "full" else None
     cisw = cache.cisw[layer] if mode == "nosa" else None
 
-    def one_chunk(args):
-        q_i, p_i = args
+    def one_chunk(q_i, p_i):
         ids = None if mode == "full" else nosa.select_blocks(q_i, p_i, ktilde, cisw, kv_len, n_blocks, n, mode)
         o = sparse_prefill_attention(q_i, p_i, cache.k, cache.v, bias, ids, kv_len, layer,
                                      block_size=n.block_size, interpret=interp)
-        return o, (jnp.zeros((B, Hk, chunk, 0), jnp.int32) if ids is None else ids)
+        return o, (jnp.zeros((B, Hk, q_i.shape[1], 0), jnp.int32) if ids is None else ids)
 
-    o, ids = jax.lax.map(one_chunk, (qc, pc))
-    o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
-    ids = jnp.moveaxis(ids, 0, 2).reshape(B, Hk, n_chunks * chunk, -1)[:, :, :Tc]
-    return o, ids
+    return map_query_chunks(one_chunk, q, q_pos, settings.q_chunk)
 
 
 class MLP(nnx.Module):

@@ -198,14 +198,16 @@ def block_token_mask(block_ids: jax.Array, n_keys: int, block_size: int) -> jax.
 
 def attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array,
               bias: jax.Array | None = None, block_ids: jax.Array | None = None,
-              block_size: int = 64) -> jax.Array:
+              block_size: int = 64, return_lse: bool = False):
     """Causal attention with an optional per-key bias and block selection (dense masks).
 
     q: [B, Tq, Hq, D]; q_pos: [B, Tq]; k, v: [B, Tk, Hk, D]; kv_len: [B];
     bias: [B, Tk, Hk] added UNSCALED to q.k/sqrt(D) (spec 2.8) or None;
     block_ids: [B, Hk, Tq, K] (-1 ignored) or None for dense causal attention.
     Key s is visible to a query at position p iff s <= p, s < kv_len and (if block_ids) its block
-    is selected. Softmax in float32; rows with no visible key give 0. Returns [B, Tq, Hq, D].
+    is selected. Softmax in float32; rows with no visible key give 0. Returns [B, Tq, Hq, D], and
+    with return_lse also the log-sum-exp of the visible logits [B, Tq, Hq] (-inf for empty rows),
+    the statistic a backward pass needs.
     """
     B, Tq, Hq, D = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
@@ -220,9 +222,14 @@ def attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, kv_len
     visible = jnp.broadcast_to(visible[:, None], (B, Hk, Tq, Tk))
     if block_ids is not None:
         visible = visible & block_token_mask(block_ids, Tk, block_size)
-    p = masked_softmax(s, visible[:, :, None])  # visible: [B, Hk, 1, Tq, Tk]
+    visible = visible[:, :, None]  # [B, Hk, 1, Tq, Tk]
+    p = masked_softmax(s, visible)
     o = jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-    return o.reshape(B, Tq, Hq, D).astype(q.dtype)
+    o = o.reshape(B, Tq, Hq, D).astype(q.dtype)
+    if not return_lse:
+        return o
+    lse = jax.nn.logsumexp(jnp.where(visible, s, NEG_INF), axis=-1)  # [B, Hk, G, Tq]
+    return o, jnp.moveaxis(lse, 3, 1).reshape(B, Tq, Hq)
 
 
 def gathered_block_attention(q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array,

@@ -302,27 +302,8 @@ def _reference(q, q_pos, k_pool, v_pool, bias_pool, block_ids, kv_len, layer, *,
     lyr = jnp.asarray(layer, jnp.int32)
     k, v = k_pool[lyr], v_pool[lyr]
     bias = None if bias_pool is None else bias_pool[lyr]
-    out = nosa.attention(q, q_pos, k, v, kv_len, bias=bias, block_ids=block_ids, block_size=block_size)
-    if not return_lse:
-        return out
-    # Same masked logits as nosa.attention, reduced to their log-sum-exp.
-    B, Tq, Hq, D = q.shape
-    Tk, Hk = k.shape[1], k.shape[2]
-    G = Hq // Hk
-    qg = q.astype(jnp.float32).reshape(B, Tq, Hk, G, D)
-    s = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
-    if bias is not None:
-        s = s + jnp.moveaxis(bias.astype(jnp.float32), 1, 2)[:, :, None, None, :]
-    pos = jnp.arange(Tk)
-    vis = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])
-    vis = jnp.broadcast_to(vis[:, None], (B, Hk, Tq, Tk))
-    if block_ids is not None:
-        vis = vis & nosa.block_token_mask(block_ids, Tk, block_size)
-    s = jnp.where(vis[:, :, None], s, NEG_INF)
-    lse = jax.nn.logsumexp(s, axis=-1)  # [B, Hk, G, Tq]; -inf for empty rows
-    lse = jnp.moveaxis(lse, 3, 1).reshape(B, Tq, Hq)
-    return out, lse
+    return nosa.attention(q, q_pos, k, v, kv_len, bias=bias, block_ids=block_ids, block_size=block_size,
+                          return_lse=return_lse)
 
 
 def sparse_prefill_attention_reference(q, q_pos, k_pool, v_pool, bias_pool, block_ids, kv_len, layer, *,
