@@ -47,11 +47,15 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["nosa", "infllmv2", "full"])
     ap.add_argument("--layers", type=int, default=ONE_B["num_hidden_layers"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layer-unroll", type=int, default=1,
+                    help="unroll of the scan over layers (0 = fully unrolled straight-line program)")
+    ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
     args = ap.parse_args()
     cfg = ModelConfig(**{**ONE_B, "num_hidden_layers": args.layers})
     records, rows = [], []
     for mode in args.modes:
-        model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
+                                layer_unroll=args.layer_unroll or True)
         graphdef, state = nnx.split(model)
         sampler, eos = Sampler(), ()
         for B in args.batches:
@@ -106,7 +110,8 @@ def main():
             res = {}
             settings = {"mode": mode, "batch": B, "context": args.context, "steps": args.steps,
                         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
-                        "attention_impl": model.settings.impl, "repeats": args.repeats}
+                        "attention_impl": model.settings.impl, "repeats": args.repeats,
+                        "layer_unroll": args.layer_unroll}
             for name, _ in variants:
                 ts = sorted(times[name])
                 t = ts[len(ts) // 2]

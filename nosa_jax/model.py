@@ -70,6 +70,7 @@ class AttentionSettings:
     q_chunk: int = 256  # queries per chunk in prefill (bounds the selection / dense-mask memory)
     impl: str = "reference"  # "reference" (plain jnp) or "pallas" (GPU kernels)
     interpret: bool = False  # run the pallas kernels in interpret mode (CPU tests)
+    layer_unroll: int | bool = 1  # unroll of the scan over layers (True: a straight-line program)
 
 
 class Attention(nnx.Module):
@@ -290,14 +291,14 @@ jax.tree_util.register_dataclass(ExtendOutput, data_fields=["h", "block_ids", "c
 class NosaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, mode: str = "nosa", dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None, q_chunk: int = 256, impl: str = "auto",
-                 interpret: bool = False):
+                 interpret: bool = False, layer_unroll: int | bool = 1):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.settings = AttentionSettings(mode=mode, q_chunk=q_chunk, impl=resolve_impl(impl, interpret),
-                                          interpret=interpret)
+                                          interpret=interpret, layer_unroll=layer_unroll)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
 
@@ -346,7 +347,7 @@ class NosaForCausalLM(nnx.Module):
             idx = rows.reshape((B,) + (1,) * (axis - 1) + (rows.shape[1],) + (1,) * (a.ndim - axis - 1))
             return jnp.take_along_axis(a, idx, axis=axis)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=settings.layer_unroll)
         def run_layers(carry, layer, idx):
             x, cache = carry
             y, ids, cis, cache = layer(x, cos, sin, idx, cache, start, settings)
@@ -415,13 +416,15 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def from_params(cfg: ModelConfig, params: dict[str, Any], *, mode: str = "nosa",
-                dtype=None, q_chunk: int = 256, impl: str = "auto", interpret: bool = False) -> NosaForCausalLM:
+def from_params(cfg: ModelConfig, params: dict[str, Any], *, mode: str = "nosa", dtype=None,
+                q_chunk: int = 256, impl: str = "auto", interpret: bool = False,
+                layer_unroll: int | bool = 1) -> NosaForCausalLM:
     """Build a model around a nested dict of arrays in the layout of `abstract_params`."""
     leaves = jax.tree.leaves(params)
     dtype = jnp.dtype(dtype or leaves[0].dtype)
     model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode=mode, dtype=dtype, rngs=nnx.Rngs(0),
-                                                   q_chunk=q_chunk, impl=impl, interpret=interpret))
+                                                   q_chunk=q_chunk, impl=impl, interpret=interpret,
+                                                   layer_unroll=layer_unroll))
     graphdef, state = nnx.split(model)
     expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
     got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}

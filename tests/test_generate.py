@@ -203,3 +203,19 @@ def test_length_dependent_rope_decode_equals_recompute(rope):
     res = generate(model, [prompt], max_new_tokens=60, save_logits=True, eos_ids=[])
     full = np.asarray(model(jnp.asarray([prompt + res.tokens[0]])).logits[0])
     np.testing.assert_allclose(res.logits[0], full[39:99], atol=2e-5 * np.abs(full).max())
+
+
+def test_unrolled_layers_equal_scanned_layers():
+    """layer_unroll (a straight-line program over layers, for launch-bound small batches) computes
+    exactly what the scan over layers computes."""
+    from nosa_jax.model import from_params
+
+    cfg = small_config(num_hidden_layers=3)
+    scanned = random_model(cfg, "nosa", seed=13)
+    params = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+    unrolled = from_params(cfg, params, mode="nosa", layer_unroll=True)
+    prompt = np.random.default_rng(13).integers(0, cfg.vocab_size, 50).tolist()
+    a = generate(scanned, [prompt], max_new_tokens=20, save_logits=True, eos_ids=[])
+    b = generate(unrolled, [prompt], max_new_tokens=20, save_logits=True, eos_ids=[])
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-5 * np.abs(a.logits).max())
