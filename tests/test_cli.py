@@ -86,3 +86,26 @@ def test_score_batch_with_padding(tmp_path):
     b, s = np.load(tmp_path / "b.npz"), np.load(tmp_path / "s.npz")
     np.testing.assert_allclose(b["logits"][1], s["logits"][0], atol=1e-4)
     np.testing.assert_array_equal(b["selected_blocks"][1][..., : s["selected_blocks"].shape[-1]], s["selected_blocks"][0])
+
+
+def test_score_infllmv2_mode(tmp_path, capsys):
+    """score in infllmv2 mode: top-k of the pooled stage-1 scores, no bias; at 5000 tokens (79
+    blocks > 64) the selection is sparse and differs from nosa mode's."""
+    case = FIXTURES / "T-5000"
+    e = np.load(case / "expected.npz")
+    np.save(tmp_path / "ids.npy", e["input_ids"])
+    np.save(tmp_path / "pos.npy", e["positions"][-4:])
+    assert cli_main(["score", "--checkpoint", str(case), "--input-ids", str(tmp_path / "ids.npy"), "--positions",
+                     str(tmp_path / "pos.npy"), "--mode", "infllmv2", "--out", str(tmp_path / "i.npz")]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    r = np.load(tmp_path / "i.npz")
+    sel = r["selected_blocks"][0]  # [L, Hk, P, 64]
+    assert sel.shape == (2, 2, 4, 64) and (sel >= 0).all()
+    qb = e["positions"][-4:] // 64
+    for l in range(2):
+        for h in range(2):
+            for p in range(4):
+                row = sel[l, h, p]
+                assert (np.diff(row) > 0).all() and row.max() <= qb[p]
+                assert {0, *range(qb[p] - 16, qb[p] + 1)} <= set(row.tolist())  # forced sink + local blocks
+    assert any(set(sel[l, h, p]) != set(e["topk_idx"][l, h, -4 + p]) for l in range(2) for h in range(2) for p in range(4))
