@@ -39,3 +39,12 @@ def random_model(cfg: ModelConfig, mode: str, seed: int = 0, std: float = 0.35) 
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
     nnx.update(model, state)
     return model
+
+
+def h200_lowering_text(fn, *args) -> str:
+    """StableHLO of jit(fn) lowered for CUDA on an abstract H200 (no GPU needed): lets CPU tests
+    check what the Triton kernels will be compiled with (grid, shapes, no per-layer copies)."""
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -30,6 +30,7 @@ from jax import lax
 from nosa_jax import nosa
 from pallas_kernels.sparse_decode import (_next_pow2, default_k_splits, sparse_decode_attention,
                                           sparse_decode_attention_reference)
+from model_utils import h200_lowering_text
 
 NAN = float("nan")
 
@@ -298,11 +299,7 @@ def test_lowers_to_triton_for_cuda(Hk, bias, k_splits):
     args = (sd((B, Hq, D), jnp.bfloat16), sd((L, B, T, Hk, D), jnp.bfloat16), sd((L, B, T, Hk, D), jnp.bfloat16),
             sd((L, B, T, Hk), jnp.float32) if bias else None, sd((B, Hk, K), jnp.int32),
             sd((B, Hk, K), jnp.int32), sd((B,), jnp.int32), sd((), jnp.int32))
-    fn = jax.jit(lambda *a: sparse_decode_attention(*a, block_size=bs, k_splits=k_splits))
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-    with jax.sharding.use_abstract_mesh(mesh):
-        txt = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    txt = h200_lowering_text(lambda *a: sparse_decode_attention(*a, block_size=bs, k_splits=k_splits), *args)
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     assert len(calls) == 1
     assert f"grid_x = {B} " in calls[0] and f"grid_y = {Hk} " in calls[0] and f"grid_z = {k_splits} " in calls[0]

@@ -32,6 +32,7 @@ from jax import lax
 from nosa_jax import nosa
 from pallas_kernels.sparse_prefill import (default_tile_q, sparse_prefill_attention,
                                            sparse_prefill_attention_reference, tile_union)
+from model_utils import h200_lowering_text
 
 NAN = float("nan")
 
@@ -330,11 +331,7 @@ def test_lowers_to_triton_for_cuda(dense, bias):
     args = (sd((B, Tc, Hq, D), jnp.bfloat16), sd((B, Tc), jnp.int32), sd((L, B, T, Hk, D), jnp.bfloat16),
             sd((L, B, T, Hk, D), jnp.bfloat16), sd((L, B, T, Hk), jnp.float32) if bias else None,
             None if dense else sd((B, Hk, Tc, K), jnp.int32), sd((B,), jnp.int32), sd((), jnp.int32))
-    fn = jax.jit(lambda *a: sparse_prefill_attention(*a, block_size=bs, return_lse=True))
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-    with jax.sharding.use_abstract_mesh(mesh):
-        txt = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    txt = h200_lowering_text(lambda *a: sparse_prefill_attention(*a, block_size=bs, return_lse=True), *args)
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     assert len(calls) == 1
     tq = default_tile_q(Hq // Hk, Tc)
