@@ -173,17 +173,26 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
         pltriton.store(l_ref, l)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "k_splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "k_splits", "num_warps", "num_stages", "interpret",
+                                             "backend"))
 def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, *,
                             block_size: int, k_splits: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                            num_stages: int = 2, interpret: bool = False, backend: str = "triton") -> jax.Array:
     """Block-sparse decode attention over the stacked KV pool (Pallas/Triton, split-K).
 
     q: [B, Hq, D]; k_pool, v_pool: [L, B, T, Hk, D]; bias_pool: [L, B, T, Hk] float32 or None;
     block_ids: [B, Hk, K] int32 logical block ids (-1 unused, any order); slots: [B, Hk, K] int32
     physical block of each entry in the pool's T axis; q_pos: [B] int32; layer: int32 scalar
     (may be traced). k_splits: None -> `default_k_splits`. Returns [B, Hq, D] in q.dtype.
+    backend: "triton" (this kernel) or "mosaic" (`sparse_decode_mgpu.sparse_decode_attention_mgpu`,
+    Mosaic GPU; num_warps/num_stages are ignored there, interpret=True means InterpretGPUParams()).
     """
+    if backend == "mosaic":
+        from pallas_kernels.sparse_decode_mgpu import sparse_decode_attention_mgpu
+        return sparse_decode_attention_mgpu(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
+                                            block_size=block_size, k_splits=k_splits, interpret=interpret)
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'mosaic'")
     B, Hq, D = q.shape
     L, Bp, T, Hk, Dk = k_pool.shape
     K = block_ids.shape[-1]
