@@ -47,12 +47,12 @@ jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "cis", "ktilde"
 def allocation(cfg: ModelConfig, capacity: int) -> tuple[int, int]:
     """(tokens, windows) to allocate for `capacity` tokens per sequence.
 
-    Tokens: capacity plus one window (kernel_size) of slack, rounded up to whole blocks, so the
-    window update of a chunk never reads past the end (it reads at most up to start + Tc +
-    kernel_size). Windows: enough for every window a chunk can touch.
+    Tokens: capacity rounded up to whole blocks (writes and window reads past the end are dropped or
+    read as zeros; they only ever concern padding). Windows: enough for every window a chunk can
+    touch.
     """
     n = cfg.nosa
-    t_alloc = -(-(capacity + n.kernel_size) // n.block_size) * n.block_size
+    t_alloc = -(-capacity // n.block_size) * n.block_size
     return t_alloc, t_alloc // n.kernel_stride + 2
 
 
@@ -91,7 +91,9 @@ def _new_windows(x: jax.Array, start: jax.Array, n_windows: int, n: NosaConfig) 
     span = (n_windows - 1) * n.kernel_stride + n.kernel_size
 
     def one(x_b, c):
-        seg = lax.dynamic_slice_in_dim(x_b, c * n.kernel_stride, span, axis=0)
+        # a gather, not a dynamic_slice: a slice running past the end would be shifted back and
+        # corrupt complete windows; out-of-range rows read 0 and only feed windows past the end
+        seg = jnp.take(x_b, c * n.kernel_stride + jnp.arange(span), axis=0, mode="fill", fill_value=0)
         return nosa.window_means(seg[None], n)[0]
 
     return c0, jax.vmap(one)(x, c0)
@@ -105,15 +107,16 @@ def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Ar
     B, Tc = k.shape[:2]
     b_idx = jnp.arange(B)[:, None]
     pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
-    kc = cache.k.at[layer, b_idx, pos].set(k.astype(cache.k.dtype))
-    vc = cache.v.at[layer, b_idx, pos].set(v.astype(cache.v.dtype))
-    cc = cache.cis.at[layer, b_idx, pos].set(cis)
+    # padding tokens of a chunk may run past the allocation: those writes are dropped
+    kc = cache.k.at[layer, b_idx, pos].set(k.astype(cache.k.dtype), mode="drop")
+    vc = cache.v.at[layer, b_idx, pos].set(v.astype(cache.v.dtype), mode="drop")
+    cc = cache.cis.at[layer, b_idx, pos].set(cis, mode="drop")
     kt, cw = cache.ktilde, cache.cisw
     W = Tc // n.kernel_stride + 1
     if kt.shape[2]:
         c0, new_k = _new_windows(kc[layer], start, W, n)
-        kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k)
+        kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k, mode="drop")
     if cw.shape[2]:
         c0, new_c = _new_windows(cc[layer], start, W, n)
-        cw = cw.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_c)
+        cw = cw.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_c, mode="drop")
     return dataclasses.replace(cache, k=kc, v=vc, cis=cc, ktilde=kt, cisw=cw)

@@ -43,11 +43,16 @@ the P.V contraction); G = Hq / Hk <= 64.
 Interpret mode: `interpret=True` maps to `plgpu.InterpretGPUParams()` (a bool is rejected by the
 Mosaic GPU primitives). Known interpreter limitation (jax 0.11.2): wgmma with the A operand in
 registers fails there, so P is always staged through SMEM (on the H200 that cost ~8% in the
-prototype, notes §A.3/§A.5). `p_in_registers=True` selects the register path for the GPU; it is
-untested.
+prototype, notes §A.3/§A.5). `p_in_registers=True` selects the register path for the GPU; in the
+interpreter it fails with "CpuCallback error ... ValueError: Expected shape (6,) but got (64, 64)"
+(gpu_callbacks.wgmma expects an SMEM allocation key), so it is only cross-lowered on CPU.
 
-GPU status: NOTHING in this module has run on a GPU yet. The CPU tests only run the interpreter,
-which does not check layouts, swizzles, TMA alignment or register pressure. Points most likely to
+GPU status: NOTHING in this module has run on a GPU yet. The CPU tests run the interpreter
+(numerics) and lower the kernel for CUDA on an abstract H200 (jax's Mosaic GPU lowering of the
+body into one `mosaic_gpu_v2` custom call succeeds at B=16, Hq=32, Hk=2/8, D=128, K=64, T=32768),
+but neither checks what the device-side Mosaic compilation checks (layout inference, swizzles,
+TMA descriptor limits, register pressure). Performance notes: -1 / future entries still cost a
+TMA of one block (block 0) and the masked math; the bias is pre-gathered by XLA. Points most likely to
 need attention on the H200: the WGMMA-layout load/store of the K/V tiles for the SMEM zeroing, the
 column-vector layout of the bias (`Layout.WGMMA.reduce(0)`), and the 5-D strided TMA source
 `k_pool.at[layer, b, :, h, :]`.

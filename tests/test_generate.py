@@ -114,6 +114,13 @@ def test_chunked_prefill_equals_one_shot(mode):
     a = generate(model, prompts, max_new_tokens=30, eos_ids=[])
     b = generate(model, prompts, max_new_tokens=30, eos_ids=[], prefill_chunk=16)
     assert a.tokens == b.tokens
+    # the last chunk's padding runs far past the allocation (2 x 100 positions for a capacity of
+    # 132): its writes must not disturb the real tokens or their windows
+    long = rng.integers(0, cfg.vocab_size, 129).tolist()
+    a = generate(model, [long], max_new_tokens=3, save_logits=True, eos_ids=[])
+    b = generate(model, [long], max_new_tokens=3, save_logits=True, eos_ids=[], prefill_chunk=100)
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-4 * np.abs(a.logits).max())
 
 
 def test_eos_stops_each_sequence():
