@@ -189,6 +189,26 @@ def _one_config(Hq: int, Hk: int, B: int, quick: bool, records: list, rows: list
         except Exception as e:  # noqa: BLE001
             fail("pallas_kernel", settings, e)
 
+    # ---- the Mosaic GPU backend of the same kernel (TMA + wgmma), default split
+    mg_settings = {"backend": "mosaic", "k_splits": ks0, "bias": True}
+
+    def mosaic_fn(q, k_pool, v_pool, bias_pool, ids, q_pos, layers):
+        for r in range(R):
+            q = sparse_decode_attention(q, k_pool, v_pool, bias_pool, ids, ids, q_pos, layers[r],
+                                        block_size=BS, k_splits=ks0, backend="mosaic")
+        return q
+
+    try:
+        one = sparse_decode_attention(q, k_pool, v_pool, bias_pool, ids, ids, q_pos, jnp.int32(0),
+                                      block_size=BS, k_splits=ks0, backend="mosaic")
+        err = _rel(one, ref0)
+        del one
+        secs, _, how = device_time(jax.jit(mosaic_fn), (q, k_pool, v_pool, bias_pool, ids, q_pos, layers), R,
+                                   repeats)
+        emit("pallas_mosaic", mg_settings, secs, None, how, sel_bytes + bias_bytes + qo_bytes, err)
+    except Exception as e:  # noqa: BLE001
+        fail("pallas_mosaic", mg_settings, e)
+
     # ---- XLA gather + einsum (the model's current decode path)
     def xla_fn(q, k_pool, v_pool, bias_pool, ids, q_pos, layers):
         for r in range(R):
