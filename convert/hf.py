@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nosa_jax.checkpoint import (CheckpointError, TOKENIZER_FILES, flatten_params, resolve_dtype,
-                                 save_params)
+                                 save_params, unflatten_params)
 from nosa_jax.config import ConfigError, ModelConfig
 
 from .sources import ConversionError, WeightSource, find_weights
@@ -54,16 +54,6 @@ class Slot:
     @property
     def is_nosa(self) -> bool:
         return _is_nosa_path(self.path)
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
 
 
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias", "A": "A"}
@@ -336,7 +326,7 @@ def load_hf_checkpoint(hf_dir: str | Path, *, dtype=None, progress: bool = False
     if filled != len(expected - (nosa_names if nosa_missing else set())):  # headers said otherwise
         raise ConversionError(f"internal: {filled} of {len(expected)} tensors were read from "
                               f"{hf_dir}; a weight file changed during the conversion? re-run it")
-    params = _unflatten(bufs)
+    params = unflatten_params(bufs)
     return HFCheckpoint(cfg=cfg, config_dict=raw, params=params, dtype=np.dtype(out_dtype),
                         source=source, source_dtype=source_dtype,
                         nosa_weights="missing" if nosa_missing else "present",

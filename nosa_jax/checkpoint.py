@@ -227,8 +227,13 @@ def _to_device(flat: dict[tuple, Any]) -> dict:
     device = jax.devices()[0]  # committed there, as the orbax restore of a converted dir is
     for k in list(flat):
         out[k] = jax.device_put(flat.pop(k), device)
+    return unflatten_params(out)
+
+
+def unflatten_params(flat: dict[tuple, Any]) -> dict:
+    """{path tuple: leaf} -> nested parameter dict (the inverse of flatten_params)."""
     tree: dict = {}
-    for path, v in out.items():
+    for path, v in flat.items():
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})

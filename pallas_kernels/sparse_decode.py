@@ -173,6 +173,46 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
         pltriton.store(l_ref, l)
 
 
+def check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size: int):
+    """Validate the decode interface shared by every backend; returns (B, Hq, D, Hk, K)."""
+    B, Hq, D = q.shape
+    L, Bp, T, Hk, Dk = k_pool.shape
+    K = block_ids.shape[-1]
+    if Bp != B or Dk != D or v_pool.shape != k_pool.shape or Hq % Hk:
+        raise ValueError(f"shape mismatch: q {q.shape}, k_pool {k_pool.shape}, v_pool {v_pool.shape}")
+    if block_ids.shape != (B, Hk, K) or slots.shape != (B, Hk, K):
+        raise ValueError(f"block_ids {block_ids.shape} / slots {slots.shape} must be {(B, Hk, K)}")
+    if bias_pool is not None and bias_pool.shape != k_pool.shape[:4]:
+        raise ValueError(f"bias_pool {bias_pool.shape} must be {k_pool.shape[:4]}")
+    if T % block_size:
+        raise ValueError(f"pool length {T} must be a multiple of block_size {block_size}")
+    return B, Hq, D, Hk, K
+
+
+def plan_splits(B: int, Hk: int, K: int, k_splits: int | None) -> tuple[int, int]:
+    """(splits, entries per split) for K entries: the default heuristic or the request, clipped to
+    [1, K], with no empty split."""
+    ks = default_k_splits(B, Hk, K) if k_splits is None else int(k_splits)
+    ks = max(1, min(ks, K))
+    per = -(-K // ks)
+    return -(-K // per), per
+
+
+def merge_splits(o, m, l, G: int, dtype):
+    """Combine split-K partials o [B, Hk, S, Gp, D], m, l [B, Hk, S, Gp] (unnormalised output,
+    running max, running sum; only the first G rows are real) into [B, Hk*G, D]."""
+    o, m, l = o[:, :, :, :G], m[:, :, :, :G], l[:, :, :, :G]
+    B, Hk, _, _, D = o.shape
+    m_all = jnp.max(m, axis=2, keepdims=True)  # [B, Hk, 1, G]
+    m_all = lax.optimization_barrier(m_all)  # as jax's decode_attention (NaNs without it there)
+    m_all = jnp.where(m_all == NEG_INF, 0.0, m_all)
+    corr = jnp.exp(m - m_all)  # splits without a visible key: exp(-inf) = 0
+    l_sum = jnp.sum(l * corr, axis=2)  # [B, Hk, G]
+    o_sum = jnp.sum(o * corr[..., None], axis=2)  # [B, Hk, G, D]
+    out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
+    return out.reshape(B, Hk * G, D).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "k_splits", "num_warps", "num_stages", "interpret",
                                              "backend"))
 def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, *,
@@ -193,17 +233,7 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
                                             block_size=block_size, k_splits=k_splits, interpret=interpret)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'mosaic'")
-    B, Hq, D = q.shape
-    L, Bp, T, Hk, Dk = k_pool.shape
-    K = block_ids.shape[-1]
-    if Bp != B or Dk != D or v_pool.shape != k_pool.shape or Hq % Hk:
-        raise ValueError(f"shape mismatch: q {q.shape}, k_pool {k_pool.shape}, v_pool {v_pool.shape}")
-    if block_ids.shape != (B, Hk, K) or slots.shape != (B, Hk, K):
-        raise ValueError(f"block_ids {block_ids.shape} / slots {slots.shape} must be {(B, Hk, K)}")
-    if bias_pool is not None and bias_pool.shape != k_pool.shape[:4]:
-        raise ValueError(f"bias_pool {bias_pool.shape} must be {k_pool.shape[:4]}")
-    if T % block_size:
-        raise ValueError(f"pool length {T} must be a multiple of block_size {block_size}")
+    B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     G = Hq // Hk
     Gp = max(16, _next_pow2(G))
     if not interpret:
@@ -211,10 +241,7 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
     if K == 0:
         return jnp.zeros_like(q)
 
-    ks = default_k_splits(B, Hk, K) if k_splits is None else int(k_splits)
-    ks = max(1, min(ks, K))
-    per = -(-K // ks)
-    ks = -(-K // per)  # no empty split
+    ks, per = plan_splits(B, Hk, K, k_splits)
     ids = block_ids.astype(jnp.int32)
     sl = slots.astype(jnp.int32)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -251,15 +278,7 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
     if normalize:
         return res[0][:, :, :G].reshape(B, Hq, D)
     # Merge the splits (only the G real rows; the padding rows were never written).
-    o, m, l = (x[:, :, :, :G] for x in res)
-    m_all = jnp.max(m, axis=2, keepdims=True)  # [B, Hk, 1, G]
-    m_all = lax.optimization_barrier(m_all)  # as jax's decode_attention (NaNs without it there)
-    m_all = jnp.where(m_all == NEG_INF, 0.0, m_all)
-    corr = jnp.exp(m - m_all)  # splits without a visible key: exp(-inf) = 0
-    l_sum = jnp.sum(l * corr, axis=2)  # [B, Hk, G]
-    o_sum = jnp.sum(o * corr[..., None], axis=2)  # [B, Hk, G, D]
-    out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
-    return out.reshape(B, Hq, D).astype(q.dtype)
+    return merge_splits(*res, G, q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))

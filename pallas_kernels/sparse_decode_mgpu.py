@@ -200,28 +200,16 @@ def sparse_decode_attention_mgpu(q, k_pool, v_pool, bias_pool, block_ids, slots,
     interpret: True -> `plgpu.InterpretGPUParams()` (CPU), or an InterpretGPUParams instance.
     Returns [B, Hq, D] in q.dtype.
     """
-    from pallas_kernels.sparse_decode import default_k_splits
+    from pallas_kernels.sparse_decode import check_args, merge_splits, plan_splits
 
-    B, Hq, D = q.shape
-    L, Bp, T, Hk, Dk = k_pool.shape
-    K = block_ids.shape[-1]
-    if Bp != B or Dk != D or v_pool.shape != k_pool.shape or Hq % Hk:
-        raise ValueError(f"shape mismatch: q {q.shape}, k_pool {k_pool.shape}, v_pool {v_pool.shape}")
-    if block_ids.shape != (B, Hk, K) or slots.shape != (B, Hk, K):
-        raise ValueError(f"block_ids {block_ids.shape} / slots {slots.shape} must be {(B, Hk, K)}")
-    if bias_pool is not None and bias_pool.shape != k_pool.shape[:4]:
-        raise ValueError(f"bias_pool {bias_pool.shape} must be {k_pool.shape[:4]}")
-    if T % block_size:
-        raise ValueError(f"pool length {T} must be a multiple of block_size {block_size}")
+    B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
+    T = k_pool.shape[2]
     G = Hq // Hk
     _check_shapes(k_pool.dtype, block_size, D, G)
     if K == 0:
         return jnp.zeros_like(q)
 
-    ks = default_k_splits(B, Hk, K) if k_splits is None else int(k_splits)
-    ks = max(1, min(ks, K))
-    per = -(-K // ks)
-    ks = -(-K // per)  # no empty split
+    ks, per = plan_splits(B, Hk, K, k_splits)
     Kp = ks * per
     bs = block_size
     dtype = k_pool.dtype
@@ -281,13 +269,4 @@ def sparse_decode_attention_mgpu(q, k_pool, v_pool, bias_pool, block_ids, slots,
         interpret=_interpret_params(interpret),
     )(tbl, qp, k_pool, v_pool, bias_g)
 
-    # Merge the splits (only the G real rows).
-    o, m, l = o[:, :, :, :G], m[:, :, :, :G], l[:, :, :, :G]
-    m_all = jnp.max(m, axis=2, keepdims=True)  # [B, Hk, 1, G]
-    m_all = lax.optimization_barrier(m_all)
-    m_all = jnp.where(m_all == NEG_INF, 0.0, m_all)
-    corr = jnp.exp(m - m_all)
-    l_sum = jnp.sum(l * corr, axis=2)
-    o_sum = jnp.sum(o * corr[..., None], axis=2)
-    out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
-    return out.reshape(B, Hq, D).astype(q.dtype)
+    return merge_splits(o, m, l, G, q.dtype)

@@ -151,8 +151,10 @@ def make_case(rng, *, L=3, layer=1, B=3, Hk=2, G=4, D=32, bs=8, n_logical=12, K=
                 slots=jnp.asarray(slots), q_pos=jnp.asarray(q_pos), layer=jnp.int32(layer)), bs
 
 
-def run_all(case, bs, **kw):
-    out = sparse_decode_attention(**case, block_size=bs, interpret=True, **kw)
+def run_all(case, bs, kernel=sparse_decode_attention, **kw):
+    """(kernel output in interpret mode, jnp reference, float64 NumPy) for one case; `kernel` is
+    either backend (the Mosaic GPU tests reuse this)."""
+    out = kernel(**case, block_size=bs, interpret=True, **kw)
     ref = sparse_decode_attention_reference(**case, block_size=bs)
     npo = np_sparse_decode(case["q"].astype(jnp.float32), case["k_pool"].astype(jnp.float32),
                            case["v_pool"].astype(jnp.float32), case["bias_pool"], case["block_ids"],
