@@ -10,6 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("NOSA_FIXTURES_DIR", ROOT.parent / "shared" / "fixtures" / "upstream"))
 
 
+def fixture_cases(required: str = "expected.npz") -> list[str]:
+    """Names of the upstream fixture cases holding `required` ([] when the fixtures are absent, as
+    on the GPU machine; on the CPU the `fixture_dirs` fixture then fails loudly)."""
+    return sorted(p.name for p in FIXTURES.iterdir() if (p / required).is_file()) if FIXTURES.is_dir() else []
+
+
 def on_gpu() -> bool:
     return any(d.platform == "gpu" for d in jax.devices())
 

@@ -13,10 +13,8 @@ import pytest
 
 from nosa_jax.config import ConfigError, ModelConfig, NosaConfig
 
-# shared/ lies beside the repository (CI copies it there too)
-_SHARED = next((d for d in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
-                if (d / "fixtures" / "upstream").is_dir()), Path("/work/shared"))
-FIXTURES = _SHARED / "fixtures" / "upstream"
+from conftest import FIXTURES, fixture_cases
+
 UPSTREAM = dict(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, local_blocks=16,
                 topk=64, qk_select=33)
 
@@ -95,7 +93,7 @@ def test_keyword_overrides_win_over_section():
 
 # ------------------------------------------------------------------ informational keys
 
-@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file()))
+@pytest.mark.parametrize("case", fixture_cases("config.json"))
 def test_fixture_configs_load(case):
     raw = json.loads((FIXTURES / case / "config.json").read_text())
     c = ModelConfig.from_json(FIXTURES / case / "config.json")

@@ -17,6 +17,7 @@ import jax
 jax.config.update("jax_platforms", "cpu")
 
 import jax.numpy as jnp  # noqa: E402
+import conftest  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -31,18 +32,8 @@ from nosa_jax.model import abstract_params, from_params  # noqa: E402
 
 
 
-def _fixture_root() -> Path:
-    """shared/fixtures/upstream: $NOSA_FIXTURES_DIR, else the shared/ beside the repository."""
-    for root in (os.environ.get("NOSA_FIXTURES_DIR"),
-                 Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream",
-                 "/work/shared/fixtures/upstream"):
-        if root and Path(root).is_dir():
-            return Path(root)
-    return Path("/work/shared/fixtures/upstream")
-
-
-FIXTURE_ROOT = _fixture_root()
-FIXTURES = sorted(p for p in FIXTURE_ROOT.glob("*/") if (p / "config.json").is_file())
+FIXTURE_ROOT = conftest.FIXTURES
+FIXTURES = [FIXTURE_ROOT / c for c in conftest.fixture_cases("config.json")]
 L, H, I, HQ, HK, D, V = 2, 32, 48, 4, 2, 8, 64
 
 

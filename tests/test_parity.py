@@ -16,9 +16,9 @@ from nosa_jax.checkpoint import load_model
 from nosa_jax.cli import main as cli_main
 from nosa_jax.generate import generate
 
-from conftest import FIXTURES
+from conftest import FIXTURES, fixture_cases
 
-CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.npz").is_file()) if FIXTURES.is_dir() else []
+CASES = fixture_cases()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,130 @@
+"""Where a decode step's time goes: trace the jitted decode loop with the JAX profiler and sum the
+device kernels by name (per step), plus the device busy time against the wall time of the loop.
+
+    python bench/profile_decode.py [--batch 1] [--context 16384] [--steps 16] [--mode nosa]
+                                   [--layer-unroll 1] [--impl auto] [--top 30]
+
+Prints a table; writes profile-<mode>-b<batch>-<date>.md (and the raw perfetto trace when $OUT is
+set) next to the other results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bench.common import markdown_table
+from bench.generate import ONE_B, random_cache
+from nosa_jax.config import ModelConfig
+from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
+from nosa_jax.model import NosaForCausalLM
+
+
+def device_events(trace_path: Path):
+    """(name, start_us, dur_us) of every complete event on a device (GPU stream) track."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev_pids = {p for p, n in procs.items() if "/device:" in n and "host" not in n.lower()}
+    out = [(e["name"], float(e["ts"]), float(e.get("dur", 0))) for e in events
+           if e.get("ph") == "X" and e.get("pid") in dev_pids]
+    return out, procs
+
+
+def busy_time(events) -> float:
+    """Length of the union of the events' intervals (us)."""
+    total, end = 0.0, -1e30
+    for _, s, d in sorted(events, key=lambda e: e[1]):
+        if s > end:
+            total += d
+            end = s + d
+        elif s + d > end:
+            total += s + d - end
+            end = s + d
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--mode", default="nosa")
+    ap.add_argument("--layers", type=int, default=ONE_B["num_hidden_layers"])
+    ap.add_argument("--layer-unroll", type=int, default=1)
+    ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    cfg = ModelConfig(**{**ONE_B, "num_hidden_layers": args.layers})
+    model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
+                            layer_unroll=args.layer_unroll or True)
+    graphdef, state = nnx.split(model)
+    B, n = args.batch, args.steps
+    base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
+
+    def run():
+        st = DecodeState(cache=jax.tree.map(jnp.copy, base), tokens=jnp.full((B, 2 * n), PAD, jnp.int32),
+                         logits=jnp.zeros((B, 0, cfg.vocab_size), jnp.float32), last=jnp.ones((B,), jnp.int32),
+                         done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
+        st = jax.block_until_ready(st)
+        t0 = time.perf_counter()
+        st, _ = decode_loop(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
+                            n_steps=n)
+        jax.block_until_ready(st.tokens)
+        return time.perf_counter() - t0
+
+    run(), run()
+    if os.environ.get("OUT"):  # the optimised HLO, to map the fusion names below to their ops
+        st = DecodeState(cache=base, tokens=jnp.full((B, 2 * n), PAD, jnp.int32),
+                         logits=jnp.zeros((B, 0, cfg.vocab_size), jnp.float32), last=jnp.ones((B,), jnp.int32),
+                         done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
+        hlo = decode_loop.lower(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
+                                n_steps=n).compile().as_text()
+        with gzip.open(Path(os.environ["OUT"]) / f"hlo-{args.mode}-b{B}-u{args.layer_unroll}.txt.gz", "wt") as f:
+            f.write(hlo)
+    logdir = Path(tempfile.mkdtemp(prefix="nosa-prof-"))
+    with jax.profiler.trace(str(logdir), create_perfetto_trace=True):
+        wall = run()
+    traces = sorted(logdir.rglob("*.trace.json.gz")) or sorted(logdir.rglob("perfetto_trace.json.gz"))
+    if not traces:
+        raise SystemExit(f"no trace written under {logdir}")
+    events, procs = device_events(traces[-1])
+    if not events:
+        print("no device events; processes in the trace:", sorted(set(procs.values())))
+        return
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for name, _, d in events:
+        by_name[name][0] += d
+        by_name[name][1] += 1
+    total = sum(v[0] for v in by_name.values())
+    busy = busy_time(events)
+    span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+    rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
+            for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
+    head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
+            f"{model.settings.impl}, layer_unroll {args.layer_unroll}: wall {wall / n * 1e3:.3f} ms/step, device span "
+            f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "
+            f"{total / n / 1e3:.3f} ms/step, {len(events) / n:.0f} kernels/step\n\n")
+    table = head + markdown_table(["kernel", "us/step", "calls/step", "% of kernel time"], rows)
+    print(table)
+    stem = f"profile-{args.mode}-b{B}-u{args.layer_unroll}"
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / f"{stem}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
