@@ -1,0 +1,300 @@
+"""GPU probe for pallas_kernels/kv_loader.py: host-offloaded KV loads and appends on the H200.
+
+Run from the repo root on the GPU machine (about 1-2 minutes):
+    python bench/probe_offload.py            # summary also written to $OUT/probe_offload.txt if $OUT is set
+
+Shapes: L=4, B=16, Hk=2, NB=256, bs=64, D=128 bf16 (host K and V stores 512 MiB each, pinned_host),
+S=32 pool slots per (b, h), M=8 misses per (b, h) and call (256 blocks of 16 KiB for K and for V =
+8 MiB per call, 10% of them -1 padding).
+Cases (each prints OK/FAIL with the exception text):
+  1. load_blocks(path="pallas") in a jitted lax.fori_loop of 20 calls with donated pools:
+     bit-exact vs NumPy, time per call, GB/s (bytes of the non-skipped K+V blocks).
+  2. the same with path="xla".
+  3. append_tokens, each path, in a jitted fori_loop of 20 calls carrying the donated host stores:
+     bit-exact, time per call, memory kind of the result.
+  4. decode-loop shape: lax.fori_loop over 3 steps { lax.scan over the 4 layers { load_blocks;
+     order_after_load; append_tokens } } with the host stores and pools in the carry, for (load,
+     append) paths (pallas, xla), (pallas, pallas), (xla, xla), and (pallas, xla) WITHOUT the
+     order_after_load barrier (on the CPU that variant copies the whole store per step): bit-exact,
+     time per step.
+  5. copies in the compiled HLO of cases 1-4: `copy(` / `copy-start(` instructions whose type is a
+     host-store or pool shape (a per-step full copy would show here).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import SingleDeviceSharding  # noqa: E402
+
+from pallas_kernels.kv_loader import append_tokens, load_blocks, loader_path, order_after_load  # noqa: E402
+
+L, B, Hk, NB, BS, D, S, M = 4, 16, 2, 256, 64, 128, 32, 8
+if os.environ.get("PROBE_SMALL") == "1":  # CPU smoke test of this script (pallas in interpret mode)
+    L, B, Hk, NB, BS, D, S, M = 2, 2, 2, 8, 16, 16, 6, 3
+INTERPRET = jax.default_backend() != "gpu"
+ITERS = 20
+STEPS = 3
+LINES: list[str] = []
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    LINES.append(msg)
+    out = os.environ.get("OUT")
+    if out:  # rewritten each time, so a timeout still leaves the summary so far
+        Path(out, "probe_offload.txt").write_text("\n".join(LINES) + "\n")
+
+
+def bits(x):
+    return np.asarray(x).view(np.uint16 if np.asarray(x).dtype.itemsize == 2 else np.uint32)
+
+
+def same(a, b) -> bool:
+    return np.array_equal(bits(a), bits(b))
+
+
+def hlo_copies(hlo: str, shapes: dict[str, str]) -> dict[str, list[str]]:
+    found = {name: [] for name in shapes}
+    for ln in hlo.splitlines():
+        m = re.search(r"=\s*(.*?)\s+copy(-start)?\(", ln)
+        if not m:
+            continue
+        for name, s in shapes.items():
+            if s + "{" in m.group(1):
+                found[name].append(ln.strip()[:160])
+    return found
+
+
+def report_copies(tag: str, compiled_text: str) -> None:
+    shapes = {"host store": f"bf16[{L},{B},{Hk},{NB},{BS},{D}]", "pool k/v": f"bf16[{L},{B},{S * BS},{Hk},{D}]",
+              "pool bias": f"f32[{L},{B},{S * BS},{Hk}]"}
+    found = hlo_copies(compiled_text, shapes)
+    n_cs = sum("copy-start" in ln for ln in compiled_text.splitlines())
+    log(f"  [5] {tag}: HLO copies of host store {len(found['host store'])}, pool k/v {len(found['pool k/v'])}, "
+        f"pool bias {len(found['pool bias'])}; copy-start lines (any shape) {n_cs}; "
+        f"triton custom calls {compiled_text.count('__gpu$xla.gpu.triton')}")
+    for name, lines in found.items():
+        for ln in lines[:4]:
+            log(f"      {name}: {ln}")
+
+
+def main() -> None:
+    dev = jax.devices()[0]
+    pin = SingleDeviceSharding(dev, memory_kind="pinned_host")
+    log(f"probe_offload: jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '?')}, "
+        f"memories {[m.kind for m in dev.addressable_memories()]}")
+    log(f"loader_path('auto'): load_blocks -> {loader_path()}, append_tokens -> {loader_path(op='append_tokens')}")
+    log(f"shapes: L={L} B={B} Hk={Hk} NB={NB} bs={BS} D={D} S={S} M={M}; host store "
+        f"{L * B * Hk * NB * BS * D * 2 / 2**20:.0f} MiB each (K, V)")
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+
+    def rand_bf16(*shape):  # normal positive bf16 bit patterns (no subnormals), cheap to make
+        return rng.integers(0x0080, 0x3F80, size=shape, dtype=np.uint16).view(ml_dtypes.bfloat16)
+
+    hk_np, hv_np = rand_bf16(L, B, Hk, NB, BS, D), rand_bf16(L, B, Hk, NB, BS, D)
+    cis_np = rng.standard_normal((L, B, NB * BS, Hk)).astype(np.float32)
+    pk_np, pv_np = rand_bf16(L, B, S * BS, Hk, D), rand_bf16(L, B, S * BS, Hk, D)
+    pb_np = rng.standard_normal((L, B, S * BS, Hk)).astype(np.float32)
+
+    def plan(n):
+        blocks = np.stack([np.stack([np.stack([rng.choice(NB, M, replace=False) for _ in range(Hk)])
+                                     for _ in range(B)]) for _ in range(n)]).astype(np.int32)
+        slots = np.stack([np.stack([np.stack([rng.choice(S, M, replace=False) for _ in range(Hk)])
+                                    for _ in range(B)]) for _ in range(n)]).astype(np.int32)
+        blocks[rng.random(blocks.shape) < 0.1] = -1
+        return blocks, slots
+
+    blocks_np, slots_np = plan(ITERS)  # [ITERS, B, Hk, M]
+    log(f"data made in {time.perf_counter() - t0:.1f}s")
+    b_i = np.arange(B)[:, None, None, None]
+    h_i = np.arange(Hk)[None, :, None, None]
+    i_bs = np.arange(BS)
+
+    def ref_load(hk, hv, pk, pv, pb, layer, blocks, slots):
+        ok = blocks >= 0
+        bb, hh, mm = np.nonzero(ok)
+        blk, sl = blocks[ok], slots[ok]
+        rows = sl[:, None] * BS + i_bs  # [n, bs]
+        pk[layer, bb[:, None], rows, hh[:, None]] = hk[layer, bb, hh, blk]
+        pv[layer, bb[:, None], rows, hh[:, None]] = hv[layer, bb, hh, blk]
+        pb[layer, bb[:, None], rows, hh[:, None]] = cis_np[layer, bb[:, None], blk[:, None] * BS + i_bs, hh[:, None]]
+
+    def ref_append(h, layer, pos, x):
+        for b, p in enumerate(pos):
+            if p >= 0:
+                h[layer, b, :, p // BS, p % BS, :] = x[b]
+
+    def put_host():
+        return jax.device_put(hk_np, pin), jax.device_put(hv_np, pin)
+
+    loaded_bytes = lambda blocks: int((blocks >= 0).sum()) * BS * D * 2 * 2  # K + V
+
+    # ---------------- cases 1, 2: load_blocks in a jitted fori_loop ----------------
+    hk_h, hv_h = put_host()
+    for case, path in ((1, "pallas"), (2, "xla")):
+        tag = f"[{case}] load_blocks path={path}"
+        try:
+            def f(pk, pv, pb, hk, hv, cis, blocks, slots, path=path):
+                def body(i, c):
+                    return load_blocks(hk, hv, cis, *c, i % L, blocks[i], slots[i], block_size=BS, path=path, interpret=INTERPRET)
+                return lax.fori_loop(0, ITERS, body, (pk, pv, pb))
+
+            jf = jax.jit(f, donate_argnums=(0, 1, 2))
+            args = lambda: (jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np), hk_h, hv_h,
+                            jnp.asarray(cis_np), jnp.asarray(blocks_np), jnp.asarray(slots_np))
+            t = time.perf_counter()
+            comp = jf.lower(*args()).compile()
+            t_c = time.perf_counter() - t
+            out = jax.block_until_ready(comp(*args()))
+            rk, rv, rb = pk_np.copy(), pv_np.copy(), pb_np.copy()
+            for i in range(ITERS):
+                ref_load(hk_np, hv_np, rk, rv, rb, i % L, blocks_np[i], slots_np[i])
+            ok = same(out[0], rk) and same(out[1], rv) and same(out[2], rb)
+            times = []
+            cur = out
+            for _ in range(5):
+                t = time.perf_counter()
+                cur = jax.block_until_ready(comp(*cur, hk_h, hv_h, jnp.asarray(cis_np), jnp.asarray(blocks_np),
+                                                 jnp.asarray(slots_np)))
+                times.append(time.perf_counter() - t)
+            med = float(np.median(times))
+            gb = loaded_bytes(blocks_np) / med / 1e9
+            log(f"{'OK  ' if ok else 'FAIL'} {tag}: bit-exact={ok}; compile {t_c:.1f}s; {med / ITERS * 1e3:.3f} ms/call "
+                f"(median of 5 x {ITERS} calls, wall), {gb:.1f} GB/s of K+V blocks "
+                f"({loaded_bytes(blocks_np[0]) / 2**20:.1f} MiB/call)")
+            report_copies(tag, comp.as_text())
+        except Exception as e:  # noqa: BLE001
+            log(f"FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}")
+            log(traceback.format_exc(limit=3)[-1500:])
+
+    # ---------------- case 3: append_tokens in a jitted fori_loop ----------------
+    ks_np = rand_bf16(ITERS, B, Hk, D)
+    vs_np = rand_bf16(ITERS, B, Hk, D)
+    pos0 = (rng.integers(0, NB * BS - ITERS, B)).astype(np.int32)
+    pos0[0] = BS - 3  # crosses a block boundary during the loop
+    pos0[1] = -1  # idle sequence (skipped)
+    for path in ("xla", "pallas"):
+        tag = f"[3] append_tokens path={path}"
+        hk_h = hv_h = None  # free the previous stores first
+        try:
+            hk_h, hv_h = put_host()
+
+            def g(hk, hv, pos0, ks, vs, path=path):
+                def body(i, c):
+                    pos = jnp.where(pos0 >= 0, pos0 + i, -1)
+                    return append_tokens(*c, i % L, pos, ks[i], vs[i], block_size=BS, path=path, interpret=INTERPRET)
+                return lax.fori_loop(0, ITERS, body, (hk, hv))
+
+            jg = jax.jit(g, donate_argnums=(0, 1))
+            t = time.perf_counter()
+            comp = jg.lower(hk_h, hv_h, jnp.asarray(pos0), jnp.asarray(ks_np), jnp.asarray(vs_np)).compile()
+            t_c = time.perf_counter() - t
+            out = jax.block_until_ready(comp(hk_h, hv_h, jnp.asarray(pos0), jnp.asarray(ks_np), jnp.asarray(vs_np)))
+            kinds = (out[0].sharding.memory_kind, out[1].sharding.memory_kind)
+            rk, rv = hk_np.copy(), hv_np.copy()
+            for i in range(ITERS):
+                pos = np.where(pos0 >= 0, pos0 + i, -1)
+                ref_append(rk, i % L, pos, ks_np[i])
+                ref_append(rv, i % L, pos, vs_np[i])
+            ok = same(out[0], rk) and same(out[1], rv)
+            del rk, rv
+            times = []
+            cur = out
+            for _ in range(5):
+                t = time.perf_counter()
+                cur = jax.block_until_ready(comp(*cur, jnp.asarray(pos0), jnp.asarray(ks_np), jnp.asarray(vs_np)))
+                times.append(time.perf_counter() - t)
+            med = float(np.median(times))
+            log(f"{'OK  ' if ok else 'FAIL'} {tag}: bit-exact={ok}; result memory kinds {kinds}; compile {t_c:.1f}s; "
+                f"{med / ITERS * 1e3:.3f} ms/call (K and V, {B} sequences)")
+            report_copies(tag, comp.as_text())
+            hk_h, hv_h = None, None
+            del cur, out
+        except Exception as e:  # noqa: BLE001
+            log(f"FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}")
+            log(traceback.format_exc(limit=3)[-1500:])
+
+    # ---------------- case 4: scan over layers inside fori_loop over steps ----------------
+    sb_np, ss_np = plan(STEPS * L)
+    sb_np = sb_np.reshape(STEPS, L, B, Hk, M)
+    ss_np = ss_np.reshape(STEPS, L, B, Hk, M)
+    sk_np = rand_bf16(STEPS, L, B, Hk, D)
+    sv_np = rand_bf16(STEPS, L, B, Hk, D)
+    # reference once (the same for every path combination)
+    rhk, rhv, rk, rv, rb = hk_np.copy(), hv_np.copy(), pk_np.copy(), pv_np.copy(), pb_np.copy()
+    for t in range(STEPS):
+        pos = np.where(pos0 >= 0, pos0 + t, -1)
+        for layer in range(L):
+            ref_load(rhk, rhv, rk, rv, rb, layer, sb_np[t, layer], ss_np[t, layer])
+            ref_append(rhk, layer, pos, sk_np[t, layer])
+            ref_append(rhv, layer, pos, sv_np[t, layer])
+    for lp, ap, bar in (("pallas", "xla", True), ("pallas", "pallas", True), ("xla", "xla", True),
+                        ("pallas", "xla", False)):
+        tag = f"[4] fori(steps){{scan(layers){{load {lp}; {'order_after_load; ' if bar else ''}append {ap}}}}}"
+        try:
+            hk_h = hv_h = None
+            hk_h, hv_h = put_host()
+
+            def h(hk, hv, pk, pv, pb, cis, blocks, slots, pos0, ks, vs, lp=lp, ap=ap, bar=bar):
+                def step(t, carry):
+                    pos = jnp.where(pos0 >= 0, pos0 + t, -1)
+
+                    def layer_fn(c, xs):
+                        hk, hv, pk, pv, pb = c
+                        layer, bl, sl, k, v = xs
+                        pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=lp,
+                                                 interpret=INTERPRET)
+                        if bar:
+                            hk, hv, pk, pv, pb = order_after_load(hk, hv, pk, pv, pb)
+                        hk, hv = append_tokens(hk, hv, layer, pos, k, v, block_size=BS, path=ap, interpret=INTERPRET)
+                        return (hk, hv, pk, pv, pb), None
+
+                    xs = (jnp.arange(L, dtype=jnp.int32), blocks[t], slots[t], ks[t], vs[t])
+                    return lax.scan(layer_fn, carry, xs)[0]
+
+                return lax.fori_loop(0, STEPS, step, (hk, hv, pk, pv, pb))
+
+            jh = jax.jit(h, donate_argnums=(0, 1, 2, 3, 4))
+            rest = lambda: (jnp.asarray(cis_np), jnp.asarray(sb_np), jnp.asarray(ss_np), jnp.asarray(pos0),
+                            jnp.asarray(sk_np), jnp.asarray(sv_np))
+            t = time.perf_counter()
+            comp = jh.lower(hk_h, hv_h, jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np), *rest()).compile()
+            t_c = time.perf_counter() - t
+            t = time.perf_counter()
+            out = jax.block_until_ready(comp(hk_h, hv_h, jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np),
+                                             *rest()))
+            t_run = time.perf_counter() - t
+            kinds = tuple(o.sharding.memory_kind for o in out)
+            oks = [same(o, r) for o, r in zip(out, (rhk, rhv, rk, rv, rb))]
+            t = time.perf_counter()
+            cur = jax.block_until_ready(comp(*out, *rest()))
+            t_run2 = time.perf_counter() - t
+            log(f"{'OK  ' if all(oks) else 'FAIL'} {tag}: bit-exact (hk, hv, pk, pv, pb)={oks}; kinds {kinds}; "
+                f"compile {t_c:.1f}s; {t_run2 / STEPS * 1e3:.2f} ms/step of {L} layers (first run "
+                f"{t_run / STEPS * 1e3:.2f})")
+            report_copies(tag, comp.as_text())
+            hk_h, hv_h = None, None
+            del cur, out
+        except Exception as e:  # noqa: BLE001
+            log(f"FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}")
+            log(traceback.format_exc(limit=3)[-1500:])
+    log(f"total {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Host KV store <-> device slot pool: load_blocks / append_tokens (pallas_kernels/kv_loader.py).
+
+CPU: the "xla" path runs natively with pinned_host host stores; the "pallas" path runs in interpret
+mode (which accepts pinned_host operands). Every copy must be bit-exact against a NumPy replay.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.sharding import SingleDeviceSharding
+
+from pallas_kernels.kv_loader import append_tokens, load_blocks, loader_path, order_after_load
+from model_utils import h200_lowering_text
+
+L, B, Hk, NB, BS, D, S, M = 3, 2, 2, 6, 16, 16, 5, 3
+DT = jnp.bfloat16
+# path, interpret: the two implementations as they run on this machine
+PATHS = [("xla", False), ("pallas", True)]
+
+
+def _pinned():
+    return SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+
+
+def _bits(x):
+    x = np.asarray(x)
+    return x.view(np.uint16) if x.dtype.itemsize == 2 else x.view(np.uint32)
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    hk = f(L, B, Hk, NB, BS, D).astype(DT)
+    hv = f(L, B, Hk, NB, BS, D).astype(DT)
+    cis = f(L, B, NB * BS, Hk)
+    pk = f(L, B, S * BS, Hk, D).astype(DT)
+    pv = f(L, B, S * BS, Hk, D).astype(DT)
+    pb = f(L, B, S * BS, Hk)
+    pk[0, 0, :3, 0, :2] = np.nan  # untouched garbage must survive bit-exactly
+    blocks = np.stack([[rng.choice(NB, M, replace=False) for _ in range(Hk)] for _ in range(B)]).astype(np.int32)
+    slots = np.stack([[rng.choice(S, M, replace=False) for _ in range(Hk)] for _ in range(B)]).astype(np.int32)
+    blocks[0, 1, 2] = -1  # padding
+    blocks[1, 0, 0] = -1
+    blocks[1, 1, :] = -1  # a head with nothing to load
+    slots[1, 1, :] = -1   # ... and garbage slots for it
+    return dict(hk=hk, hv=hv, cis=cis, pk=pk, pv=pv, pb=pb, blocks=blocks, slots=slots)
+
+
+def _ref_load(d, layer):
+    rk, rv, rb = d["pk"].copy(), d["pv"].copy(), d["pb"].copy()
+    for b in range(B):
+        for h in range(Hk):
+            for m in range(M):
+                blk, s = d["blocks"][b, h, m], d["slots"][b, h, m]
+                if blk < 0:
+                    continue
+                rk[layer, b, s * BS:(s + 1) * BS, h] = d["hk"][layer, b, h, blk]
+                rv[layer, b, s * BS:(s + 1) * BS, h] = d["hv"][layer, b, h, blk]
+                rb[layer, b, s * BS:(s + 1) * BS, h] = d["cis"][layer, b, blk * BS:(blk + 1) * BS, h]
+    return rk, rv, rb
+
+
+def _assert_same(got, want):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def test_loader_path_is_reported_loudly():
+    load, app = loader_path(), loader_path(op="append_tokens")
+    print(f"\n*** kv_loader: backend={jax.default_backend()} load_blocks path='{load}' "
+          f"append_tokens path='{app}' ***")
+    if jax.default_backend() == "gpu":
+        assert load == "pallas"
+    else:
+        assert load == "xla"
+    assert app == "xla"
+    assert loader_path("pallas") == "pallas" and loader_path("xla") == "xla"
+    with pytest.raises(ValueError):
+        loader_path("mosaic")
+
+
+@pytest.mark.parametrize("path,interpret,unroll_max", [("xla", False, 256), ("xla", False, 0), ("pallas", True, 0)])
+@pytest.mark.parametrize("host_mem", ["pinned_host", "device"])
+def test_load_blocks_exact(path, interpret, unroll_max, host_mem):
+    d = _data(1)
+    put = (lambda x: jax.device_put(x, _pinned())) if host_mem == "pinned_host" else jnp.asarray
+    hk, hv = put(d["hk"]), put(d["hv"])
+    if host_mem == "pinned_host":
+        assert hk.sharding.memory_kind == "pinned_host" and jax.typeof(hk).memory_space == jax.memory.Space.Host
+    layer = 2
+    out = load_blocks(hk, hv, jnp.asarray(d["cis"]), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
+                      jnp.asarray(d["pb"]), jnp.int32(layer), jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]),
+                      block_size=BS, path=path, interpret=interpret, xla_unroll_max=unroll_max)
+    want = _ref_load(d, layer)
+    _assert_same(out, want)
+    # the reference really changed something, and left the other layers / untouched slots alone
+    assert not np.array_equal(_bits(want[0]), _bits(d["pk"]))
+    np.testing.assert_array_equal(_bits(out[0][:layer]), _bits(d["pk"][:layer]))
+    np.testing.assert_array_equal(_bits(out[0][0, 0, :3, 0, :2]), _bits(d["pk"][0, 0, :3, 0, :2]))  # NaNs kept
+    assert all(o.sharding.memory_kind == "device" for o in out)
+
+
+@pytest.mark.parametrize("path,interpret", PATHS)
+def test_load_blocks_in_jitted_loop_pinned(path, interpret):
+    """Traced layer index inside a jitted fori_loop, host stores in pinned_host, pools donated."""
+    d = _data(2)
+    pin = _pinned()
+    hk, hv = jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin)
+    blocks = np.stack([d["blocks"], np.roll(d["blocks"], 1, axis=2)])  # a different plan per step
+    slots = np.stack([d["slots"], d["slots"]])
+
+    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+        def body(i, c):
+            return load_blocks(hk, hv, cis, *c, (i + 1) % L, blocks[i], slots[i], block_size=BS, path=path,
+                               interpret=interpret)
+        return lax.fori_loop(0, 2, body, (pk, pv, pb))
+
+    out = jax.jit(f, donate_argnums=(0, 1, 2))(jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]),
+                                               hk, hv, jnp.asarray(d["cis"]), jnp.asarray(blocks),
+                                               jnp.asarray(slots))
+    want = _ref_load(d, 1)
+    d2 = dict(d, pk=want[0], pv=want[1], pb=want[2], blocks=blocks[1])
+    _assert_same(out, _ref_load(d2, 2))
+
+
+def _copies_of(hlo: str, shapes) -> list[str]:
+    """HLO instructions `%x = <type> copy(...)` / `copy-start(...)` whose type mentions one of shapes."""
+    out = []
+    for ln in hlo.splitlines():
+        m = re.search(r"=\s*(.*?)\s+copy(-start)?\(", ln)
+        if m and any(s + "{" in m.group(1) for s in shapes):
+            out.append(ln.strip()[:200])
+    return out
+
+
+def test_load_blocks_xla_in_place_under_donation():
+    """Compiled HLO of a jitted fori_loop with donated pools: no copy of any pool (nor host store)."""
+    d = _data(3)
+    pin = _pinned()
+    hk, hv = jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin)
+
+    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+        def body(i, c):
+            return load_blocks(hk, hv, cis, *c, i % L, blocks, slots, block_size=BS, path="xla")
+        return lax.fori_loop(0, 4, body, (pk, pv, pb))
+
+    args = (jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), hk, hv, jnp.asarray(d["cis"]),
+            jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]))
+    hlo = jax.jit(f, donate_argnums=(0, 1, 2)).lower(*args).compile().as_text()
+    shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
+    assert any(shapes[0] in ln for ln in hlo.splitlines())  # the pattern does match the pool
+    assert _copies_of(hlo, shapes) == []
+
+
+def test_load_blocks_pallas_cuda_lowering_in_place():
+    """The Triton kernel as the H200 will compile it: one custom call per load, the three pools
+    aliased to its outputs, the pinned_host stores passed straight in (no device_put / placement
+    annotation), inside the fori_loop. (The interpret-mode CPU HLO is not representative: the
+    interpreter copies the aliased pools; bench/probe_offload.py checks the compiled GPU HLO.)"""
+    pin = _pinned()
+    hk = jax.device_put(jnp.zeros((L, B, Hk, NB, 64, 128), DT), pin)
+    pk = jnp.zeros((L, B, S * 64, Hk, 128), DT)
+    pb = jnp.zeros((L, B, S * 64, Hk), jnp.float32)
+    cis = jnp.zeros((L, B, NB * 64, Hk), jnp.float32)
+    ids = jnp.zeros((B, Hk, M), jnp.int32)
+
+    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+        def body(i, c):
+            return load_blocks(hk, hv, cis, *c, i % L, blocks, slots, block_size=64, path="pallas")
+        return lax.fori_loop(0, 3, body, (pk, pv, pb))
+
+    txt = h200_lowering_text(f, pk, pk, pb, hk, hk, cis, ids, ids)
+    calls = [ln for ln in txt.splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert len(calls) == 1 and "nosa_kv_load_blocks" in calls[0]
+    assert calls[0].count("output_operand_alias<") == 3
+    assert f"grid_x = {B} : i32, grid_y = {Hk} : i32, grid_z = {M} : i32" in calls[0]
+    main = next(ln for ln in txt.splitlines() if "func.func public @main" in ln)
+    assert main.count('mhlo.memory_kind = "pinned_host"') == 2
+    assert "annotate_device_placement" not in txt
+
+
+def test_pallas_call_output_is_device_typed_even_when_aliased_to_pinned_host():
+    """jax 0.11.2 fact the append path relies on (fails loudly if jax changes it): a pallas_call
+    accepts a pinned_host operand but types every output, aliased or not, as device memory."""
+    x = jax.device_put(jnp.zeros((2, 16), jnp.float32), _pinned())
+
+    def kernel(x_in, o_ref):
+        o_ref[0, :] = jnp.ones((16,), jnp.float32)
+
+    def f(x):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              in_specs=[pl.BlockSpec(memory_space=pl.ANY)], out_specs=pl.BlockSpec(memory_space=pl.ANY),
+                              input_output_aliases={0: 0}, interpret=True)(x)
+
+    out_aval = jax.jit(f).trace(x).jaxpr.out_avals[0]
+    assert jax.typeof(x).memory_space == jax.memory.Space.Host
+    assert out_aval.memory_space == jax.memory.Space.Device
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.array([[1.0] * 16, [0.0] * 16], np.float32))
+
+
+def _ref_append(hk, layer, pos, k):
+    out = hk.copy()
+    for b, p in enumerate(pos):
+        if p >= 0:
+            out[layer, b, :, p // BS, p % BS, :] = k[b]
+    return out
+
+
+@pytest.mark.parametrize("path,interpret", PATHS)
+@pytest.mark.parametrize("host_mem", ["pinned_host", "device"])
+def test_append_tokens_exact(path, interpret, host_mem):
+    d = _data(4)
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((B, Hk, D)).astype(DT)
+    v = rng.standard_normal((B, Hk, D)).astype(DT)
+    put = (lambda x: jax.device_put(x, _pinned())) if host_mem == "pinned_host" else jnp.asarray
+    for pos in ([BS - 1, -1], [-1, 3 * BS + 5], [BS, 0], [-1, -1]):  # last row of a block, first of the next, skips
+        pos = np.array(pos, np.int32)
+        ok, ov = append_tokens(put(d["hk"]), put(d["hv"]), jnp.int32(1), jnp.asarray(pos), jnp.asarray(k),
+                               jnp.asarray(v), block_size=BS, path=path, interpret=interpret)
+        if host_mem == "pinned_host":
+            assert ok.sharding.memory_kind == "pinned_host" and ov.sharding.memory_kind == "pinned_host"
+        np.testing.assert_array_equal(_bits(ok), _bits(_ref_append(d["hk"], 1, pos, k)))
+        np.testing.assert_array_equal(_bits(ov), _bits(_ref_append(d["hv"], 1, pos, v)))
+
+
+def test_append_tokens_xla_in_place_under_donation():
+    """Compiled HLO of a jitted fori_loop carrying the donated pinned_host stores: no copy of them."""
+    pin = _pinned()
+    hk = jax.device_put(jnp.zeros((L, B, Hk, NB, BS, D), DT), pin)
+    hv = jax.device_put(jnp.zeros((L, B, Hk, NB, BS, D), DT), pin)
+
+    def g(hk, hv, pos, k):
+        def body(i, c):
+            return append_tokens(*c, i % L, pos + i, k, k, block_size=BS, path="xla")
+        return lax.fori_loop(0, 4, body, (hk, hv))
+
+    hlo = jax.jit(g, donate_argnums=(0, 1)).lower(hk, hv, jnp.zeros((B,), jnp.int32),
+                                                  jnp.zeros((B, Hk, D), DT)).compile().as_text()
+    shape = f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"
+    assert any(shape in ln for ln in hlo.splitlines())
+    assert _copies_of(hlo, [shape]) == []
+
+
+def test_copy_detector_sees_the_interpreter_copies():
+    """The no-copy checks above can fail: the interpret-mode pallas path does copy the pools."""
+    d = _data(8)
+
+    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+        def body(i, c):
+            return load_blocks(hk, hv, cis, *c, i % L, blocks, slots, block_size=BS, path="pallas", interpret=True)
+        return lax.fori_loop(0, 2, body, (pk, pv, pb))
+
+    args = [jnp.asarray(d[n]) for n in ("pk", "pv", "pb", "hk", "hv", "cis", "blocks", "slots")]
+    hlo = jax.jit(f, donate_argnums=(0, 1, 2)).lower(*args).compile().as_text()
+    assert _copies_of(hlo, [f"bf16[{L},{B},{S * BS},{Hk},{D}]"])
+
+
+@pytest.mark.parametrize("path,interpret", PATHS)
+def test_decode_loop_shape_scan_over_layers_in_fori_loop(path, interpret):
+    """How the decode loop uses both ops: fori_loop over steps carrying the donated pinned host
+    stores and pools, scan over layers inside; per layer, load then append. Ragged positions
+    crossing a block boundary."""
+    d = _data(6)
+    pin = _pinned()
+    steps = 3
+    rng = np.random.default_rng(7)
+    ks = rng.standard_normal((steps, L, B, Hk, D)).astype(DT)
+    vs = rng.standard_normal((steps, L, B, Hk, D)).astype(DT)
+    pos0 = np.array([BS - 2, -1], np.int32)  # sequence 0 crosses into block 1; sequence 1 is idle
+
+    def f(hk, hv, pk, pv, pb, cis, blocks, slots, pos0, ks, vs):
+        def step(t, carry):
+            hk, hv, pk, pv, pb = carry
+            pos = jnp.where(pos0 >= 0, pos0 + t, -1)
+
+            def layer_fn(c, xs):
+                hk, hv, pk, pv, pb = c
+                layer, k, v = xs
+                pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, blocks, slots, block_size=BS, path=path,
+                                         interpret=interpret)
+                hk, hv, pk, pv, pb = order_after_load(hk, hv, pk, pv, pb)
+                hk, hv = append_tokens(hk, hv, layer, pos, k, v, block_size=BS, path=path, interpret=interpret)
+                return (hk, hv, pk, pv, pb), None
+
+            carry, _ = lax.scan(layer_fn, (hk, hv, pk, pv, pb), (jnp.arange(L, dtype=jnp.int32), ks[t], vs[t]))
+            return carry
+
+        return lax.fori_loop(0, steps, step, (hk, hv, pk, pv, pb))
+
+    args = (jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
+            jnp.asarray(d["pb"]), jnp.asarray(d["cis"]), jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]),
+            jnp.asarray(pos0), jnp.asarray(ks), jnp.asarray(vs))
+    jf = jax.jit(f, donate_argnums=(0, 1, 2, 3, 4))
+    if path == "xla":  # in place: no copy of the host stores or pools per step
+        hlo = jf.lower(*args).compile().as_text()
+        shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
+        assert _copies_of(hlo, shapes) == []
+    out = jf(*args)
+    assert out[0].sharding.memory_kind == "pinned_host" and out[1].sharding.memory_kind == "pinned_host"
+
+    r = {k_: v_.copy() for k_, v_ in d.items()}
+    for t in range(steps):
+        pos = np.where(pos0 >= 0, pos0 + t, -1)
+        for layer in range(L):
+            r["pk"], r["pv"], r["pb"] = _ref_load(r, layer)
+            r["hk"] = _ref_append(r["hk"], layer, pos, ks[t, layer])
+            r["hv"] = _ref_append(r["hv"], layer, pos, vs[t, layer])
+    _assert_same(out, (r["hk"], r["hv"], r["pk"], r["pv"], r["pb"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("load_path", ["pallas", "xla"])
+def test_gpu_load_blocks_pinned_host(load_path):
+    """On the GPU: the compiled Triton kernel (and the xla path) read the pinned_host store, bit-exact."""
+    d = _data(9)
+    pin = _pinned()
+    print(f"\n*** kv_loader GPU: load_blocks path='{load_path}' (auto='{loader_path()}') ***")
+    out = load_blocks(jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.asarray(d["cis"]),
+                      jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(1),
+                      jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]), block_size=BS, path=load_path)
+    _assert_same(out, _ref_load(d, 1))
+
+
+@pytest.mark.gpu
+def test_gpu_append_tokens_pallas_pinned_host():
+    """On the GPU: does the Triton append kernel write through to the pinned store? (See the
+    kv_loader docstring; this is what decides whether append 'auto' may become 'pallas'.)"""
+    d = _data(10)
+    pin = _pinned()
+    k = np.random.default_rng(11).standard_normal((B, Hk, D)).astype(DT)
+    pos = np.array([BS - 1, -1], np.int32)
+    ok, ov = append_tokens(jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.int32(2),
+                           jnp.asarray(pos), jnp.asarray(k), jnp.asarray(k), block_size=BS, path="pallas")
+    assert ok.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(_bits(ok), _bits(_ref_append(d["hk"], 2, pos, k)))
