@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
+import tempfile
 import os
 import statistics
 import time
@@ -72,3 +74,54 @@ def standalone(run, header: list[str], stem: str, *, sweep_help: str | None = No
     table = markdown_table(header, rows)
     print(table)
     print(f"saved {save(records, stem, table)}")
+
+
+def device_events(trace_path: Path) -> list[tuple[str, float, float, dict]]:
+    """(name, start_us, dur_us, args) of every complete event on a device (GPU stream) track of a
+    perfetto trace written by `jax.profiler.trace(..., create_perfetto_trace=True)`."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev_pids = {p for p, n in procs.items() if "/device:" in n and "host" not in n.lower()}
+    return [(e["name"], float(e["ts"]), float(e.get("dur", 0)), e.get("args", {})) for e in events
+            if e.get("ph") == "X" and e.get("pid") in dev_pids]
+
+
+def trace_device_events(fn):
+    """Run fn() under the JAX profiler; returns (fn's result, device events of the run)."""
+    logdir = Path(tempfile.mkdtemp(prefix="nosa-prof-"))
+    with jax.profiler.trace(str(logdir), create_perfetto_trace=True):
+        out = fn()
+    traces = sorted(logdir.rglob("perfetto_trace.json.gz")) or sorted(logdir.rglob("*.trace.json.gz"))
+    return out, (device_events(traces[-1]) if traces else [])
+
+
+def busy_time(events) -> float:
+    """Length of the union of the events' intervals (us)."""
+    total, end = 0.0, -1e30
+    for e in sorted(events, key=lambda e: e[1]):
+        s, d = e[1], e[2]
+        if s > end:
+            total += d
+            end = s + d
+        elif s + d > end:
+            total += s + d - end
+            end = s + d
+    return total
+
+
+def split_by_scope(events, scopes: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Sum device time (us) by category: an event belongs to the first category one of whose
+    markers appears in its name or any of its string args (named scopes reach the trace through
+    the ops' metadata); everything else is "rest"."""
+    out = {k: 0.0 for k in scopes} | {"rest": 0.0}
+    for name, _, d, args in events:
+        text = name + " " + " ".join(str(v) for v in args.values())
+        for k, markers in scopes.items():
+            if any(m in text for m in markers):
+                out[k] += d
+                break
+        else:
+            out["rest"] += d
+    return out

@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,36 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import markdown_table
+from bench.common import busy_time, device_events, markdown_table, trace_device_events
 from bench.generate import ONE_B, random_cache
 from nosa_jax.config import ModelConfig
 from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
-
-
-def device_events(trace_path: Path):
-    """(name, start_us, dur_us) of every complete event on a device (GPU stream) track."""
-    with gzip.open(trace_path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    dev_pids = {p for p, n in procs.items() if "/device:" in n and "host" not in n.lower()}
-    out = [(e["name"], float(e["ts"]), float(e.get("dur", 0))) for e in events
-           if e.get("ph") == "X" and e.get("pid") in dev_pids]
-    return out, procs
-
-
-def busy_time(events) -> float:
-    """Length of the union of the events' intervals (us)."""
-    total, end = 0.0, -1e30
-    for _, s, d in sorted(events, key=lambda e: e[1]):
-        if s > end:
-            total += d
-            end = s + d
-        elif s + d > end:
-            total += s + d - end
-            end = s + d
-    return total
 
 
 def main():
@@ -96,23 +70,17 @@ def main():
                                 n_steps=n).compile().as_text()
         with gzip.open(Path(os.environ["OUT"]) / f"hlo-{args.mode}-b{B}-u{args.layer_unroll}.txt.gz", "wt") as f:
             f.write(hlo)
-    logdir = Path(tempfile.mkdtemp(prefix="nosa-prof-"))
-    with jax.profiler.trace(str(logdir), create_perfetto_trace=True):
-        wall = run()
-    traces = sorted(logdir.rglob("*.trace.json.gz")) or sorted(logdir.rglob("perfetto_trace.json.gz"))
-    if not traces:
-        raise SystemExit(f"no trace written under {logdir}")
-    events, procs = device_events(traces[-1])
+    wall, events = trace_device_events(run)
     if not events:
-        print("no device events; processes in the trace:", sorted(set(procs.values())))
+        print("no device events in the trace (CPU run?)")
         return
     by_name = collections.defaultdict(lambda: [0.0, 0])
-    for name, _, d in events:
+    for name, _, d, _ in events:
         by_name[name][0] += d
         by_name[name][1] += 1
     total = sum(v[0] for v in by_name.values())
     busy = busy_time(events)
-    span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+    span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
     rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "

@@ -282,6 +282,17 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
     return cfg, params
 
 
+def load_config(path: str | Path) -> ModelConfig:
+    """The model config of a converted or HF checkpoint directory (no weights read)."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f} not found; point to a converted nosa-jax or HF checkpoint directory")
+    try:
+        return ModelConfig.from_json(f)
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: {e}") from e
+
+
 def load_params(path: str | Path, *, dtype=None, progress: bool = False) -> tuple[ModelConfig, dict]:
     """(config, nested dict of jax arrays in the `abstract_params` layout) from a checkpoint dir.
 

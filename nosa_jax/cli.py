@@ -1,4 +1,4 @@
-"""`nosa-jax` command line: convert, score, generate, demo."""
+"""`nosa-jax` command line: convert, score, generate, plan, demo."""
 
 from __future__ import annotations
 
@@ -138,8 +138,12 @@ def _tokenizer(checkpoint: str):
 
 
 def run_generate(model, tok, prompts_ids, args, out_path=None) -> dict:
-    from .generate import Sampler, generate
+    from .generate import OffloadSettings, Sampler, generate
 
+    offload = False
+    if getattr(args, "offload", False):
+        offload = OffloadSettings(pool_slots=args.pool_slots, loader=args.loader,
+                                  host_memory_budget=_gib(args.host_memory_gb))
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     progress = None
     if not args.no_progress and args.max_new_tokens > args.stream_chunk:
@@ -154,7 +158,8 @@ def run_generate(model, tok, prompts_ids, args, out_path=None) -> dict:
 
     res = generate(model, prompts_ids, max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed,
                    capacity=args.capacity, prefill_chunk=args.prefill_chunk, save_logits=args.save_logits,
-                   chunk_steps=args.stream_chunk, on_tokens=on_tokens)
+                   chunk_steps=args.stream_chunk, on_tokens=on_tokens, kv_offload=offload,
+                   memory_budget=_gib(getattr(args, "gpu_memory_gb", None)))
     if progress is not None:
         progress.close()
     for i, toks in enumerate(res.tokens):
@@ -169,6 +174,14 @@ def run_generate(model, tok, prompts_ids, args, out_path=None) -> dict:
     print(f"prefill {res.prefill_seconds:.3f} s | decode {res.decode_tokens} tokens in {res.decode_seconds:.3f} s "
           f"({res.decode_tokens_per_second:.1f} tok/s, includes compilation on first use) | "
           f"KV cache {res.cache_bytes / 2**20:.1f} MiB")
+    if res.offload_stats is not None:
+        from pallas_kernels.kv_loader import loader_path
+
+        st = res.offload_stats
+        print(f"offloaded KV ({loader_path(args.loader)} loader, {offload.slots(model.cfg, res_capacity(res, args, prompts_ids))} "
+              f"slots): {st['misses_per_layer_head_seq']:.2f} misses per (layer, kv head, sequence, step), "
+              f"hit rate {st['hit_rate_mean']:.3f}, locality gamma {st['gamma_mean']:.3f}, "
+              f"{st['bytes_per_step'] / 2**20:.2f} MiB loaded per step (after the first)")
     if out_path:
         n = max(len(t) for t in res.tokens)
         ids = np.full((len(res.tokens), n), -1, np.int64)
@@ -181,6 +194,14 @@ def run_generate(model, tok, prompts_ids, args, out_path=None) -> dict:
         np.savez(out_path, **arrays)
         print(f"wrote {out_path}")
     return {"result": res}
+
+
+def _gib(x):
+    return None if x is None else int(float(x) * 2**30)
+
+
+def res_capacity(res, args, prompts_ids) -> int:
+    return args.capacity or (max(len(p) for p in prompts_ids) + args.max_new_tokens)
 
 
 def cmd_generate(args) -> int:
@@ -198,6 +219,34 @@ def cmd_generate(args) -> int:
         prompts = [row.tolist() for row in a]
     model = load_model(args.checkpoint, mode=args.mode, dtype=args.dtype, q_chunk=args.q_chunk, impl=args.impl)
     run_generate(model, tok, prompts, args, args.out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- plan
+def cmd_plan(args) -> int:
+    import jax.numpy as jnp
+
+    from .checkpoint import load_config
+    from .generate import available_memory_bytes, host_memory_bytes
+    from .offload import capacity_plan
+
+    cfg = load_config(args.checkpoint)
+    dtype = jnp.dtype(args.dtype or "bfloat16")
+    gpu = _gib(args.gpu_memory_gb) or available_memory_bytes()
+    host = _gib(args.host_memory_gb) or host_memory_bytes()
+    plan = capacity_plan(cfg, dtype, context=args.context, gpu_budget=gpu, host_budget=host, mode=args.mode,
+                         pool_slots=args.pool_slots, batch=args.batch)
+    print(f"{args.checkpoint}: weights {plan['weights_bytes'] / 2**30:.2f} GiB ({dtype.name}); budgets: device "
+          f"{gpu / 2**30:.1f} GiB, host {host / 2**30:.1f} GiB; context {args.context} tokens")
+    for kind in ("dense", "sparse_on_device", "offloaded"):
+        k = plan[kind]
+        line = (f"  {kind:17s} max batch {k['max_batch']:6d} | per sequence: device {k['device_bytes_per_seq'] / 2**20:9.1f} MiB"
+                f", host {k['host_bytes_per_seq'] / 2**20:9.1f} MiB")
+        if args.batch:
+            line += f" | max context at batch {args.batch}: {k['max_context_at_batch']}"
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=1))
     return 0
 
 
@@ -253,6 +302,14 @@ def _gen_args(p):
                    help="decode steps per jitted call between progress updates")
     p.add_argument("--save-logits", action="store_true", help="with --out: also save each step's logits")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="device memory budget for the KV state (default: what is free; set to emulate a smaller GPU)")
+
+
+def _offload_args(p):
+    p.add_argument("--pool-slots", type=int, default=None,
+                   help="device block slots per (layer, sequence, kv head) (default 2 x top-k; top-k = exact fit)")
+    p.add_argument("--host-memory-gb", type=float, default=None, help="host memory budget (default: what is free)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-ids", default=None, help=".npy of prompt ids [T] or [B, T]")
     p.add_argument("--out", default=None, help="save generated ids (and logits) to this .npz")
     _gen_args(p)
+    p.add_argument("--offload", action="store_true",
+                   help="keep the KV history in pinned host memory; load each step's missing blocks into a device pool")
+    _offload_args(p)
+    p.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto",
+                   help="host->device block loader with --offload (auto: zero-copy Pallas kernel on a GPU)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="largest batch / context for dense, on-device sparse and offloaded runs")
+    p.add_argument("--checkpoint", required=True, help="converted nosa-jax dir or HF checkpoint dir (config only)")
+    p.add_argument("--mode", choices=["nosa", "infllmv2"], default="nosa")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=None, help="also report the largest context at this batch")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="device budget (default: what is free)")
+    _offload_args(p)
+    p.add_argument("--json", default=None, help="write the plan to this file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="build the built-in small NOSA checkpoint, convert it and generate")
     p.add_argument("--workdir", default="runs/demo")

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cache import KVCache, cache_bytes
+from .cache import KVCache, cache_bytes, init_cache
 from .model import NosaForCausalLM
+from .offload import OffloadedKV, init_offloaded, offload_bytes, store_prefill
 
 PAD = -1  # token id written after a sequence has stopped
 
@@ -67,15 +68,18 @@ class Sampler:
 
 @dataclasses.dataclass
 class DecodeState:
-    """The decode loop's carry. tokens [B, N]; logits [B, N, V] or [B, 0, V]; last [B]; done [B]."""
+    """The decode loop's carry. tokens [B, N]; logits [B, N, V] or [B, 0, V]; last [B]; done [B];
+    stats [N, L, 3] int32 with the offloaded cache (per step and layer: misses, selected blocks,
+    blocks reused from the previous step, summed over sequences and kv heads), else None."""
 
-    cache: KVCache
+    cache: KVCache | OffloadedKV
     tokens: jax.Array
     logits: jax.Array
     last: jax.Array
     done: jax.Array
     step: jax.Array
     key: jax.Array
+    stats: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
@@ -94,6 +98,7 @@ class GenerationResult:
     decode_tokens: int
     cache_bytes: int
     texts: list[str] | None = None  # decoded generations when a tokenizer was given
+    offload_stats: dict | None = None  # with the offloaded cache: see `offload_statistics`
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -144,17 +149,23 @@ _first_token = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(2,))
 
 
 def _feed(model, st: DecodeState):
-    """Run the model on each live sequence's last token; returns next logits and the new cache."""
+    """Run the model on each live sequence's last token; returns next logits and the state with the
+    new cache (and, offloaded, this step's load statistics recorded)."""
     live = (~st.done).astype(jnp.int32)
     out = model.extend(jnp.maximum(st.last, 0)[:, None], st.cache.length, live, st.cache)
-    return model.logits(out.h[:, 0]), out.cache
+    st = dataclasses.replace(st, cache=out.cache)
+    if st.stats is not None:
+        c = out.cache
+        row = jnp.stack([c.misses.sum((1, 2)), c.selected.sum((1, 2)), c.reused.sum((1, 2))], axis=-1)
+        st = dataclasses.replace(st, stats=st.stats.at[st.step].set(row, mode="drop"))
+    return model.logits(out.h[:, 0]), st
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids"), donate_argnames=("st",))
 def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: tuple[int, ...]):
     """One decode step as its own jitted call (the Python-loop baseline of the benchmark)."""
-    logits, cache = _feed(_merge(graphdef, state), st)
-    return _advance(sampler, eos_ids, dataclasses.replace(st, cache=cache), logits), logits
+    logits, st = _feed(_merge(graphdef, state), st)
+    return _advance(sampler, eos_ids, st, logits), logits
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",))
@@ -169,11 +180,39 @@ def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, e
 
     def body(_, carry):
         s, _, params = carry
-        lg, cache = _feed(_merge(graphdef, params), s)
-        return _advance(sampler, eos_ids, dataclasses.replace(s, cache=cache), lg), lg, params
+        lg, s = _feed(_merge(graphdef, params), s)
+        return _advance(sampler, eos_ids, s, lg), lg, params
 
     st, logits, _ = jax.lax.fori_loop(0, n_steps, body, (st, logits, state))
     return st, logits
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadSettings:
+    """The host-offloaded KV cache (`nosa_jax.offload`): K/V history in pinned host memory, a pool
+    of `pool_slots` block slots per (layer, sequence, kv head) on the device (None: twice the
+    top-k, so blocks that leave the selection stay resident; top-k is upstream's exact fit).
+    `loader`: "auto" | "pallas" (zero-copy kernel) | "xla" (dynamic_slice + device_put).
+    `host_memory_budget`: bytes of host memory the store may use (None: what is free now).
+    `prefill_group`: sequences prefilled on the device at a time before moving to the host
+    (None: as many as the device memory budget allows)."""
+
+    pool_slots: int | None = None
+    loader: str = "auto"
+    host_memory_budget: int | None = None
+    prefill_group: int | None = None
+
+    def slots(self, cfg, capacity: int) -> int:
+        from .offload import num_selected
+        return self.pool_slots or 2 * num_selected(cfg, capacity)
+
+
+def host_memory_bytes() -> int | None:
+    """Free host RAM (the pinned store's budget by default)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class Generator:
@@ -181,7 +220,8 @@ class Generator:
     by every Generator of the same model structure (their cache is keyed on the graph definition)."""
 
     def __init__(self, model: NosaForCausalLM, *, sampler: Sampler = Sampler(),
-                 eos_ids: Sequence[int] | None = None, save_logits: bool = False):
+                 eos_ids: Sequence[int] | None = None, save_logits: bool = False,
+                 offload: OffloadSettings | None = None):
         self.cfg = model.cfg
         self.model_dtype = model.dtype
         self.mode = model.mode
@@ -189,6 +229,7 @@ class Generator:
         self.sampler = sampler
         self.eos_ids = tuple(int(e) for e in (self.cfg.eos_token_ids if eos_ids is None else eos_ids))
         self.save_logits = save_logits
+        self.offload = offload
 
     # ---- host-side driver -----------------------------------------------------------------
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, capacity: int,
@@ -210,13 +251,44 @@ class Generator:
                 f"prompt length {max(len(p) for p in prompts)} + max_new_tokens {max_new_tokens} = {need} "
                 f"exceeds the capacity of {capacity} tokens per sequence; shorten the prompt, lower "
                 f"max_new_tokens or raise the capacity (--capacity / max_position_embeddings)")
-        nbytes = cache_bytes(self.cfg, len(prompts), capacity, self.model_dtype, self.mode)
         budget = memory_budget if memory_budget is not None else available_memory_bytes()
+        if self.offload is not None:
+            self._prefill_group(len(prompts), capacity, budget)  # raises when nothing fits
+            return
+        nbytes = cache_bytes(self.cfg, len(prompts), capacity, self.model_dtype, self.mode)
         if budget is not None and nbytes > budget:
             raise GenerationError(
                 f"the KV cache for batch {len(prompts)} x {capacity} tokens needs {nbytes / 2**30:.2f} GiB "
                 f"but only {budget / 2**30:.2f} GiB is available; lower the batch size, the prompt "
                 f"length or max_new_tokens (capacity), or use the offloaded cache")
+
+    def _prefill_group(self, B: int, capacity: int, budget: int | None) -> int:
+        """Check the offloaded run's device and host memory; return how many sequences to prefill
+        on the device at a time."""
+        from .offload import OffloadError
+
+        S = self.offload.slots(self.cfg, capacity)
+        try:
+            dev, host = offload_bytes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
+        except OffloadError as e:
+            raise GenerationError(str(e)) from e
+        host_budget = self.offload.host_memory_budget
+        host_budget = host_budget if host_budget is not None else host_memory_bytes()
+        if host_budget is not None and host > host_budget:
+            raise GenerationError(
+                f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
+                f"host memory but the budget is {host_budget / 2**30:.2f} GiB; lower the batch size or "
+                f"the capacity (prompt length + max_new_tokens)")
+        per_seq = cache_bytes(self.cfg, 1, capacity, self.model_dtype, self.mode)
+        if budget is not None and dev + per_seq > budget:
+            raise GenerationError(
+                f"the offloaded cache needs {dev / 2**30:.2f} GiB on the device (pools of {S} slots, "
+                f"compressed keys, scores) plus {per_seq / 2**30:.2f} GiB to prefill one sequence, but only "
+                f"{budget / 2**30:.2f} GiB is available; lower the batch size, pool_slots or the capacity")
+        group = self.offload.prefill_group
+        if group is None:
+            group = B if budget is None else int((budget - dev) // per_seq)
+        return max(1, min(B, group))
 
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, capacity: int | None = None,
               prefill_chunk: int | None = None, seed: int = 0,
@@ -235,16 +307,23 @@ class Generator:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = p
         t0 = time.perf_counter()
-        model = nnx.merge(self.graphdef, self.state)
-        cache = model.init_cache(B, capacity, rope_len=lengths + max_new_tokens)
-        logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
-        for c in range(n_chunks):
-            start = np.minimum(c * chunk, lengths)
-            n_valid = np.clip(lengths - c * chunk, 0, chunk)
-            cache, logits = _prefill_chunk(self.graphdef, self.state,
-                                           jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                           jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
-                                           cache, logits)
+        rope_len = lengths + max_new_tokens
+        if self.offload is None:
+            cache, logits = self._prefill(ids, lengths, capacity, rope_len, chunk)
+        else:
+            budget = memory_budget if memory_budget is not None else available_memory_bytes()
+            group = self._prefill_group(B, capacity, budget)
+            S = self.offload.slots(self.cfg, capacity)
+            cache = init_offloaded(self.cfg, B, capacity, self.model_dtype, self.mode, S, rope_len=rope_len,
+                                   loader=self.offload.loader)
+            parts = []
+            for b0 in range(0, B, group):
+                sl = slice(b0, min(B, b0 + group))
+                dev, lg = self._prefill(ids[sl], lengths[sl], capacity, rope_len[sl], chunk)
+                cache = store_prefill(cache, dev, b0, n=self.cfg.nosa)
+                parts.append(lg)
+                del dev
+            logits = jnp.concatenate(parts)
         jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - t0
         V = self.cfg.vocab_size
@@ -256,10 +335,27 @@ class Generator:
             done=jnp.zeros((B,), bool),
             step=jnp.zeros((), jnp.int32),
             key=jax.random.key(seed),
+            stats=(jnp.zeros((max_new_tokens, self.cfg.num_hidden_layers, 3), jnp.int32)
+                   if self.offload is not None else None),
         )
         # the first token comes from the prefill logits
         st = _first_token(self.sampler, self.eos_ids, st, logits)
         return st, logits, prefill_s
+
+    def _prefill(self, ids, lengths, capacity: int, rope_len, chunk: int):
+        """Prefill prompts ids [B, n_chunks * chunk] into a fresh device cache; returns the cache and
+        each sequence's last-token logits."""
+        model = nnx.merge(self.graphdef, self.state)
+        B = ids.shape[0]
+        cache = model.init_cache(B, capacity, rope_len=rope_len)
+        logits = jnp.zeros((B, self.cfg.vocab_size), jnp.float32)
+        for c in range(ids.shape[1] // chunk):
+            start = np.minimum(c * chunk, lengths)
+            n_valid = np.clip(lengths - c * chunk, 0, chunk)
+            cache, logits = _prefill_chunk(self.graphdef, self.state, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                                           jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
+                                           cache, logits)
+        return cache, logits
 
     def stream(self, st: DecodeState, logits: jax.Array, chunk_steps: int) -> Iterator[tuple[DecodeState, jax.Array]]:
         """Run the jitted loop `chunk_steps` steps at a time (fewer for the last chunk), yielding after
@@ -273,11 +369,38 @@ class Generator:
             yield st, logits
 
 
+def offload_statistics(stats: np.ndarray, cfg, dtype, mode: str, batch: int) -> dict:
+    """Load statistics of an offloaded run from DecodeState.stats rows [steps, L, (misses, selected,
+    reused)] (summed over sequences and kv heads): per step and layer the misses, loaded bytes, hit
+    rate and locality gamma (share of the selected blocks that the previous step selected too), and
+    their means over the steps after the first (whose pool starts empty and has no previous
+    selection)."""
+    n = cfg.nosa
+    per_block = 2 * n.block_size * cfg.head_dim * jnp.dtype(dtype).itemsize + (4 * n.block_size if mode == "nosa" else 0)
+    misses, selected, reused = (stats[..., i].astype(np.float64) for i in range(3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hit_rate = 1.0 - misses / selected
+        gamma = reused / selected
+    later = slice(1, None)
+
+    def mean(x):
+        return float(np.nanmean(x[later])) if x.shape[0] > 1 else float("nan")
+
+    return {
+        "misses": misses, "selected": selected, "reused": reused, "bytes": misses * per_block,
+        "hit_rate": hit_rate, "gamma": gamma,
+        "misses_per_layer_head_seq": mean(misses / (batch * cfg.num_key_value_heads)),
+        "hit_rate_mean": mean(hit_rate), "gamma_mean": mean(gamma),
+        "bytes_per_step": mean(misses.sum(axis=1, keepdims=True) * per_block),
+    }
+
+
 def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int] | str], *, max_new_tokens: int = 32,
              sampler: Sampler = Sampler(), seed: int = 0, eos_ids: Sequence[int] | None = None,
              capacity: int | None = None, prefill_chunk: int | None = None, save_logits: bool = False,
              chunk_steps: int | None = None, on_tokens=None,
-             memory_budget: int | None = None, tokenizer=None) -> GenerationResult:
+             memory_budget: int | None = None, tokenizer=None, kv_offload: bool | OffloadSettings = False,
+             pool_slots: int | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, any lengths).
 
     The decode loop is one jitted device loop (`lax.fori_loop`, an XLA while loop with a static trip
@@ -285,12 +408,20 @@ def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int] | str], *, 
     that many steps and calls `on_tokens(tokens_so_far [B, N] np.ndarray, step)` (streaming).
     Stops per sequence at an EOS id (config's by default) or after max_new_tokens. With a
     `tokenizers.Tokenizer`, prompts may be strings and the result carries decoded `texts`.
+    `kv_offload=True` (or an `OffloadSettings`) keeps the KV history in pinned host memory and
+    loads each step's missing blocks into a device pool of `pool_slots` slots (`nosa_jax.offload`);
+    the result then carries `offload_stats`.
     """
+    offload = None
+    if kv_offload:
+        offload = kv_offload if isinstance(kv_offload, OffloadSettings) else OffloadSettings()
+        if pool_slots is not None:
+            offload = dataclasses.replace(offload, pool_slots=pool_slots)
     if any(isinstance(p, str) for p in prompts):
         if tokenizer is None:
             raise GenerationError("text prompts need a tokenizer (tokenizer=tokenizers.Tokenizer...)")
         prompts = [tokenizer.encode(p).ids if isinstance(p, str) else p for p in prompts]
-    gen = Generator(model, sampler=sampler, eos_ids=eos_ids, save_logits=save_logits)
+    gen = Generator(model, sampler=sampler, eos_ids=eos_ids, save_logits=save_logits, offload=offload)
     st, logits, prefill_s = gen.start(prompts, max_new_tokens=max_new_tokens, capacity=capacity,
                                       prefill_chunk=prefill_chunk, seed=seed, memory_budget=memory_budget)
     t0 = time.perf_counter()
@@ -306,12 +437,19 @@ def generate(model: NosaForCausalLM, prompts: Sequence[Sequence[int] | str], *, 
         out.append(row[: row.index(PAD)] if PAD in row else row)
     n_decoded = sum(max(0, len(r) - first_step) for r in out)
     cap = capacity or (max(len(p) for p in prompts) + max_new_tokens)
+    if offload is not None:
+        nbytes = sum(offload_bytes(model.cfg, len(prompts), cap, model.dtype, model.mode, offload.slots(model.cfg, cap)))
+    else:
+        nbytes = cache_bytes(model.cfg, len(prompts), cap, model.dtype, model.mode)
     return GenerationResult(
         tokens=out,
         logits=np.asarray(st.logits) if save_logits else None,
         prefill_seconds=prefill_s,
         decode_seconds=decode_s,
         decode_tokens=n_decoded,
-        cache_bytes=cache_bytes(model.cfg, len(prompts), cap, model.dtype, model.mode),
+        cache_bytes=nbytes,
+        offload_stats=(offload_statistics(np.asarray(st.stats)[first_step:], model.cfg, model.dtype, model.mode,
+                                              len(prompts))
+                       if offload is not None else None),
         texts=[tokenizer.decode(t, skip_special_tokens=True) for t in out] if tokenizer is not None else None,
     )

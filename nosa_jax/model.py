@@ -33,6 +33,8 @@ from flax import nnx
 from . import nosa
 from .cache import KVCache, cache_write, init_cache
 from .config import ATTENTION_MODES, ModelConfig, NosaConfig
+from .offload import OffloadedKV
+from .offload import decode_attend as offload_decode_attend
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _ACT = {
@@ -103,11 +105,15 @@ class Attention(nnx.Module):
         x: [B, Tc, H], tokens at positions start[b] .. start[b] + Tc - 1 (entries past a sequence's
         new length `cache.length` are padding); layer: this layer's index into the stacked cache.
         Returns (out [B, Tc, H], block_ids [B, Hk, Tc, K], cis [B, Tc, Hk], updated cache).
+        The cache is a `KVCache` (on the device) or an `OffloadedKV` (decode only, Tc == 1).
         """
         q, k, v, cis = self.project(x, cos, sin)
-        cache = cache_write(cache, layer, start, k, v, cis, self.cfg.nosa)
-        attend_fn = attend_pallas if settings.impl == "pallas" else attend
-        o, ids = attend_fn(q, layer, cache, start, self.cfg.nosa, settings)
+        if isinstance(cache, OffloadedKV):  # decode against the host-offloaded cache
+            o, ids, cache = offload_decode_attend(q, k, v, cis, layer, cache, start, self.cfg.nosa, settings)
+        else:
+            cache = cache_write(cache, layer, start, k, v, cis, self.cfg.nosa)
+            attend_fn = attend_pallas if settings.impl == "pallas" else attend
+            o, ids = attend_fn(q, layer, cache, start, self.cfg.nosa, settings)
         B, Tc = x.shape[:2]
         return self.o_proj(o.reshape(B, Tc, -1).astype(x.dtype)), ids, cis, cache
 
@@ -182,11 +188,6 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
         return o, ids
 
     return map_query_chunks(one_chunk, q, q_pos, settings.q_chunk)
-
-    o, ids = jax.lax.map(one_chunk, (qc, pc))
-    o = jnp.moveaxis(o, 0, 1).reshape(B, n_chunks * chunk, Hq, D)[:, :Tc]
-    ids = jnp.moveaxis(ids, 0, 2).reshape(B, Hk, n_chunks * chunk, -1)[:, :, :Tc]
-    return o, ids
 
 
 def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):

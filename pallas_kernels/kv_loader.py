@@ -313,7 +313,7 @@ def _append_pallas(host_k, host_v, layer, pos, k, v, *, block_size, interpret, n
     return out_k, out_v
 
 
-def _append_xla(host_k, host_v, layer, pos, k, v, *, block_size):
+def _append_xla(host_k, host_v, layer, pos, k, v, *, block_size, all_valid: bool = False):
     B, Hk, D = k.shape
     layer = jnp.asarray(layer, jnp.int32)
     pos = pos.astype(jnp.int32)
@@ -340,19 +340,23 @@ def _append_xla(host_k, host_v, layer, pos, k, v, *, block_size):
             outs.append(host)
         return tuple(outs)
 
+    if all_valid:  # no predicate to evaluate (on the GPU a cond reads it back to the host each call)
+        return write((host_k, host_v))
     return lax.cond(jnp.any(valid), write, lambda hosts: hosts, (host_k, host_v))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "path", "interpret", "num_warps"),
+@functools.partial(jax.jit, static_argnames=("block_size", "path", "interpret", "num_warps", "all_valid"),
                    donate_argnames=("host_k", "host_v"))
 def append_tokens(host_k, host_v, layer, pos, k, v, *, block_size: int, path: str = "auto",
-                  interpret: bool = False, num_warps: int = 1):
+                  interpret: bool = False, num_warps: int = 1, all_valid: bool = False):
     """Write one token per sequence into the host store, in place. Returns (host_k, host_v).
 
     host_k, host_v: [L, B, Hk, NB, bs, D] (pinned_host or device; donated); layer: int32 scalar
     (may be traced); pos: [B] int32 token positions; k, v: [B, Hk, D]. For every b with pos[b] >= 0:
     host_{k,v}[layer, b, :, pos//bs, pos%bs, :] = {k,v}[b]. Sequences with pos < 0 are untouched.
     path: "auto" | "pallas" | "xla" (see `loader_path(path, "append_tokens")`).
+    all_valid=True promises every pos is a valid position (no skipped sequence), which lets the xla
+    path drop its "anything to write?" branch.
     """
     L, B, Hk, NB, bs, D = host_k.shape
     if host_v.shape != host_k.shape or bs != block_size:
@@ -363,4 +367,4 @@ def append_tokens(host_k, host_v, layer, pos, k, v, *, block_size: int, path: st
     if which == "pallas":
         return _append_pallas(host_k, host_v, layer, pos, k, v, block_size=block_size, interpret=interpret,
                               num_warps=num_warps)
-    return _append_xla(host_k, host_v, layer, pos, k, v, block_size=block_size)
+    return _append_xla(host_k, host_v, layer, pos, k, v, block_size=block_size, all_valid=all_valid)

@@ -1,0 +1,379 @@
+"""Host-offloaded KV cache (NOSI in JAX): the full K/V history in pinned host memory, a pool of
+block slots on the device, and per-step loads of only the blocks the selection newly needs.
+
+Layout (L layers, B sequences, Hk kv heads, NB blocks of bs tokens, S pool slots, D head dim):
+  host_k, host_v  [L, B, Hk, NB, bs, D]  model dtype, pinned host: one contiguous chunk per
+                                         (layer, sequence, head, block)
+  pool_k, pool_v  [L, B, S*bs, Hk, D]    device: slot s of head h = rows s*bs .. s*bs+bs-1, the
+                                         layout the decode kernel reads (`slots` index it)
+  pool_bias       [L, B, S*bs, Hk]       float32 device copy of the slot tokens' eviction scores
+  table           [L, B, Hk, S]          int32 block id held by each slot (-1: empty)
+  stamp           [L, B, Hk, S]          int32 length of the sequence when the slot was last selected
+  ring_k          [L, B, R, Hk, D]       the last R keys per sequence (position p at p % R): the
+                                         compressed window a new token completes is averaged from
+                                         here, in the same order as the on-device cache does
+  cis, ktilde, cisw, length, rope_len    as in `KVCache` (small; they stay on the device)
+  prev_ids        [L, B, Hk, K]          last step's selection (locality statistics)
+  misses, reused, selected [L, B, Hk]    this step's counts (statistics)
+
+One decode step, per layer (all inside the jitted decode loop, no host round trip):
+  1. the new token's key/value are appended to the host store in place, its key to the ring, its
+     cis to the device history; the window it completes (if any) is averaged;
+  2. the selection runs on the device exactly as in the on-device cache;
+  3. slots: selected blocks already in the pool are hits; each miss takes a slot not holding a
+     selected block, empty slots first, then the least recently selected (LRU); the tail block
+     (the token's own, always among the forced local blocks) is therefore always resident;
+  4. the misses are copied host -> pool (`pallas_kernels.kv_loader.load_blocks`), and the new
+     token is written into its block's slot (so the current token always sees its own block);
+  5. attention over the pool through the slot table (the same decode kernel / reference).
+A pool of exactly top-k slots is upstream's behaviour; more slots keep blocks that drop out of
+the selection resident (a victim cache), so they come back without a load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import nosa
+from .cache import KVCache, _new_windows, allocation
+from .config import ModelConfig, NosaConfig
+
+@dataclasses.dataclass
+class OffloadedKV:
+    host_k: jax.Array
+    host_v: jax.Array
+    pool_k: jax.Array
+    pool_v: jax.Array
+    pool_bias: jax.Array
+    table: jax.Array
+    stamp: jax.Array
+    ring_k: jax.Array
+    cis: jax.Array
+    ktilde: jax.Array
+    cisw: jax.Array
+    length: jax.Array
+    rope_len: jax.Array
+    prev_ids: jax.Array
+    misses: jax.Array
+    reused: jax.Array
+    selected: jax.Array
+    capacity: int
+    loader: str = "auto"  # kv_loader path ("auto", "pallas", "xla")
+
+
+_DATA = [f.name for f in dataclasses.fields(OffloadedKV) if f.name not in ("capacity", "loader")]
+jax.tree_util.register_dataclass(OffloadedKV, data_fields=_DATA, meta_fields=["capacity", "loader"])
+
+
+class OffloadError(ValueError):
+    """An offloaded run that cannot be set up (mode, pool size, memory budgets)."""
+
+
+def ring_size(n: NosaConfig) -> int:
+    """Keys kept per sequence for the window means: a power of two covering one window."""
+    return 1 << max(0, n.kernel_size - 1).bit_length()
+
+
+def num_selected(cfg: ModelConfig, capacity: int) -> int:
+    """K: selected blocks per (sequence, kv head) at this capacity."""
+    T, _ = allocation(cfg, capacity)
+    return min(cfg.nosa.topk, T // cfg.nosa.block_size)
+
+
+def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, pool_slots: int):
+    """{name: ShapeDtypeStruct} of every array of an OffloadedKV, and which live on the host."""
+    if mode not in ("nosa", "infllmv2"):
+        raise OffloadError(f"the offloaded cache serves the sparse modes 'nosa' and 'infllmv2', not {mode!r} "
+                           f"(full attention reads every block each step: nothing to offload)")
+    n = cfg.nosa
+    L, Hk, D, bs = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, n.block_size
+    T, C = allocation(cfg, capacity)
+    NB = T // bs
+    K = num_selected(cfg, capacity)
+    if pool_slots < K:
+        raise OffloadError(f"pool_slots={pool_slots} is smaller than the {K} blocks selected per step; "
+                           f"use at least {K} (top-k) slots")
+    S, R = pool_slots, ring_size(n)
+    dt = jnp.dtype(dtype)
+    f32, i32 = jnp.float32, jnp.int32
+    sd = jax.ShapeDtypeStruct
+    shapes = dict(
+        host_k=sd((L, batch, Hk, NB, bs, D), dt), host_v=sd((L, batch, Hk, NB, bs, D), dt),
+        pool_k=sd((L, batch, S * bs, Hk, D), dt), pool_v=sd((L, batch, S * bs, Hk, D), dt),
+        pool_bias=sd((L, batch, S * bs, Hk), f32),  # unused by infllmv2 attention (1/64 of the pool)
+        table=sd((L, batch, Hk, S), i32), stamp=sd((L, batch, Hk, S), i32),
+        ring_k=sd((L, batch, R, Hk, D), dt),
+        cis=sd((L, batch, T, Hk), f32),
+        ktilde=sd((L, batch, C, Hk, D), dt if dt.itemsize < 4 else f32),
+        cisw=sd((L, batch, C if mode == "nosa" else 0, Hk), f32),
+        length=sd((batch,), i32), rope_len=sd((batch,), i32),
+        prev_ids=sd((L, batch, Hk, K), i32),
+        misses=sd((L, batch, Hk), i32), reused=sd((L, batch, Hk), i32), selected=sd((L, batch, Hk), i32))
+    return shapes, {"host_k", "host_v"}
+
+
+def offload_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, pool_slots: int) -> tuple[int, int]:
+    """(device bytes, host bytes) of the offloaded cache."""
+    shapes, on_host = offload_shapes(cfg, batch, capacity, dtype, mode, pool_slots)
+    size = lambda s: int(math.prod(s.shape)) * s.dtype.itemsize
+    return (sum(size(s) for k, s in shapes.items() if k not in on_host),
+            sum(size(s) for k, s in shapes.items() if k in on_host))
+
+
+def init_offloaded(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, pool_slots: int,
+                   rope_len=None, loader: str = "auto") -> OffloadedKV:
+    """An empty offloaded cache; the host store is allocated directly in pinned host memory."""
+    shapes, on_host = offload_shapes(cfg, batch, capacity, dtype, mode, pool_slots)
+
+    def make(name, s):
+        fill = -1 if name in ("table", "prev_ids") else 0
+        if name in on_host:  # typed <host> inside jit (an out_sharding alone leaves a device-typed aval)
+            return jax.jit(lambda: jax.device_put(jnp.full(s.shape, fill, s.dtype), jax.memory.Space.Host))()
+        return jnp.full(s.shape, fill, s.dtype)
+
+    arrays = {k: make(k, s) for k, s in shapes.items()}
+    arrays["rope_len"] = (jnp.full((batch,), capacity, jnp.int32) if rope_len is None
+                          else jnp.asarray(rope_len, jnp.int32).reshape(batch))
+    return OffloadedKV(**arrays, capacity=capacity, loader=loader)
+
+
+# ------------------------------------------------------------------------------- prefill handoff
+@partial(jax.jit, static_argnames=("n",), donate_argnames=("off",))
+def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> OffloadedKV:
+    """Move a prefilled on-device cache of sequences b0 .. b0 + g - 1 into the offloaded cache:
+    keys/values to the host store (block layout), the small arrays to the device, the last R keys
+    to the ring. Both caches must come from the same model config."""
+    L, g, T, Hk, D = dev.k.shape
+    bs = n.block_size
+    nb = T // bs
+
+    def to_blocks(x):  # [L, g, T, Hk, D] -> [L, g, Hk, nb, bs, D]
+        return jnp.moveaxis(x.reshape(L, g, nb, bs, Hk, D), 4, 2)
+
+    z = jnp.zeros((), jnp.int32)
+    b0 = jnp.asarray(b0, jnp.int32)
+    at = (z, b0, z, z, z, z)
+    host_k = lax.dynamic_update_slice(off.host_k, jax.device_put(to_blocks(dev.k), jax.memory.Space.Host), at)
+    host_v = lax.dynamic_update_slice(off.host_v, jax.device_put(to_blocks(dev.v), jax.memory.Space.Host), at)
+
+    def put(dst, src):  # device arrays [L, B, X, ...] <- [L, g, x <= X, ...]
+        if dst.shape[2] == 0:
+            return dst
+        return lax.dynamic_update_slice(dst, src[:, :, : dst.shape[2]].astype(dst.dtype), (z, b0) + (z,) * (dst.ndim - 2))
+
+    R = off.ring_k.shape[2]
+    pos = dev.length[:, None] - R + jnp.arange(R)  # [g, R] the last R positions of each prompt
+    ring = jnp.take_along_axis(dev.k, jnp.clip(pos, 0, T - 1)[None, :, :, None, None], axis=2)  # [L, g, R, Hk, D]
+    order = jnp.argsort(pos % R, axis=1)  # which of those keys goes to ring index 0, 1, ...
+    ring = jnp.take_along_axis(ring, order[None, :, :, None, None], axis=2).astype(off.ring_k.dtype)
+    ring_k = lax.dynamic_update_slice(off.ring_k, ring, (z, b0, z, z, z))
+    length = lax.dynamic_update_slice(off.length, dev.length, (b0,))
+    return dataclasses.replace(off, host_k=host_k, host_v=host_v, cis=put(off.cis, dev.cis),
+                               ktilde=put(off.ktilde, dev.ktilde), cisw=put(off.cisw, dev.cisw),
+                               ring_k=ring_k, length=length)
+
+
+# ------------------------------------------------------------------------------------ slot policy
+def assign_slots(table, stamp, ids, now):
+    """Place the selected blocks in the pool of one layer.
+
+    table, stamp: [B, Hk, S]; ids: [B, Hk, K] selected block ids (-1 unused); now: [B] LRU clock.
+    Returns (slots [B, Hk, K] (-1 for unused entries), loads [B, Hk, K] block to load into that
+    entry's slot or -1 (a hit or unused), new table, new stamp). Misses take the slots that hold
+    no selected block: empty ones first (lowest slot first), then the least recently selected.
+    """
+    S = table.shape[-1]
+    valid = ids >= 0
+    match = (table[..., None, :] == ids[..., :, None]) & valid[..., None]  # [B, Hk, K, S]
+    hit = jnp.any(match, axis=-1)
+    hit_slot = jnp.argmax(match, axis=-1).astype(jnp.int32)
+    miss = valid & ~hit
+    held = jnp.any(match, axis=-2)  # [B, Hk, S] slot holds a selected block: never evicted now
+    big = jnp.iinfo(jnp.int32).max
+    prio = jnp.where(held, big, jnp.where(table < 0, -1, stamp))
+    order = jnp.argsort(prio, axis=-1, stable=True).astype(jnp.int32)  # eviction order of the slots
+    rank = jnp.cumsum(miss.astype(jnp.int32), axis=-1) - 1  # this miss is the rank-th one
+    miss_slot = jnp.take_along_axis(order, jnp.clip(rank, 0, S - 1), axis=-1)
+    slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, -1))
+    loads = jnp.where(miss, ids, -1)
+    B, Hk, K = ids.shape
+    bi = jnp.arange(B)[:, None, None]
+    hi = jnp.arange(Hk)[None, :, None]
+    tgt = jnp.where(valid, slots, S)  # unused entries write out of range (dropped)
+    table = table.at[bi, hi, tgt].set(ids, mode="drop")
+    stamp = stamp.at[bi, hi, tgt].set(jnp.broadcast_to(now[:, None, None], ids.shape), mode="drop")
+    return slots, loads, table, stamp
+
+
+def _count_in(a, b):
+    """Per row: how many valid (>= 0) entries of a [.., K] also appear in b [.., K]."""
+    return jnp.sum(jnp.any((a[..., :, None] == b[..., None, :]) & (a[..., :, None] >= 0), axis=-1), axis=-1)
+
+
+# --------------------------------------------------------------------------------- decode step
+def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, settings):
+    """One decode token per sequence against the offloaded cache (see the module docstring).
+
+    q: [B, 1, Hq, D]; k, v: [B, 1, Hk, D]; cis: [B, 1, Hk]; start: [B] positions; `off.length`
+    already holds the new lengths (sequences that have stopped keep theirs: start == length).
+    Returns (o [B, 1, Hq, D], block_ids [B, Hk, 1, K], updated cache).
+    """
+    from pallas_kernels.kv_loader import append_tokens, load_blocks
+
+    if q.shape[1] != 1:
+        raise ValueError("the offloaded cache decodes one token per step; prefill runs on the device "
+                         "(Generator.start moves it to the host store)")
+    mode, bs = settings.mode, n.block_size
+    B, _, Hq, D = q.shape
+    live = off.length > start  # stopped sequences write nothing and do not count in the statistics
+    pos = start
+    b_idx = jnp.arange(B)
+    R = off.ring_k.shape[2]
+
+    # 1. append: host store, ring, cis history; refresh the window this token completes
+    with jax.named_scope("nosa_append"):  # named scopes: profiler labels (bench/offload.py)
+        # every sequence writes (a stopped one at its end, where nothing is read any more): no
+        # data-dependent branch in the step
+        last = off.host_k.shape[3] * bs - 1
+        host_k, host_v = append_tokens(off.host_k, off.host_v, layer, jnp.minimum(pos, last), k[:, 0], v[:, 0],
+                                       block_size=bs, path=off.loader, interpret=settings.interpret, all_valid=True)
+        ring_k = off.ring_k.at[layer, b_idx, pos % R].set(jnp.where(live[:, None, None], k[:, 0],
+                                                                    off.ring_k[layer, b_idx, pos % R]))
+        cis_h = off.cis.at[layer, b_idx, jnp.where(live, pos, off.cis.shape[2])].set(cis[:, 0], mode="drop")
+        ktilde, cisw = off.ktilde, off.cisw
+        c0 = nosa.num_windows(pos, n)  # the window that a token at `pos` may complete
+        done_win = live & (c0 * n.kernel_stride + n.kernel_size - 1 == pos)
+        w_idx = jnp.where(done_win, c0, ktilde.shape[2])
+        if ktilde.shape[2]:  # the same gather-then-mean as `cache._new_windows`, from the ring
+            def one(ring_b, c):
+                seg = ring_b[(c * n.kernel_stride + jnp.arange(n.kernel_size)) % R]
+                return nosa.window_means(seg[None], n)[0]
+
+            new_k = jax.vmap(one)(ring_k[layer], c0)[:, 0]
+            ktilde = ktilde.at[layer, b_idx, w_idx].set(new_k.astype(ktilde.dtype), mode="drop")
+        if cisw.shape[2]:
+            _, new_c = _new_windows(cis_h[layer], pos, 1, n)
+            cisw = cisw.at[layer, b_idx, w_idx].set(new_c[:, 0], mode="drop")
+
+    # 2. selection (the same code and data as the on-device cache)
+    with jax.named_scope("nosa_select"):
+        n_blocks = off.host_k.shape[3]
+        kv_len = off.length
+        if settings.impl == "pallas":
+            from pallas_kernels import decode_select
+
+            ids = decode_select(q[:, 0], ktilde, cisw if mode == "nosa" else None, nosa.num_windows(kv_len, n), kv_len,
+                                layer, nosa_cfg=n, n_blocks=n_blocks, mode=mode, interpret=settings.interpret)
+        else:
+            ids = nosa.select_blocks(q, pos[:, None], ktilde[layer], cisw[layer] if mode == "nosa" else None, kv_len,
+                                     n_blocks, n, mode)[:, :, 0]
+
+    # 3. slots
+    with jax.named_scope("nosa_slots"):
+        slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
+        keep = live[:, None, None]
+        table_l = jnp.where(keep, table_l, off.table[layer])
+        stamp_l = jnp.where(keep, stamp_l, off.stamp[layer])
+        loads = jnp.where(keep, loads, -1)
+
+    # 4. loads, then the new token into its own block's slot
+    with jax.named_scope("nosa_load"):
+        pool_k, pool_v, pool_bias = load_blocks(host_k, host_v, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
+                                                loads, jnp.maximum(slots, 0), block_size=bs, path=off.loader,
+                                                interpret=settings.interpret)
+        own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
+        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, pool_k.shape[2])  # [B, Hk]
+        h_idx = jnp.arange(k.shape[2])[None, :]
+        pool_k = pool_k.at[layer, b_idx[:, None], rows, h_idx].set(k[:, 0], mode="drop")
+        pool_v = pool_v.at[layer, b_idx[:, None], rows, h_idx].set(v[:, 0], mode="drop")
+        pool_bias = pool_bias.at[layer, b_idx[:, None], rows, h_idx].set(cis[:, 0], mode="drop")
+
+    # 5. attention over the pool
+    with jax.named_scope("nosa_attend"):
+        bias = pool_bias if mode == "nosa" else None
+        if settings.impl == "pallas":
+            from pallas_kernels import sparse_decode_attention as attend_fn
+            kw = dict(interpret=settings.interpret)
+        else:
+            from pallas_kernels.sparse_decode import sparse_decode_attention_reference as attend_fn
+            kw = {}
+        o = attend_fn(q[:, 0], pool_k, pool_v, bias, ids, jnp.maximum(slots, 0), pos, layer, block_size=bs, **kw)
+
+    # statistics of this layer's step
+    prev = off.prev_ids[layer]
+    lv = live[:, None].astype(jnp.int32)
+    off = dataclasses.replace(
+        off, host_k=host_k, host_v=host_v, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias,
+        table=off.table.at[layer].set(table_l), stamp=off.stamp.at[layer].set(stamp_l), ring_k=ring_k,
+        cis=cis_h, ktilde=ktilde, cisw=cisw,
+        prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
+        misses=off.misses.at[layer].set(jnp.sum(loads >= 0, axis=-1).astype(jnp.int32)),
+        reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
+        selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
+    return o[:, None], ids[:, :, None], off
+
+
+# ------------------------------------------------------------------------------- capacity planning
+def weight_bytes(cfg: ModelConfig, dtype) -> int:
+    from .model import abstract_params
+
+    return sum(int(math.prod(a.shape)) * jnp.dtype(dtype).itemsize for a in jax.tree.leaves(abstract_params(cfg)))
+
+
+def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, host_budget: int,
+                  mode: str = "nosa", pool_slots: int | None = None, batch: int | None = None) -> dict:
+    """Largest batch at `context` tokens per sequence (and, given `batch`, the largest context) for
+    the three ways of holding the KV cache, counting the weights and the KV state (not the
+    activations of a step):
+      dense             full attention, every token's K/V on the device
+      sparse_on_device  `mode` (nosa/infllmv2) with the whole cache on the device
+      offloaded         `mode` with K/V in host memory and a device pool of `pool_slots` slots
+                        (default 2 x top-k), plus room to prefill one sequence on the device.
+    Bytes are per sequence; budgets in bytes."""
+    from .cache import cache_bytes
+
+    w = weight_bytes(cfg, dtype)
+    free = gpu_budget - w
+
+    def slots(ctx):
+        return pool_slots or 2 * num_selected(cfg, ctx)
+
+    def per_seq(kind, ctx):
+        if kind == "dense":
+            return cache_bytes(cfg, 1, ctx, dtype, "full"), 0, 0
+        if kind == "sparse_on_device":
+            return cache_bytes(cfg, 1, ctx, dtype, mode), 0, 0
+        dev, host = offload_bytes(cfg, 1, ctx, dtype, mode, slots(ctx))
+        return dev, host, cache_bytes(cfg, 1, ctx, dtype, mode)  # + one sequence's prefill cache
+
+    def max_batch(kind, ctx):
+        dev, host, fixed = per_seq(kind, ctx)
+        b = (free - fixed) // dev if free - fixed > 0 else 0
+        if host:
+            b = min(b, host_budget // host)
+        return int(max(0, b))
+
+    def max_context(kind, b):  # the largest multiple of the block size that fits b sequences
+        step = cfg.nosa.block_size
+        lo, hi = 0, cfg.max_position_embeddings // step
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if max_batch(kind, mid * step) >= b else (lo, mid - 1)
+        return lo * step
+
+    plan = {"weights_bytes": w, "gpu_budget": gpu_budget, "host_budget": host_budget, "context": context}
+    for kind in ("dense", "sparse_on_device", "offloaded"):
+        dev, host, _ = per_seq(kind, context)
+        plan[kind] = {"device_bytes_per_seq": dev, "host_bytes_per_seq": host,
+                      "max_batch": max_batch(kind, context)}
+        if kind == "offloaded":
+            plan[kind]["pool_slots"] = slots(context)
+        if batch:
+            plan[kind]["max_context_at_batch"] = max_context(kind, batch)
+    return plan

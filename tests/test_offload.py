@@ -1,0 +1,194 @@
+"""Host-offloaded KV cache: offloaded decode equals on-device decode, the pool's invariants hold
+after every step, loads are exactly the newly needed blocks, no per-step copies, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model_utils import random_model, small_config
+from nosa_jax.generate import (DecodeState, GenerationError, Generator, OffloadSettings, Sampler, decode_loop,
+                               decode_step, generate)
+from nosa_jax.offload import OffloadedKV, assign_slots, num_selected
+from pallas_kernels.kv_loader import loader_path
+
+PROMPTS = [list(range(3, 8)), [int(x) for x in np.random.default_rng(1).integers(0, 61, 37)],
+           [int(x) for x in np.random.default_rng(2).integers(0, 61, 20)]]
+
+
+def _memory_kind(x) -> str:
+    return getattr(x.sharding, "memory_kind", None)
+
+
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+@pytest.mark.parametrize("pool", ["topk", "2topk"])
+def test_offloaded_generation_equals_on_device(mode, pool):
+    """1000 greedy steps of a ragged batch: the same tokens and the same per-step logits as the
+    on-device cache, with a pool of exactly top-k slots and with twice that (victim cache)."""
+    cfg = small_config()
+    model = random_model(cfg, mode, seed=3)
+    n_new = 1000
+    K = num_selected(cfg, max(map(len, PROMPTS)) + n_new)
+    slots = K if pool == "topk" else 2 * K
+    print(f"loader path: {loader_path('auto')}")
+    ref = generate(model, PROMPTS, max_new_tokens=n_new, eos_ids=[], save_logits=True)
+    off = generate(model, PROMPTS, max_new_tokens=n_new, eos_ids=[], save_logits=True, kv_offload=True,
+                   pool_slots=slots)
+    assert off.tokens == ref.tokens
+    scale = np.abs(ref.logits).max()
+    np.testing.assert_allclose(off.logits, ref.logits, atol=1e-5 * scale, rtol=0)
+    s = off.offload_stats
+    assert s["misses"].shape == (n_new - 1, cfg.num_hidden_layers)
+    # the first decode step loads every selected block into the empty pool
+    np.testing.assert_array_equal(s["misses"][0], s["selected"][0])
+    assert 0 < s["hit_rate_mean"] <= 1 and 0 < s["gamma_mean"] <= 1
+    if pool == "2topk":
+        top = generate(model, PROMPTS, max_new_tokens=64, eos_ids=[], kv_offload=True, pool_slots=K)
+        big = generate(model, PROMPTS, max_new_tokens=64, eos_ids=[], kv_offload=True, pool_slots=2 * K)
+        assert big.offload_stats["misses"].sum() <= top.offload_stats["misses"].sum()
+
+
+def test_offloaded_generation_stops_like_on_device():
+    """Per-sequence EOS: a sequence that stops early writes nothing more and the others go on."""
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=4)
+    free = generate(model, PROMPTS, max_new_tokens=80, eos_ids=[])
+    eos = free.tokens[0][30]  # sequence 0 stops at (or before) step 30
+    ref = generate(model, PROMPTS, max_new_tokens=80, eos_ids=[eos], save_logits=True)
+    off = generate(model, PROMPTS, max_new_tokens=80, eos_ids=[eos], save_logits=True, kv_offload=True)
+    assert off.tokens == ref.tokens
+    assert len(ref.tokens[0]) <= 31
+    live = np.zeros(ref.logits.shape[:2], bool)
+    for i, t in enumerate(ref.tokens):
+        live[i, : len(t)] = True
+    np.testing.assert_allclose(off.logits[live], ref.logits[live], atol=1e-5 * np.abs(ref.logits).max(), rtol=0)
+
+
+def _step_device(model, prompts, n_new):
+    gen = Generator(model, eos_ids=())
+    st, _, _ = gen.start(prompts, max_new_tokens=n_new)
+    return gen, st
+
+
+@pytest.mark.parametrize("slots_factor", [1, 2])
+def test_pool_invariants_every_step(slots_factor):
+    """After every step, for every (layer, sequence, kv head): the slot table holds the selected
+    blocks (the same as the on-device cache selects) plus victims, each resident slot's contents
+    equal the host block, the loads are exactly the selected blocks that were not resident, and the
+    host store holds every token written so far."""
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=5)
+    n_new = 160
+    K = num_selected(cfg, max(map(len, PROMPTS)) + n_new)
+    S = slots_factor * K
+    dev_gen, dev_st = _step_device(model, PROMPTS, n_new)
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots=S))
+    st, _, _ = gen.start(PROMPTS, max_new_tokens=n_new)
+    assert _memory_kind(st.cache.host_k) == "pinned_host"
+    bs = cfg.nosa.block_size
+    L, B, Hk = cfg.num_hidden_layers, len(PROMPTS), cfg.num_key_value_heads
+    for step in range(n_new - 1):
+        before = np.asarray(st.cache.table)
+        dev_st, _ = decode_step(dev_gen.graphdef, dev_gen.state, dev_st, sampler=Sampler(), eos_ids=())
+        st, _ = decode_step(gen.graphdef, gen.state, st, sampler=Sampler(), eos_ids=())
+        c = st.cache
+        np.testing.assert_array_equal(np.asarray(st.tokens), np.asarray(dev_st.tokens))
+        table, ids, misses = np.asarray(c.table), np.asarray(c.prev_ids), np.asarray(c.misses)
+        pool_k, pool_v = np.asarray(c.pool_k), np.asarray(c.pool_v)
+        host_k, host_v = np.asarray(c.host_k), np.asarray(c.host_v)
+        length = np.asarray(c.length)
+        dev_k = np.asarray(dev_st.cache.k)
+        for l in range(L):
+            for b in range(B):
+                # host store == on-device cache for every token written so far, to float32 noise
+                # (the two decode programs are compiled separately; same bound as the logits test)
+                n = length[b]
+                hk = host_k[l, b].reshape(Hk, -1, cfg.head_dim)[:, :n]
+                ref_k = np.moveaxis(dev_k[l, b, :n], 1, 0)
+                np.testing.assert_allclose(hk, ref_k, atol=1e-5 * np.abs(ref_k).max(), rtol=0)
+                for h in range(Hk):
+                    sel = {int(x) for x in ids[l, b, h] if x >= 0}
+                    res = [int(x) for x in table[l, b, h] if x >= 0]
+                    assert len(res) == len(set(res)) <= S
+                    assert sel <= set(res)
+                    assert (n - 1) // bs in sel  # the token's own block is always resident
+                    was = {int(x) for x in before[l, b, h] if x >= 0}
+                    assert misses[l, b, h] == len(sel - was)
+                    for s, blk in enumerate(table[l, b, h]):
+                        if blk < 0:
+                            continue
+                        valid = min(bs, n - blk * bs)  # rows past the sequence's end are never read
+                        np.testing.assert_array_equal(pool_k[l, b, s * bs:s * bs + valid, h],
+                                                      host_k[l, b, h, blk, :valid])
+                        np.testing.assert_array_equal(pool_v[l, b, s * bs:s * bs + valid, h],
+                                                      host_v[l, b, h, blk, :valid])
+        if slots_factor == 1 and step > 0:
+            # an exact-fit pool holds the selection only (plus what an unfilled selection left)
+            assert all(len({int(x) for x in table[l, b, h] if x >= 0}) <= K
+                       for l in range(L) for b in range(B) for h in range(Hk))
+
+
+def test_selection_matches_on_device():
+    """The offloaded cache selects exactly the blocks the on-device cache selects, step by step."""
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=6)
+    gd, state = nnx.split(model)
+
+    @jax.jit
+    def dev_step(state, tok, cache):
+        m = nnx.merge(gd, state)
+        out = m.extend(tok, cache.length, jnp.ones(tok.shape[0], jnp.int32), cache)
+        return out.block_ids[:, :, :, 0], out.cache
+
+    n_new = 120
+    dev_gen, dev_st = _step_device(model, PROMPTS, n_new)
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
+    st, _, _ = gen.start(PROMPTS, max_new_tokens=n_new)
+    cache = dev_st.cache
+    for _ in range(n_new - 1):
+        tok = st.last
+        blk, cache = dev_step(dev_gen.state, jnp.maximum(tok, 0)[:, None], cache)
+        st, _ = decode_step(gen.graphdef, gen.state, st, sampler=Sampler(), eos_ids=())
+        got = np.sort(np.asarray(st.cache.prev_ids), -1)
+        np.testing.assert_array_equal(got, np.sort(np.asarray(blk), -1))
+
+
+def test_assign_slots_lru():
+    """Hits keep their slots; misses fill empty slots first, then evict the least recently
+    selected slot that holds no selected block."""
+    table = jnp.asarray([[[5, 7, -1, 2]]], jnp.int32)
+    stamp = jnp.asarray([[[10, 3, 0, 8]]], jnp.int32)
+    ids = jnp.asarray([[[2, 9, 11, -1]]], jnp.int32)
+    slots, loads, t2, s2 = assign_slots(table, stamp, ids, jnp.asarray([20], jnp.int32))
+    np.testing.assert_array_equal(slots[0, 0], [3, 2, 1, -1])  # 2 hit; 9 -> empty slot 2; 11 evicts 7 (oldest)
+    np.testing.assert_array_equal(loads[0, 0], [-1, 9, 11, -1])
+    np.testing.assert_array_equal(t2[0, 0], [5, 11, 9, 2])
+    np.testing.assert_array_equal(s2[0, 0], [10, 20, 20, 20])
+
+
+def test_decode_loop_does_not_copy_the_store_or_pool():
+    """The compiled decode loop updates the donated host store and device pools in place."""
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=7)
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
+    st, logits, _ = gen.start(PROMPTS, max_new_tokens=16)
+    hlo = decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(),
+                            n_steps=8).compile().as_text()
+    for name in ("host_k", "pool_k"):
+        shape = ",".join(map(str, getattr(st.cache, name).shape))
+        copies = [l for l in hlo.splitlines() if f"[{shape}]" in l and (" copy(" in l or "copy-start" in l)]
+        assert not copies, (name, copies[:3])
+
+
+def test_offload_errors():
+    cfg = small_config()
+    with pytest.raises(GenerationError, match="full"):
+        generate(random_model(cfg, "full"), PROMPTS, max_new_tokens=4, kv_offload=True)
+    model = random_model(cfg, "nosa")
+    with pytest.raises(GenerationError, match="pool_slots"):
+        generate(model, PROMPTS, max_new_tokens=4, kv_offload=True, pool_slots=2)
+    with pytest.raises(GenerationError, match="host memory"):
+        generate(model, PROMPTS, max_new_tokens=4, kv_offload=OffloadSettings(host_memory_budget=1000))
+    with pytest.raises(GenerationError, match="on the device"):
+        generate(model, PROMPTS, max_new_tokens=4, kv_offload=True, memory_budget=1000)
