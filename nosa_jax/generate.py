@@ -340,6 +340,8 @@ class Generator:
         )
         # the first token comes from the prefill logits
         st = _first_token(self.sampler, self.eos_ids, st, logits)
+        # committed like the decode loop's own outputs, so its first call and later ones share one compilation
+        logits = jax.device_put(logits, logits.sharding if logits.committed else jax.devices()[0])
         return st, logits, prefill_s
 
     def _prefill(self, ids, lengths, capacity: int, rope_len, chunk: int):

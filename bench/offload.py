@@ -1,0 +1,154 @@
+"""Host-offloaded decode on the GPU: misses, locality, load bandwidth and the step time split.
+
+Random-weight model (default: MiniCPM4-8B shapes: 32 layers, hidden 4096, intermediate 16384,
+32 q / 2 kv heads, head_dim 128, vocab 73448; bf16), prompts of real text (Python standard-library
+sources, one byte per token id, a different passage per sequence), prefilled on the device and
+moved to pinned host memory; then the jitted decode loop runs against the offloaded cache.
+
+For each (mode, context, pool size): decode tokens/s (median of timed windows of `--steps` steps
+after a warm-up window), misses per (layer, kv head, sequence, step), hit rate, locality gamma,
+bytes loaded per step, the loads' effective host->device bandwidth (bytes / device time of the
+load kernels), and the device time per step split into append, selection, slot assignment,
+loads, attention and the rest (weights, norms, sampling), from a profiler trace of one window.
+
+    python bench/offload.py [--model 8b|1b] [--contexts 16384 32768] [--batch 16] [--pools 64 128]
+                            [--modes nosa] [--steps 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import markdown_table, record, save, split_by_scope, trace_device_events  # noqa: E402
+from nosa_jax.config import ModelConfig  # noqa: E402
+from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
+from nosa_jax.model import NosaForCausalLM  # noqa: E402
+from pallas_kernels.kv_loader import loader_path  # noqa: E402
+
+MODELS = {
+    "8b": dict(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
+    "1b": dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
+               num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
+}
+SCOPES = {"append": ("nosa_append", "nosa_kv_append"), "selection": ("nosa_select", "nosa_decode_stage1"),
+          "slots": ("nosa_slots",), "loads": ("nosa_load", "nosa_kv_load"),
+          "attention": ("nosa_attend", "nosa_sparse_decode")}
+
+
+def text_corpus(min_bytes: int) -> bytes:
+    """Real text, deterministic: the standard library's Python sources in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, n = [], 0
+    for p in sorted(root.rglob("*.py")):
+        try:
+            b = p.read_bytes()
+        except OSError:
+            continue
+        out.append(b)
+        n += len(b)
+        if n >= min_bytes:
+            break
+    return b"".join(out)
+
+
+def prompts_from_text(batch: int, length: int, vocab: int) -> list[list[int]]:
+    corpus = np.frombuffer(text_corpus(batch * length + 1), np.uint8).astype(np.int64)
+    # one byte per token; spread the 256 byte values over the vocabulary (fixed map)
+    table = np.random.default_rng(0).permutation(vocab)[:256]
+    return [table[corpus[i * length:(i + 1) * length]].tolist() for i in range(batch)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="8b")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--pools", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--modes", nargs="+", default=["nosa"])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
+    args = ap.parse_args()
+    cfg = ModelConfig(**MODELS[args.model])
+    print(f"device {jax.devices()[0]}  jax {jax.__version__}  loader {loader_path(args.loader)}", flush=True)
+    records, rows = [], []
+    n_windows = args.repeats + 2  # warm-up, timed windows, profiled window
+    for mode in args.modes:
+        model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        for ctx in args.contexts:
+            new = n_windows * args.steps + 1
+            prompts = prompts_from_text(args.batch, ctx - new, cfg.vocab_size)
+            for pool in args.pools:
+                settings = {"model": args.model, "mode": mode, "context": ctx, "batch": args.batch, "pool_slots": pool,
+                            "steps_per_window": args.steps, "repeats": args.repeats, "dtype": "bfloat16",
+                            "loader": loader_path(args.loader), "prompts": "stdlib source text, 1 byte/token"}
+                gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots=pool, loader=args.loader))
+                st, logits, prefill_s = gen.start(prompts, max_new_tokens=new, prefill_chunk=args.prefill_chunk)
+
+                def window(st, logits):
+                    st, logits = decode_loop(gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
+                                             n_steps=args.steps)
+                    jax.block_until_ready(st.tokens)
+                    return st, logits
+
+                t0 = time.perf_counter()
+                st, logits = window(st, logits)  # compile + warm-up (its first step fills the empty pool)
+                compile_s = time.perf_counter() - t0
+                first_step = int(st.step)
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    st, logits = window(st, logits)
+                    times.append(time.perf_counter() - t0)
+                (st, logits), events = trace_device_events(lambda: window(st, logits))
+                step_s = statistics.median(times) / args.steps
+                stats = offload_statistics(np.asarray(st.stats)[first_step:int(st.step)], cfg, jnp.bfloat16, mode,
+                                           args.batch)
+                split = {k: v / args.steps for k, v in split_by_scope(events, SCOPES).items()}  # us per step
+                device_us = sum(split.values())
+                load_kernel_us = sum(e[2] for e in events if "nosa_kv_load" in e[0]) / args.steps
+                bytes_step = float(np.mean(stats["bytes"][-args.steps:].sum(axis=1)))
+                bw = bytes_step / (load_kernel_us * 1e-6) / 1e9 if load_kernel_us else float("nan")
+                tok_s = args.batch / step_s
+                res = {"throughput": (tok_s, "tokens/s"), "step_time": (step_s * 1e3, "ms"),
+                       "prefill_time": (prefill_s, "s"), "compile_and_first_window": (compile_s, "s"),
+                       "misses_per_layer_head_seq_step": (stats["misses_per_layer_head_seq"], "blocks"),
+                       "hit_rate": (stats["hit_rate_mean"], "ratio"), "gamma": (stats["gamma_mean"], "ratio"),
+                       "bytes_loaded_per_step": (bytes_step, "bytes"),
+                       "load_bandwidth_h2d": (bw, "GB/s"), "load_kernel_time_per_step": (load_kernel_us, "us"),
+                       "device_time_per_step": (device_us, "us")}
+                res |= {f"device_time_{k}": (v, "us") for k, v in split.items()}
+                for metric, (val, unit) in res.items():
+                    records.append(record("offload/decode", settings, metric, val, unit))
+                rows.append([mode, ctx, args.batch, pool, f"{tok_s:.0f}", f"{step_s * 1e3:.2f}",
+                             f"{stats['misses_per_layer_head_seq']:.2f}", f"{stats['gamma_mean']:.3f}",
+                             f"{bytes_step / 2**20:.1f}", f"{bw:.1f}"]
+                            + [f"{split[k] / 1e3:.2f}" for k in ("append", "selection", "slots", "loads", "attention", "rest")])
+                print(rows[-1], flush=True)
+                if not any(split[k] for k in SCOPES) and events:
+                    print("note: no event matched a named scope; args of a sample event:", events[0][3], flush=True)
+                del gen, st, logits
+    header = ["mode", "context", "batch", "pool", "tok/s", "ms/step", "misses/(layer,head,seq)", "gamma",
+              "MiB loaded/step", "load GB/s", "append ms", "selection ms", "slots ms", "loads ms", "attention ms",
+              "rest ms"]
+    table = markdown_table(header, rows)
+    print(table)
+    print("wrote", save(records, f"offload-{args.model}", table))
+
+
+if __name__ == "__main__":
+    main()
