@@ -5,7 +5,9 @@ step, carried through the jitted decode loop and sharded later. Shapes (L layers
 T = allocated tokens, C = allocated windows):
   k, v     [L, B, T, Hk, D]  model dtype   post-RoPE keys, values
   cis      [L, B, T, Hk]     float32       eviction scores
-  ktilde   [L, B, C, Hk, D]  float32       compressed keys (window means); C = 0 in `full` mode
+  ktilde   [L, B, C, Hk, D]  model dtype   compressed keys (window means accumulated in float32,
+                                           rounded to the model dtype as upstream; spec 2.3);
+                                           C = 0 in `full` mode
   cisw     [L, B, C, Hk]     float32       cis window means; C = 0 unless `nosa` mode
   length   [B]               int32         tokens held per sequence
   rope_len [B]               int32         each sequence's final length (length-dependent RoPE)
@@ -67,7 +69,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, ro
         k=jnp.zeros((L, batch, T, Hk, D), dtype),
         v=jnp.zeros((L, batch, T, Hk, D), dtype),
         cis=jnp.zeros((L, batch, T, Hk), jnp.float32),
-        ktilde=jnp.zeros((L, batch, c_k, Hk, D), jnp.float32),
+        ktilde=jnp.zeros((L, batch, c_k, Hk, D), dtype),
         cisw=jnp.zeros((L, batch, c_cis, Hk), jnp.float32),
         length=jnp.zeros((batch,), jnp.int32),
         rope_len=(jnp.full((batch,), capacity, jnp.int32) if rope_len is None
@@ -115,7 +117,8 @@ def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Ar
     W = Tc // n.kernel_stride + 1
     if kt.shape[2]:
         c0, new_k = _new_windows(kc[layer], start, W, n)
-        kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k, mode="drop")
+        # float32 means rounded (to nearest) to the model dtype, as upstream stores them
+        kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k.astype(kt.dtype), mode="drop")
     if cw.shape[2]:
         c0, new_c = _new_windows(cc[layer], start, W, n)
         cw = cw.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_c, mode="drop")

@@ -13,6 +13,9 @@ Spec references are to `shared/spec/nosa-upstream.md` section 2:
   P(x)[t, j]  = +inf on forced blocks, else max over the windows of block j   (2.5)
   two-stage top-k (2.7), biased block-sparse attention (2.8).
 All selection math runs in float32; ties in top-k break lowest-index-first (`lax.top_k`).
+The compressed keys are stored in the model dtype (upstream: float32-accumulated mean, rounded to
+bf16); the stage-1 dot multiplies q and ktilde in that dtype with float32 accumulation
+(`stage1_dot_dtype`), so a 16-bit dot's products are exact and only the sum is rounded.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def num_windows(kv_len: jax.Array, cfg: NosaConfig) -> jax.Array:
 def window_means(x: jax.Array, cfg: NosaConfig) -> jax.Array:
     """Mean of `x` over every window of `kernel_size` tokens at stride `kernel_stride`.
 
-    x: [B, T, ...] -> [B, C, ...] float32 with C = max(0, (T - K) // S + 1). Windows that run past
+    x: [B, T, ...] -> [B, C, ...] float32 with C = max(0, (T - K) // S + 1) (accumulated in
+    float32 whatever x's dtype; the cache rounds key means to the model dtype). Windows that run past
     a sequence's own length hold padding; `num_windows(kv_len)` says how many are valid.
     Computed as a sum of K/S consecutive stride chunks (exact in the order of summation used by
     a 32-element mean up to float32 rounding).
@@ -78,11 +82,28 @@ def compute_cis(v: jax.Array, A: jax.Array, delta_kernel: jax.Array,
     return A.astype(jnp.float32) * jax.nn.softplus(z)
 
 
+def stage1_dot_dtype(q_dtype, ktilde_dtype) -> jnp.dtype:
+    """The dtype the stage-1 dot q . ktilde multiplies in (always accumulated in float32).
+
+    q and ktilde of one 16-bit float dtype (a bf16 or fp16 model: ktilde stored in the model dtype)
+    -> that dtype: each product of two 16-bit floats is exact in float32, so one tensor-core pass
+    with float32 accumulation is as accurate as a float32 dot of the same values. Anything else
+    (float32 models, mixed dtypes) -> float32 (operands upcast exactly, a float32-accurate dot).
+    The jnp reference and the decode kernel (pallas_kernels/selection.py) both follow this rule.
+    """
+    q_dtype, ktilde_dtype = jnp.dtype(q_dtype), jnp.dtype(ktilde_dtype)
+    if q_dtype == ktilde_dtype and q_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return q_dtype
+    return jnp.dtype(jnp.float32)
+
+
 def stage1_scores(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, n_win: jax.Array,
                   cfg: NosaConfig) -> jax.Array:
     """Query-aware window scores, summed over the G query heads of each kv head.
 
-    q: [B, Tq, Hq, D]; q_pos: [B, Tq]; ktilde: [B, C, Hk, D]; n_win: [B].
+    q: [B, Tq, Hq, D]; q_pos: [B, Tq]; ktilde: [B, C, Hk, D] (model dtype, as the cache stores
+    it); n_win: [B]. The logits q . ktilde / sqrt(D) multiply in `stage1_dot_dtype` (bf16 x bf16
+    for a bf16 model, float32 otherwise) and accumulate in float32.
     Window c is visible to a query at position p iff S c + K - 1 <= p and c < n_win[b].
     Each query head's softmax runs over its visible windows; rows with none are 0.
     Returns S1: [B, Hk, Tq, C] float32.
@@ -90,9 +111,11 @@ def stage1_scores(q: jax.Array, q_pos: jax.Array, ktilde: jax.Array, n_win: jax.
     B, Tq, Hq, D = q.shape
     C, Hk = ktilde.shape[1], ktilde.shape[2]
     G = Hq // Hk
-    qg = q.astype(jnp.float32).reshape(B, Tq, Hk, G, D)
-    logits = jnp.einsum("bthgd,bchd->bhgtc", qg, ktilde.astype(jnp.float32),
-                        precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(D))
+    dt = stage1_dot_dtype(q.dtype, ktilde.dtype)
+    qg = q.astype(dt).reshape(B, Tq, Hk, G, D)
+    precision = lax.Precision.HIGHEST if dt == jnp.float32 else lax.Precision.DEFAULT
+    logits = jnp.einsum("bthgd,bchd->bhgtc", qg, ktilde.astype(dt), precision=precision,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(D))
     c = jnp.arange(C)
     visible = ((cfg.kernel_stride * c + cfg.kernel_size - 1)[None, None, :] <= q_pos[:, :, None]) & (
         c[None, None, :] < n_win[:, None, None])  # [B, Tq, C]

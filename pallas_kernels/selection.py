@@ -5,27 +5,33 @@ Semantics are exactly those of `nosa_jax.nosa` (spec `shared/spec/nosa-upstream.
   decode_block_scores = pool_blocks(stage1_scores(q[:, None], ...))[:, :, 0]
   decode_select       = select_blocks(q[:, None], ...)[:, :, 0]
 
-Plan (memory-bound: the compressed keys, C * D * 4 bytes per (sequence, kv head), are read ONCE):
+Plan (memory-bound: the compressed keys, C * D * itemsize bytes per (sequence, kv head), are read ONCE;
+ktilde is stored in the model dtype, so 2 bytes per element for a bf16 model):
 
   kernel (grid B x Hk x splits, flash-decoding style): each program walks `tiles_per_program` tiles
     of `block_c` windows of one (sequence, kv head). Per tile it computes the logits of all G query
     heads of the group with one dot k [block_c, D] x q^T [D, G_pad >= 16] (zero columns past G),
-    writes the raw logits (G columns only: G * 4 bytes per window against D * 4 read) and keeps a
-    running max / sum-of-exp per head (online softmax statistics). Windows >= n_win[b] are never
-    loaded; `layer` is read inside the kernel, so no layer of the stacked pool is ever copied.
-    The dot is float32-accurate: three TF32 tensor-core products by default (see _dot_precision);
-    the next tile's load is issued before the current tile's math (`prefetch`).
+    writes the raw logits (G columns only: G * 4 bytes per window against D * itemsize read) and
+    keeps a running max / sum-of-exp per head (online softmax statistics). Windows >= n_win[b] are
+    never loaded; `layer` is read inside the kernel, so no layer of the stacked pool is ever copied.
+    The dot follows nosa.stage1_dot_dtype: bf16 (or fp16) q and ktilde -> ONE 16-bit tensor-core
+    pass with float32 accumulation (the products are exact in float32, as in the jnp reference);
+    float32 ktilde -> float32-accurate, three TF32 tensor-core products by default (see
+    _dot_precision). The next tile's load is issued before the current tile's math (`prefetch`).
   finish (jnp fused by XLA, or a second small Pallas kernel): combine the per-split statistics,
     normalise the logits, sum over the G heads, max-pool windows to blocks, force sink/local blocks.
   selection (jnp): the two-stage top-k, with ties broken lowest-index-first explicitly
     (`nosa.top_k_mask`), since XLA's GPU top-k does not guarantee that order.
 
-Measured on the H200 (jax 0.11.2; B=16, Hq=32, Hk=2, D=128, float32 ktilde; bench/kernels_selection.py):
+Measured on the H200 (jax 0.11.2; B=16, Hq=32, Hk=2, D=128, FLOAT32 ktilde, 3-pass TF32 dot;
+bench/kernels_selection.py), before ktilde moved to the model dtype:
   128K context: block scores 87.7 us (1.53 TB/s on the key bytes; jnp reference 186 us),
                 decode_select 160 us (reference 253 us; ~70 us of it is XLA's two top-k passes).
   32K context:  block scores 32.3 us (reference 89 us), decode_select 72 us (reference 108 us).
   A Pallas kernel that only reads the same keys runs at ~3.0 TB/s (44 us at 128K); one TF32 pass
   (not selection-exact) 54 us; the 3-product float32-accurate dot costs the rest.
+  bf16 ktilde (the model's case: half the bytes, one MMA pass): still to be measured on the GPU
+  (`python3 bench/kernels.py --only selection`); predicted ~35-45 us block scores at 128K.
 
 `interpret=True` runs the same kernel on CPU (Pallas interpret mode); on GPU it lowers through
 Triton (`pallas_call` with `triton.CompilerParams`). Shapes the kernel loads are powers of two
@@ -61,8 +67,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _dot_precision(precision, interpret: bool):
+def _dot_precision(precision, interpret: bool, dot_dtype=jnp.float32):
     """Precision of the logits dot (all float32-accurate except "tf32").
+
+    dot_dtype (nosa.stage1_dot_dtype of q and ktilde) bf16 / fp16 -> "native": one 16-bit
+    tensor-core pass with float32 accumulation (products exact, the reference's own arithmetic);
+    `precision` must then be None or "native". For float32 operands:
 
     None / "tf32x3" -> DotAlgorithmPreset.TF32_TF32_F32_X3: three TF32 tensor-core products
                        (~1e-6 relative). The GPU default: measured fastest accurate option on H200.
@@ -72,6 +82,14 @@ def _dot_precision(precision, interpret: bool):
     "tf32"          -> one TF32 pass: ~1e-3 relative, NOT selection-exact (roofline experiments only).
     Interpret mode uses HIGHEST for all but "split3" (the CPU backend lacks the TF32 presets).
     """
+    if jnp.dtype(dot_dtype) != jnp.float32:
+        if precision not in (None, "native"):
+            raise ValueError(f"{jnp.dtype(dot_dtype).name} q/ktilde use one native 16-bit pass (exact products); "
+                             f"precision must be None or 'native', got {precision!r}")
+        return "native"
+    if precision == "native":
+        raise ValueError("precision 'native' needs bf16 / fp16 q and ktilde of one dtype; "
+                         "float32 operands take a float32-accurate precision")
     if precision == "split3":  # plain jnp ops: also runs (exactly) in interpret mode
         return "split3"
     if precision is None and not interpret:
@@ -105,9 +123,13 @@ def _tf32_hi(x):
 
 
 def _dot(a, b, precision):
-    """a [M, K] @ b [K, N] in float32. precision "split3": three TF32 tensor-core products of
-    explicitly split operands (a_hi b_hi + a_lo b_hi + a_hi b_lo; relative error ~2^-20)."""
+    """a [M, K] @ b [K, N] accumulated in float32. precision "native": a and b in their own 16-bit
+    dtype, one tensor-core pass (exact products). "split3": three TF32 tensor-core products of
+    explicitly split float32 operands (a_hi b_hi + a_lo b_hi + a_hi b_lo; relative error ~2^-20)."""
     dims = (((1,), (0,)), ((), ()))
+    if isinstance(precision, str) and precision == "native":
+        return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     if isinstance(precision, str) and precision == "split3":
         a_hi = _tf32_hi(a)
         a_lo = a - a_hi
@@ -124,16 +146,16 @@ def _logits_kernel(layer_ref, nwin_ref, qt_ref, k_ref, s_ref, m_ref, l_ref, *, G
                    tiles_per_program: int, sqrt_d: float, precision, prefetch: bool):
     """One (sequence b, kv head h, split sp) program.
 
-    layer_ref [1] i32; nwin_ref [B] i32; qt_ref [D, G_pad] f32 (this b, h; zero columns >= G);
-    k_ref [L, C, D] (this b, h); s_ref [1 + C_pad, G_pad] logits out of this (b, h), window-major,
-    window c at row 1 + c (row 0 stands for window -1, so the pooling's shifted read never starts
-    below 0); m_ref, l_ref [G_pad] softmax statistics of this split.
+    layer_ref [1] i32; nwin_ref [B] i32; qt_ref [D, G_pad] (this b, h; zero columns >= G) in the dot
+    dtype (bf16 / fp16 with precision "native", else f32); k_ref [L, C, D] (this b, h; ktilde's
+    dtype); s_ref [1 + C_pad, G_pad] f32 logits out of this (b, h), window-major, window c at
+    row 1 + c (row 0 stands for window -1, so the pooling's shifted read never starts below 0); m_ref, l_ref [G_pad] softmax statistics of this split.
     The dot is k [block_c, D] x q^T [D, G_pad]: the keys are the M (row) operand, read K-major
     straight from memory, so Hopper can use wgmma with block_c >= 64.
     prefetch: issue the load of tile t + 1 before the math of tile t (register double buffering).
     Triton only software-pipelines loads that feed a dot directly; the 3-product precisions put
     elementwise splits between the load and the dots, so without this each tile's load latency is
-    exposed.
+    exposed. With "native" the loaded 16-bit tile feeds the dot directly.
     """
     b = pl.program_id(0)
     sp = pl.program_id(2)
@@ -144,7 +166,7 @@ def _logits_kernel(layer_ref, nwin_ref, qt_ref, k_ref, s_ref, m_ref, l_ref, *, G
     # Tiles of this split that hold at least one valid window; the rest is never touched.
     n_tiles = jnp.clip((n - split_start + block_c - 1) // block_c, 0, tiles_per_program)
 
-    qt = qt_ref[...].astype(jnp.float32)
+    qt = qt_ref[...]
     col_ok = lax.broadcasted_iota(jnp.int32, (block_c, g_pad), 1) < G
     row = lax.broadcasted_iota(jnp.int32, (block_c, 1), 0)
     krow = lax.broadcasted_iota(jnp.int32, (block_c, d), 0)
@@ -156,7 +178,7 @@ def _logits_kernel(layer_ref, nwin_ref, qt_ref, k_ref, s_ref, m_ref, l_ref, *, G
 
     def step(t, k, m, l):
         c0 = split_start + t * block_c
-        s = _dot(k.astype(jnp.float32), qt, precision)
+        s = _dot(k, qt, precision)
         s = s / sqrt_d
         s = jnp.where((c0 + row) < n, s, NEG_INF)  # [block_c, G_pad]
         pltriton.store(s_ref.at[pl.ds(1 + c0, block_c), :], s, mask=col_ok)
@@ -234,8 +256,9 @@ def window_logits(q, ktilde_pool, n_eff, layer, *, interpret: bool = False, bloc
                   precision=None, prefetch: bool = True):
     """Raw stage-1 logits and per-split softmax statistics for one decode query per sequence.
 
-    q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D]; n_eff [B] valid windows (clipped to C); layer: int
-    scalar (traced ok). Returns logits [B, Hk, 1 + C_pad, G_pad] (window c at row 1 + c; row 0,
+    q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D] (the model dtype: bf16 q and ktilde take one native
+    bf16 dot pass, float32 ones a float32-accurate `precision`, see _dot_precision); n_eff [B]
+    valid windows (clipped to C); layer: int scalar (traced ok). Returns logits [B, Hk, 1 + C_pad, G_pad] (window c at row 1 + c; row 0,
     columns >= G and windows >= n_eff hold garbage), m, l [B, Hk, splits, G_pad] (max / sum of exp over each split's valid windows).
     """
     B, Hq, D = q.shape
@@ -252,13 +275,15 @@ def window_logits(q, ktilde_pool, n_eff, layer, *, interpret: bool = False, bloc
     split_len = tpp * block_c
     c_pad = n_splits * split_len
 
-    qt = jnp.swapaxes(q.astype(jnp.float32).reshape(B, Hk, G, D), 2, 3)  # [B, Hk, D, G]
+    dot_dtype = nosa.stage1_dot_dtype(q.dtype, ktilde_pool.dtype)
+    prec = _dot_precision(precision, interpret, dot_dtype)
+    qt = jnp.swapaxes(q.astype(dot_dtype).reshape(B, Hk, G, D), 2, 3)  # [B, Hk, D, G]
     if g_pad != G:
         qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, g_pad - G)))
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
 
     kernel = functools.partial(_logits_kernel, G=G, block_c=block_c, tiles_per_program=tpp,
-                               sqrt_d=float(math.sqrt(D)), precision=_dot_precision(precision, interpret),
+                               sqrt_d=float(math.sqrt(D)), precision=prec,
                                prefetch=prefetch)
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, s: (0,)),
@@ -363,7 +388,8 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
                         prefetch: bool = True, finish: str = "jnp") -> jax.Array:
     """Pooled stage-1 block scores of one decode query per sequence. [B, Hk, n_blocks] float32.
 
-    q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D] (all layers; `layer` selects one inside the kernel);
+    q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D] (all layers, model dtype; `layer` selects one inside
+    the kernel);
     n_win [B] valid windows; q_pos [B] query positions (kv_len - 1). Equal to
     nosa.pool_blocks(nosa.stage1_scores(q[:, None], q_pos[:, None], ktilde_pool[layer], n_win)).
     finish: "jnp" (XLA fusions; default, measured as fast) or "pallas" (a second small kernel:

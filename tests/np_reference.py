@@ -47,6 +47,17 @@ def window_means(x, cfg) -> np.ndarray:
     return out
 
 
+def round_to_bfloat16(x) -> np.ndarray:
+    """Round to the nearest bfloat16 (8 significant bits, ties to even), returned as float64.
+
+    Written from the format's definition, not with a bfloat16 type: x = m 2^e with 0.5 <= |m| < 1,
+    keep round(m 2^8) (np.round: half to even). Values must lie in bfloat16's normal range
+    (|x| >= 2^-126) or be 0, which holds for the tests' keys and their means.
+    """
+    m, e = np.frexp(f64(x))
+    return np.ldexp(np.round(m * 256.0), e - 8)
+
+
 def softplus(z):
     z = f64(z)
     return np.logaddexp(0.0, z)

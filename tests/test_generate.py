@@ -226,3 +226,67 @@ def test_unrolled_layers_equal_scanned_layers():
     b = generate(unrolled, [prompt], max_new_tokens=20, save_logits=True, eos_ids=[])
     assert a.tokens == b.tokens
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-5 * np.abs(a.logits).max())
+
+
+def _check_bf16_window_means(k, ktilde, n_tokens, cfg):
+    """k [T, Hk, D] bfloat16 keys as stored; ktilde [C, Hk, D] bfloat16 as stored. Each valid window
+    must be the float64 mean of its 32 (here K) stored keys rounded to the nearest bfloat16, computed
+    here in NumPy (np_reference.round_to_bfloat16). The cache accumulates in float32, so where the
+    exact mean lies within float32 rounding of a halfway point either neighbour is allowed (checked
+    as: got lies between the roundings of mean -/+ that error bound); such cases must be rare.
+    Returns the number of windows checked."""
+    import np_reference as ref
+
+    n = cfg.nosa
+    C = ref.num_windows(n_tokens, n.kernel_size, n.kernel_stride)
+    k64 = np.asarray(k, np.float64)
+    mean = ref.window_means(k64[:n_tokens], n)  # [C, Hk, D] float64
+    mag = np.stack([np.abs(k64[n.kernel_stride * c: n.kernel_stride * c + n.kernel_size]).mean(0) for c in range(C)])
+    tol = mag * 2.0 ** -18  # >= (K - 1) float32 roundings of the running sum, divided by K
+    got = np.asarray(ktilde[:C], np.float64)
+    want = ref.round_to_bfloat16(mean)
+    lo, hi = ref.round_to_bfloat16(mean - tol), ref.round_to_bfloat16(mean + tol)
+    assert np.all((lo <= got) & (got <= hi)), np.argwhere(~((lo <= got) & (got <= hi)))[:5]
+    assert np.mean(got != want) <= 1e-3, np.mean(got != want)
+    assert not np.array_equal(want, mean), "keys too coarse: the means need no rounding"
+    return C
+
+
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_bf16_cache_ktilde_is_rounded_window_mean(mode):
+    """A bfloat16 model stores ktilde in bfloat16 (upstream: float32-accumulated mean, bf16 out),
+    after a one-shot prefill, a chunked prefill and many decode steps (windows completed one token
+    at a time), and the cache's size accounts 2 bytes per ktilde element."""
+    from nosa_jax.cache import allocation, cache_bytes
+    from nosa_jax.model import from_params
+
+    cfg = small_config()
+    params = nnx.to_pure_dict(nnx.state(random_model(cfg, mode, seed=21), nnx.Param))
+    model = from_params(cfg, params, mode=mode, dtype=jnp.bfloat16)
+    prompts = [np.random.default_rng(21).integers(0, cfg.vocab_size, n).tolist() for n in (45, 12)]
+    new = 70
+    for chunk in (None, 13):
+        st, _, _ = Generator(model, eos_ids=[]).start(prompts, max_new_tokens=new, prefill_chunk=chunk)
+        checked = 0
+        for b, p in enumerate(prompts):
+            for layer in range(cfg.num_hidden_layers):
+                checked += _check_bf16_window_means(st.cache.k[layer, b], st.cache.ktilde[layer, b], len(p), cfg)
+        assert st.cache.ktilde.dtype == jnp.bfloat16 and checked > 0
+    gd, state = nnx.split(model)
+    step = jax.jit(lambda state, tok, cache: nnx.merge(gd, state).extend(
+        tok, cache.length, jnp.ones(tok.shape[0], jnp.int32), cache).cache)
+    cache = st.cache
+    toks = np.random.default_rng(22).integers(0, cfg.vocab_size, (new, len(prompts)))
+    for t in range(new):
+        cache = step(state, jnp.asarray(toks[t][:, None]), cache)
+    for b, p in enumerate(prompts):
+        for layer in range(cfg.num_hidden_layers):
+            _check_bf16_window_means(cache.k[layer, b], cache.ktilde[layer, b], len(p) + new, cfg)
+    # bytes: k, v and ktilde in bf16; cis (and cisw in nosa mode) float32; length and rope_len int32
+    B, cap = 3, 200
+    L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    T, C = allocation(cfg, cap)
+    want = 2 * L * B * T * Hk * D * 2 + L * B * T * Hk * 4 + L * B * C * Hk * D * 2 + 2 * B * 4
+    want += L * B * C * Hk * 4 if mode == "nosa" else 0
+    assert cache_bytes(cfg, B, cap, jnp.bfloat16, mode) == want
+    assert cache_bytes(cfg, B, cap, jnp.float32, mode) == want + L * B * T * Hk * D * 4 + L * B * C * Hk * D * 2

@@ -3,9 +3,11 @@
 computation written here from shared/spec/nosa-upstream.md 2.4-2.7.
 
 CPU: Pallas interpret mode, small shapes. GPU (`-m gpu`, NOSA_TEST_GPU=1): the Triton lowering at
-realistic sizes (B=16, Hq=32, Hk=2, D=128, 32K and 128K contexts). Inputs are fresh random float32
-arrays; the pool is stacked over layers and every layer but the one read is NaN (must never be
-read), as are the windows past each sequence's n_win in the layer read.
+realistic sizes (B=16, Hq=32, Hk=2, D=128, 32K and 128K contexts). Inputs are fresh random arrays
+in the ktilde dtype under test: bfloat16 (the model's case: q and ktilde bf16, one native bf16 dot
+with float32 accumulation) or float32 (the float32-accurate multi-pass dot); the float64 reference
+is fed the same rounded values. The pool is stacked over layers and every layer but the one read is
+NaN (must never be read), as are the windows past each sequence's n_win in the layer read.
 """
 
 import os
@@ -17,6 +19,7 @@ if os.environ.get("NOSA_TEST_GPU") != "1":
 
 import functools
 
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,7 +102,13 @@ def fragile_rows(scores64, cfg, n_blocks, mode):
 
 # ----------------------------------------------------------------------------- inputs
 
-def make_inputs(seed, *, cfg, B, Hq, Hk, D, L, layer, kv_len, C_alloc, scale=2.0):
+DTYPES = ["bfloat16", "float32"]
+
+
+def make_inputs(seed, *, cfg, B, Hq, Hk, D, L, layer, kv_len, C_alloc, scale=2.0, dtype="float32",
+                q_dtype=None):
+    """q [B, Hq, D] in q_dtype (default: dtype) and the ktilde pool [L, B, C_alloc, Hk, D] in dtype
+    (NumPy arrays; bfloat16 ones are ml_dtypes arrays, widened exactly by np.float64); cisw float32."""
     rng = np.random.default_rng(seed)
     kv_len = np.asarray(kv_len, np.int32)
     n_win = np.asarray(nosa.num_windows(jnp.asarray(kv_len), cfg))
@@ -112,6 +121,8 @@ def make_inputs(seed, *, cfg, B, Hq, Hk, D, L, layer, kv_len, C_alloc, scale=2.0
         cw[layer, b, :n] = rng.standard_normal((n, Hk)).astype(np.float32)
     n_blocks = -(-(int(kv_len.max()) + 1) // cfg.block_size)
     n_blocks = max(n_blocks, (C_alloc * cfg.kernel_stride) // cfg.block_size)
+    q = np.array(jnp.asarray(q, q_dtype or dtype))  # round to nearest, as the model's casts do
+    kt = np.array(jnp.asarray(kt, dtype))
     return q, kt, cw, kv_len, n_win, n_blocks
 
 
@@ -152,9 +163,9 @@ def assert_scores_match(got, want, what):
 
 
 def check_case(seed, *, cfg, B, Hq, Hk, D, L, layer, kv_len, C_alloc, interpret=True, modes=("nosa", "infllmv2"),
-               **kw):
+               dtype="float32", q_dtype=None, **kw):
     q, kt, cw, kv_len, n_win, nb = make_inputs(seed, cfg=cfg, B=B, Hq=Hq, Hk=Hk, D=D, L=L, layer=layer,
-                                                kv_len=kv_len, C_alloc=C_alloc)
+                                                kv_len=kv_len, C_alloc=C_alloc, dtype=dtype, q_dtype=q_dtype)
     scores_fn, select_fn = _jitted(interpret, tuple(sorted(kw.items())))
     q_pos = kv_len - 1
     lay = jnp.int32(layer)
@@ -186,43 +197,49 @@ def check_case(seed, *, cfg, B, Hq, Hk, D, L, layer, kv_len, C_alloc, interpret=
 _FRAGILE = {"rows": 0, "fragile": 0}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G,finish,precision,prefetch", [(1, "jnp", None, False), (4, "pallas", None, True),
                                                        (16, "pallas", "split3", True)])
-def test_small_config_ragged(G, finish, precision, prefetch):
+def test_small_config_ragged(dtype, G, finish, precision, prefetch):
     # kv_len 5 and 7 give 0 windows; C_alloc = 61 is not a multiple of the 16-window tile; two
-    # tiles per program exercise the in-program loop and the split combine.
+    # tiles per program exercise the in-program loop and the split combine. `precision` picks the
+    # float32 dot; bf16 operands always take the one native pass.
     kv_len = [200, 137, 5, 7, 31, 90]
     r, f = check_case(100 + G, cfg=SMALL, B=len(kv_len), Hq=2 * G, Hk=2, D=16, L=3, layer=1, kv_len=kv_len,
-                      C_alloc=61, block_c=16, tiles_per_program=2, finish=finish, precision=precision,
-                      prefetch=prefetch)
+                      C_alloc=61, block_c=16, tiles_per_program=2, finish=finish,
+                      precision=precision if dtype == "float32" else None, prefetch=prefetch, dtype=dtype)
     _FRAGILE["rows"] += r
     _FRAGILE["fragile"] += f
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("finish", ["pallas", "jnp"])
-def test_wide_config_default_plan(finish):
+def test_wide_config_default_plan(finish, dtype):
     kv_len = [240, 17, 161]
-    r, f = check_case(7, cfg=WIDE, B=3, Hq=8, Hk=2, D=32, L=2, layer=1, kv_len=kv_len, C_alloc=63, finish=finish)
+    r, f = check_case(7, cfg=WIDE, B=3, Hq=8, Hk=2, D=32, L=2, layer=1, kv_len=kv_len, C_alloc=63, finish=finish,
+                      dtype=dtype)
     _FRAGILE["rows"] += r
     _FRAGILE["fragile"] += f
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G,block_c,tiles,finish", [(4, 32, None, "jnp"), (6, 16, 3, "pallas")])
-def test_upstream_config(G, block_c, tiles, finish):
+def test_upstream_config(G, block_c, tiles, finish, dtype):
     # Upstream hyperparameters (top-64 of >64 blocks: genuinely sparse); Hk = 1 and 2.
     kv_len = [5000, 1023, 31, 4100]
     Hk = 2 if G == 4 else 1
     r, f = check_case(11 + G, cfg=UPSTREAM, B=4, Hq=Hk * G, Hk=Hk, D=16, L=2, layer=1, kv_len=kv_len,
-                      C_alloc=317, block_c=block_c, tiles_per_program=tiles, finish=finish)
+                      C_alloc=317, block_c=block_c, tiles_per_program=tiles, finish=finish, dtype=dtype)
     _FRAGILE["rows"] += r
     _FRAGILE["fragile"] += f
 
 
-def test_all_zero_windows_and_layer0():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_zero_windows_and_layer0(dtype):
     # Every sequence too short for a window; layer 0 read (the NaN layers are above it).
     kv_len = [1, 3, 8]
     q, kt, cw, kv_len, n_win, nb = make_inputs(3, cfg=SMALL, B=3, Hq=4, Hk=2, D=16, L=2, layer=0,
-                                                kv_len=kv_len, C_alloc=20)
+                                                kv_len=kv_len, C_alloc=20, dtype=dtype)
     got = sel.decode_block_scores(q, kt, n_win, kv_len - 1, 0, nosa_cfg=SMALL, n_blocks=nb, interpret=True,
                                   block_c=16)
     assert_scores_match(got, np_block_scores(q, kt[0], n_win, kv_len - 1, SMALL, nb), "no windows")
@@ -233,10 +250,10 @@ def test_all_zero_windows_and_layer0():
 
 
 def test_traced_layer_single_compile():
-    # `layer` is a traced scalar: one compiled function serves every layer.
+    # `layer` is a traced scalar: one compiled function serves every layer (bf16 pool, as the model's).
     kv_len = [120, 64]
     q, kt, cw, kv_len, n_win, nb = make_inputs(5, cfg=SMALL, B=2, Hq=8, Hk=2, D=16, L=3, layer=2,
-                                                kv_len=kv_len, C_alloc=40)
+                                                kv_len=kv_len, C_alloc=40, dtype="bfloat16")
     kt[1] = np.where(np.isnan(kt[2]), np.nan, -kt[2])  # a different valid layer
     f = jax.jit(lambda q, kt, layer: sel.decode_block_scores(q, kt, n_win, kv_len - 1, layer, nosa_cfg=SMALL,
                                                              n_blocks=nb, interpret=True, block_c=16))
@@ -244,6 +261,70 @@ def test_traced_layer_single_compile():
         assert_scores_match(f(q, kt, jnp.int32(layer)), np_block_scores(q, kt[layer], n_win, kv_len - 1, SMALL, nb),
                             f"layer {layer}")
     assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("q_dtype,dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_mixed_dtypes_take_the_float32_dot(q_dtype, dtype):
+    # q and ktilde of different dtypes: both sides upcast to float32 (nosa.stage1_dot_dtype).
+    kv_len = [150, 61, 33]
+    r, f = check_case(21, cfg=SMALL, B=3, Hq=8, Hk=2, D=16, L=2, layer=1, kv_len=kv_len, C_alloc=40,
+                      block_c=16, dtype=dtype, q_dtype=q_dtype)
+    _FRAGILE["rows"] += r
+    _FRAGILE["fragile"] += f
+
+
+def _kernel_dots(q, kt, **kw):
+    """The dot_general equations inside the logits kernel's jaxpr (traced for the GPU: interpret=False)."""
+    jaxpr = jax.make_jaxpr(lambda q, kt: sel.window_logits(q, kt, jnp.array([5, 9], jnp.int32), 1, **kw))(q, kt)
+    kernels = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert len(kernels) == 1
+
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name == "dot_general":
+                yield e
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from walk(sub)
+
+    return list(walk(kernels[0].params["jaxpr"]))
+
+
+def test_bf16_kernel_is_one_native_pass():
+    """bf16 q and ktilde: ONE dot per tile, on the bf16 operands as loaded, accumulated in float32;
+    float32 operands keep the float32-accurate paths (one TF32x3 dot, or three split TF32 dots)."""
+    q16 = jax.ShapeDtypeStruct((2, 8, 32), jnp.bfloat16)
+    kt16 = jax.ShapeDtypeStruct((2, 2, 40, 2, 32), jnp.bfloat16)
+    dots = _kernel_dots(q16, kt16, block_c=16)
+    assert len(dots) == 1
+    (d,) = dots
+    assert [v.aval.dtype for v in d.invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert d.params["preferred_element_type"] == jnp.float32
+    assert d.outvars[0].aval.dtype == jnp.float32
+    q32 = jax.ShapeDtypeStruct((2, 8, 32), jnp.float32)
+    kt32 = jax.ShapeDtypeStruct((2, 2, 40, 2, 32), jnp.float32)
+    (d,) = _kernel_dots(q32, kt32, block_c=16)
+    assert [v.aval.dtype for v in d.invars] == [jnp.float32, jnp.float32]
+    assert d.params["precision"] is not None
+    assert len(_kernel_dots(q32, kt32, block_c=16, precision="split3")) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowers_to_triton_for_cuda(dtype):
+    """Cross-lower (no GPU needed) decode_select at the model's sizes (B=16, Hq=32, Hk=2, D=128,
+    128K): the Triton lowering accepts the kernel for this ktilde dtype, with grid (B, Hk, splits),
+    and no layer of the stacked pool is sliced out outside the kernel."""
+    from model_utils import h200_lowering_text
+
+    L, B, C, Hq, Hk, D = 4, 16, 8194, 32, 2, 128
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, Hq, D), dtype), sd((L, B, C, Hk, D), dtype), sd((L, B, C, Hk), jnp.float32),
+            sd((B,), jnp.int32), sd((), jnp.int32))
+    txt = h200_lowering_text(lambda q, kt, cw, kl, layer: sel.decode_select(
+        q, kt, cw, nosa.num_windows(kl, UPSTREAM), kl, layer, nosa_cfg=UPSTREAM, n_blocks=2049, mode="nosa"), *args)
+    calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
+    assert len(calls) == 1
+    assert f"grid_x = {B} " in calls[0] and f"grid_y = {Hk} " in calls[0]
+    assert f"tensor<{B}x{C}x{Hk}x{D}x{'bf16' if dtype == 'bfloat16' else 'f32'}>" not in txt
 
 
 def test_fragile_rows_are_rare():
@@ -295,6 +376,17 @@ def test_bad_shapes_raise():
                                 interpret=True)
 
 
+def test_precision_must_fit_the_dtype():
+    # bf16 operands have one exact-product path; the float32 precisions (and "native" for float32
+    # operands) are refused rather than silently ignored.
+    for dt, bad in ((jnp.bfloat16, "split3"), (jnp.bfloat16, "tf32x3"), (jnp.float32, "native")):
+        q = jnp.zeros((1, 4, 16), dt)
+        kt = jnp.zeros((1, 1, 8, 2, 16), dt)
+        with pytest.raises(ValueError, match="precision"):
+            sel.decode_block_scores(q, kt, jnp.array([2]), jnp.array([40]), 0, nosa_cfg=SMALL, n_blocks=8,
+                                    interpret=True, precision=bad)
+
+
 # ----------------------------------------------------------------------------- GPU (Triton)
 
 GPU_B, GPU_HQ, GPU_HK, GPU_D = 16, 32, 2, 128
@@ -302,9 +394,10 @@ GPU_B, GPU_HQ, GPU_HK, GPU_D = 16, 32, 2, 128
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("context", [32768, 131072])
-@pytest.mark.parametrize("precision,finish,prefetch", [(None, "jnp", False), (None, "pallas", True),
-                                                      ("bf16x6", "jnp", True), ("split3", "jnp", True)])
-def test_gpu_realistic(context, precision, finish, prefetch):
+@pytest.mark.parametrize("dtype,precision,finish,prefetch", [
+    ("bfloat16", None, "jnp", False), ("bfloat16", None, "jnp", True), ("bfloat16", None, "pallas", True),
+    ("float32", None, "jnp", True), ("float32", "bf16x6", "jnp", True), ("float32", "split3", "jnp", True)])
+def test_gpu_realistic(context, dtype, precision, finish, prefetch):
     rng = np.random.default_rng(context)
     # Ragged batch: full context, a few shorter ones, one below the first window.
     kv_len = np.full(GPU_B, context, np.int32)
@@ -312,30 +405,33 @@ def test_gpu_realistic(context, precision, finish, prefetch):
     kv_len[6] = 20
     C_alloc = context // UPSTREAM.kernel_stride + 2
     r, f = check_case(context, cfg=UPSTREAM, B=GPU_B, Hq=GPU_HQ, Hk=GPU_HK, D=GPU_D, L=2, layer=1, kv_len=kv_len,
-                      C_alloc=C_alloc, interpret=False, precision=precision, finish=finish, prefetch=prefetch)
+                      C_alloc=C_alloc, interpret=False, precision=precision, finish=finish, prefetch=prefetch,
+                      dtype=dtype)
     assert f <= MAX_FRAGILE_FRACTION * r + 1, (f, r)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("G,finish", [(1, "jnp"), (6, "pallas")])
-def test_gpu_small_groups(G, finish):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G,finish", [(1, "jnp"), (6, "pallas"), (16, "jnp")])
+def test_gpu_small_groups(G, finish, dtype):
     kv_len = [9000, 4100, 700, 31]
     r, f = check_case(G, cfg=UPSTREAM, B=4, Hq=2 * G, Hk=2, D=64, L=3, layer=2, kv_len=kv_len,
-                      C_alloc=9000 // 16 + 2, interpret=False, finish=finish, prefetch=G == 6)
+                      C_alloc=9000 // 16 + 2, interpret=False, finish=finish, prefetch=G == 6, dtype=dtype)
     assert f <= MAX_FRAGILE_FRACTION * r + 1, (f, r)
 
 
 @pytest.mark.gpu
-def test_gpu_no_layer_copy():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_no_layer_copy(dtype):
     # The compiled decode path must not materialise one layer [B, C, Hk, D] of the pool.
     L, C = 4, 8194
-    q = jnp.zeros((GPU_B, GPU_HQ, GPU_D), jnp.float32)
-    kt = jnp.zeros((L, GPU_B, C, GPU_HK, GPU_D), jnp.float32)
+    q = jnp.zeros((GPU_B, GPU_HQ, GPU_D), dtype)
+    kt = jnp.zeros((L, GPU_B, C, GPU_HK, GPU_D), dtype)
     cw = jnp.zeros((L, GPU_B, C, GPU_HK), jnp.float32)
     kv_len = jnp.full((GPU_B,), 131072, jnp.int32)
     n_win = nosa.num_windows(kv_len, UPSTREAM)
     f = jax.jit(lambda q, kt, cw, layer: sel.decode_select(q, kt, cw, n_win, kv_len, layer, nosa_cfg=UPSTREAM,
                                                            n_blocks=2049, mode="nosa"))
     text = f.lower(q, kt, cw, jnp.int32(3)).compile().as_text()
-    layer_shape = f"f32[{GPU_B},{C},{GPU_HK},{GPU_D}]"
+    layer_shape = f"{'bf16' if dtype == 'bfloat16' else 'f32'}[{GPU_B},{C},{GPU_HK},{GPU_D}]"
     assert layer_shape not in text, "a whole layer of ktilde is copied"

@@ -262,6 +262,36 @@ def test_stage1_decode_all_windows_visible(G):
                                    atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_stage1_bf16_vs_reference(G):
+    """A bf16 model: q and the stored ktilde are bf16; the logits multiply in bf16 with float32
+    accumulation (exact products), so S1 matches float64 on the same bf16 values to float32 rounding,
+    for prefill (causal) and decode rows alike."""
+    cfg = SMALL
+    data = make_batch(70 + G, G)
+    kt, n_win = _random_ktilde(80 + G, cfg)
+    q16, kt16 = jnp.asarray(data["q"], jnp.bfloat16), jnp.asarray(kt, jnp.bfloat16)
+    assert nosa.stage1_dot_dtype(q16.dtype, kt16.dtype) == jnp.bfloat16
+    s1 = np.asarray(_stage1(q16, jnp.asarray(data["q_pos"]), kt16, jnp.asarray(n_win), cfg=cfg))
+    q64, kt64 = np.asarray(q16, np.float64), np.asarray(kt16, np.float64)
+    # the rounding really happened (the bf16 inputs differ from the float32 ones)
+    assert np.abs(kt64 - kt).max() > 1e-3
+    for b in range(len(n_win)):
+        rows = valid_rows(data, b)
+        c = int(n_win[b])
+        want = ref.stage1(q64[b, rows], data["q_pos"][b, rows], kt64[b, :c], cfg)
+        np.testing.assert_allclose(s1[b][:, rows, :c], want, atol=2e-6, rtol=1e-5)
+        assert np.all(s1[b][:, rows, c:] == 0)
+
+
+def test_stage1_dot_dtype_rule():
+    bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+    assert nosa.stage1_dot_dtype(bf16, bf16) == bf16
+    assert nosa.stage1_dot_dtype(f16, f16) == f16
+    for a, b in ((f32, f32), (bf16, f32), (f32, bf16), (bf16, f16)):
+        assert nosa.stage1_dot_dtype(a, b) == f32
+
+
 def test_stage1_gqa_grouping():
     """Invariant 6: S1 of kv head h depends only on query heads h*G .. h*G+G-1, symmetrically."""
     cfg, G = SMALL, 4
