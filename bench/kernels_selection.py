@@ -1,12 +1,20 @@
 """Decode selection: the Pallas kernel path (pallas_kernels/selection.py) against the jnp reference.
 
 Batch 16, 32 query / 2 kv heads, head_dim 128, contexts 32K and 128K (C = 2047 / 8191 valid
-windows of a float32 compressed-key pool stacked over 2 layers; layer 1 is read). Timed:
+windows of a compressed-key pool stacked over 2 layers; layer 1 is read). The pool and the query
+are in the ktilde dtype of the row: bfloat16 (the model's case since ktilde is stored in the model
+dtype: one native bf16 dot pass) and float32 (the float32-accurate 3-pass TF32 dot, for
+comparison with the earlier numbers). Timed:
   decode_block_scores  (kernel + jnp finish)   vs  nosa.stage1_scores + nosa.pool_blocks
   decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks
 Each timing runs `iters` calls inside one jitted fori_loop (the query is perturbed per iteration so
 nothing is hoisted) and reports the median over repeats of wall time / iters, after a warm-up call.
-Effective bandwidth = compressed-key bytes of the valid windows (B * Hk * n_win * D * 4) / time.
+Effective bandwidth = compressed-key bytes of the valid windows (B * Hk * n_win * D * itemsize:
+2 bytes for bfloat16, 4 for float32) / time.
+
+Measured (H200, float32 ktilde, 2026-11-28): block scores 87.7 us at 128K (1.53 TB/s), 32.3 us at
+32K. bfloat16 ktilde: still to be measured (`python3 bench/kernels.py --only selection`);
+predicted 35-45 us at 128K (67 MB instead of 134 MB per layer, one MMA pass instead of three).
 
     python bench/kernels_selection.py [--quick] [--sweep]
 """
@@ -34,9 +42,19 @@ from pallas_kernels import selection as sel
 B, HQ, HK, D, L, LAYER = 16, 32, 2, 128, 2, 1
 CONTEXTS = (32768, 131072)
 NAME = "kernels_selection"
-# (label, kernel keyword arguments); the first is the default configuration.
+# ktilde dtypes timed: the model's (bfloat16) first, then float32 for comparison.
+KT_DTYPES = ("bfloat16", "float32")
+# (label, kernel keyword arguments) per ktilde dtype; "default" (no arguments) is always timed.
 DEFAULT_KW: dict = {}
-SWEEP = [
+SWEEP_BF16 = [
+    ("c64-w4-s3-noprefetch", dict(block_c=64, num_warps=4, num_stages=3, prefetch=False)),
+    ("c64-w4-s4-noprefetch", dict(block_c=64, num_warps=4, num_stages=4, prefetch=False)),
+    ("c128-w4-s3-prefetch", dict(block_c=128, num_warps=4, num_stages=3, prefetch=True)),
+    ("c128-w8-s3-noprefetch", dict(block_c=128, num_warps=8, num_stages=3, prefetch=False)),
+    ("c32-w4-s3-prefetch", dict(block_c=32, num_warps=4, num_stages=3, prefetch=True)),
+    ("c64-w4-s3-prefetch-pallasfinish", dict(block_c=64, num_warps=4, num_stages=3, prefetch=True, finish="pallas")),
+]
+SWEEP_F32 = [
     ("c64-w4-s3-tf32x3-prefetch", dict(block_c=64, num_warps=4, num_stages=3, precision="tf32x3", prefetch=True)),
     ("c64-w4-s3-bf16x6", dict(block_c=64, num_warps=4, num_stages=3, precision="bf16x6")),
     ("c64-w4-s3-bf16x6-prefetch", dict(block_c=64, num_warps=4, num_stages=3, precision="bf16x6", prefetch=True)),
@@ -49,16 +67,16 @@ SWEEP = [
 ]
 
 
-def _inputs(context: int, key):
+def _inputs(context: int, key, dtype="bfloat16"):
     cfg = NosaConfig()
     C = context // cfg.kernel_stride + 2  # allocated windows (cache.allocation adds slack)
     n_blocks = -(-(context + cfg.kernel_size) // cfg.block_size)
     kv_len = jnp.full((B,), context, jnp.int32)
     n_win = nosa.num_windows(kv_len, cfg)
     k1, k2, k3 = jax.random.split(key, 3)
-    q = jax.random.normal(k1, (B, HQ, D), jnp.float32)
+    q = jax.random.normal(k1, (B, HQ, D), jnp.float32).astype(dtype)  # the model's q has its dtype
     # Window means of unit-variance keys have small norms; scale so the softmax is not flat.
-    ktilde = jax.random.normal(k2, (L, B, C, HK, D), jnp.float32) * 0.5
+    ktilde = (jax.random.normal(k2, (L, B, C, HK, D), jnp.float32) * 0.5).astype(dtype)
     cisw = jax.random.normal(k3, (L, B, C, HK), jnp.float32)
     return cfg, n_blocks, q, ktilde, cisw, kv_len, n_win
 
@@ -75,7 +93,8 @@ def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
     @jax.jit
     def loop(q, *rest):
         def body(i, acc):
-            qi = q * (1.0 + i.astype(jnp.float32) * 1e-7)
+            # depends on i, so nothing is hoisted (in bf16 the perturbation may round away: harmless)
+            qi = (q.astype(jnp.float32) * (1.0 + i.astype(jnp.float32) * 1e-7)).astype(q.dtype)
             return acc + _score_sum(fn(qi, *rest))
 
         return lax.fori_loop(0, iters, body, jnp.float32(0))
@@ -110,78 +129,91 @@ def _fns(cfg, n_blocks, kw):
 
 
 def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
-    """Time kernel vs reference at 32K and 128K; append records; return table rows."""
+    """Time kernel vs reference at 32K and 128K; append records; return table rows.
+
+    bfloat16 ktilde (the model's case): jnp reference, a correctness check, the kernel's block
+    scores and decode_select (plus the bf16 sweep with --sweep). float32 ktilde, for comparison:
+    the check and one row, the kernel's block scores (plus the precision sweep with --sweep).
+    """
     rows = []
     iters, repeats = (20, 3) if quick else (100, 5)
     contexts = CONTEXTS[-1:] if quick else CONTEXTS
-    variants = [("default", DEFAULT_KW)] + (SWEEP if sweep else [])
     for context in contexts:
-        try:
-            cfg, n_blocks, q, kt, cw, kv_len, n_win = _inputs(context, jax.random.key(context))
-            rest = (kt, cw, n_win, kv_len)
-            n_valid = int(n_win[0])
-            key_bytes = B * HK * n_valid * D * 4
-        except Exception as e:  # noqa: BLE001
-            rows.append([context, "inputs", "-", f"FAILED: {type(e).__name__}: {e}"[:120], "-", "-"])
-            continue
-        settings = dict(context=context, batch=B, hq=HQ, hk=HK, head_dim=D, windows=n_valid,
-                        n_blocks=n_blocks, ktilde_dtype="float32")
-        ref_times = {}
-        for what, idx in (("block_scores", 1), ("select", 3)):
+        for dtype in KT_DTYPES:
+            main = dtype == KT_DTYPES[0]
+            tag = "bf16" if dtype == "bfloat16" else "f32"
             try:
-                fn = _fns(cfg, n_blocks, {})[idx]
-                t = _time_loop(fn, q, rest, max(iters // 5, 5), repeats)
-                ref_times[what] = t
-                records.append(record(f"{NAME}/{what}/jnp_reference", settings, "time", t * 1e6, "us"))
-                records.append(record(f"{NAME}/{what}/jnp_reference", settings, "effective_bandwidth",
-                                      key_bytes / t / 1e12, "TB/s"))
-                rows.append([context, what, "jnp reference", f"{t * 1e6:.1f}", f"{key_bytes / t / 1e12:.2f}", "1.00"])
+                cfg, n_blocks, q, kt, cw, kv_len, n_win = _inputs(context, jax.random.key(context), dtype)
+                rest = (kt, cw, n_win, kv_len)
+                n_valid = int(n_win[0])
+                key_bytes = B * HK * n_valid * D * kt.dtype.itemsize
             except Exception as e:  # noqa: BLE001
-                rows.append([context, what, "jnp reference", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
-                traceback.print_exc()
-        # Correctness of the kernel path at this size (same inputs), reported, not asserted.
-        try:
-            sk, sr, ek, er = [jax.jit(f) for f in _fns(cfg, n_blocks, {})]
-            a, r = np.asarray(sk(q, *rest)), np.asarray(sr(q, *rest))
-            fin = np.isfinite(r)
-            same_inf = bool(np.array_equal(np.isinf(a), np.isinf(r)) and np.array_equal(a[~fin], r[~fin]))
-            err = float(np.max(np.abs(a[fin] - r[fin]))) if fin.any() else 0.0
-            # Reference ids on the CPU backend: its lax.top_k breaks ties lowest-index-first (the
-            # contract); XLA's GPU top-k does not always.
-            cpu = jax.devices("cpu")[0]
-            ids_a = np.asarray(ek(q, *rest))
-            ids_r = np.asarray(er(*[jax.device_put(np.asarray(x), cpu) for x in (q, *rest)]))
-            same_rows = float(np.mean(np.all(np.sort(ids_a, -1) == np.sort(ids_r, -1), axis=-1)))
-            records.append(record(f"{NAME}/block_scores/check", settings, "max_abs_err_vs_reference", err, "1"))
-            records.append(record(f"{NAME}/select/check", settings, "identical_rows_vs_reference", same_rows, "1"))
-            rows.append([context, "check", "kernel vs reference",
-                         f"max|err|={err:.2e} inf-pattern={'same' if same_inf else 'DIFFERENT'}",
-                         f"identical id rows={same_rows:.3f}", "-"])
-        except Exception as e:  # noqa: BLE001
-            rows.append([context, "check", "kernel vs reference", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
-            traceback.print_exc()
-        for label, kw in variants:
-            for what, idx in (("block_scores", 0), ("select", 2)):
-                if what == "select" and label != "default":
-                    continue
+                rows.append([context, tag, "inputs", "-", f"FAILED: {type(e).__name__}: {e}"[:120], "-", "-"])
+                continue
+            settings = dict(context=context, batch=B, hq=HQ, hk=HK, head_dim=D, windows=n_valid,
+                            n_blocks=n_blocks, ktilde_dtype=dtype, ktilde_bytes=key_bytes)
+            ref_times = {}
+            for what, idx in ((("block_scores", 1), ("select", 3)) if main else ()):
                 try:
-                    fn = _fns(cfg, n_blocks, kw)[idx]
-                    t = _time_loop(fn, q, rest, iters, repeats)
-                    s = dict(settings, variant=label, **{k: str(v) for k, v in kw.items()})
-                    records.append(record(f"{NAME}/{what}/pallas", s, "time", t * 1e6, "us"))
-                    records.append(record(f"{NAME}/{what}/pallas", s, "effective_bandwidth",
+                    fn = _fns(cfg, n_blocks, {})[idx]
+                    t = _time_loop(fn, q, rest, max(iters // 5, 5), repeats)
+                    ref_times[what] = t
+                    records.append(record(f"{NAME}/{what}/jnp_reference", settings, "time", t * 1e6, "us"))
+                    records.append(record(f"{NAME}/{what}/jnp_reference", settings, "effective_bandwidth",
                                           key_bytes / t / 1e12, "TB/s"))
-                    sp = f"{ref_times[what] / t:.2f}" if what in ref_times else "-"
-                    rows.append([context, what, f"pallas {label}", f"{t * 1e6:.1f}",
-                                 f"{key_bytes / t / 1e12:.2f}", sp])
+                    rows.append([context, tag, what, "jnp reference", f"{t * 1e6:.1f}",
+                                 f"{key_bytes / t / 1e12:.2f}", "1.00"])
                 except Exception as e:  # noqa: BLE001
-                    rows.append([context, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
+                    rows.append([context, tag, what, "jnp reference", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
                     traceback.print_exc()
+            # Correctness of the kernel path at this size (same inputs), reported, not asserted.
+            try:
+                sk, sr, ek, er = [jax.jit(f) for f in _fns(cfg, n_blocks, DEFAULT_KW)]
+                a, r = np.asarray(sk(q, *rest)), np.asarray(sr(q, *rest))
+                fin = np.isfinite(r)
+                same_inf = bool(np.array_equal(np.isinf(a), np.isinf(r)) and np.array_equal(a[~fin], r[~fin]))
+                err = float(np.max(np.abs(a[fin] - r[fin]))) if fin.any() else 0.0
+                # Reference ids on the CPU backend: its lax.top_k breaks ties lowest-index-first (the
+                # contract); XLA's GPU top-k does not always.
+                cpu = jax.devices("cpu")[0]
+                ids_a = np.asarray(ek(q, *rest))
+                ids_r = np.asarray(er(*[jax.device_put(np.asarray(x), cpu) for x in (q, *rest)]))
+                same_rows = float(np.mean(np.all(np.sort(ids_a, -1) == np.sort(ids_r, -1), axis=-1)))
+                records.append(record(f"{NAME}/block_scores/check", settings, "max_abs_err_vs_reference", err, "1"))
+                records.append(record(f"{NAME}/select/check", settings, "identical_rows_vs_reference", same_rows, "1"))
+                rows.append([context, tag, "check", "kernel vs reference",
+                             f"max|err|={err:.2e} inf-pattern={'same' if same_inf else 'DIFFERENT'}",
+                             f"identical id rows={same_rows:.3f}", "-"])
+            except Exception as e:  # noqa: BLE001
+                rows.append([context, tag, "check", "kernel vs reference", f"FAILED: {type(e).__name__}: {e}"[:160],
+                             "-", "-"])
+                traceback.print_exc()
+            variants = [("default", DEFAULT_KW)]
+            if sweep:
+                variants += SWEEP_BF16 if dtype == "bfloat16" else SWEEP_F32
+            for label, kw in variants:
+                for what, idx in (("block_scores", 0), ("select", 2)):
+                    if what == "select" and (label != "default" or not main):
+                        continue
+                    try:
+                        fn = _fns(cfg, n_blocks, kw)[idx]
+                        t = _time_loop(fn, q, rest, iters, repeats)
+                        s = dict(settings, variant=label, **{k: str(v) for k, v in kw.items()})
+                        records.append(record(f"{NAME}/{what}/pallas", s, "time", t * 1e6, "us"))
+                        records.append(record(f"{NAME}/{what}/pallas", s, "effective_bandwidth",
+                                              key_bytes / t / 1e12, "TB/s"))
+                        sp = f"{ref_times[what] / t:.2f}" if what in ref_times else "-"
+                        rows.append([context, tag, what, f"pallas {label}", f"{t * 1e6:.1f}",
+                                     f"{key_bytes / t / 1e12:.2f}", sp])
+                    except Exception as e:  # noqa: BLE001
+                        rows.append([context, tag, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
+                                     "-", "-"])
+                        traceback.print_exc()
     return rows
 
 
-HEADER = ["context", "op", "impl", "time (us)", "eff. TB/s (ktilde bytes)", "speedup vs jnp"]
+HEADER = ["context", "ktilde", "op", "impl", "time (us)", "eff. TB/s (ktilde bytes)", "speedup vs jnp (same dtype)"]
 
 
 if __name__ == "__main__":
-    standalone(run, HEADER, NAME, sweep_help="also time kernel tile/warp/precision variants")
+    standalone(run, HEADER, NAME, sweep_help="also time kernel tile/warp variants (bf16) and precision variants (float32)")
