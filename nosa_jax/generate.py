@@ -21,7 +21,7 @@ from flax import nnx
 
 from .cache import KVCache, cache_bytes, init_cache
 from .model import NosaForCausalLM
-from .offload import OffloadedKV, init_offloaded, offload_bytes, store_prefill
+from .offload import OffloadedKV, flush, flush_interval, init_offloaded, offload_bytes, store_prefill
 
 PAD = -1  # token id written after a sequence has stopped
 
@@ -164,8 +164,17 @@ def _feed(model, st: DecodeState):
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids"), donate_argnames=("st",))
 def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: tuple[int, ...]):
     """One decode step as its own jitted call (the Python-loop baseline of the benchmark)."""
-    logits, st = _feed(_merge(graphdef, state), st)
+    model = _merge(graphdef, state)
+    logits, st = _feed(model, st)
+    st = _flushed(model, st)
     return _advance(sampler, eos_ids, st, logits), logits
+
+
+def _flushed(model, st: DecodeState) -> DecodeState:
+    """With the offloaded cache: write the blocks touched since the last flush to the host."""
+    if isinstance(st.cache, OffloadedKV):
+        st = dataclasses.replace(st, cache=flush(st.cache, model.cfg.nosa))
+    return st
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",))
@@ -183,8 +192,22 @@ def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, e
         lg, s = _feed(_merge(graphdef, params), s)
         return _advance(sampler, eos_ids, s, lg), lg, params
 
-    st, logits, _ = jax.lax.fori_loop(0, n_steps, body, (st, logits, state))
-    return st, logits
+    if not isinstance(st.cache, OffloadedKV):
+        st, logits, _ = jax.lax.fori_loop(0, n_steps, body, (st, logits, state))
+        return st, logits
+
+    # offloaded cache: flush new blocks to the host every `flush_interval` steps and at the end
+    # (static trip counts: the flushes need no data-dependent branch)
+    model = _merge(graphdef, state)
+    every = flush_interval(model.cfg.nosa)
+
+    def chunk(_, carry):
+        s, lg, params = jax.lax.fori_loop(0, every, body, carry)
+        return _flushed(model, s), lg, params
+
+    carry = jax.lax.fori_loop(0, n_steps // every, chunk, (st, logits, state))
+    st, logits, _ = jax.lax.fori_loop(0, n_steps % every, body, carry)
+    return _flushed(model, st), logits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 block slots on the device, and per-step loads of only the blocks the selection newly needs.
 
 Layout (L layers, B sequences, Hk kv heads, NB blocks of bs tokens, S pool slots, D head dim):
-  host_k, host_v  [L, B, Hk, NB, bs, D]  model dtype, pinned host: one contiguous chunk per
-                                         (layer, sequence, head, block)
+  host_k, host_v  [L, B, Hk, NB + F, bs, D]  model dtype, pinned host: one contiguous chunk per
+                                         (layer, sequence, head, block); F = flush_blocks spare
+                                         blocks so a flush window never runs past the end
   pool_k, pool_v  [L, B, S*bs, Hk, D]    device: slot s of head h = rows s*bs .. s*bs+bs-1, the
                                          layout the decode kernel reads (`slots` index it)
   pool_bias       [L, B, S*bs, Hk]       float32 device copy of the slot tokens' eviction scores
@@ -13,12 +14,13 @@ Layout (L layers, B sequences, Hk kv heads, NB blocks of bs tokens, S pool slots
                                          compressed window a new token completes is averaged from
                                          here, in the same order as the on-device cache does
   cis, ktilde, cisw, length, rope_len    as in `KVCache` (small; they stay on the device)
+  flushed         [B]                    tokens per sequence already written to the host store
   prev_ids        [L, B, Hk, K]          last step's selection (locality statistics)
   misses, reused, selected [L, B, Hk]    this step's counts (statistics)
 
 One decode step, per layer (all inside the jitted decode loop, no host round trip):
-  1. the new token's key/value are appended to the host store in place, its key to the ring, its
-     cis to the device history; the window it completes (if any) is averaged;
+  1. the new token's key goes to the ring, its cis to the device history; the window it completes
+     (if any) is averaged;
   2. the selection runs on the device exactly as in the on-device cache;
   3. slots: selected blocks already in the pool are hits; each miss takes a slot not holding a
      selected block, empty slots first, then the least recently selected (LRU); the tail block
@@ -28,6 +30,15 @@ One decode step, per layer (all inside the jitted decode loop, no host round tri
   5. attention over the pool through the slot table (the same decode kernel / reference).
 A pool of exactly top-k slots is upstream's behaviour; more slots keep blocks that drop out of
 the selection resident (a victim cache), so they come back without a load.
+
+New tokens reach the host store in batches (`flush`), not per step: a block stays among the forced
+local blocks - hence selected, hence resident - for local_blocks * block_size steps after its
+first token, so the decode loop writes the blocks touched since the last flush from the pool to
+the host every `flush_interval` (<= local_blocks * block_size) steps and at the end of every call
+(one copy per sequence of all layers, heads and those blocks), and a block is never loaded
+before it has been flushed. This
+replaces per-step device->host writes of single tokens (one tiny transfer per sequence and
+layer every step).
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ class OffloadedKV:
     cisw: jax.Array
     length: jax.Array
     rope_len: jax.Array
+    flushed: jax.Array
     prev_ids: jax.Array
     misses: jax.Array
     reused: jax.Array
@@ -80,6 +92,21 @@ def ring_size(n: NosaConfig) -> int:
     return 1 << max(0, n.kernel_size - 1).bit_length()
 
 
+FLUSH_MAX_BLOCKS = 4  # flush at least every 4 blocks' worth of steps (bounds the flush window)
+
+
+def flush_interval(n: NosaConfig) -> int:
+    """Decode steps between flushes: at most local_blocks * block_size (a block stays among the
+    forced local blocks, hence resident, that long after its first token), and at most
+    FLUSH_MAX_BLOCKS blocks' worth so the window stays small; 1 without local blocks."""
+    return min(n.local_blocks, FLUSH_MAX_BLOCKS) * n.block_size if n.local_blocks else 1
+
+
+def flush_blocks(n: NosaConfig) -> int:
+    """Blocks a sequence can touch between two flushes (the flush window)."""
+    return -(-flush_interval(n) // n.block_size) + 1
+
+
 def num_selected(cfg: ModelConfig, capacity: int) -> int:
     """K: selected blocks per (sequence, kv head) at this capacity."""
     T, _ = allocation(cfg, capacity)
@@ -99,12 +126,12 @@ def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
     if pool_slots < K:
         raise OffloadError(f"pool_slots={pool_slots} is smaller than the {K} blocks selected per step; "
                            f"use at least {K} (top-k) slots")
-    S, R = pool_slots, ring_size(n)
+    S, R, F = pool_slots, ring_size(n), flush_blocks(n)
     dt = jnp.dtype(dtype)
     f32, i32 = jnp.float32, jnp.int32
     sd = jax.ShapeDtypeStruct
     shapes = dict(
-        host_k=sd((L, batch, Hk, NB, bs, D), dt), host_v=sd((L, batch, Hk, NB, bs, D), dt),
+        host_k=sd((L, batch, Hk, NB + F, bs, D), dt), host_v=sd((L, batch, Hk, NB + F, bs, D), dt),
         pool_k=sd((L, batch, S * bs, Hk, D), dt), pool_v=sd((L, batch, S * bs, Hk, D), dt),
         pool_bias=sd((L, batch, S * bs, Hk), f32),  # unused by infllmv2 attention (1/64 of the pool)
         table=sd((L, batch, Hk, S), i32), stamp=sd((L, batch, Hk, S), i32),
@@ -112,7 +139,7 @@ def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
         cis=sd((L, batch, T, Hk), f32),
         ktilde=sd((L, batch, C, Hk, D), dt if dt.itemsize < 4 else f32),
         cisw=sd((L, batch, C if mode == "nosa" else 0, Hk), f32),
-        length=sd((batch,), i32), rope_len=sd((batch,), i32),
+        length=sd((batch,), i32), rope_len=sd((batch,), i32), flushed=sd((batch,), i32),
         prev_ids=sd((L, batch, Hk, K), i32),
         misses=sd((L, batch, Hk), i32), reused=sd((L, batch, Hk), i32), selected=sd((L, batch, Hk), i32))
     return shapes, {"host_k", "host_v"}
@@ -174,9 +201,10 @@ def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> Offlo
     ring = jnp.take_along_axis(ring, order[None, :, :, None, None], axis=2).astype(off.ring_k.dtype)
     ring_k = lax.dynamic_update_slice(off.ring_k, ring, (z, b0, z, z, z))
     length = lax.dynamic_update_slice(off.length, dev.length, (b0,))
+    flushed = lax.dynamic_update_slice(off.flushed, dev.length, (b0,))
     return dataclasses.replace(off, host_k=host_k, host_v=host_v, cis=put(off.cis, dev.cis),
                                ktilde=put(off.ktilde, dev.ktilde), cisw=put(off.cisw, dev.cisw),
-                               ring_k=ring_k, length=length)
+                               ring_k=ring_k, length=length, flushed=flushed)
 
 
 # ------------------------------------------------------------------------------------ slot policy
@@ -224,7 +252,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     already holds the new lengths (sequences that have stopped keep theirs: start == length).
     Returns (o [B, 1, Hq, D], block_ids [B, Hk, 1, K], updated cache).
     """
-    from pallas_kernels.kv_loader import append_tokens, load_blocks
+    from pallas_kernels.kv_loader import load_blocks
 
     if q.shape[1] != 1:
         raise ValueError("the offloaded cache decodes one token per step; prefill runs on the device "
@@ -236,13 +264,9 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     b_idx = jnp.arange(B)
     R = off.ring_k.shape[2]
 
-    # 1. append: host store, ring, cis history; refresh the window this token completes
+    # 1. append: ring, cis history; refresh the window this token completes (the pool gets the
+    #    token in step 4, the host store at the next flush)
     with jax.named_scope("nosa_append"):  # named scopes: profiler labels (bench/offload.py)
-        # every sequence writes (a stopped one at its end, where nothing is read any more): no
-        # data-dependent branch in the step
-        last = off.host_k.shape[3] * bs - 1
-        host_k, host_v = append_tokens(off.host_k, off.host_v, layer, jnp.minimum(pos, last), k[:, 0], v[:, 0],
-                                       block_size=bs, path=off.loader, interpret=settings.interpret, all_valid=True)
         ring_k = off.ring_k.at[layer, b_idx, pos % R].set(jnp.where(live[:, None, None], k[:, 0],
                                                                     off.ring_k[layer, b_idx, pos % R]))
         cis_h = off.cis.at[layer, b_idx, jnp.where(live, pos, off.cis.shape[2])].set(cis[:, 0], mode="drop")
@@ -263,7 +287,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
 
     # 2. selection (the same code and data as the on-device cache)
     with jax.named_scope("nosa_select"):
-        n_blocks = off.host_k.shape[3]
+        n_blocks = off.cis.shape[2] // bs
         kv_len = off.length
         if settings.impl == "pallas":
             from pallas_kernels import decode_select
@@ -284,7 +308,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
 
     # 4. loads, then the new token into its own block's slot
     with jax.named_scope("nosa_load"):
-        pool_k, pool_v, pool_bias = load_blocks(host_k, host_v, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
+        pool_k, pool_v, pool_bias = load_blocks(off.host_k, off.host_v, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
                                                 loads, jnp.maximum(slots, 0), block_size=bs, path=off.loader,
                                                 interpret=settings.interpret)
         own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
@@ -309,7 +333,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     prev = off.prev_ids[layer]
     lv = live[:, None].astype(jnp.int32)
     off = dataclasses.replace(
-        off, host_k=host_k, host_v=host_v, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias,
+        off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias,
         table=off.table.at[layer].set(table_l), stamp=off.stamp.at[layer].set(stamp_l), ring_k=ring_k,
         cis=cis_h, ktilde=ktilde, cisw=cisw,
         prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
@@ -317,6 +341,34 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
         reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
         selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
     return o[:, None], ids[:, :, None], off
+
+
+def flush(off: OffloadedKV, n: NosaConfig) -> OffloadedKV:
+    """Write every block touched since the last flush from the pool to the host store.
+
+    Per sequence, blocks flushed // bs .. + F - 1 (F = flush_blocks) of all layers and heads are
+    gathered from their slots and written with one copy to the host. Every such block that holds a
+    token is resident (module docstring); blocks past a sequence's end get whatever slot 0 holds,
+    and the next flush (which starts at or before them) rewrites them."""
+    L, B, S_bs, Hk, D = off.pool_k.shape
+    bs, F = n.block_size, flush_blocks(n)
+    first = off.flushed // bs  # [B]
+    blocks = first[:, None] + jnp.arange(F)  # [B, F]
+    match = off.table[:, :, :, None, :] == blocks[None, :, None, :, None]  # [L, B, Hk, F, S]
+    slot = jnp.argmax(match, axis=-1)  # [L, B, Hk, F] (0 when not resident)
+    rows = slot[..., None] * bs + jnp.arange(bs)  # [L, B, Hk, F, bs]
+    li = jnp.arange(L)[:, None, None, None, None]
+    bi = jnp.arange(B)[None, :, None, None, None]
+    hi = jnp.arange(Hk)[None, None, :, None, None]
+    z = jnp.zeros((), jnp.int32)
+    host = []
+    for pool, store in ((off.pool_k, off.host_k), (off.pool_v, off.host_v)):
+        win = pool[li, bi, rows, hi]  # [L, B, Hk, F, bs, D]
+        for b in range(B):  # one host write per sequence: all layers, heads and window blocks
+            part = jax.device_put(win[:, b:b + 1], jax.memory.Space.Host)
+            store = lax.dynamic_update_slice(store, part, (z, jnp.int32(b), z, first[b], z, z))
+        host.append(store)
+    return dataclasses.replace(off, host_k=host[0], host_v=host[1], flushed=off.length)
 
 
 # ------------------------------------------------------------------------------- capacity planning

@@ -6,7 +6,8 @@ Layouts (L layers, B sequences, Hk kv heads, NB host blocks, bs = block_size, D 
   pool_k, pool_v : [L, B, S*bs, Hk, D] device; slot s of head h = rows s*bs .. s*bs+bs-1, column h
                    (the layout `sparse_decode.sparse_decode_attention` reads).
   pool_bias      : [L, B, S*bs, Hk] float32 device.
-  cis            : [L, B, T, Hk] float32 device, T = NB*bs (the full eviction-score history).
+  cis            : [L, B, T, Hk] float32 device, T <= NB*bs (the full eviction-score history; the
+                   store may hold spare blocks past it).
 
 Operations
   load_blocks(...)   copy host block blocks[b,h,m] of `layer` into slot slots[b,h,m] of head h of
@@ -144,8 +145,9 @@ def _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slo
         raise ValueError(f"pool length {pool_k.shape[2]} must be a multiple of block_size {block_size}")
     if pool_bias.shape != pool_k.shape[:4]:
         raise ValueError(f"pool_bias {pool_bias.shape} must be {pool_k.shape[:4]}")
-    if cis.shape != (L, B, NB * bs, Hk):
-        raise ValueError(f"cis {cis.shape} must be {(L, B, NB * bs, Hk)}")
+    if cis.shape[:2] != (L, B) or cis.shape[3] != Hk or cis.shape[2] % bs or cis.shape[2] > NB * bs:
+        raise ValueError(f"cis {cis.shape} must be [{L}, {B}, T, {Hk}] with T a multiple of {bs} and <= {NB * bs} "
+                         f"(the host store may hold spare blocks past the cis history)")
     if blocks.ndim != 3 or blocks.shape[:2] != (B, Hk) or slots.shape != blocks.shape:
         raise ValueError(f"blocks {blocks.shape} / slots {slots.shape} must be [{B}, {Hk}, M]")
     if host_k.dtype != pool_k.dtype:
@@ -251,7 +253,7 @@ def load_blocks(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, s
                 xla_unroll_max: int = UNROLL_MAX):
     """Copy host blocks into device pool slots, in place. Returns (pool_k, pool_v, pool_bias).
 
-    host_k, host_v: [L, B, Hk, NB, bs, D] (pinned_host, or device); cis: [L, B, NB*bs, Hk] f32;
+    host_k, host_v: [L, B, Hk, NB, bs, D] (pinned_host, or device); cis: [L, B, T <= NB*bs, Hk] f32;
     pool_k, pool_v: [L, B, S*bs, Hk, D]; pool_bias: [L, B, S*bs, Hk] f32 (the three are donated);
     layer: int32 scalar (may be traced); blocks, slots: [B, Hk, M] int32. For every entry with
     blocks[b,h,m] >= 0: pool_{k,v}[layer, b, s*bs:(s+1)*bs, h] = host_{k,v}[layer, b, h, blk] and
