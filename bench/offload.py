@@ -139,8 +139,13 @@ def main():
                              f"{bytes_step / 2**20:.1f}", f"{bw:.1f}"]
                             + [f"{split[k] / 1e3:.2f}" for k in ("append", "selection", "slots", "loads", "attention", "rest")])
                 print(rows[-1], flush=True)
-                if not any(split[k] for k in SCOPES) and events:
-                    print("note: no event matched a named scope; args of a sample event:", events[0][3], flush=True)
+                if events and pool == args.pools[0]:  # what the trace says of the biggest unlabelled kernels
+                    top = sorted(events, key=lambda e: -e[2])
+                    rest = [e for e in top if not any(m in e[0] + " ".join(map(str, e[3].values()))
+                                                      for ms in SCOPES.values() for m in ms)][:3]
+                    for e in rest:
+                        print(f"  unlabelled: {e[0][:60]} {e[2]:.1f} us args={ {k: str(v)[:120] for k, v in e[3].items()} }",
+                              flush=True)
                 del gen, st, logits
     header = ["mode", "context", "batch", "pool", "tok/s", "ms/step", "misses/(layer,head,seq)", "gamma",
               "MiB loaded/step", "load GB/s", "append ms", "selection ms", "slots ms", "loads ms", "attention ms",
