@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
+import re
 import tempfile
 import os
 import statistics
@@ -111,13 +112,31 @@ def busy_time(events) -> float:
     return total
 
 
-def split_by_scope(events, scopes: dict[str, tuple[str, ...]]) -> dict[str, float]:
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Kernel name (HLO instruction name with '.' -> '_', as the GPU trace names kernels) -> the
+    op_name metadata of that instruction (the jax call path, named scopes included)."""
+    out = {}
+    for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text, re.M):
+        out[m.group(1).replace(".", "_").replace("-", "_")] = m.group(2)
+    return out
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persist compiled programs, so compiling the same program twice (e.g. to read its HLO after
+    running it) costs a cache hit."""
+    jax.config.update("jax_compilation_cache_dir", path or tempfile.mkdtemp(prefix="nosa-jaxcache-"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def split_by_scope(events, scopes: dict[str, tuple[str, ...]], op_names: dict[str, str] | None = None) -> dict[str, float]:
     """Sum device time (us) by category: an event belongs to the first category one of whose
-    markers appears in its name or any of its string args (named scopes reach the trace through
-    the ops' metadata); everything else is "rest"."""
+    markers appears in its kernel name, its args, or (with `op_names` from `hlo_op_names`) the
+    op_name of the HLO instruction it ran (named scopes reach it there); else "rest"."""
     out = {k: 0.0 for k in scopes} | {"rest": 0.0}
+    op_names = op_names or {}
     for name, _, d, args in events:
-        text = name + " " + " ".join(str(v) for v in args.values())
+        text = name + " " + op_names.get(name, "") + " " + " ".join(str(v) for v in args.values())
         for k, markers in scopes.items():
             if any(m in text for m in markers):
                 out[k] += d

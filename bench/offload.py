@@ -8,8 +8,9 @@ moved to pinned host memory; then the jitted decode loop runs against the offloa
 For each (mode, context, pool size): decode tokens/s (median of timed windows of `--steps` steps
 after a warm-up window), misses per (layer, kv head, sequence, step), hit rate, locality gamma,
 bytes loaded per step, the loads' effective host->device bandwidth (bytes / device time of the
-load kernels), and the device time per step split into append, selection, slot assignment,
-loads, attention and the rest (weights, norms, sampling), from a profiler trace of one window.
+load kernels), and the device time per step split into the host flush, append (ring, windows),
+selection, slot assignment, loads, attention and the rest (weights, norms, sampling), from a
+profiler trace of one window (kernels mapped to the named scopes through the compiled HLO).
 
     python bench/offload.py [--model 8b|1b] [--contexts 16384 32768] [--batch 16] [--pools 64 128]
                             [--modes nosa] [--steps 32] [--repeats 3]
@@ -18,6 +19,7 @@ loads, attention and the rest (weights, norms, sampling), from a profiler trace 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import sysconfig
@@ -31,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import markdown_table, record, save, split_by_scope, trace_device_events  # noqa: E402
+from bench.common import (enable_compilation_cache, hlo_op_names, markdown_table, record, save,  # noqa: E402
+                          split_by_scope, trace_device_events)
 from nosa_jax.config import ModelConfig  # noqa: E402
 from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
@@ -43,9 +46,10 @@ MODELS = {
     "1b": dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
                num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
 }
-SCOPES = {"append": ("nosa_append", "nosa_kv_append"), "selection": ("nosa_select", "nosa_decode_stage1"),
+SCOPES = {"flush": ("nosa_flush",), "append": ("nosa_append",), "selection": ("nosa_select", "nosa_decode_stage1"),
           "slots": ("nosa_slots",), "loads": ("nosa_load", "nosa_kv_load"),
           "attention": ("nosa_attend", "nosa_sparse_decode")}
+PARTS = ("flush", "append", "selection", "slots", "loads", "attention", "rest")
 
 
 def text_corpus(min_bytes: int) -> bytes:
@@ -71,6 +75,17 @@ def prompts_from_text(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [table[corpus[i * length:(i + 1) * length]].tolist() for i in range(batch)]
 
 
+def empty_pool(off, slots: int):
+    """The same offloaded cache with a fresh, empty device pool of `slots` slots (valid after a
+    decode call, which leaves every token flushed to the host store)."""
+    L, B, _, Hk, D = off.pool_k.shape
+    bs = off.pool_k.shape[2] // off.table.shape[-1]
+    return dataclasses.replace(
+        off, pool_k=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_k.dtype), pool_v=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_v.dtype),
+        pool_bias=jnp.zeros((L, B, slots * bs, Hk), jnp.float32), table=jnp.full((L, B, Hk, slots), -1, jnp.int32),
+        stamp=jnp.zeros((L, B, Hk, slots), jnp.int32))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="8b")
@@ -85,19 +100,22 @@ def main():
     args = ap.parse_args()
     cfg = ModelConfig(**MODELS[args.model])
     print(f"device {jax.devices()[0]}  jax {jax.__version__}  loader {loader_path(args.loader)}", flush=True)
+    enable_compilation_cache()  # the HLO (for the time split) is read from a second, cached compile
     records, rows = [], []
     n_windows = args.repeats + 2  # warm-up, timed windows, profiled window
     for mode in args.modes:
         model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         for ctx in args.contexts:
-            new = n_windows * args.steps + 1
+            # one prefill per context; each pool size then starts from an empty pool of its own
+            new = len(args.pools) * n_windows * args.steps + 1
             prompts = prompts_from_text(args.batch, ctx - new, cfg.vocab_size)
+            gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots=args.pools[0], loader=args.loader))
+            st, logits, prefill_s = gen.start(prompts, max_new_tokens=new, prefill_chunk=args.prefill_chunk)
             for pool in args.pools:
                 settings = {"model": args.model, "mode": mode, "context": ctx, "batch": args.batch, "pool_slots": pool,
                             "steps_per_window": args.steps, "repeats": args.repeats, "dtype": "bfloat16",
                             "loader": loader_path(args.loader), "prompts": "stdlib source text, 1 byte/token"}
-                gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots=pool, loader=args.loader))
-                st, logits, prefill_s = gen.start(prompts, max_new_tokens=new, prefill_chunk=args.prefill_chunk)
+                st = dataclasses.replace(st, cache=empty_pool(st.cache, pool))
 
                 def window(st, logits):
                     st, logits = decode_loop(gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
@@ -114,11 +132,13 @@ def main():
                     t0 = time.perf_counter()
                     st, logits = window(st, logits)
                     times.append(time.perf_counter() - t0)
+                op_names = hlo_op_names(decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=gen.sampler,
+                                                          eos_ids=(), n_steps=args.steps).compile().as_text())
                 (st, logits), events = trace_device_events(lambda: window(st, logits))
                 step_s = statistics.median(times) / args.steps
                 stats = offload_statistics(np.asarray(st.stats)[first_step:int(st.step)], cfg, jnp.bfloat16, mode,
                                            args.batch)
-                split = {k: v / args.steps for k, v in split_by_scope(events, SCOPES).items()}  # us per step
+                split = {k: v / args.steps for k, v in split_by_scope(events, SCOPES, op_names).items()}  # us/step
                 device_us = sum(split.values())
                 load_kernel_us = sum(e[2] for e in events if "nosa_kv_load" in e[0]) / args.steps
                 bytes_step = float(np.mean(stats["bytes"][-args.steps:].sum(axis=1)))
@@ -136,20 +156,17 @@ def main():
                     records.append(record("offload/decode", settings, metric, val, unit))
                 rows.append([mode, ctx, args.batch, pool, f"{tok_s:.0f}", f"{step_s * 1e3:.2f}",
                              f"{stats['misses_per_layer_head_seq']:.2f}", f"{stats['gamma_mean']:.3f}",
-                             f"{bytes_step / 2**20:.1f}", f"{bw:.1f}"]
-                            + [f"{split[k] / 1e3:.2f}" for k in ("append", "selection", "slots", "loads", "attention", "rest")])
+                             f"{bytes_step / 2**20:.1f}", f"{bw:.1f}"] + [f"{split[k] / 1e3:.2f}" for k in PARTS])
                 print(rows[-1], flush=True)
                 if events and pool == args.pools[0]:  # what the trace says of the biggest unlabelled kernels
                     top = sorted(events, key=lambda e: -e[2])
-                    rest = [e for e in top if not any(m in e[0] + " ".join(map(str, e[3].values()))
-                                                      for ms in SCOPES.values() for m in ms)][:3]
+                    rest = [e for e in top if not any(m in e[0] + op_names.get(e[0], "") for ms in SCOPES.values()
+                                                      for m in ms)][:4]
                     for e in rest:
-                        print(f"  unlabelled: {e[0][:60]} {e[2]:.1f} us args={ {k: str(v)[:120] for k, v in e[3].items()} }",
-                              flush=True)
-                del gen, st, logits
+                        print(f"  unlabelled: {e[0][:60]} {e[2]:.1f} us op={op_names.get(e[0], '?')[-100:]}", flush=True)
+            del gen, st, logits
     header = ["mode", "context", "batch", "pool", "tok/s", "ms/step", "misses/(layer,head,seq)", "gamma",
-              "MiB loaded/step", "load GB/s", "append ms", "selection ms", "slots ms", "loads ms", "attention ms",
-              "rest ms"]
+              "MiB loaded/step", "load GB/s"] + [f"{k} ms" for k in PARTS]
     table = markdown_table(header, rows)
     print(table)
     print("wrote", save(records, f"offload-{args.model}", table))

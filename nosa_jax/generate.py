@@ -166,14 +166,14 @@ def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: 
     """One decode step as its own jitted call (the Python-loop baseline of the benchmark)."""
     model = _merge(graphdef, state)
     logits, st = _feed(model, st)
-    st = _flushed(model, st)
+    st = _flushed(model, st, 1)
     return _advance(sampler, eos_ids, st, logits), logits
 
 
-def _flushed(model, st: DecodeState) -> DecodeState:
-    """With the offloaded cache: write the blocks touched since the last flush to the host."""
+def _flushed(model, st: DecodeState, steps: int) -> DecodeState:
+    """With the offloaded cache: write the blocks touched in the last `steps` steps to the host."""
     if isinstance(st.cache, OffloadedKV):
-        st = dataclasses.replace(st, cache=flush(st.cache, model.cfg.nosa))
+        st = dataclasses.replace(st, cache=flush(st.cache, model.cfg.nosa, steps))
     return st
 
 
@@ -203,11 +203,12 @@ def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, e
 
     def chunk(_, carry):
         s, lg, params = jax.lax.fori_loop(0, every, body, carry)
-        return _flushed(model, s), lg, params
+        return _flushed(model, s, every), lg, params
 
     carry = jax.lax.fori_loop(0, n_steps // every, chunk, (st, logits, state))
-    st, logits, _ = jax.lax.fori_loop(0, n_steps % every, body, carry)
-    return _flushed(model, st), logits
+    rest = n_steps % every
+    st, logits, _ = jax.lax.fori_loop(0, rest, body, carry)
+    return (_flushed(model, st, rest) if rest else st), logits
 
 
 @dataclasses.dataclass(frozen=True)

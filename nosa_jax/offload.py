@@ -102,9 +102,11 @@ def flush_interval(n: NosaConfig) -> int:
     return min(n.local_blocks, FLUSH_MAX_BLOCKS) * n.block_size if n.local_blocks else 1
 
 
-def flush_blocks(n: NosaConfig) -> int:
-    """Blocks a sequence can touch between two flushes (the flush window)."""
-    return -(-flush_interval(n) // n.block_size) + 1
+def flush_blocks(n: NosaConfig, steps: int | None = None) -> int:
+    """Blocks a sequence can touch in `steps` decode steps (default: a flush interval): the flush
+    window."""
+    steps = flush_interval(n) if steps is None else min(steps, flush_interval(n))
+    return -(-steps // n.block_size) + 1
 
 
 def num_selected(cfg: ModelConfig, capacity: int) -> int:
@@ -343,15 +345,21 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     return o[:, None], ids[:, :, None], off
 
 
-def flush(off: OffloadedKV, n: NosaConfig) -> OffloadedKV:
-    """Write every block touched since the last flush from the pool to the host store.
+def flush(off: OffloadedKV, n: NosaConfig, steps: int) -> OffloadedKV:
+    """Write every block touched since the last flush, `steps` (static, <= flush_interval) decode
+    steps ago, from the pool to the host store.
 
-    Per sequence, blocks flushed // bs .. + F - 1 (F = flush_blocks) of all layers and heads are
+    Per sequence, blocks flushed // bs .. + F - 1 (F = flush_blocks(n, steps)) of all layers and heads are
     gathered from their slots and written with one copy to the host. Every such block that holds a
     token is resident (module docstring); blocks past a sequence's end get whatever slot 0 holds,
     and the next flush (which starts at or before them) rewrites them."""
+    with jax.named_scope("nosa_flush"):
+        return _flush(off, n, steps)
+
+
+def _flush(off: OffloadedKV, n: NosaConfig, steps: int) -> OffloadedKV:
     L, B, S_bs, Hk, D = off.pool_k.shape
-    bs, F = n.block_size, flush_blocks(n)
+    bs, F = n.block_size, flush_blocks(n, steps)
     first = off.flushed // bs  # [B]
     blocks = first[:, None] + jnp.arange(F)  # [B, F]
     match = off.table[:, :, :, None, :] == blocks[None, :, None, :, None]  # [L, B, Hk, F, S]
