@@ -33,8 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import (enable_compilation_cache, hlo_op_names, markdown_table, record, save,  # noqa: E402
-                          split_by_scope, trace_device_events)
+from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, markdown_table, record,  # noqa: E402
+                          save, split_by_scope, trace_device_events)
 from nosa_jax.config import ModelConfig  # noqa: E402
 from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
@@ -158,12 +158,17 @@ def main():
                              f"{stats['misses_per_layer_head_seq']:.2f}", f"{stats['gamma_mean']:.3f}",
                              f"{bytes_step / 2**20:.1f}", f"{bw:.1f}"] + [f"{split[k] / 1e3:.2f}" for k in PARTS])
                 print(rows[-1], flush=True)
-                if events and pool == args.pools[0]:  # what the trace says of the biggest unlabelled kernels
-                    top = sorted(events, key=lambda e: -e[2])
-                    rest = [e for e in top if not any(m in e[0] + op_names.get(e[0], "") for ms in SCOPES.values()
-                                                      for m in ms)][:4]
-                    for e in rest:
-                        print(f"  unlabelled: {e[0][:60]} {e[2]:.1f} us op={op_names.get(e[0], '?')[-100:]}", flush=True)
+                if events and pool == args.pools[0]:  # where the device time goes, kernel by kernel
+                    span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
+                    print(f"  device busy {busy_time(events) / args.steps / 1e3:.2f} ms/step, span "
+                          f"{span / args.steps / 1e3:.2f} ms/step, {len(events) / args.steps:.0f} kernels/step", flush=True)
+                    by = {}
+                    for e in events:
+                        t, c = by.get(e[0], (0.0, 0))
+                        by[e[0]] = (t + e[2], c + 1)
+                    for name, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:14]:
+                        print(f"  {name[:50]:50s} {t / args.steps:8.1f} us/step {c / args.steps:6.1f} calls/step "
+                              f"op={op_names.get(name, '?')[-90:]}", flush=True)
             del gen, st, logits
     header = ["mode", "context", "batch", "pool", "tok/s", "ms/step", "misses/(layer,head,seq)", "gamma",
               "MiB loaded/step", "load GB/s"] + [f"{k} ms" for k in PARTS]

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bench.common import busy_time, device_events, markdown_table, trace_device_events
-from bench.generate import ONE_B, random_cache
+from bench.generate import random_cache
+from bench.offload import MODELS
 from nosa_jax.config import ModelConfig
 from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
@@ -38,12 +39,14 @@ def main():
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--mode", default="nosa")
-    ap.add_argument("--layers", type=int, default=ONE_B["num_hidden_layers"])
+    ap.add_argument("--model", choices=sorted(MODELS), default="1b")
+    ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--layer-unroll", type=int, default=1)
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
-    cfg = ModelConfig(**{**ONE_B, "num_hidden_layers": args.layers})
+    shape = MODELS[args.model]
+    cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
                             layer_unroll=args.layer_unroll or True)
     graphdef, state = nnx.split(model)
