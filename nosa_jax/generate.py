@@ -25,6 +25,14 @@ from .offload import OffloadedKV, flush, flush_interval, init_offloaded, offload
 
 PAD = -1  # token id written after a sequence has stopped
 
+# XLA options for the prefill and decode programs (GPU options; other backends ignore them). The
+# layers' weights are stacked [L, ...] and sliced per layer inside the scan over layers; by default
+# XLA copies every layer's weights out of the stack before its GEMMs - each decode step re-copied
+# the whole model (H200, 8B, batch 16: 7.5 of 16.2 ms per step). Dynamic-slice fusion lets cuBLAS
+# read the slice in place (it does not apply to Triton GEMM fusions, hence the second option):
+# 16.2 -> 9.1 ms per step (bench/profile_decode.py, bench/NOTES.md).
+XLA_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False}
+
 
 class GenerationError(ValueError):
     """Bad generation input (empty prompt, ids outside the vocabulary, over capacity, no memory)."""
@@ -121,7 +129,7 @@ def _merge(graphdef, state):
     return nnx.merge(graphdef, state)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",), compiler_options=XLA_OPTIONS)
 def _prefill_chunk(graphdef, state, ids, start, n_valid, cache, last_logits):
     """One prefill chunk: ids [B, Tc] at positions start..; keeps the logits of each sequence's
     last prompt token when this chunk holds it."""
@@ -161,7 +169,8 @@ def _feed(model, st: DecodeState):
     return model.logits(out.h[:, 0]), st
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids"), donate_argnames=("st",))
+@partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids"), donate_argnames=("st",),
+         compiler_options=XLA_OPTIONS)
 def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: tuple[int, ...]):
     """One decode step as its own jitted call (the Python-loop baseline of the benchmark)."""
     model = _merge(graphdef, state)
@@ -177,7 +186,8 @@ def _flushed(model, st: DecodeState, steps: int) -> DecodeState:
     return st
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",))
+@partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",),
+         compiler_options=XLA_OPTIONS)
 def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, eos_ids: tuple[int, ...],
                 n_steps: int):
     """Exactly n_steps decode steps in one loop on the device.
