@@ -162,6 +162,14 @@ def main():
                     span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
                     print(f"  device busy {busy_time(events) / args.steps / 1e3:.2f} ms/step, span "
                           f"{span / args.steps / 1e3:.2f} ms/step, {len(events) / args.steps:.0f} kernels/step", flush=True)
+                    ev = sorted(events, key=lambda e: e[1])
+                    gaps = sorted(((b[1] - (a[1] + a[2]), a[0], b[0]) for a, b in zip(ev, ev[1:])), reverse=True)
+                    big = [g for g in gaps if g[0] > 20]
+                    print(f"  idle gaps > 20 us: {len(big) / args.steps:.1f} per step, {sum(g[0] for g in big) / args.steps / 1e3:.2f} "
+                          f"ms/step; largest:", flush=True)
+                    for g in gaps[:6]:
+                        print(f"    {g[0]:8.1f} us after {g[1][:45]} (op {op_names.get(g[1], '?')[-60:]}) before {g[2][:45]}",
+                              flush=True)
                     by = {}
                     for e in events:
                         t, c = by.get(e[0], (0.0, 0))
