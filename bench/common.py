@@ -8,8 +8,6 @@ import json
 import re
 import tempfile
 import os
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -26,18 +24,6 @@ def record(name: str, settings: dict, metric: str, value: float, unit: str) -> d
     return {"name": name, "settings": settings, "metric": metric, "value": float(value), "unit": unit,
             "device": device_name(), "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def time_fn(fn, *, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall seconds of `fn()` (which must block until its device work is done)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def save(records: list[dict], stem: str, table: str) -> Path:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import markdown_table, record, save, time_fn
+from bench.common import markdown_table, record, save
 from nosa_jax.config import ModelConfig
 from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM

@@ -80,10 +80,12 @@ def empty_pool(off, slots: int):
     decode call, which leaves every token flushed to the host store)."""
     L, B, _, Hk, D = off.pool_k.shape
     bs = off.pool_k.shape[2] // off.table.shape[-1]
-    return dataclasses.replace(
-        off, pool_k=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_k.dtype), pool_v=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_v.dtype),
-        pool_bias=jnp.zeros((L, B, slots * bs, Hk), jnp.float32), table=jnp.full((L, B, Hk, slots), -1, jnp.int32),
-        stamp=jnp.zeros((L, B, Hk, slots), jnp.int32))
+    new = dict(pool_k=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_k.dtype),
+               pool_v=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_v.dtype),
+               pool_bias=jnp.zeros((L, B, slots * bs, Hk), jnp.float32),
+               table=jnp.full((L, B, Hk, slots), -1, jnp.int32), stamp=jnp.zeros((L, B, Hk, slots), jnp.int32))
+    # committed to the device like the decode loop's outputs, or its second call compiles again
+    return dataclasses.replace(off, **jax.device_put(new, off.pool_k.sharding))
 
 
 def main():
@@ -102,7 +104,7 @@ def main():
     print(f"device {jax.devices()[0]}  jax {jax.__version__}  loader {loader_path(args.loader)}", flush=True)
     enable_compilation_cache()  # the HLO (for the time split) is read from a second, cached compile
     records, rows = [], []
-    n_windows = args.repeats + 2  # warm-up, timed windows, profiled window
+    n_windows = args.repeats + 3  # 2 warm-up, timed, profiled windows
     for mode in args.modes:
         model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         for ctx in args.contexts:
@@ -126,12 +128,16 @@ def main():
                 t0 = time.perf_counter()
                 st, logits = window(st, logits)  # compile + warm-up (its first step fills the empty pool)
                 compile_s = time.perf_counter() - t0
+                st, logits = window(st, logits)  # a second warm-up: no compilation may be left in the timing
+                n_compiled = decode_loop._cache_size()
                 first_step = int(st.step)
                 times = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
                     st, logits = window(st, logits)
                     times.append(time.perf_counter() - t0)
+                if decode_loop._cache_size() != n_compiled:
+                    print("WARNING: the decode loop compiled again during the timed windows", flush=True)
                 op_names = hlo_op_names(decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=gen.sampler,
                                                           eos_ids=(), n_steps=args.steps).compile().as_text())
                 (st, logits), events = trace_device_events(lambda: window(st, logits))
@@ -177,7 +183,6 @@ def main():
                     for name, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:14]:
                         print(f"  {name[:50]:50s} {t / args.steps:8.1f} us/step {c / args.steps:6.1f} calls/step "
                               f"op={op_names.get(name, '?')[-90:]}", flush=True)
-            del gen, st, logits
     header = ["mode", "context", "batch", "pool", "tok/s", "ms/step", "misses/(layer,head,seq)", "gamma",
               "MiB loaded/step", "load GB/s"] + [f"{k} ms" for k in PARTS]
     table = markdown_table(header, rows)

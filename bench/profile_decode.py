@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import busy_time, device_events, markdown_table, trace_device_events
+from bench.common import busy_time, markdown_table, trace_device_events
 from bench.generate import random_cache
 from bench.offload import MODELS
 from nosa_jax.config import ModelConfig

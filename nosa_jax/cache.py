@@ -24,7 +24,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from . import nosa
 from .config import ModelConfig, NosaConfig

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cache import KVCache, cache_bytes, init_cache
+from .cache import KVCache, cache_bytes
 from .model import NosaForCausalLM
 from .offload import OffloadedKV, flush, flush_interval, init_offloaded, offload_bytes, store_prefill
 
@@ -374,8 +374,9 @@ class Generator:
         )
         # the first token comes from the prefill logits
         st = _first_token(self.sampler, self.eos_ids, st, logits)
-        # committed like the decode loop's own outputs, so its first call and later ones share one compilation
-        logits = jax.device_put(logits, logits.sharding if logits.committed else jax.devices()[0])
+        # committed (each where it lives) like the decode loop's own outputs, so that its first call
+        # and later ones share one compilation
+        st, logits = jax.tree.map(lambda x: jax.device_put(x, x.sharding), (st, logits))
         return st, logits, prefill_s
 
     def _prefill(self, ids, lengths, capacity: int, rope_len, chunk: int):

@@ -1,13 +1,8 @@
 """ModelConfig / NosaConfig parsing and validation (spec sections 1.3 and 2.1)."""
 
-import jax
-
-jax.config.update("jax_platforms", "cpu")
-
 import copy
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 

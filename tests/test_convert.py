@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax
 
-jax.config.update("jax_platforms", "cpu")
 
 import jax.numpy as jnp  # noqa: E402
 import conftest  # noqa: E402

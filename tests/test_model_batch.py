@@ -7,7 +7,6 @@ eviction weights A and delta, so that the cis bias and the two-stage selection a
 
 import jax
 
-jax.config.update("jax_platforms", "cpu")
 
 import dataclasses
 import functools

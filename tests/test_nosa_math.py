@@ -9,7 +9,6 @@ garbage (large finite values) in the padding, which must never reach a valid out
 
 import jax
 
-jax.config.update("jax_platforms", "cpu")
 
 import dataclasses
 import functools

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from model_utils import random_model, small_config
-from nosa_jax.generate import (DecodeState, GenerationError, Generator, OffloadSettings, Sampler, decode_loop,
+from nosa_jax.generate import (GenerationError, Generator, OffloadSettings, Sampler, decode_loop,
                                decode_step, generate)
-from nosa_jax.offload import OffloadedKV, assign_slots, num_selected
+from nosa_jax.offload import assign_slots, num_selected
 from pallas_kernels.kv_loader import loader_path
 
 PROMPTS = [list(range(3, 8)), [int(x) for x in np.random.default_rng(1).integers(0, 61, 37)],
@@ -219,3 +219,17 @@ def test_offloaded_equals_on_device_gpu_1b():
     print(f"offloaded == on-device over 48 steps; logits relative difference {rel:.2e}; "
           f"gamma {off.offload_stats['gamma_mean']:.3f}, misses/(layer,head,seq,step) "
           f"{off.offload_stats['misses_per_layer_head_seq']:.2f}")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_streaming_compiles_the_decode_loop_once(offload):
+    """Streaming in chunks of steps reuses one compiled loop: every chunk's state has the same
+    types, shardings and memory kinds as the first (a recompile per call would cost seconds)."""
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=8)
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings() if offload else None)
+    st, logits, _ = gen.start(PROMPTS, max_new_tokens=1 + 3 * 5)
+    before = decode_loop._cache_size()
+    chunks = list(gen.stream(st, logits, 5))
+    assert len(chunks) == 3
+    assert decode_loop._cache_size() == before + 1

@@ -7,7 +7,6 @@ jitted decode loop), decode-step selections identical. FullAttn arrays check `fu
 stock transformers.
 """
 
-import json
 
 import numpy as np
 import pytest

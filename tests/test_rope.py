@@ -12,9 +12,7 @@ Formulas (transformers' ROPE_INIT_FUNCTIONS, written out independently here):
 Application: GPT-NeoX rotate-half, x*cos + rotate_half(x)*sin, cos/sin = cat(freqs, freqs)*scaling.
 """
 
-import jax
 
-jax.config.update("jax_platforms", "cpu")
 
 import json
 import math
