@@ -53,8 +53,10 @@ ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hid
 def test_pallas_model_equals_reference_gpu_1b(mode):
     """1B shape, bf16, 8K tokens, teacher-forced so both paths see the same inputs: the prefill
     (prefill kernel) and 8 decode steps (selection + decode kernels) against the jnp reference:
-    selections agree wherever the reference's top-k boundary is not a near tie, logits within bf16
-    tolerance (relative Frobenius error <= 2e-2)."""
+    selections agree wherever the reference's top-k boundary is not a near tie; logits within bf16
+    tolerance, measured against the same model in float32: the Pallas path may not be further from
+    it than the bf16 reference path is (x1.25), so the kernels add no error beyond bf16's own.
+    (The two bf16 paths differ by ~3e-2 relative Frobenius after 28 layers: first GPU run.)"""
     cfg = ModelConfig(**ONE_B)
     ref = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="reference")
     st = nnx.state(ref, nnx.Param)
@@ -93,8 +95,12 @@ def test_pallas_model_equals_reference_gpu_1b(mode):
 
     la, ba = run(ref)
     lb, bb = run(pal)
-    rel = np.linalg.norm(lb - la) / np.linalg.norm(la)
-    assert rel < 2e-2, rel
+    lf, _ = run(from_params(cfg, nnx.to_pure_dict(nnx.state(ref, nnx.Param)), mode=mode, dtype=jnp.float32,
+                            impl="reference"))
+    err = lambda x: float(np.linalg.norm(x - lf) / np.linalg.norm(lf))
+    print(f"\nrelative error vs float32: bf16 reference {err(la):.3e}, bf16 pallas {err(lb):.3e}; "
+          f"pallas vs reference {np.linalg.norm(lb - la) / np.linalg.norm(la):.3e}")
+    assert err(lb) <= 1.25 * err(la) + 1e-3, (err(lb), err(la))
     rows = same = 0
     for x, y in zip(ba, bb):
         for r1, r2 in zip(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])):
