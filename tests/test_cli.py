@@ -109,3 +109,50 @@ def test_score_infllmv2_mode(tmp_path, capsys):
                 assert (np.diff(row) > 0).all() and row.max() <= qb[p]
                 assert {0, *range(qb[p] - 16, qb[p] + 1)} <= set(row.tolist())  # forced sink + local blocks
     assert any(set(sel[l, h, p]) != set(e["topk_idx"][l, h, -4 + p]) for l in range(2) for h in range(2) for p in range(4))
+
+
+def test_generate_offloaded_equals_on_device(demo_dir, tmp_path, capsys):
+    """`generate --offload`: the same tokens as the on-device cache, and the load statistics."""
+    text = demo_text()
+    common = ["generate", "--checkpoint", str(demo_dir), "--prompt", text[:300], "--prompt", text[:170],
+              "--max-new-tokens", "60", "--no-progress"]
+    assert cli_main(common + ["--out", str(tmp_path / "dev.npz")]) == 0
+    assert cli_main(common + ["--offload", "--pool-slots", "6", "--out", str(tmp_path / "off.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert "offloaded KV" in printed and "hit rate" in printed and "locality gamma" in printed
+    np.testing.assert_array_equal(np.load(tmp_path / "off.npz")["generated_ids"],
+                                  np.load(tmp_path / "dev.npz")["generated_ids"])
+
+
+def test_plan(demo_dir, tmp_path, capsys):
+    """`plan`: per-sequence bytes and largest batches, checked against the config's arithmetic."""
+    import json
+
+    out = tmp_path / "plan.json"
+    assert cli_main(["plan", "--checkpoint", str(demo_dir), "--context", "1000", "--batch", "4", "--dtype", "float32",
+                     "--gpu-memory-gb", "0.01", "--host-memory-gb", "1", "--pool-slots", "12",
+                     "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "offloaded" in printed
+    plan = json.loads(out.read_text())
+    L, Hk, D, bs = 2, 2, 32, 16  # the demo config
+    T = -(-1000 // bs) * bs  # tokens allocated: whole blocks
+    dense = L * T * Hk * (2 * D * 4 + 4) + 8  # K, V and the eviction score per token (float32); length, rope_len
+    assert plan["dense"]["device_bytes_per_seq"] == dense
+    weights = plan["weights_bytes"]
+    assert plan["dense"]["max_batch"] == (int(0.01 * 2**30) - weights) // dense
+    host = L * Hk * (T // bs + 2) * bs * D * 4 * 2  # K and V blocks (+2 spare flush blocks) on the host
+    assert plan["offloaded"]["host_bytes_per_seq"] == host
+    assert plan["offloaded"]["max_batch"] <= 2**30 // host
+    assert plan["offloaded"]["max_batch"] > plan["dense"]["max_batch"]
+
+
+def test_offload_cli_errors(demo_dir, capsys):
+    base = ["generate", "--checkpoint", str(demo_dir), "--prompt", demo_text()[:300], "--max-new-tokens", "4",
+            "--no-progress"]
+    assert cli_main(base + ["--offload", "--mode", "full"]) == 2
+    assert "sparse modes" in capsys.readouterr().err
+    assert cli_main(base + ["--offload", "--pool-slots", "2"]) == 2
+    assert "pool_slots=2" in capsys.readouterr().err
+    assert cli_main(base + ["--offload", "--host-memory-gb", "0.000001"]) == 2
+    assert "host memory" in capsys.readouterr().err
