@@ -1,7 +1,8 @@
-"""GPU probe for pallas_kernels/kv_loader.py: host-offloaded KV loads and appends on the H200.
+"""GPU probe for pallas_kernels/kv_loader.py: host-offloaded KV block loads on the H200.
 
-Run from the repo root on the GPU machine (about 1-2 minutes):
+Run from the repo root on the GPU machine (about 1 minute):
     python bench/probe_offload.py            # summary also written to $OUT/probe_offload.txt if $OUT is set
+    PROBE_SMALL=1 python bench/probe_offload.py   # CPU smoke test of this script (pallas interpreted)
 
 Shapes: L=4, B=16, Hk=2, NB=256, bs=64, D=128 bf16 (host K and V stores 512 MiB each, pinned_host),
 S=32 pool slots per (b, h), M=8 misses per (b, h) and call (256 blocks of 16 KiB for K and for V =
@@ -10,15 +11,15 @@ Cases (each prints OK/FAIL with the exception text):
   1. load_blocks(path="pallas") in a jitted lax.fori_loop of 20 calls with donated pools:
      bit-exact vs NumPy, time per call, GB/s (bytes of the non-skipped K+V blocks).
   2. the same with path="xla".
-  3. append_tokens, each path, in a jitted fori_loop of 20 calls carrying the donated host stores:
-     bit-exact, time per call, memory kind of the result.
-  4. decode-loop shape: lax.fori_loop over 3 steps { lax.scan over the 4 layers { load_blocks;
-     order_after_load; append_tokens } } with the host stores and pools in the carry, for (load,
-     append) paths (pallas, xla), (pallas, pallas), (xla, xla), and (pallas, xla) WITHOUT the
-     order_after_load barrier (on the CPU that variant copies the whole store per step): bit-exact,
-     time per step.
-  5. copies in the compiled HLO of cases 1-4: `copy(` / `copy-start(` instructions whose type is a
+  3. decode-loop shape: lax.fori_loop over 3 steps { lax.scan over the 4 layers { load_blocks } }
+     with the donated host stores and pools in the carry, each path: bit-exact, time per step.
+  4. copies in the compiled HLO of cases 1-3: `copy(` / `copy-start(` instructions whose type is a
      host-store or pool shape (a per-step full copy would show here).
+(The host store is written by `nosa_jax.offload.flush`, not here; bench/offload.py measures it.)
+
+Donation: every call gets fresh arrays or the previous call's outputs, and a pinned_host output is
+read back through a device copy: NumPy reading it directly keeps an external reference to the
+buffer, and donating it afterwards fails ("Donation requested for buffer with external reference").
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from pallas_kernels.kv_loader import append_tokens, load_blocks, loader_path, order_after_load  # noqa: E402
+from pallas_kernels.kv_loader import load_blocks, loader_path  # noqa: E402
 
 L, B, Hk, NB, BS, D, S, M = 4, 16, 2, 256, 64, 128, 32, 8
 if os.environ.get("PROBE_SMALL") == "1":  # CPU smoke test of this script (pallas in interpret mode)
@@ -63,6 +64,10 @@ def bits(x):
 
 
 def same(a, b) -> bool:
+    """Bit equality. A jax array is read through a device copy: a NumPy view of a pinned_host (or
+    CPU) array would hold an external reference to it that makes a later donation of it fail."""
+    if isinstance(a, jax.Array):
+        a = jax.device_put(a, jax.memory.Space.Device, may_alias=False)
     return np.array_equal(bits(a), bits(b))
 
 
@@ -83,7 +88,7 @@ def report_copies(tag: str, compiled_text: str) -> None:
               "pool bias": f"f32[{L},{B},{S * BS},{Hk}]"}
     found = hlo_copies(compiled_text, shapes)
     n_cs = sum("copy-start" in ln for ln in compiled_text.splitlines())
-    log(f"  [5] {tag}: HLO copies of host store {len(found['host store'])}, pool k/v {len(found['pool k/v'])}, "
+    log(f"  [4] {tag}: HLO copies of host store {len(found['host store'])}, pool k/v {len(found['pool k/v'])}, "
         f"pool bias {len(found['pool bias'])}; copy-start lines (any shape) {n_cs}; "
         f"triton custom calls {compiled_text.count('__gpu$xla.gpu.triton')}")
     for name, lines in found.items():
@@ -96,7 +101,7 @@ def main() -> None:
     pin = SingleDeviceSharding(dev, memory_kind="pinned_host")
     log(f"probe_offload: jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '?')}, "
         f"memories {[m.kind for m in dev.addressable_memories()]}")
-    log(f"loader_path('auto'): load_blocks -> {loader_path()}, append_tokens -> {loader_path(op='append_tokens')}")
+    log(f"loader_path('auto'): load_blocks -> {loader_path()}")
     log(f"shapes: L={L} B={B} Hk={Hk} NB={NB} bs={BS} D={D} S={S} M={M}; host store "
         f"{L * B * Hk * NB * BS * D * 2 / 2**20:.0f} MiB each (K, V)")
 
@@ -121,8 +126,6 @@ def main() -> None:
 
     blocks_np, slots_np = plan(ITERS)  # [ITERS, B, Hk, M]
     log(f"data made in {time.perf_counter() - t0:.1f}s")
-    b_i = np.arange(B)[:, None, None, None]
-    h_i = np.arange(Hk)[None, :, None, None]
     i_bs = np.arange(BS)
 
     def ref_load(hk, hv, pk, pv, pb, layer, blocks, slots):
@@ -133,11 +136,6 @@ def main() -> None:
         pk[layer, bb[:, None], rows, hh[:, None]] = hk[layer, bb, hh, blk]
         pv[layer, bb[:, None], rows, hh[:, None]] = hv[layer, bb, hh, blk]
         pb[layer, bb[:, None], rows, hh[:, None]] = cis_np[layer, bb[:, None], blk[:, None] * BS + i_bs, hh[:, None]]
-
-    def ref_append(h, layer, pos, x):
-        for b, p in enumerate(pos):
-            if p >= 0:
-                h[layer, b, :, p // BS, p % BS, :] = x[b]
 
     def put_host():
         return jax.device_put(hk_np, pin), jax.device_put(hv_np, pin)
@@ -182,114 +180,50 @@ def main() -> None:
             log(f"FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}")
             log(traceback.format_exc(limit=3)[-1500:])
 
-    # ---------------- case 3: append_tokens in a jitted fori_loop ----------------
-    ks_np = rand_bf16(ITERS, B, Hk, D)
-    vs_np = rand_bf16(ITERS, B, Hk, D)
-    pos0 = (rng.integers(0, NB * BS - ITERS, B)).astype(np.int32)
-    pos0[0] = BS - 3  # crosses a block boundary during the loop
-    pos0[1] = -1  # idle sequence (skipped)
-    for path in ("xla", "pallas"):
-        tag = f"[3] append_tokens path={path}"
-        hk_h = hv_h = None  # free the previous stores first
-        try:
-            hk_h, hv_h = put_host()
-
-            def g(hk, hv, pos0, ks, vs, path=path):
-                def body(i, c):
-                    pos = jnp.where(pos0 >= 0, pos0 + i, -1)
-                    return append_tokens(*c, i % L, pos, ks[i], vs[i], block_size=BS, path=path, interpret=INTERPRET)
-                return lax.fori_loop(0, ITERS, body, (hk, hv))
-
-            jg = jax.jit(g, donate_argnums=(0, 1))
-            t = time.perf_counter()
-            comp = jg.lower(hk_h, hv_h, jnp.asarray(pos0), jnp.asarray(ks_np), jnp.asarray(vs_np)).compile()
-            t_c = time.perf_counter() - t
-            out = jax.block_until_ready(comp(hk_h, hv_h, jnp.asarray(pos0), jnp.asarray(ks_np), jnp.asarray(vs_np)))
-            kinds = (out[0].sharding.memory_kind, out[1].sharding.memory_kind)
-            rk, rv = hk_np.copy(), hv_np.copy()
-            for i in range(ITERS):
-                pos = np.where(pos0 >= 0, pos0 + i, -1)
-                ref_append(rk, i % L, pos, ks_np[i])
-                ref_append(rv, i % L, pos, vs_np[i])
-            ok = same(out[0], rk) and same(out[1], rv)
-            del rk, rv
-            times = []
-            cur = out
-            for _ in range(5):
-                t = time.perf_counter()
-                cur = jax.block_until_ready(comp(*cur, jnp.asarray(pos0), jnp.asarray(ks_np), jnp.asarray(vs_np)))
-                times.append(time.perf_counter() - t)
-            med = float(np.median(times))
-            log(f"{'OK  ' if ok else 'FAIL'} {tag}: bit-exact={ok}; result memory kinds {kinds}; compile {t_c:.1f}s; "
-                f"{med / ITERS * 1e3:.3f} ms/call (K and V, {B} sequences)")
-            report_copies(tag, comp.as_text())
-            hk_h, hv_h = None, None
-            del cur, out
-        except Exception as e:  # noqa: BLE001
-            log(f"FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}")
-            log(traceback.format_exc(limit=3)[-1500:])
-
-    # ---------------- case 4: scan over layers inside fori_loop over steps ----------------
+    # ---------------- case 3: scan over layers inside fori_loop over steps ----------------
     sb_np, ss_np = plan(STEPS * L)
     sb_np = sb_np.reshape(STEPS, L, B, Hk, M)
     ss_np = ss_np.reshape(STEPS, L, B, Hk, M)
-    sk_np = rand_bf16(STEPS, L, B, Hk, D)
-    sv_np = rand_bf16(STEPS, L, B, Hk, D)
-    # reference once (the same for every path combination)
-    rhk, rhv, rk, rv, rb = hk_np.copy(), hv_np.copy(), pk_np.copy(), pv_np.copy(), pb_np.copy()
+    rk, rv, rb = pk_np.copy(), pv_np.copy(), pb_np.copy()  # reference once (the same for every path)
     for t in range(STEPS):
-        pos = np.where(pos0 >= 0, pos0 + t, -1)
         for layer in range(L):
-            ref_load(rhk, rhv, rk, rv, rb, layer, sb_np[t, layer], ss_np[t, layer])
-            ref_append(rhk, layer, pos, sk_np[t, layer])
-            ref_append(rhv, layer, pos, sv_np[t, layer])
-    for lp, ap, bar in (("pallas", "xla", True), ("pallas", "pallas", True), ("xla", "xla", True),
-                        ("pallas", "xla", False)):
-        tag = f"[4] fori(steps){{scan(layers){{load {lp}; {'order_after_load; ' if bar else ''}append {ap}}}}}"
+            ref_load(hk_np, hv_np, rk, rv, rb, layer, sb_np[t, layer], ss_np[t, layer])
+    hk_h = hv_h = None  # cases 1, 2 kept theirs (not donated there); case 3 donates fresh ones
+    for lp in ("pallas", "xla"):
+        tag = f"[3] fori(steps){{scan(layers){{load {lp}}}}}"
         try:
-            hk_h = hv_h = None
-            hk_h, hv_h = put_host()
-
-            def h(hk, hv, pk, pv, pb, cis, blocks, slots, pos0, ks, vs, lp=lp, ap=ap, bar=bar):
+            def h(hk, hv, pk, pv, pb, cis, blocks, slots, lp=lp):
                 def step(t, carry):
-                    pos = jnp.where(pos0 >= 0, pos0 + t, -1)
-
                     def layer_fn(c, xs):
                         hk, hv, pk, pv, pb = c
-                        layer, bl, sl, k, v = xs
+                        layer, bl, sl = xs
                         pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=lp,
                                                  interpret=INTERPRET)
-                        if bar:
-                            hk, hv, pk, pv, pb = order_after_load(hk, hv, pk, pv, pb)
-                        hk, hv = append_tokens(hk, hv, layer, pos, k, v, block_size=BS, path=ap, interpret=INTERPRET)
                         return (hk, hv, pk, pv, pb), None
 
-                    xs = (jnp.arange(L, dtype=jnp.int32), blocks[t], slots[t], ks[t], vs[t])
-                    return lax.scan(layer_fn, carry, xs)[0]
+                    return lax.scan(layer_fn, carry, (jnp.arange(L, dtype=jnp.int32), blocks[t], slots[t]))[0]
 
                 return lax.fori_loop(0, STEPS, step, (hk, hv, pk, pv, pb))
 
             jh = jax.jit(h, donate_argnums=(0, 1, 2, 3, 4))
-            rest = lambda: (jnp.asarray(cis_np), jnp.asarray(sb_np), jnp.asarray(ss_np), jnp.asarray(pos0),
-                            jnp.asarray(sk_np), jnp.asarray(sv_np))
+            fresh = lambda: (*put_host(), jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np))
+            rest = lambda: (jnp.asarray(cis_np), jnp.asarray(sb_np), jnp.asarray(ss_np))
             t = time.perf_counter()
-            comp = jh.lower(hk_h, hv_h, jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np), *rest()).compile()
+            comp = jh.lower(*fresh(), *rest()).compile()
             t_c = time.perf_counter() - t
             t = time.perf_counter()
-            out = jax.block_until_ready(comp(hk_h, hv_h, jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np),
-                                             *rest()))
+            out = jax.block_until_ready(comp(*fresh(), *rest()))
             t_run = time.perf_counter() - t
             kinds = tuple(o.sharding.memory_kind for o in out)
-            oks = [same(o, r) for o, r in zip(out, (rhk, rhv, rk, rv, rb))]
+            oks = [same(o, r) for o, r in zip(out, (hk_np, hv_np, rk, rv, rb))]
             t = time.perf_counter()
-            cur = jax.block_until_ready(comp(*out, *rest()))
+            out = jax.block_until_ready(comp(*out, *rest()))  # the previous outputs, donated again
             t_run2 = time.perf_counter() - t
             log(f"{'OK  ' if all(oks) else 'FAIL'} {tag}: bit-exact (hk, hv, pk, pv, pb)={oks}; kinds {kinds}; "
                 f"compile {t_c:.1f}s; {t_run2 / STEPS * 1e3:.2f} ms/step of {L} layers (first run "
                 f"{t_run / STEPS * 1e3:.2f})")
             report_copies(tag, comp.as_text())
-            hk_h, hv_h = None, None
-            del cur, out
+            del out
         except Exception as e:  # noqa: BLE001
             log(f"FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}")
             log(traceback.format_exc(limit=3)[-1500:])

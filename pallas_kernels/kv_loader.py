@@ -1,4 +1,4 @@
-"""Host-offloaded KV store <-> device slot pool: block loads and token appends for the decode step.
+"""Host-offloaded KV store -> device slot pool: block loads for the decode step (`load_blocks`).
 
 Layouts (L layers, B sequences, Hk kv heads, NB host blocks, bs = block_size, D head_dim, S slots):
   host_k, host_v : [L, B, Hk, NB, bs, D] model dtype, normally in `pinned_host` memory; every
@@ -9,82 +9,54 @@ Layouts (L layers, B sequences, Hk kv heads, NB host blocks, bs = block_size, D 
   cis            : [L, B, T, Hk] float32 device, T <= NB*bs (the full eviction-score history; the
                    store may hold spare blocks past it).
 
-Operations
-  load_blocks(...)   copy host block blocks[b,h,m] of `layer` into slot slots[b,h,m] of head h of
-                     sequence b (K, V, and the cis rows of that block into pool_bias); blocks < 0 skip.
-  append_tokens(...) write k[b], v[b] ([Hk, D]) at token pos[b] of `layer` in the host store; pos < 0
-                     skips.
-Both update their destination in place (input_output_aliases / donation-friendly dynamic_update_slice).
+load_blocks(...) copies host block blocks[b,h,m] of `layer` into slot slots[b,h,m] of head h of
+sequence b (K, V, and the cis rows of that block into pool_bias); blocks < 0 skip. The pools are
+updated in place (input_output_aliases / donation-friendly scatter).
+
+Only loads live here. The offloaded cache writes new tokens to the host store in batches of whole
+blocks with XLA `dynamic_update_slice` (`nosa_jax.offload.flush`), not per step: on the H200 the
+per-step single-token device->host writes cost more than the whole on-device step. A Pallas kernel
+could not write the store anyway without a re-label: a pallas_call may TAKE a pinned_host operand
+but types every output (aliased or not) as device memory (jax 0.11.2 `_pallas_call_abstract_eval`;
+tests/test_kv_loader.py checks this).
 
 Paths (`path=`):
   "pallas": one Triton-backend `pl.pallas_call` per call, every operand `memory_space=pl.ANY`,
-            the layer index read in-kernel (traced scalar), one program per (b, h, entry) for
-            load_blocks (K, V and bias in the same program, skipped with `pl.when`), one per (b, h)
-            for append_tokens. On the H200 the load kernel reads the pinned host buffer in place
-            (zero copy over PCIe through UVA; 27-41 GB/s measured for 8-64 MiB picks, see
-            /work/shared/notes/jax-gpu.md C.2 and the Addendum).
+            the layer index read in-kernel (traced scalar), one program per (b, h, entry), K, V and
+            bias in the same program, skipped with `pl.when`. On the H200 the kernel reads the
+            pinned host buffer in place (zero copy over PCIe through UVA; 26-41 GB/s measured for
+            7-64 MiB picks, see /work/shared/notes/jax-gpu.md C.2 and bench/probe_offload.py).
   "xla":    no custom kernel: per entry `lax.dynamic_slice` of the host array ->
             `jax.device_put(., jax.memory.Space.Device)` into a device staging array [B*Hk*M, bs, D]
             (Python-unrolled up to `xla_unroll_max` entries, else a `lax.fori_loop` of
             dynamic_update_slices), then ONE scatter per pool (`.at[...].set(mode="drop")`) with the
             rows of skipped entries pointed past the pool, so they are dropped; the bias is a device
             gather from cis scattered the same way. Skipped entries still transfer (block 0).
-            A first version wrote each entry with dynamic_update_slice of `where(ok, new, old)`:
-            XLA (CPU) then copied the whole pool every step, the scatter does not. append_tokens: per
-            sequence `jax.device_put(x, Space.Host)` + `dynamic_update_slice` into the donated host
-            array (0.2-0.37 ms per call measured on the H200). The store is never read: a skipped
-            sequence (pos < 0) repeats the first valid sequence's write (same place, same value), and
-            when no sequence is valid the append is a `lax.cond` no-op. (Re-writing the token's old
-            value instead -- a read-modify-write of the store -- made XLA copy the whole store per
-            call inside fori_loop/scan, in several variants.)
-  "auto":   see `loader_path`.
+            (A dynamic_update_slice of `where(ok, new, old)` per entry made XLA (CPU) copy the whole
+            pool every step; the scatter does not.)
+  "auto":   see `loader_path`: "xla" off the GPU; on the GPU "pallas" if a one-time check that the
+            compiled zero-copy kernel loads a tiny pinned_host store correctly passes, else "xla"
+            with a warning.
 
 What runs on the CPU (jax 0.11.2, found by the experiments behind tests/test_kv_loader.py)
   * The "xla" path compiles and runs natively on the CPU with host_k/host_v in `pinned_host` memory
-    (dynamic_slice with device-resident scalar indices on a host array is accepted; mixing memory
-    spaces is only rejected for the data operands of gather/select/etc.), bit-exact, and under jit
-    with donated pools the compiled HLO has no copy of the pool. So "auto" = "xla" off the GPU.
-  * The "pallas" path runs on the CPU only with interpret=True. Interpret mode ACCEPTS
-    `pinned_host` operands (it discharges the kernel into a while loop of dynamic slices; the CPU
-    backend does not care where "host" lives), bit-exact for normal numbers. Its compiled HLO is not representative of
-    the GPU one (the interpreter carries both the aliased input and the output in its while loop),
-    so the in-place check of the pallas path is done on the CUDA-lowered StableHLO (one
-    `__gpu$xla.gpu.triton` custom call with `output_operand_aliases`) and on the GPU by
-    bench/probe_offload.py.
-
-Ordering loads before appends (decode loop): when one loop body both reads the host store
-(load_blocks) and then writes it (append_tokens), XLA (CPU, seen in a scan over layers inside a
-fori_loop) copied the whole host store each iteration because nothing orders the reads before the
-in-place writes. `order_after_load(...)` (a `lax.optimization_barrier` over the host stores and the
-loaded pools) between the two removes every copy; tests/test_kv_loader.py checks it on the CPU and
-bench/probe_offload.py case (5) on the GPU.
+    (dynamic_slice with device-resident scalar indices on a host array is accepted), bit-exact, and
+    under jit with donated pools the compiled HLO has no copy of the pool.
+  * The "pallas" path runs on the CPU only with interpret=True, which accepts `pinned_host`
+    operands, bit-exact for normal numbers. Its compiled HLO is not representative of the GPU one
+    (the interpreter copies the aliased pools), so the in-place check of the pallas path is done on
+    the CUDA-lowered StableHLO (one `__gpu$xla.gpu.triton` custom call with
+    `output_operand_aliases`) and on the GPU by bench/probe_offload.py.
 
 Interpret-mode caveat: the CPU interpreter flushes bf16 subnormals to zero in the copies (XLA CPU
 runs with denormals flushed); the "xla" path and the GPU kernel copy bits. Tests use normal values.
-
-pallas_call and pinned_host OUTPUTS (read from jax 0.11.2 `_pallas_call_abstract_eval`, checked on the
-CPU and by lowering for CUDA):
-  * A pallas_call may TAKE a pinned_host operand: the avals keep `<host>`, the lowered StableHLO
-    passes the argument with `mhlo.memory_kind = "pinned_host"` straight to the custom call, and on
-    the GPU the kernel then dereferences the host pointer (zero copy, measured).
-  * A pallas_call cannot RETURN a host array: its abstract eval rewrites every output aval to
-    `MemorySpace.Device`, even an output aliased to a pinned_host input. So an append kernel that
-    aliases the host store comes back typed `float32[...]` (device), and a `fori_loop`/`scan` whose
-    carry holds the host store fails to trace ("carry input ... float32<host>[...] but the
-    corresponding output ... float32[...]"). append_tokens(path="pallas") therefore re-labels the
-    result with `jax.device_put(out, Space.Host)`, which lowers (for CUDA) to the triton custom call
-    (aliasing the pinned_host operand to a device-kind result) followed by an
-    `annotate_device_placement` custom call with `_xla_buffer_placement = "pinned_host"`. On the CPU
-    (interpret mode) this is bit-exact. On the GPU whether XLA accepts an aliased host operand whose
-    result is device-typed, and whether the re-label becomes a full D2H copy of the store, is exactly
-    what probe_offload.py cases (3)/(5) measure. Until then "auto" for append_tokens is "xla"
-    everywhere. (Writing through an UN-aliased host operand would avoid the output typing but XLA
-    would not know the buffer changed; not done.)
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -103,36 +75,80 @@ def _on_gpu() -> bool:
         return False
 
 
-def loader_path(path: str = "auto", op: str = "load_blocks") -> str:
-    """The implementation that `path` selects for `op` ("load_blocks" or "append_tokens").
+def loader_path(path: str = "auto") -> str:
+    """The load_blocks implementation that `path` selects.
 
-    auto -> load_blocks: "pallas" on the GPU (zero-copy reads of the pinned store), "xla" elsewhere
-    (the Triton kernel needs interpret=True off the GPU; the xla path runs natively on the CPU with
-    pinned_host arrays). append_tokens: "xla" everywhere until probe_offload.py shows the pallas
-    append is copy-free on the GPU (see the module docstring).
+    "pallas" / "xla" are returned as given. "auto" -> "xla" off the GPU (the Triton kernel needs
+    interpret=True there; the xla path runs natively on the CPU with pinned_host arrays). On the GPU,
+    "pallas" (zero-copy reads of the pinned store) if a one-time check per process passes: a tiny
+    `load_blocks(path="pallas")` from a pinned_host store, compared with NumPy (`_zero_copy_works`).
+    If the kernel raises or loads wrong data, a warning with the reason is issued and "auto" is
+    "xla" (dynamic_slice + device_put) for the rest of the process.
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}: expected one of {PATHS}")
-    if op not in ("load_blocks", "append_tokens"):
-        raise ValueError(f"unknown op {op!r}")
     if path != "auto":
         return path
-    if op == "append_tokens":
-        return "xla"
-    return "pallas" if _on_gpu() else "xla"
+    return _gpu_auto_path() if _on_gpu() else "xla"
 
 
-def order_after_load(host_k, host_v, pool_k, pool_v, pool_bias):
-    """Barrier between `load_blocks` (reads the host store) and `append_tokens` (writes it) in one
-    loop body: returns its arguments unchanged, but XLA must finish the loads before the appends
-    may update the store in place (without it XLA copies the whole store; see the module docstring).
-    Usage: pk, pv, pb = load_blocks(hk, hv, ...); hk, hv, pk, pv, pb = order_after_load(hk, hv, pk, pv, pb);
-    hk, hv = append_tokens(hk, hv, ...)."""
-    return lax.optimization_barrier((host_k, host_v, pool_k, pool_v, pool_bias))
+def _pallas_load(*args, **kwargs):
+    """The loader the "auto" check runs (tests replace it)."""
+    return load_blocks(*args, path="pallas", **kwargs)
 
 
-def _is_host(x) -> bool:
-    return getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host
+def _zero_copy_works(load_fn=None) -> str | None:
+    """Load one block with `load_fn` (default: load_blocks(path="pallas")) from a tiny pinned_host
+    store (L=B=Hk=1, NB=2, bs=16, D=16, 1 slot) and compare K, V and bias with NumPy. Returns None if
+    it is bit-exact, else why not (the exception text, or which outputs differ). Runs eagerly even
+    when called while a jit is being traced (load_blocks resolves "auto" at trace time): it runs in a
+    separate thread."""
+    import numpy as np
+    from jax.sharding import SingleDeviceSharding
+
+    load_fn = _pallas_load if load_fn is None else load_fn
+    bs, D = 16, 16
+    hk = (np.arange(2 * bs * D, dtype=np.float32).reshape(1, 1, 1, 2, bs, D) % 251 + 1).astype(jnp.bfloat16)
+    hv = (-hk.astype(np.float32)).astype(jnp.bfloat16)
+    cis = np.arange(2 * bs, dtype=np.float32).reshape(1, 1, 2 * bs, 1) + 0.5
+
+    def run():
+        pin = SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+        out = load_fn(jax.device_put(hk, pin), jax.device_put(hv, pin), jnp.asarray(cis),
+                      jnp.zeros((1, 1, bs, 1, D), jnp.bfloat16), jnp.zeros((1, 1, bs, 1, D), jnp.bfloat16),
+                      jnp.zeros((1, 1, bs, 1), jnp.float32), jnp.int32(0), jnp.ones((1, 1, 1), jnp.int32),
+                      jnp.zeros((1, 1, 1), jnp.int32), block_size=bs)
+        return [np.asarray(jax.device_get(o), np.float32) for o in out]
+
+    try:
+        # JAX's trace state is thread-local: in a fresh thread this runs eagerly even when the
+        # caller is tracing a jit (ensure_compile_time_eval breaks the interpret-mode kernel).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            got = pool.submit(run).result()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
+        return f"{type(e).__name__}: {e}"
+    want = (hk[0, 0, 0, 1].astype(np.float32)[None, None, :, None, :],
+            hv[0, 0, 0, 1].astype(np.float32)[None, None, :, None, :], cis[:, :, bs:, :])
+    bad = [name for name, g, w in zip(("pool_k", "pool_v", "pool_bias"), got, want)
+           if g.shape != w.shape or not np.array_equal(g, w)]
+    return f"wrong result in {', '.join(bad)} (compared with NumPy)" if bad else None
+
+
+def _auto_path(load_fn=None) -> str:
+    """"pallas" if `_zero_copy_works(load_fn)`, else "xla" with a warning giving the reason."""
+    why = _zero_copy_works(load_fn)
+    if why is None:
+        return "pallas"
+    warnings.warn(f"kv_loader: the zero-copy Pallas load from pinned_host memory FAILED its check ({why}); "
+                  f"load_blocks(path='auto') uses the XLA dynamic_slice + device_put path instead "
+                  f"(slower host->device loads)", RuntimeWarning, stacklevel=2)
+    return "xla"
+
+
+@functools.cache
+def _gpu_auto_path() -> str:
+    """`_auto_path()` once per process."""
+    return _auto_path()
 
 
 def _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slots, block_size):
@@ -263,110 +279,9 @@ def load_blocks(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, s
     path's; xla_unroll_max: the xla path unrolls its B*Hk*M fetches up to this many, else fori_loop.
     """
     _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slots, block_size)
-    which = loader_path(path, "load_blocks")
+    which = loader_path(path)
     if which == "pallas":
         return tuple(_load_pallas(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots,
                                   block_size=block_size, interpret=interpret, num_warps=num_warps))
     return _load_xla(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, block_size=block_size,
                      unroll_max=xla_unroll_max)
-
-
-# ----------------------------------------------------------------------------------------------
-# append_tokens
-# ----------------------------------------------------------------------------------------------
-
-def _append_kernel(layer_ref, pos_ref, k_ref, v_ref, _hk_in, _hv_in, hk_ref, hv_ref, *, block_size: int):
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    layer = layer_ref[0]
-    p = pos_ref[b]
-
-    @pl.when(p >= 0)
-    def _write():
-        blk = p // block_size
-        off = p % block_size
-        pltriton.store(hk_ref.at[layer, b, h, blk, off, :], pltriton.load(k_ref.at[b, h, :]))
-        pltriton.store(hv_ref.at[layer, b, h, blk, off, :], pltriton.load(v_ref.at[b, h, :]))
-
-
-def _append_pallas(host_k, host_v, layer, pos, k, v, *, block_size, interpret, num_warps):
-    B, Hk, D = k.shape
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    args = (jnp.asarray(layer, jnp.int32).reshape(1), pos.astype(jnp.int32), k.astype(host_k.dtype),
-            v.astype(host_v.dtype), host_k, host_v)
-    out_k, out_v = pl.pallas_call(
-        functools.partial(_append_kernel, block_size=block_size),
-        grid=(B, Hk),
-        in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * 2,
-        out_shape=[jax.ShapeDtypeStruct(host_k.shape, host_k.dtype),
-                   jax.ShapeDtypeStruct(host_v.shape, host_v.dtype)],
-        input_output_aliases={4: 0, 5: 1},
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="nosa_kv_append_tokens",
-    )(*args)
-    # pallas_call types every output as device memory (see the module docstring): re-label the
-    # aliased results so that loop carries holding the host store keep their type.
-    if _is_host(host_k):
-        out_k = jax.device_put(out_k, jax.memory.Space.Host)
-    if _is_host(host_v):
-        out_v = jax.device_put(out_v, jax.memory.Space.Host)
-    return out_k, out_v
-
-
-def _append_xla(host_k, host_v, layer, pos, k, v, *, block_size, all_valid: bool = False):
-    B, Hk, D = k.shape
-    layer = jnp.asarray(layer, jnp.int32)
-    pos = pos.astype(jnp.int32)
-    zero = jnp.int32(0)
-    valid = pos >= 0
-    # Skipped sequences never read the store (a read-modify-write made XLA copy the whole store
-    # inside loops, see the module docstring): they repeat the first valid sequence's write (same
-    # place, same value). If no sequence is valid the whole append is a `lax.cond` no-op.
-    first = jnp.argmax(valid).astype(jnp.int32)
-    src = jnp.where(valid, jnp.arange(B, dtype=jnp.int32), first)  # [B]
-    p = pos[src]
-
-    def write(hosts):
-        outs = []
-        for host, x in zip(hosts, (k, v)):
-            x = x.astype(host.dtype)
-            to_host = _is_host(host)
-            for b in range(B):
-                val = lax.dynamic_index_in_dim(x, src[b], 0, keepdims=False).reshape(1, 1, Hk, 1, 1, D)
-                if to_host:
-                    val = jax.device_put(val, jax.memory.Space.Host)
-                host = lax.dynamic_update_slice(host, val, (layer, src[b], zero, p[b] // block_size,
-                                                            p[b] % block_size, zero))
-            outs.append(host)
-        return tuple(outs)
-
-    if all_valid:  # no predicate to evaluate (on the GPU a cond reads it back to the host each call)
-        return write((host_k, host_v))
-    return lax.cond(jnp.any(valid), write, lambda hosts: hosts, (host_k, host_v))
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "path", "interpret", "num_warps", "all_valid"),
-                   donate_argnames=("host_k", "host_v"))
-def append_tokens(host_k, host_v, layer, pos, k, v, *, block_size: int, path: str = "auto",
-                  interpret: bool = False, num_warps: int = 1, all_valid: bool = False):
-    """Write one token per sequence into the host store, in place. Returns (host_k, host_v).
-
-    host_k, host_v: [L, B, Hk, NB, bs, D] (pinned_host or device; donated); layer: int32 scalar
-    (may be traced); pos: [B] int32 token positions; k, v: [B, Hk, D]. For every b with pos[b] >= 0:
-    host_{k,v}[layer, b, :, pos//bs, pos%bs, :] = {k,v}[b]. Sequences with pos < 0 are untouched.
-    path: "auto" | "pallas" | "xla" (see `loader_path(path, "append_tokens")`).
-    all_valid=True promises every pos is a valid position (no skipped sequence), which lets the xla
-    path drop its "anything to write?" branch.
-    """
-    L, B, Hk, NB, bs, D = host_k.shape
-    if host_v.shape != host_k.shape or bs != block_size:
-        raise ValueError(f"host_k {host_k.shape} / host_v {host_v.shape} must be [L, B, Hk, NB, {block_size}, D]")
-    if k.shape != (B, Hk, D) or v.shape != (B, Hk, D) or pos.shape != (B,):
-        raise ValueError(f"k {k.shape} / v {v.shape} must be {(B, Hk, D)} and pos {pos.shape} must be {(B,)}")
-    which = loader_path(path, "append_tokens")
-    if which == "pallas":
-        return _append_pallas(host_k, host_v, layer, pos, k, v, block_size=block_size, interpret=interpret,
-                              num_warps=num_warps)
-    return _append_xla(host_k, host_v, layer, pos, k, v, block_size=block_size, all_valid=all_valid)

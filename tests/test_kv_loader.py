@@ -1,4 +1,4 @@
-"""Host KV store <-> device slot pool: load_blocks / append_tokens (pallas_kernels/kv_loader.py).
+"""Host KV store -> device slot pool: load_blocks and the "auto" path choice (pallas_kernels/kv_loader.py).
 
 CPU: the "xla" path runs natively with pinned_host host stores; the "pallas" path runs in interpret
 mode (which accepts pinned_host operands). Every copy must be bit-exact against a NumPy replay.
@@ -6,7 +6,9 @@ mode (which accepts pinned_host operands). Every copy must be bit-exact against 
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import SingleDeviceSharding
 
-from pallas_kernels.kv_loader import append_tokens, load_blocks, loader_path, order_after_load
+from pallas_kernels import kv_loader
+from pallas_kernels.kv_loader import load_blocks, loader_path
 from model_utils import h200_lowering_text
 
 L, B, Hk, NB, BS, D, S, M = 3, 2, 2, 6, 16, 16, 5, 3
@@ -74,17 +77,71 @@ def _assert_same(got, want):
 
 
 def test_loader_path_is_reported_loudly():
-    load, app = loader_path(), loader_path(op="append_tokens")
-    print(f"\n*** kv_loader: backend={jax.default_backend()} load_blocks path='{load}' "
-          f"append_tokens path='{app}' ***")
-    if jax.default_backend() == "gpu":
-        assert load == "pallas"
-    else:
+    load = loader_path()
+    print(f"\n*** kv_loader: backend={jax.default_backend()} load_blocks path='{load}' ***")
+    if jax.default_backend() != "gpu":
         assert load == "xla"
-    assert app == "xla"
+    else:  # "xla" only if the zero-copy check failed, which warned
+        assert load in ("pallas", "xla")
     assert loader_path("pallas") == "pallas" and loader_path("xla") == "xla"
     with pytest.raises(ValueError):
         loader_path("mosaic")
+
+
+_INTERPRETED = functools.partial(load_blocks, path="pallas", interpret=True)
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("triton says no")
+
+
+def _no_op(hk, hv, cis, pk, pv, pb, *args, **kwargs):  # "loads" nothing: a wrong result
+    return pk, pv, pb
+
+
+def test_auto_check_outcomes():
+    """The GPU "auto" check, with the loader injected: works -> "pallas" silently; raises or loads
+    wrong data -> "xla" with a warning that carries the reason."""
+    assert kv_loader._zero_copy_works(_INTERPRETED) is None
+    assert kv_loader._zero_copy_works(functools.partial(load_blocks, path="xla")) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kv_loader._auto_path(_INTERPRETED) == "pallas"
+    with pytest.warns(RuntimeWarning, match=r"RuntimeError: triton says no.*XLA dynamic_slice \+ device_put"):
+        assert kv_loader._auto_path(_boom) == "xla"
+    with pytest.warns(RuntimeWarning, match=r"wrong result in pool_k, pool_v, pool_bias"):
+        assert kv_loader._auto_path(_no_op) == "xla"
+
+
+@pytest.mark.parametrize("loader,want,m", [(_INTERPRETED, "pallas", M), (_boom, "xla", M - 1)])
+def test_auto_on_a_pretend_gpu(monkeypatch, loader, want, m):
+    """loader_path("auto") as on the GPU, checked once per process, also when first asked while a
+    jit is being traced (load_blocks resolves "auto" at trace time; the check must still run)."""
+    monkeypatch.setattr(kv_loader, "_on_gpu", lambda: True)
+    monkeypatch.setattr(kv_loader, "_pallas_load", loader)
+    kv_loader._gpu_auto_path.cache_clear()
+    try:
+        d = _data(12)
+        calls = []
+        real = kv_loader._zero_copy_works
+        monkeypatch.setattr(kv_loader, "_zero_copy_works", lambda fn=None: calls.append(1) or real(fn))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # the pallas path would need interpret=True here, so only trace (the choice is what matters)
+            jaxpr = jax.make_jaxpr(functools.partial(load_blocks, block_size=BS, path="auto"))(
+                jnp.asarray(d["hk"]), jnp.asarray(d["hv"]), jnp.asarray(d["cis"]), jnp.asarray(d["pk"]),
+                jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(0), jnp.asarray(d["blocks"][..., :m]),
+                jnp.asarray(d["slots"][..., :m]))  # m differs per case: jit would reuse an earlier trace
+            assert loader_path("auto") == want and loader_path() == want
+        assert len(calls) == 1  # cached
+        assert ("pallas_call" in str(jaxpr)) == (want == "pallas")
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if want == "xla":
+            assert len(msgs) == 1 and "triton says no" in msgs[0]
+        else:
+            assert msgs == []
+    finally:
+        kv_loader._gpu_auto_path.cache_clear()
 
 
 @pytest.mark.parametrize("path,interpret,unroll_max", [("xla", False, 256), ("xla", False, 0), ("pallas", True, 0)])
@@ -188,8 +245,9 @@ def test_load_blocks_pallas_cuda_lowering_in_place():
 
 
 def test_pallas_call_output_is_device_typed_even_when_aliased_to_pinned_host():
-    """jax 0.11.2 fact the append path relies on (fails loudly if jax changes it): a pallas_call
-    accepts a pinned_host operand but types every output, aliased or not, as device memory."""
+    """jax 0.11.2 fact (fails loudly if jax changes it; the kv_loader docstring cites it): a
+    pallas_call accepts a pinned_host operand but types every output, aliased or not, as device
+    memory, so a Pallas kernel cannot hand back an updated host store."""
     x = jax.device_put(jnp.zeros((2, 16), jnp.float32), _pinned())
 
     def kernel(x_in, o_ref):
@@ -204,50 +262,6 @@ def test_pallas_call_output_is_device_typed_even_when_aliased_to_pinned_host():
     assert jax.typeof(x).memory_space == jax.memory.Space.Host
     assert out_aval.memory_space == jax.memory.Space.Device
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.array([[1.0] * 16, [0.0] * 16], np.float32))
-
-
-def _ref_append(hk, layer, pos, k):
-    out = hk.copy()
-    for b, p in enumerate(pos):
-        if p >= 0:
-            out[layer, b, :, p // BS, p % BS, :] = k[b]
-    return out
-
-
-@pytest.mark.parametrize("path,interpret", PATHS)
-@pytest.mark.parametrize("host_mem", ["pinned_host", "device"])
-def test_append_tokens_exact(path, interpret, host_mem):
-    d = _data(4)
-    rng = np.random.default_rng(5)
-    k = rng.standard_normal((B, Hk, D)).astype(DT)
-    v = rng.standard_normal((B, Hk, D)).astype(DT)
-    put = (lambda x: jax.device_put(x, _pinned())) if host_mem == "pinned_host" else jnp.asarray
-    for pos in ([BS - 1, -1], [-1, 3 * BS + 5], [BS, 0], [-1, -1]):  # last row of a block, first of the next, skips
-        pos = np.array(pos, np.int32)
-        ok, ov = append_tokens(put(d["hk"]), put(d["hv"]), jnp.int32(1), jnp.asarray(pos), jnp.asarray(k),
-                               jnp.asarray(v), block_size=BS, path=path, interpret=interpret)
-        if host_mem == "pinned_host":
-            assert ok.sharding.memory_kind == "pinned_host" and ov.sharding.memory_kind == "pinned_host"
-        np.testing.assert_array_equal(_bits(ok), _bits(_ref_append(d["hk"], 1, pos, k)))
-        np.testing.assert_array_equal(_bits(ov), _bits(_ref_append(d["hv"], 1, pos, v)))
-
-
-def test_append_tokens_xla_in_place_under_donation():
-    """Compiled HLO of a jitted fori_loop carrying the donated pinned_host stores: no copy of them."""
-    pin = _pinned()
-    hk = jax.device_put(jnp.zeros((L, B, Hk, NB, BS, D), DT), pin)
-    hv = jax.device_put(jnp.zeros((L, B, Hk, NB, BS, D), DT), pin)
-
-    def g(hk, hv, pos, k):
-        def body(i, c):
-            return append_tokens(*c, i % L, pos + i, k, k, block_size=BS, path="xla")
-        return lax.fori_loop(0, 4, body, (hk, hv))
-
-    hlo = jax.jit(g, donate_argnums=(0, 1)).lower(hk, hv, jnp.zeros((B,), jnp.int32),
-                                                  jnp.zeros((B, Hk, D), DT)).compile().as_text()
-    shape = f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"
-    assert any(shape in ln for ln in hlo.splitlines())
-    assert _copies_of(hlo, [shape]) == []
 
 
 def test_copy_detector_sees_the_interpreter_copies():
@@ -266,55 +280,47 @@ def test_copy_detector_sees_the_interpreter_copies():
 
 @pytest.mark.parametrize("path,interpret", PATHS)
 def test_decode_loop_shape_scan_over_layers_in_fori_loop(path, interpret):
-    """How the decode loop uses both ops: fori_loop over steps carrying the donated pinned host
-    stores and pools, scan over layers inside; per layer, load then append. Ragged positions
-    crossing a block boundary."""
+    """How the decode loop loads: fori_loop over steps carrying the donated pinned host stores and
+    the pools, scan over layers inside, one load per layer with a different plan per (step, layer).
+    Bit-exact; for the xla path no copy of the host stores or pools in the compiled HLO."""
     d = _data(6)
     pin = _pinned()
     steps = 3
     rng = np.random.default_rng(7)
-    ks = rng.standard_normal((steps, L, B, Hk, D)).astype(DT)
-    vs = rng.standard_normal((steps, L, B, Hk, D)).astype(DT)
-    pos0 = np.array([BS - 2, -1], np.int32)  # sequence 0 crosses into block 1; sequence 1 is idle
+    blocks = np.stack([np.stack([np.roll(d["blocks"], int(rng.integers(M)), axis=2) for _ in range(L)])
+                       for _ in range(steps)])  # [steps, L, B, Hk, M]
+    slots = np.broadcast_to(d["slots"], blocks.shape).copy()
 
-    def f(hk, hv, pk, pv, pb, cis, blocks, slots, pos0, ks, vs):
+    def f(hk, hv, pk, pv, pb, cis, blocks, slots):
         def step(t, carry):
-            hk, hv, pk, pv, pb = carry
-            pos = jnp.where(pos0 >= 0, pos0 + t, -1)
-
             def layer_fn(c, xs):
                 hk, hv, pk, pv, pb = c
-                layer, k, v = xs
-                pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, blocks, slots, block_size=BS, path=path,
+                layer, bl, sl = xs
+                pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=path,
                                          interpret=interpret)
-                hk, hv, pk, pv, pb = order_after_load(hk, hv, pk, pv, pb)
-                hk, hv = append_tokens(hk, hv, layer, pos, k, v, block_size=BS, path=path, interpret=interpret)
                 return (hk, hv, pk, pv, pb), None
 
-            carry, _ = lax.scan(layer_fn, (hk, hv, pk, pv, pb), (jnp.arange(L, dtype=jnp.int32), ks[t], vs[t]))
-            return carry
+            return lax.scan(layer_fn, carry, (jnp.arange(L, dtype=jnp.int32), blocks[t], slots[t]))[0]
 
         return lax.fori_loop(0, steps, step, (hk, hv, pk, pv, pb))
 
     args = (jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
-            jnp.asarray(d["pb"]), jnp.asarray(d["cis"]), jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]),
-            jnp.asarray(pos0), jnp.asarray(ks), jnp.asarray(vs))
+            jnp.asarray(d["pb"]), jnp.asarray(d["cis"]), jnp.asarray(blocks), jnp.asarray(slots))
     jf = jax.jit(f, donate_argnums=(0, 1, 2, 3, 4))
     if path == "xla":  # in place: no copy of the host stores or pools per step
         hlo = jf.lower(*args).compile().as_text()
         shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
+        assert any(shapes[0] in ln for ln in hlo.splitlines())
         assert _copies_of(hlo, shapes) == []
     out = jf(*args)
     assert out[0].sharding.memory_kind == "pinned_host" and out[1].sharding.memory_kind == "pinned_host"
 
     r = {k_: v_.copy() for k_, v_ in d.items()}
     for t in range(steps):
-        pos = np.where(pos0 >= 0, pos0 + t, -1)
         for layer in range(L):
+            r["blocks"], r["slots"] = blocks[t, layer], slots[t, layer]
             r["pk"], r["pv"], r["pb"] = _ref_load(r, layer)
-            r["hk"] = _ref_append(r["hk"], layer, pos, ks[t, layer])
-            r["hv"] = _ref_append(r["hv"], layer, pos, vs[t, layer])
-    _assert_same(out, (r["hk"], r["hv"], r["pk"], r["pv"], r["pb"]))
+    _assert_same(out, (d["hk"], d["hv"], r["pk"], r["pv"], r["pb"]))
 
 
 @pytest.mark.gpu
@@ -328,17 +334,3 @@ def test_gpu_load_blocks_pinned_host(load_path):
                       jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(1),
                       jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]), block_size=BS, path=load_path)
     _assert_same(out, _ref_load(d, 1))
-
-
-@pytest.mark.gpu
-def test_gpu_append_tokens_pallas_pinned_host():
-    """On the GPU: does the Triton append kernel write through to the pinned store? (See the
-    kv_loader docstring; this is what decides whether append 'auto' may become 'pallas'.)"""
-    d = _data(10)
-    pin = _pinned()
-    k = np.random.default_rng(11).standard_normal((B, Hk, D)).astype(DT)
-    pos = np.array([BS - 1, -1], np.int32)
-    ok, ov = append_tokens(jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.int32(2),
-                           jnp.asarray(pos), jnp.asarray(k), jnp.asarray(k), block_size=BS, path="pallas")
-    assert ok.sharding.memory_kind == "pinned_host"
-    np.testing.assert_array_equal(_bits(ok), _bits(_ref_append(d["hk"], 2, pos, k)))
