@@ -76,7 +76,7 @@ class OffloadedKV:
     reused: jax.Array
     selected: jax.Array
     capacity: int
-    loader: str = "auto"  # kv_loader path ("auto", "pallas", "xla")
+    loader: str = "xla"  # kv_loader path: "pallas" (zero-copy kernel) or "xla" (init_offloaded resolves "auto")
 
 
 _DATA = [f.name for f in dataclasses.fields(OffloadedKV) if f.name not in ("capacity", "loader")]
@@ -169,7 +169,10 @@ def init_offloaded(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
     arrays = {k: make(k, s) for k, s in shapes.items()}
     arrays["rope_len"] = (jnp.full((batch,), capacity, jnp.int32) if rope_len is None
                           else jnp.asarray(rope_len, jnp.int32).reshape(batch))
-    return OffloadedKV(**arrays, capacity=capacity, loader=loader)
+    from pallas_kernels.kv_loader import loader_path
+
+    # "auto" is resolved here, outside any trace (on a GPU it runs a one-time zero-copy check)
+    return OffloadedKV(**arrays, capacity=capacity, loader=loader_path(loader))
 
 
 # ------------------------------------------------------------------------------- prefill handoff
