@@ -63,6 +63,12 @@ def test_pallas_model_equals_reference_gpu_1b(mode):
     pure = nnx.to_pure_dict(st)
     pure["layers"]["self_attn"]["A"] = jax.random.uniform(jax.random.key(1), pure["layers"]["self_attn"]["A"].shape,
                                                           minval=-2.0, maxval=0.5).astype(jnp.bfloat16)
+    # With the init's std 0.02 projections the stage-1 logits over compressed keys have std ~0.1:
+    # the pooled scores of a 256-block row are nearly all tied and bf16 noise decides the top-k
+    # boundary (first GPU run: 56 % of rows agreed). Larger q/k projections give the separated
+    # scores a trained model has, so the comparison tests the kernels rather than tie noise.
+    for name in ("q_proj", "k_proj"):
+        pure["layers"]["self_attn"][name]["kernel"] = pure["layers"]["self_attn"][name]["kernel"] * 4
     nnx.replace_by_pure_dict(st, pure)
     nnx.update(ref, st)
     pal = _with_impl(ref, "pallas")
