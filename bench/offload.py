@@ -88,6 +88,81 @@ def empty_pool(off, slots: int):
     return dataclasses.replace(off, **jax.device_put(new, off.pool_k.sharding))
 
 
+@dataclasses.dataclass
+class Windows:
+    """What `timed_windows` measured: the state after the last window, the timed windows' wall
+    times (s), the first window's compile + run time, the step at which the timed windows began,
+    and the device events (name, start_us, dur_us, args) of one profiled window with the compiled
+    program's op names (`bench.common.hlo_op_names`) to map them to named scopes."""
+
+    st: object
+    logits: object
+    times: list
+    compile_s: float
+    first_step: int
+    events: list
+    op_names: dict
+    recompiled: bool
+
+
+def timed_windows(gen, st, logits, steps: int, repeats: int, profile: bool = True) -> Windows:
+    """Steady-state decode timing of `gen`'s jitted decode loop from (st, logits): a compile +
+    warm-up window, a second warm-up window (no compilation may be left in the timing), `repeats`
+    timed windows of `steps` steps each, then (with `profile`) one window under the profiler.
+    Needs `enable_compilation_cache()` for the HLO to come from a cache hit."""
+
+    def window(st, logits):
+        st, logits = decode_loop(gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
+                                 n_steps=steps)
+        jax.block_until_ready(st.tokens)
+        return st, logits
+
+    t0 = time.perf_counter()
+    st, logits = window(st, logits)  # compile + warm-up (an offloaded run's first step fills an empty pool)
+    compile_s = time.perf_counter() - t0
+    st, logits = window(st, logits)
+    n_compiled = decode_loop._cache_size()
+    first_step = int(st.step)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        st, logits = window(st, logits)
+        times.append(time.perf_counter() - t0)
+    recompiled = decode_loop._cache_size() != n_compiled
+    if recompiled:
+        print("WARNING: the decode loop compiled again during the timed windows", flush=True)
+    events, op_names = [], {}
+    if profile:
+        op_names = hlo_op_names(decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=gen.sampler,
+                                                  eos_ids=(), n_steps=steps).compile().as_text())
+        (st, logits), events = trace_device_events(lambda: window(st, logits))
+    return Windows(st, logits, times, compile_s, first_step, events, op_names, recompiled)
+
+
+def print_profile(events, op_names: dict, steps: int) -> None:
+    """Where the device time of a profiled window goes: busy time and span per step, the largest
+    idle gaps and what surrounds them, the top kernels with their ops."""
+    span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
+    print(f"  device busy {busy_time(events) / steps / 1e3:.2f} ms/step, span "
+          f"{span / steps / 1e3:.2f} ms/step, {len(events) / steps:.0f} kernels/step", flush=True)
+    ev = sorted(events, key=lambda e: e[1])
+    gaps = sorted(((b[1] - (a[1] + a[2]), a[0], b[0]) for a, b in zip(ev, ev[1:])), reverse=True)
+    big = [g for g in gaps if g[0] > 20]
+    print(f"  idle gaps > 20 us: {len(big) / steps:.1f} per step, {sum(g[0] for g in big) / steps / 1e3:.2f} "
+          f"ms/step; largest:", flush=True)
+    for g in gaps[:6]:
+        print(f"    {g[0]:8.1f} us after {g[1][:45]} (op {op_names.get(g[1], '?')[-60:]}) before {g[2][:45]}",
+              flush=True)
+    by = {}
+    for e in events:
+        t, c = by.get(e[0], (0.0, 0))
+        by[e[0]] = (t + e[2], c + 1)
+    for name, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:14]:
+        print(f"  {name[:50]:50s} {t / steps:8.1f} us/step {c / steps:6.1f} calls/step "
+              f"op={op_names.get(name, '?')[-90:]}", flush=True)
+
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="8b")
@@ -119,28 +194,9 @@ def main():
                             "loader": loader_path(args.loader), "prompts": "stdlib source text, 1 byte/token"}
                 st = dataclasses.replace(st, cache=empty_pool(st.cache, pool))
 
-                def window(st, logits):
-                    st, logits = decode_loop(gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
-                                             n_steps=args.steps)
-                    jax.block_until_ready(st.tokens)
-                    return st, logits
-
-                t0 = time.perf_counter()
-                st, logits = window(st, logits)  # compile + warm-up (its first step fills the empty pool)
-                compile_s = time.perf_counter() - t0
-                st, logits = window(st, logits)  # a second warm-up: no compilation may be left in the timing
-                n_compiled = decode_loop._cache_size()
-                first_step = int(st.step)
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    st, logits = window(st, logits)
-                    times.append(time.perf_counter() - t0)
-                if decode_loop._cache_size() != n_compiled:
-                    print("WARNING: the decode loop compiled again during the timed windows", flush=True)
-                op_names = hlo_op_names(decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=gen.sampler,
-                                                          eos_ids=(), n_steps=args.steps).compile().as_text())
-                (st, logits), events = trace_device_events(lambda: window(st, logits))
+                w = timed_windows(gen, st, logits, args.steps, args.repeats)
+                st, logits, events, op_names, first_step = w.st, w.logits, w.events, w.op_names, w.first_step
+                times, compile_s = w.times, w.compile_s
                 step_s = statistics.median(times) / args.steps
                 stats = offload_statistics(np.asarray(st.stats)[first_step:int(st.step)], cfg, jnp.bfloat16, mode,
                                            args.batch)
@@ -165,24 +221,7 @@ def main():
                              f"{bytes_step / 2**20:.1f}", f"{bw:.1f}"] + [f"{split[k] / 1e3:.2f}" for k in PARTS])
                 print(rows[-1], flush=True)
                 if events and pool == args.pools[0]:  # where the device time goes, kernel by kernel
-                    span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
-                    print(f"  device busy {busy_time(events) / args.steps / 1e3:.2f} ms/step, span "
-                          f"{span / args.steps / 1e3:.2f} ms/step, {len(events) / args.steps:.0f} kernels/step", flush=True)
-                    ev = sorted(events, key=lambda e: e[1])
-                    gaps = sorted(((b[1] - (a[1] + a[2]), a[0], b[0]) for a, b in zip(ev, ev[1:])), reverse=True)
-                    big = [g for g in gaps if g[0] > 20]
-                    print(f"  idle gaps > 20 us: {len(big) / args.steps:.1f} per step, {sum(g[0] for g in big) / args.steps / 1e3:.2f} "
-                          f"ms/step; largest:", flush=True)
-                    for g in gaps[:6]:
-                        print(f"    {g[0]:8.1f} us after {g[1][:45]} (op {op_names.get(g[1], '?')[-60:]}) before {g[2][:45]}",
-                              flush=True)
-                    by = {}
-                    for e in events:
-                        t, c = by.get(e[0], (0.0, 0))
-                        by[e[0]] = (t + e[2], c + 1)
-                    for name, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:14]:
-                        print(f"  {name[:50]:50s} {t / args.steps:8.1f} us/step {c / args.steps:6.1f} calls/step "
-                              f"op={op_names.get(name, '?')[-90:]}", flush=True)
+                    print_profile(events, op_names, args.steps)
     header = ["mode", "context", "batch", "pool", "tok/s", "ms/step", "misses/(layer,head,seq)", "gamma",
               "MiB loaded/step", "load GB/s"] + [f"{k} ms" for k in PARTS]
     table = markdown_table(header, rows)

@@ -173,12 +173,14 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
         return nosa.select_blocks(q_i, p_i, ktilde, cisw, kv_len, n_blocks, n, mode)
 
     if Tc == 1:
-        ids = select(q, q_pos)
-        if mode == "full":
-            o = nosa.attention(q, q_pos, k_l, v_l, kv_len)
-        else:
-            o = nosa.gathered_block_attention(q[:, 0], q_pos[:, 0], k_l, v_l, bias, ids[:, :, 0],
-                                              n.block_size)[:, None]
+        with jax.named_scope("nosa_select"):  # named scopes: profiler labels (bench/throughput.py)
+            ids = select(q, q_pos)
+        with jax.named_scope("nosa_attend"):
+            if mode == "full":
+                o = nosa.attention(q, q_pos, k_l, v_l, kv_len)
+            else:
+                o = nosa.gathered_block_attention(q[:, 0], q_pos[:, 0], k_l, v_l, bias, ids[:, :, 0],
+                                                  n.block_size)[:, None]
         return o, ids
 
     def one_chunk(q_i, p_i):
@@ -209,11 +211,13 @@ def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: Atte
             ids = jnp.arange(n_blocks, dtype=jnp.int32)[None, None, :]
             ids = jnp.broadcast_to(jnp.where(ids <= (pos // n.block_size)[:, None, None], ids, -1), (B, Hk, n_blocks))
         else:
-            ids = decode_select(q[:, 0], cache.ktilde, cache.cisw if mode == "nosa" else None,
-                                nosa.num_windows(kv_len, n), kv_len, layer, nosa_cfg=n, n_blocks=n_blocks,
-                                mode=mode, interpret=interp)
-        o = sparse_decode_attention(q[:, 0], cache.k, cache.v, bias, ids, ids, pos, layer,
-                                    block_size=n.block_size, interpret=interp)[:, None]
+            with jax.named_scope("nosa_select"):  # named scopes: profiler labels (bench/throughput.py)
+                ids = decode_select(q[:, 0], cache.ktilde, cache.cisw if mode == "nosa" else None,
+                                    nosa.num_windows(kv_len, n), kv_len, layer, nosa_cfg=n, n_blocks=n_blocks,
+                                    mode=mode, interpret=interp)
+        with jax.named_scope("nosa_attend"):
+            o = sparse_decode_attention(q[:, 0], cache.k, cache.v, bias, ids, ids, pos, layer,
+                                        block_size=n.block_size, interpret=interp)[:, None]
         ids = ids[:, :, None] if mode != "full" else jnp.zeros((B, Hk, 1, 0), jnp.int32)
         return o, ids
 

@@ -1,0 +1,763 @@
+"""Steady-state decode throughput: FullAttn vs InfLLMv2 vs NOSA, on the device and offloaded (issue 6).
+
+Methods (`--modes`):
+  full              FullAttn, the whole KV cache on the device (mode "full": the Pallas decode kernel
+                    over every causal block, the fastest dense path the project has)
+  infllmv2, nosa    the sparse modes with the whole cache on the device
+  infllmv2-offload, nosa-offload
+                    the host-offloaded cache (`nosa_jax.offload`) with a device pool of `--pools`
+                    times top-k slots per (layer, sequence, kv head) (default: top-k and 2x top-k)
+Random-weight models (`--models`: 8b = the NOSA-8B / MiniCPM4-8B shape, 1b; bf16), contexts
+(`--contexts`, tokens per sequence), batch sizes from 1 up to the largest that fits each GPU memory
+budget (`--budgets-gb`, GiB, "full" = the whole device; 80 emulates the paper's 80 GB card) by
+`nosa_jax.offload.capacity_plan` (weights + KV state + `--headroom-gb`; offloaded runs also within
+`--host-gb` of host memory).
+
+Each run: decode tokens/s over all sequences = batch / step time, the step time the median of
+`--repeats` timed windows of `--steps` (>= 32) decode steps after two warm-up windows (the jitted
+device loop, `bench/offload.py`'s `timed_windows`); the device time per step split into selection,
+loads, attention and the rest (weights, norms, sampling, appends, slot bookkeeping, flushes) from a
+profiler trace of one more window, kernels mapped to named scopes through the compiled HLO; memory
+per sequence on the device and the host; locality gamma and misses (offloaded); and the roofline
+floor: the bytes the step must move (weights once - the input embedding table excepted, of which
+only `batch` rows are read -, the selected K/V of every layer and sequence - K blocks x 64 tokens x
+2 x Hk x D x 2 bytes, the whole context for FullAttn -, the compressed keys (and, for NOSA, the
+window eviction scores) read by the selection, at 4.3 TB/s; the missed blocks over PCIe at 53 GB/s,
+serial as the step runs them) and measured / floor.
+
+Caches: on-device runs decode from a cache of random keys/values/scores (their cost does not depend
+on the values; no prefill); offloaded runs prefill `--distinct` passages of real text (standard
+library sources, one byte per token) once per (mode, context), tile them over the batch (a sequence
+is copied, not shared: the decode work is that of distinct sequences, and the misses and gamma are
+those of the distinct passages) and move them to the host store.
+
+Report: records {name, settings, metric, value, unit, device, jax_version, date} in
+throughput-<model>[-<tag>]-<date>.json (bench/common.save), a Markdown file with the run table, the
+"equivalent batch" table (each method at its own largest batch under one budget), the "same batch"
+table, the paper's anchors and the issue's targets (met / missed with the gap and the part of the
+step responsible), and PNG plots (tokens/s vs context; step split) beside them. `--report
+FILE.json ...` rebuilds tables and plots from saved records (e.g. of several device calls).
+
+    python bench/throughput.py [--quick] [--models 8b 1b] [--contexts 16384 ...] [--modes ...]
+        [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2] [--steps 32] [--repeats 5] [--tag T]
+    python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
+    python bench/throughput.py --report bench/results/throughput-*.json [--out-dir DIR]
+    nosa-jax bench [the same arguments]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the "full" budget: the whole card
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import enable_compilation_cache, markdown_table, record, save, split_by_scope  # noqa: E402
+from bench.offload import MODELS as OFFLOAD_MODELS  # noqa: E402
+from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
+from nosa_jax.cache import cache_bytes  # noqa: E402
+from nosa_jax.config import ModelConfig, NosaConfig  # noqa: E402
+from nosa_jax.offload import capacity_plan, num_selected, offload_bytes, weight_bytes  # noqa: E402
+
+# "tiny" is a test hook (CPU smoke tests), not one of the table's models
+MODELS = {**OFFLOAD_MODELS,
+          "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                       nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
+                                       local_blocks=2, topk=8, qk_select=5))}
+METHODS = ("full", "infllmv2", "nosa", "infllmv2-offload", "nosa-offload")
+LABELS = {"full": "FullAttn", "infllmv2": "InfLLMv2 (device)", "nosa": "NOSA (device)",
+          "infllmv2-offload": "InfLLMv2 offload", "nosa-offload": "NOSA offload"}
+HBM_BPS = 4.3e12  # measured device-to-device copy on the H200 (shared/notes/perf-anchors.md)
+PCIE_BPS = 53e9  # measured bulk pinned host -> device on the H200
+GiB = 2**30
+DTYPE = jnp.bfloat16
+PARTS4 = ("selection", "loads", "attention", "rest")
+FULL_DEFAULTS = dict(models=["8b", "1b"], contexts=[16384, 32768, 65536, 131072], budgets_gb=["80", "full"],
+                     repeats=5)
+QUICK_DEFAULTS = dict(models=["8b"], contexts=[16384], budgets_gb=["80"], repeats=3)
+PAPER = {"speedup_vs_full": 5.04, "nosa_16k_b16_tok_s": 2551.66, "infllmv2_16k_b16_tok_s": 1762.16,
+         "nosa_over_infllmv2_16k": 2551.66 / 1762.16}
+TARGETS = {"nosa_16k_b16_tok_s": 3000.0, "nosa_over_infllmv2_16k": 1.45, "speedup_vs_full": 5.0, "floor_ratio": 1.3}
+
+
+def method_mode(method: str) -> tuple[str, bool]:
+    """(attention mode, offloaded) of a method name."""
+    return method.removesuffix("-offload"), method.endswith("-offload")
+
+
+def pool_label(mult: int | None) -> str:
+    return "-" if not mult else ("top-k" if mult == 1 else f"{mult}x top-k")
+
+
+def method_key(m: tuple[str, str]):
+    """Table order of (method, pool label): the methods' order, then the pool size."""
+    method, pool = m
+    mult = 0 if pool == "-" else (1 if pool == "top-k" else float(pool.split("x")[0]))
+    return (METHODS.index(method) if method in METHODS else 9, mult)
+
+
+def ctx_label(ctx: int) -> str:
+    return f"{ctx // 1024}K" if ctx % 1024 == 0 else str(ctx)
+
+
+# ------------------------------------------------------------------------------------------ roofline
+def roofline(cfg: ModelConfig, dtype, mode: str, context: int, batch: int, pcie_bytes: float = 0.0) -> dict:
+    """The bytes one decode step must move and the time they take at HBM_BPS (device memory) and
+    PCIE_BPS (missed blocks, host -> device, serial with the rest as the step runs them).
+    Times in seconds; `pcie_bytes` per step (all sequences)."""
+    L, Hk, D, n = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.nosa
+    it = jnp.dtype(dtype).itemsize
+    w = weight_bytes(cfg, dtype) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * it)
+    if mode == "full":
+        kv = context * 2 * Hk * D * it
+        ck = 0
+    else:
+        kv = num_selected(cfg, context) * n.block_size * 2 * Hk * D * it
+        windows = max(0, (context - n.kernel_size) // n.kernel_stride + 1)
+        ck = windows * Hk * D * it + (windows * Hk * 4 if mode == "nosa" else 0)  # ktilde (+ cisw, float32)
+    out = {"weights_bytes": w, "kv_bytes": batch * L * kv, "compressed_bytes": batch * L * ck,
+           "pcie_bytes": float(pcie_bytes)}
+    out["hbm_bytes"] = out["weights_bytes"] + out["kv_bytes"] + out["compressed_bytes"]
+    out |= {"weights_s": w / HBM_BPS, "kv_s": out["kv_bytes"] / HBM_BPS,
+            "compressed_s": out["compressed_bytes"] / HBM_BPS, "pcie_s": out["pcie_bytes"] / PCIE_BPS}
+    out["hbm_s"] = out["hbm_bytes"] / HBM_BPS
+    out["floor_s"] = out["hbm_s"] + out["pcie_s"]
+    out["floor_overlap_s"] = max(out["hbm_s"], out["pcie_s"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def device_bytes_limit() -> int:
+    d = jax.devices()[0]
+    stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    from nosa_jax.generate import host_memory_bytes
+    return int(host_memory_bytes() or 0)
+
+
+def budgets(spec: list[str]) -> dict[str, int]:
+    """{label: bytes}: numbers are GiB; "full" is the device's allocator limit."""
+    out = {}
+    for s in spec:
+        if s == "full":
+            b = device_bytes_limit()
+            out[f"full ({b / GiB:.0f} GiB)"] = b
+        else:
+            out[f"{float(s):g} GiB"] = int(float(s) * GiB)
+    return out
+
+
+def per_seq_bytes(cfg, method: str, context: int, slots: int | None) -> tuple[int, int]:
+    mode, off = method_mode(method)
+    if off:
+        return offload_bytes(cfg, 1, context, DTYPE, mode, slots)
+    return cache_bytes(cfg, 1, context, DTYPE, mode), 0
+
+
+def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_budget: int, headroom: int,
+              explicit_batches=None, quick: bool = False) -> list[dict]:
+    """One entry per (context, method, pool): per-sequence memory, the largest batch under each
+    budget, and the batches to run."""
+    entries = []
+    for ctx in contexts:
+        K = num_selected(cfg, ctx)
+        for method in methods:
+            mode, off = method_mode(method)
+            for mult in (pools if off else [None]):
+                slots = mult * K if mult else None
+                maxb = {}
+                for label, b in budget_bytes.items():
+                    p = capacity_plan(cfg, DTYPE, context=ctx, gpu_budget=b - headroom, host_budget=host_budget,
+                                      mode=mode if mode != "full" else "nosa", pool_slots=slots)
+                    kind = "dense" if mode == "full" else ("offloaded" if off else "sparse_on_device")
+                    maxb[label] = p[kind]["max_batch"]
+                top = max(maxb.values(), default=0)
+                # batch list: numbers, and "max" for each budget's largest batch
+                spec = explicit_batches or ([16, "max"] if quick else [4**i for i in range(12)] + ["max"])
+                batches = [b for b in spec if b != "max" and b <= top]
+                if "max" in spec:
+                    batches += [m for m in maxb.values() if m > 0]
+                dev, host = per_seq_bytes(cfg, method, ctx, slots)
+                entries.append(dict(context=ctx, method=method, pool_mult=mult, pool_slots=slots, topk=K,
+                                    max_batch=maxb, batches=sorted(set(batches)), device_bytes_per_seq=dev,
+                                    host_bytes_per_seq=host))
+    return entries
+
+
+def print_plan(model_name, cfg, entries, steps, n_windows, distinct):
+    print(f"plan for {model_name}: weights {weight_bytes(cfg, DTYPE) / GiB:.2f} GiB", flush=True)
+    total = 0.0
+    for e in entries:
+        fl = [roofline(cfg, DTYPE, method_mode(e["method"])[0], e["context"], b)["floor_s"] for b in e["batches"]]
+        # rough: compile + profile ~15 s a run, windows at ~2x the floor, offloaded prefill ~10k tokens/s
+        est = sum(15 + 2 * f * steps * n_windows for f in fl)
+        total += est
+        print(f"  ctx {e['context']:6d} {e['method']:17s} pool {pool_label(e['pool_mult']):9s} "
+              f"dev {e['device_bytes_per_seq'] / 2**20:8.1f} MiB/seq host {e['host_bytes_per_seq'] / 2**20:8.1f} MiB/seq "
+              f"max batch {e['max_batch']} -> runs {e['batches']}  (~{est:.0f} s)", flush=True)
+    pre = {(method_mode(e["method"])[0], e["context"]) for e in entries if method_mode(e["method"])[1] and e["batches"]}
+    pre_s = sum(distinct * (ctx - 1024) / 10e3 for _, ctx in pre)  # ~10k tokens/s (8B on the H200, bench/offload.py)
+    print(f"  rough estimate: {total / 60:.1f} min of runs + {pre_s / 60:.1f} min of offloaded prefills (8B pace)",
+          flush=True)
+
+
+# ----------------------------------------------------------------------------------------- measuring
+def tiled_generator_class():
+    from nosa_jax.generate import Generator
+
+    class TiledPrefill(Generator):
+        """A Generator whose prefill gives each sequence a copy of the prefilled cache of its prompt
+        from `memo` (index of padded prompt rows, cache, logits): the distinct passages are
+        prefilled once per (mode, context) and tiled over every batch."""
+
+        def __init__(self, model, memo, **kw):
+            super().__init__(model, **kw)
+            self.memo = memo
+
+        def _prefill(self, ids, lengths, capacity, rope_len, chunk):
+            index, cache, logits = self.memo
+            idx = jnp.asarray([index[r.tobytes()] for r in ids], jnp.int32)
+            return (jax.tree.map(lambda x: jnp.take(x, idx, axis=1 if x.ndim > 1 else 0), cache),
+                    jnp.take(logits, idx, axis=0))
+
+    return TiledPrefill
+
+
+def padded_ids(prompts, chunk: int) -> np.ndarray:
+    """The id rows as `Generator.start` lays them out (padded to whole chunks)."""
+    Tp = max(len(p) for p in prompts)
+    chunk = min(chunk, Tp) if chunk else Tp
+    ids = np.zeros((len(prompts), -(-Tp // chunk) * chunk), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    return ids
+
+
+def device_state(model, cfg, batch: int, capacity: int, length: int, n_tokens: int):
+    """Decode state of an on-device run: a random cache holding `length` tokens per sequence."""
+    from bench.generate import random_cache
+    from nosa_jax.generate import PAD, DecodeState
+
+    cache = random_cache(model, batch, length, capacity, jax.random.key(batch))
+    st = DecodeState(cache=cache, tokens=jnp.full((batch, n_tokens), PAD, jnp.int32),
+                     logits=jnp.zeros((batch, 0, cfg.vocab_size), jnp.float32), last=jnp.zeros((batch,), jnp.int32),
+                     done=jnp.zeros((batch,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
+    # committed like Generator.start's state, so the decode loop compiles once
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), (st, jnp.zeros((batch, cfg.vocab_size), jnp.float32)))
+
+
+def run_records(cfg, model_name, entry, batch, w, steps, extra_settings, stats=None, prefill_s=None) -> tuple[list, dict]:
+    """Records of one measured run (and a flat dict of its values for the table)."""
+    from nosa_jax.generate import offload_statistics
+
+    mode, off = method_mode(entry["method"])
+    step_s = statistics.median(w.times) / steps
+    split7 = {k: v / steps for k, v in split_by_scope(w.events, SCOPES, w.op_names).items()}  # us/step
+    split4 = {"selection": split7["selection"], "loads": split7["loads"], "attention": split7["attention"],
+              "rest": split7["rest"] + split7["flush"] + split7["append"] + split7["slots"]}
+    res = {"throughput": (batch / step_s, "tokens/s"), "step_time": (step_s * 1e3, "ms"),
+           "step_time_spread": (max(w.times) / min(w.times), "max/min"),
+           "compile_and_first_window": (w.compile_s, "s"),
+           "device_time_per_step": (sum(split7.values()), "us"),
+           "device_bytes_per_seq": (entry["device_bytes_per_seq"], "bytes"),
+           "host_bytes_per_seq": (entry["host_bytes_per_seq"], "bytes")}
+    res |= {f"split_{k}": (v, "us") for k, v in split4.items()}
+    res |= {f"device_time_{k}": (v, "us") for k, v in split7.items()}
+    pcie = 0.0
+    if off:
+        s = offload_statistics(stats, cfg, DTYPE, mode, batch)
+        pcie = float(np.mean(s["bytes"].sum(axis=1))) if s["bytes"].size else 0.0
+        res |= {"gamma": (s["gamma_mean"], "ratio"), "misses_per_layer_head_seq_step": (s["misses_per_layer_head_seq"], "blocks"),
+                "hit_rate": (s["hit_rate_mean"], "ratio"), "prefill_time_distinct": (prefill_s or 0.0, "s")}
+    rf = roofline(cfg, DTYPE, mode, entry["context"], batch, pcie)
+    res |= {"pcie_bytes_per_step": (rf["pcie_bytes"], "bytes"), "hbm_bytes_per_step": (rf["hbm_bytes"], "bytes"),
+            "floor_weights_time": (rf["weights_s"] * 1e3, "ms"), "floor_kv_time": (rf["kv_s"] * 1e3, "ms"),
+            "floor_compressed_time": (rf["compressed_s"] * 1e3, "ms"), "floor_pcie_time": (rf["pcie_s"] * 1e3, "ms"),
+            "floor_time": (rf["floor_s"] * 1e3, "ms"), "floor_time_overlap": (rf["floor_overlap_s"] * 1e3, "ms"),
+            "measured_over_floor": (step_s / rf["floor_s"], "x")}
+    settings = {"model": model_name, "method": entry["method"], "mode": mode,
+                "placement": "offloaded" if off else "device", "pool_slots": entry["pool_slots"],
+                "pool": pool_label(entry["pool_mult"]), "context": entry["context"], "batch": batch,
+                "steps_per_window": steps, "repeats": len(w.times), "dtype": "bfloat16",
+                "max_batch": entry["max_batch"]} | extra_settings
+    return [record("throughput/decode", settings, m, v, u) for m, (v, u) in res.items()], settings
+
+
+def error_record(model_name, entry, batch, exc) -> dict:
+    settings = {"model": model_name, "method": entry["method"], "pool": pool_label(entry["pool_mult"]),
+                "pool_slots": entry["pool_slots"], "context": entry["context"], "batch": batch,
+                "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    return record("throughput/decode", settings, "failed", 1, "")
+
+
+def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) -> list[dict]:
+    from flax import nnx
+
+    from nosa_jax.generate import Generator, OffloadSettings
+    from nosa_jax.model import NosaForCausalLM
+    from pallas_kernels.kv_loader import loader_path
+
+    cfg = ModelConfig(**MODELS[model_name])
+    n_windows = args.repeats + 3  # 2 warm-up, the timed, 1 profiled
+    entries = make_plan(cfg, args.modes, args.contexts, args.pools, budget_bytes, host_budget, headroom,
+                        args.batches, args.quick)
+    print_plan(model_name, cfg, entries, args.steps, n_windows, args.distinct)
+    records = []
+    for label, b in budget_bytes.items():
+        for e in entries:
+            records.append(record("throughput/plan", {"model": model_name, "method": e["method"],
+                                                      "pool": pool_label(e["pool_mult"]), "pool_slots": e["pool_slots"],
+                                                      "context": e["context"], "budget": label, "budget_bytes": b,
+                                                      "headroom_bytes": headroom, "host_budget_bytes": host_budget},
+                                  "max_batch", e["max_batch"][label], "sequences"))
+    if args.dry_run:
+        return records
+    loader = loader_path(args.loader)
+    for mode in [m for m in ("full", "infllmv2", "nosa") if any(method_mode(x)[0] == m for x in args.modes)]:
+        mine = [e for e in entries if method_mode(e["method"])[0] == mode and e["batches"]]
+        if not mine:
+            continue
+        t0 = time.perf_counter()
+        model = NosaForCausalLM(cfg, mode=mode, dtype=DTYPE, rngs=nnx.Rngs(0))
+        print(f"[{model_name} {mode}] model built in {time.perf_counter() - t0:.1f} s", flush=True)
+        for ctx in args.contexts:
+            # the same number of new tokens for every run at this context: one prefill serves all
+            n_pools = len(args.pools)
+            new = n_pools * n_windows * args.steps + 2
+            length = ctx - new
+            # ---- on the device (random cache)
+            for e in [e for e in mine if e["context"] == ctx and not method_mode(e["method"])[1]]:
+                gen = Generator(model, eos_ids=())
+                for batch in e["batches"]:
+                    try:
+                        st, logits = device_state(model, cfg, batch, ctx, length, n_windows * args.steps + 2)
+                        w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
+                        recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
+                                              {"fill": "random cache (decode cost does not depend on the values)"})
+                        records += recs
+                        report_line(recs)
+                        if w.events and args.verbose:
+                            print_profile(w.events, w.op_names, args.steps)
+                    except Exception as exc:  # noqa: BLE001 - one failed run (e.g. out of memory) must not end the table
+                        print(f"  FAILED {e['method']} ctx {ctx} batch {batch}: {exc!r}"[:400], flush=True)
+                        traceback.print_exc(limit=2)
+                        records.append(error_record(model_name, e, batch, exc))
+                    finally:
+                        st = logits = w = None  # free the cache before the next run (also after a failure)
+            # ---- offloaded (real text, `distinct` passages prefilled once and tiled)
+            off = [e for e in mine if e["context"] == ctx and method_mode(e["method"])[1]]
+            if not off:
+                continue
+            batches = sorted({b for e in off for b in e["batches"]})
+            u = min(args.distinct, max(batches))
+            distinct = prompts_from_text(u, length, cfg.vocab_size)
+            TiledPrefill = tiled_generator_class()
+            try:
+                t0 = time.perf_counter()
+                base = Generator(model, eos_ids=())
+                ids = padded_ids(distinct, args.prefill_chunk)
+                lens = np.full((u,), length, np.int32)
+                cache, lg = base._prefill(ids, lens, ctx, lens + new, min(args.prefill_chunk, length))
+                jax.block_until_ready(lg)
+                prefill_s = time.perf_counter() - t0
+                memo = ({r.tobytes(): i for i, r in enumerate(ids)}, cache, lg)
+                print(f"[{model_name} {mode} ctx {ctx}] prefilled {u} distinct passages in {prefill_s:.1f} s", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  FAILED prefill {mode} ctx {ctx}: {exc!r}"[:400], flush=True)
+                records += [error_record(model_name, e, b, exc) for e in off for b in e["batches"]]
+                continue
+            for batch in batches:
+                here = [e for e in off if batch in e["batches"]]
+                w = None
+                try:
+                    gen = TiledPrefill(model, memo, eos_ids=(), offload=OffloadSettings(
+                        pool_slots=here[0]["pool_slots"], loader=args.loader, host_memory_budget=host_budget,
+                        prefill_group=u))
+                    prompts = [distinct[i % u] for i in range(batch)]
+                    kv_budget = max(budget_bytes.values()) - weight_bytes(cfg, DTYPE)
+                    st, logits, _ = gen.start(prompts, max_new_tokens=new, prefill_chunk=args.prefill_chunk,
+                                              memory_budget=kv_budget)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  FAILED offloaded start {mode} ctx {ctx} batch {batch}: {exc!r}"[:400], flush=True)
+                    records += [error_record(model_name, e, batch, exc) for e in here]
+                    st = logits = gen = None
+                    continue
+                for e in here:
+                    try:
+                        st = dataclasses.replace(st, cache=empty_pool(st.cache, e["pool_slots"]))
+                        w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
+                        st, logits = w.st, w.logits
+                        stats = np.asarray(st.stats)[w.first_step:int(st.step)]
+                        recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
+                                              {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
+                                               "loader": loader}, stats=stats, prefill_s=prefill_s)
+                        records += recs
+                        report_line(recs)
+                        if w.events and args.verbose:
+                            print_profile(w.events, w.op_names, args.steps)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"  FAILED {e['method']} ctx {ctx} batch {batch}: {exc!r}"[:400], flush=True)
+                        traceback.print_exc(limit=2)
+                        records.append(error_record(model_name, e, batch, exc))
+                        break  # the state was donated to the failed call: go on with the next batch
+                st = logits = gen = w = None
+            memo = cache = lg = None
+        model = None
+    return records
+
+
+def report_line(recs):
+    v = {r["metric"]: r["value"] for r in recs}
+    s = recs[0]["settings"]
+    print(f"  {s['method']:17s} pool {s['pool']:9s} ctx {s['context']:6d} batch {s['batch']:4d}: "
+          f"{v['throughput']:9.1f} tok/s  {v['step_time']:7.2f} ms/step  floor {v['floor_time']:6.2f} ms "
+          f"(x{v['measured_over_floor']:.2f})  sel/loads/attn/rest "
+          + "/".join(f"{v['split_' + k] / 1e3:.2f}" for k in PARTS4)
+          + (f"  gamma {v['gamma']:.3f} misses {v['misses_per_layer_head_seq_step']:.2f}" if "gamma" in v else ""),
+          flush=True)
+
+
+# -------------------------------------------------------------------------------------------- report
+def collect(records) -> tuple[dict, dict, list]:
+    """(runs {(model, method, pool, context, batch): {metric: value, '_settings': ...}},
+    plans {(model, method, pool, context, budget): max batch}, failures)."""
+    runs, plans, fails = {}, {}, []
+    for r in records:
+        s = r["settings"]
+        if r["name"] == "throughput/plan":
+            plans[(s["model"], s["method"], s["pool"], s["context"], s["budget"])] = int(r["value"])
+        elif r["name"] == "throughput/decode":
+            if r["metric"] == "failed":
+                fails.append(s)
+                continue
+            k = (s["model"], s["method"], s["pool"], s["context"], s["batch"])
+            runs.setdefault(k, {"_settings": s})[r["metric"]] = r["value"]
+    return runs, plans, fails
+
+
+def _f(x, fmt="{:.0f}"):
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
+
+
+def responsible(v: dict) -> str:
+    """The part of the step furthest above its share of the floor (ms)."""
+    floor = {"selection": v.get("floor_compressed_time", 0), "loads": v.get("floor_pcie_time", 0),
+             "attention": v.get("floor_kv_time", 0), "rest": v.get("floor_weights_time", 0)}
+    ex = {k: v.get(f"split_{k}", 0) / 1e3 - floor[k] for k in PARTS4}
+    idle = v["step_time"] - v.get("device_time_per_step", 0) / 1e3
+    ex["idle (host/launch gaps)"] = idle
+    k = max(ex, key=ex.get)
+    return f"{k} +{ex[k]:.2f} ms over its floor"
+
+
+def equivalent(runs, plans, model, budget, ctx, method, pool):
+    """The run of `method` at its own largest batch under `budget` (None if not measured)."""
+    b = plans.get((model, method, pool, ctx, budget))
+    return b, (runs.get((model, method, pool, ctx, b)) if b else None)
+
+
+def build_report(records) -> str:
+    runs, plans, fails = collect(records)
+    out = []
+    header = ["model", "context", "method", "pool", "batch", "tok/s", "ms/step", "sel ms", "loads ms", "attn ms",
+              "rest ms", "idle ms", "dev MiB/seq", "host MiB/seq", "gamma", "misses", "floor ms", "meas/floor"]
+    rows = []
+    for k in sorted(runs, key=lambda k: (k[0], k[3], method_key(k[1:3]), k[4])):
+        v = runs[k]
+        idle = v["step_time"] - v.get("device_time_per_step", 0) / 1e3
+        rows.append([k[0], k[3], LABELS.get(k[1], k[1]), k[2], k[4], _f(v["throughput"]), _f(v["step_time"], "{:.2f}")]
+                    + [_f(v.get(f"split_{p}", 0) / 1e3, "{:.2f}") for p in PARTS4] + [_f(idle, "{:.2f}"),
+                       _f(v["device_bytes_per_seq"] / 2**20, "{:.1f}"), _f(v["host_bytes_per_seq"] / 2**20, "{:.1f}"),
+                       _f(v.get("gamma"), "{:.3f}"), _f(v.get("misses_per_layer_head_seq_step"), "{:.2f}"),
+                       _f(v["floor_time"], "{:.2f}"), _f(v["measured_over_floor"], "{:.2f}")])
+    out.append("## All runs\n\nSplit: device time per step by named scope (profiler); idle = step time - device "
+               "time. Floor: HBM bytes at 4.3 TB/s + missed blocks at 53 GB/s. misses: per (layer, kv head, "
+               "sequence, step).\n\n" + markdown_table(header, rows))
+    # equivalent batch
+    budgets_seen = sorted({k[4] for k in plans}, key=lambda b: (b.startswith("full"), b))
+    models = sorted({k[0] for k in plans} | {k[0] for k in runs})
+    contexts = sorted({k[3] for k in plans} | {k[3] for k in runs})
+    methods = sorted({(k[1], k[2]) for k in plans} | {(k[1], k[2]) for k in runs}, key=method_key)
+    rows = []
+    for model in models:
+        for budget in budgets_seen:
+            for ctx in contexts:
+                fb, fr = equivalent(runs, plans, model, budget, ctx, "full", "-")
+                for method, pool in methods:
+                    b, r = equivalent(runs, plans, model, budget, ctx, method, pool)
+                    if b is None:
+                        continue
+                    sp = r["throughput"] / fr["throughput"] if r and fr else None
+                    rows.append([model, budget, ctx, LABELS.get(method, method), pool,
+                                 b if b else "0 (does not fit)", _f(r and r["throughput"]), _f(sp, "{:.2f}x")])
+    out.append("## Equivalent batch: each method at its own largest batch under one GPU memory budget\n\n"
+               + markdown_table(["model", "budget", "context", "method", "pool", "batch", "tok/s", "vs FullAttn"], rows))
+    # same batch
+    rows = []
+    for model in models:
+        for ctx in contexts:
+            for b in sorted({k[4] for k in runs if k[0] == model and k[3] == ctx}):
+                here = {(k[1], k[2]): v for k, v in runs.items() if k[0] == model and k[3] == ctx and k[4] == b}
+                if len(here) < 2:
+                    continue
+                rows.append([model, ctx, b] + [_f(here.get(m, {}).get("throughput")) for m in methods])
+    out.append("## Same batch: all methods at one batch (tok/s)\n\n"
+               + markdown_table(["model", "context", "batch"] + [f"{LABELS.get(m, m)} {p}".replace(" -", "")
+                                                                 for m, p in methods], rows))
+    out.append(anchors(runs, plans, budgets_seen))
+    if fails:
+        out.append("## Failed runs\n\n" + markdown_table(["model", "method", "pool", "context", "batch", "error"],
+                                                         [[s.get("model"), s.get("method"), s.get("pool"), s.get("context"),
+                                                           s.get("batch"), s.get("error", "")[:160]] for s in fails]))
+    return "\n".join(out)
+
+
+def anchors(runs, plans, budgets_seen) -> str:
+    rows = []
+
+    def verdict(value, target):
+        if value is None:
+            return "not measured"
+        return ("met" if value >= target else "MISSED") + f" ({value / target:.2f}x of the target)"
+
+    # 16K, batch 16, offloaded (the paper's H100 point)
+    for pool in sorted({k[2] for k in runs if k[1] == "nosa-offload"}, key=lambda p: method_key(("", p))) or ["top-k"]:
+        n = runs.get(("8b", "nosa-offload", pool, 16384, 16))
+        i = runs.get(("8b", "infllmv2-offload", pool, 16384, 16))
+        tok = n["throughput"] if n else None
+        why = f"; {responsible(n)}" if n and tok < TARGETS["nosa_16k_b16_tok_s"] else ""
+        rows.append([f"NOSA offload tok/s, 8B/16K/batch 16, pool {pool}",
+                     f"{PAPER['nosa_16k_b16_tok_s']:.2f} (NOSA+NOSI, H100 PCIe 5)",
+                     f">= {TARGETS['nosa_16k_b16_tok_s']:.0f}", _f(tok), verdict(tok, TARGETS["nosa_16k_b16_tok_s"]) + why])
+        ratio = n["throughput"] / i["throughput"] if n and i else None
+        rows.append([f"NOSA / InfLLMv2 offload, 8B/16K/batch 16, pool {pool}",
+                     f"{PAPER['nosa_over_infllmv2_16k']:.2f}x (2551.66 / 1762.16 tok/s)",
+                     f">= {TARGETS['nosa_over_infllmv2_16k']:.2f}x", _f(ratio, "{:.2f}x"),
+                     verdict(ratio, TARGETS["nosa_over_infllmv2_16k"]) + (f"; InfLLMv2 {_f(i['throughput'])} tok/s"
+                                                                           if i else "")])
+    # equivalent batch vs FullAttn under the 80 GiB budget, at the longest context the host allows
+    b80 = [b for b in budgets_seen if b.startswith("80 ")]
+    for budget in b80 or budgets_seen[:1]:
+        best = None
+        for pool in sorted({k[2] for k in plans if k[1] == "nosa-offload"}):
+            ctxs = [k[3] for k in plans if k[:3] == ("8b", "nosa-offload", pool) and k[4] == budget and plans[k] > 0]
+            for ctx in sorted(ctxs, reverse=True):
+                nb, nr = equivalent(runs, plans, "8b", budget, ctx, "nosa-offload", pool)
+                fb, fr = equivalent(runs, plans, "8b", budget, ctx, "full", "-")
+                if nr and fr:
+                    sp = nr["throughput"] / fr["throughput"]
+                    if best is None or (ctx, sp) > (best[0], best[1]):
+                        best = (ctx, sp, pool, nb, fb, nr)
+                    break
+        if best:
+            ctx, sp, pool, nb, fb, nr = best
+            why = f"; {responsible(nr)}" if sp < TARGETS["speedup_vs_full"] else ""
+            rows.append([f"NOSA offload vs FullAttn, 8B, eq. batch under {budget}",
+                         f"{PAPER['speedup_vs_full']:.2f}x (96K, eq. batch 64, A100 PCIe 4)",
+                         f">= {TARGETS['speedup_vs_full']:.0f}x at the longest context host memory allows",
+                         f"{sp:.2f}x at {ctx} (batch {nb} vs {fb}, pool {pool})",
+                         verdict(sp, TARGETS["speedup_vs_full"]) + why])
+        else:
+            rows.append([f"NOSA offload vs FullAttn, 8B, eq. batch under {budget}", "5.04x (96K, eq. batch 64)",
+                         ">= 5x", "—", "not measured"])
+    # floors
+    nosa = {k: v for k, v in runs.items() if k[1] in ("nosa", "nosa-offload")}
+    if nosa:
+        worst = max(nosa, key=lambda k: nosa[k]["measured_over_floor"])
+        ok = sum(v["measured_over_floor"] <= TARGETS["floor_ratio"] for v in nosa.values())
+        w = nosa[worst]
+        rows.append(["every NOSA run within 1.3x of its roofline floor", "—", f"<= {TARGETS['floor_ratio']}x",
+                     f"{ok}/{len(nosa)} runs; worst {w['measured_over_floor']:.2f}x ({worst[0]} {worst[1]} pool "
+                     f"{worst[2]} ctx {worst[3]} batch {worst[4]})",
+                     ("met" if ok == len(nosa) else f"MISSED by {w['measured_over_floor'] / TARGETS['floor_ratio']:.2f}x; "
+                      f"{responsible(w)}")])
+    return ("## Paper anchors and issue targets\n\nPaper numbers: shared/notes/perf-anchors.md (5.04x: A100, "
+            "PCIe 4, 80 GB, 96K, equivalent batch 64; 2551.66 tok/s: H100, PCIe 5). Ours: the H200, "
+            "random-weight models of the same shape, bf16.\n\n"
+            + markdown_table(["quantity", "paper", "target", "ours", "verdict"], rows))
+
+
+def plots(records, stem: str, dirs: list[Path]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'nosa-jax[bench]' or pip install matplotlib, "
+              "then: python bench/throughput.py --report <the JSON files>)", flush=True)
+        return []
+    runs, plans, _ = collect(records)
+    models = sorted({k[0] for k in runs})
+    budgets_seen = sorted({k[4] for k in plans}, key=lambda b: (b.startswith("full"), b))
+    methods = sorted({(k[1], k[2]) for k in runs}, key=method_key)
+    if not models:
+        return []
+    figs = []
+    # 1. tokens/s vs context per method, each at its equivalent batch under each budget
+    fig, axes = plt.subplots(len(models), max(1, len(budgets_seen)), squeeze=False,
+                             figsize=(6 * max(1, len(budgets_seen)), 4.2 * len(models)))
+    for i, model in enumerate(models):
+        for j, budget in enumerate(budgets_seen):
+            ax = axes[i][j]
+            for method, pool in methods:
+                pts = []
+                for ctx in sorted({k[3] for k in runs if k[0] == model}):
+                    b, r = equivalent(runs, plans, model, budget, ctx, method, pool)
+                    if r:
+                        pts.append((ctx, r["throughput"], b))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                            label=f"{LABELS.get(method, method)}" + (f" ({pool})" if pool != "-" else ""))
+                    for p in pts:
+                        ax.annotate(f"B={p[2]}", (p[0], p[1]), fontsize=7, textcoords="offset points", xytext=(2, 3))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("decode tokens/s (all sequences)")
+            ax.set_title(f"{model}, equivalent batch under {budget}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    figs.append((fig, f"{stem}-context.png"))
+    # 2. step split bars, equivalent batch under the first budget
+    budget = budgets_seen[0] if budgets_seen else None
+    bars = []
+    for model in models:
+        for ctx in sorted({k[3] for k in runs if k[0] == model}):
+            for method, pool in methods:
+                b, r = equivalent(runs, plans, model, budget, ctx, method, pool) if budget else (None, None)
+                if r is None:  # no plan: the largest batch measured
+                    bs = [k[4] for k in runs if k[:4] == (model, method, pool, ctx)]
+                    r = runs[(model, method, pool, ctx, max(bs))] if bs and not budget else None
+                if r:
+                    bars.append((f"{model} {ctx_label(ctx)}\n{LABELS.get(method, method)}" + (f"\n{pool}" if pool != "-" else "")
+                                 + f"\nB={r['_settings']['batch']}", r))
+    if bars:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 5))
+        x = np.arange(len(bars))
+        bottom = np.zeros(len(bars))
+        parts = list(PARTS4) + ["idle"]
+        for p in parts:
+            vals = np.array([(r["step_time"] - r.get("device_time_per_step", 0) / 1e3) if p == "idle"
+                             else r.get(f"split_{p}", 0) / 1e3 for _, r in bars])
+            ax.bar(x, vals, bottom=bottom, label=p)
+            bottom += vals
+        ax.scatter(x, [r["floor_time"] for _, r in bars], marker="_", s=400, color="k", label="roofline floor", zorder=3)
+        ax.set_xticks(x, [b[0] for b in bars], fontsize=6)
+        ax.set_ylabel("ms per decode step")
+        ax.set_title(f"step time split (equivalent batch under {budget})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs.append((fig, f"{stem}-split.png"))
+    written = []
+    for fig, name in figs:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            fig.savefig(d / name, dpi=110)
+            written.append(d / name)
+        plt.close(fig)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="nosa-jax bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="8b, 16K, the 80 GiB budget, batch 16 and each method's largest batch, 3 repeats")
+    ap.add_argument("--models", nargs="+", help="8b 1b (default both; --quick: 8b)")
+    ap.add_argument("--contexts", type=int, nargs="+", help="tokens per sequence (default 16K 32K 64K 128K)")
+    ap.add_argument("--modes", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                    help=f"methods: {' '.join(METHODS)} (default all)")
+    ap.add_argument("--pools", type=int, nargs="+", default=[1, 2], help="offloaded pool sizes in multiples of top-k")
+    ap.add_argument("--batches", type=lambda x: x if x == "max" else int(x), nargs="+",
+                    help='batch sizes, "max" = each budget\'s largest (default: powers of 4 up to the largest that '
+                         'fits, and max; --quick: 16 max)')
+    ap.add_argument("--budgets-gb", nargs="+", help='GPU memory budgets in GiB, or "full" (default: 80 full)')
+    ap.add_argument("--host-gb", type=float, default=None, help="host memory budget (default 85%% of the free memory)")
+    ap.add_argument("--headroom-gb", type=float, default=2.0, help="device memory kept free for activations")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per timed window (>= 32 for the table)")
+    ap.add_argument("--repeats", type=int, help="timed windows per run (median; default 5, --quick 3)")
+    ap.add_argument("--distinct", type=int, default=4, help="distinct text passages of the offloaded runs")
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
+    ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="print each run's top kernels and idle gaps")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (runs, batches, memory) and exit")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="tables and plots from saved records; no measuring")
+    ap.add_argument("--out-dir", default=None, help="with --report: where to write (default: beside the first file)")
+    args = ap.parse_args(argv)
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    bad = [m for m in args.models if m not in MODELS]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; choose from 8b 1b")
+    if args.steps < 32:
+        print(f"note: --steps {args.steps} < 32: not the issue's measurement (fine for a smoke test)", flush=True)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.report:
+        records = [r for f in args.report for r in json.loads(Path(f).read_text())]
+        out_dir = Path(args.out_dir) if args.out_dir else Path(args.report[0]).parent
+        text = build_report(records)
+        print(text)
+        day = datetime.date.today().isoformat()
+        stem = f"throughput-report{'-' + args.tag if args.tag else ''}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}-{day}.md").write_text(text)
+        written = [] if args.no_plots else plots(records, f"{stem}-{day}", [out_dir])
+        print("wrote", out_dir / f"{stem}-{day}.md", *written)
+        return 0
+    from nosa_jax.generate import host_memory_bytes
+    from pallas_kernels.kv_loader import loader_path
+
+    print(f"device {jax.devices()[0]}  jax {jax.__version__}  loader {loader_path(args.loader)}", flush=True)
+    enable_compilation_cache()  # the HLO of the time split comes from a second, cached compile
+    budget_bytes = budgets(args.budgets_gb)
+    host_budget = int(args.host_gb * GiB) if args.host_gb else int(0.85 * (host_memory_bytes() or 0))
+    headroom = int(args.headroom_gb * GiB)
+    print(f"budgets: {', '.join(budget_bytes)}; host {host_budget / GiB:.1f} GiB; headroom {args.headroom_gb} GiB",
+          flush=True)
+    all_records = []
+    for model_name in args.models:
+        records = measure_model(model_name, args, budget_bytes, host_budget, headroom)
+        all_records += records
+        if args.dry_run:
+            continue
+        text = build_report(records)
+        print(text)
+        stem = f"throughput-{model_name}{'-' + args.tag if args.tag else ''}"
+        path = save(records, stem, text)
+        dirs = [path.parent] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+        written = [] if args.no_plots else plots(records, path.stem, dirs)
+        print("wrote", path, path.with_suffix(".md"), *written, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

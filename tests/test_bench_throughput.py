@@ -1,0 +1,76 @@
+"""bench/throughput.py end to end on the CPU with the tiny test model, and its roofline arithmetic
+against a hand computation."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import throughput as tp  # noqa: E402
+from nosa_jax.config import ModelConfig  # noqa: E402
+
+KEYS = {"name", "settings", "metric", "value", "unit", "device", "jax_version", "date"}
+
+
+def test_roofline_8b_by_hand():
+    """NOSA-8B shape, bf16: NOSA at 16K (batch 16, 1 MiB over PCIe per step), FullAttn at 32K."""
+    cfg = ModelConfig(**tp.MODELS["8b"])
+    V, H, I, L, Hq, Hk, D = 73448, 4096, 16384, 32, 32, 2, 128
+    per_layer = H * Hq * D + 2 * H * Hk * D + Hq * D * H + 3 * H * I + 2 * H + Hk + Hk * D * Hk  # + eviction head A, delta
+    weights = 2 * (L * per_layer + H + H * V)  # bf16; final norm and lm_head; the input embedding is not read whole
+    # NOSA, 16K: 64 blocks x 64 tokens of K and V per layer and sequence; windows of 32 at stride 16
+    kv = 16 * L * 64 * 64 * 2 * Hk * D * 2
+    windows = (16384 - 32) // 16 + 1
+    ck = 16 * L * windows * Hk * (D * 2 + 4)
+    pcie = 2**20
+    r = tp.roofline(cfg, tp.DTYPE, "nosa", 16384, 16, pcie)
+    assert r["weights_bytes"] == weights
+    assert r["kv_bytes"] == kv and r["compressed_bytes"] == ck
+    assert r["floor_s"] == pytest.approx((weights + kv + ck) / 4.3e12 + pcie / 53e9, rel=1e-12)
+    assert r["floor_overlap_s"] == pytest.approx(max((weights + kv + ck) / 4.3e12, pcie / 53e9), rel=1e-12)
+    # 3.77 ms of weights + 0.25 ms of selected KV + 0.06 ms of compressed keys + 0.02 ms of PCIe
+    assert 4.1e-3 < r["floor_s"] < 4.4e-3
+    # InfLLMv2 reads no window scores; FullAttn reads the whole context and no compressed keys
+    assert tp.roofline(cfg, tp.DTYPE, "infllmv2", 16384, 16)["compressed_bytes"] == 16 * L * windows * Hk * D * 2
+    f = tp.roofline(cfg, tp.DTYPE, "full", 32768, 4)
+    assert f["kv_bytes"] == 4 * L * 32768 * 2 * Hk * D * 2 and f["compressed_bytes"] == 0 and f["pcie_s"] == 0
+
+
+def test_tiny_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))  # bench.common.save also writes here
+    argv = ["--models", "tiny", "--contexts", "256", "--modes", "full", "nosa", "nosa-offload", "--pools", "1",
+            "--budgets-gb", "0.0006", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
+            "--distinct", "2", "--prefill-chunk", "128", "--tag", "pytest"]
+    assert tp.main(argv + ["--batches", "2"]) == 0
+    jsons = sorted(tmp_path.glob("throughput-tiny-pytest-*.json"))
+    assert len(jsons) == 1
+    records = json.loads(jsons[0].read_text())
+    assert records and all(set(r) == KEYS and isinstance(r["value"], float) for r in records)
+    assert not [r for r in records if r["metric"] == "failed"]
+    runs, plans, _ = tp.collect(records)
+    assert set(runs) == {("tiny", m, p, 256, 2) for m, p in (("full", "-"), ("nosa", "-"), ("nosa-offload", "top-k"))}
+    for (_, method, _, ctx, batch), v in runs.items():
+        assert v["throughput"] > 0 and v["throughput"] == pytest.approx(batch / (v["step_time"] / 1e3))
+        assert v["measured_over_floor"] == pytest.approx(v["step_time"] / v["floor_time"])
+        for k in ("split_selection", "split_loads", "split_attention", "split_rest", "device_bytes_per_seq",
+                  "host_bytes_per_seq", "floor_pcie_time"):
+            assert k in v
+        if method == "nosa-offload":
+            assert 0 <= v["gamma"] <= 1 and v["misses_per_layer_head_seq_step"] >= 0 and v["host_bytes_per_seq"] > 0
+            # the floor's PCIe part is the measured miss bytes at 53 GB/s
+            assert v["floor_pcie_time"] == pytest.approx(v["pcie_bytes_per_step"] / 53e9 * 1e3)
+        else:
+            assert v["host_bytes_per_seq"] == 0 and v["floor_pcie_time"] == 0
+    assert {k[1] for k in plans} == {"full", "nosa", "nosa-offload"}
+    md = next(tmp_path.glob("throughput-tiny-pytest-*.md")).read_text()
+    for heading in ("## All runs", "## Equivalent batch", "## Same batch", "## Paper anchors and issue targets"):
+        assert heading in md
+    pytest.importorskip("matplotlib")
+    assert len(list(tmp_path.glob("throughput-tiny-pytest-*.png"))) == 2
+    # the report mode rebuilds the tables from the saved records
+    assert tp.main(["--report", str(jsons[0]), "--out-dir", str(tmp_path / "report"), "--no-plots"]) == 0
+    assert "## Equivalent batch" in next((tmp_path / "report").glob("throughput-report-*.md")).read_text()
