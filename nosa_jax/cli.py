@@ -1,4 +1,4 @@
-"""`nosa-jax` command line: convert, score, generate, plan, demo."""
+"""`nosa-jax` command line: convert, score, generate, plan, demo, bench."""
 
 from __future__ import annotations
 
@@ -366,11 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, default=["nosa", "full"])
     _gen_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=180, capacity=None)
+
+    sub.add_parser("bench", add_help=False, help="decode throughput table (bench/throughput.py; nosa-jax bench --help)")
     return ap
 
 
 def main(argv=None) -> int:
     _quiet_jax()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # front door of bench/throughput.py (its own options; needs the repo checkout)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.throughput import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -156,3 +156,10 @@ def test_offload_cli_errors(demo_dir, capsys):
     assert "pool_slots=2" in capsys.readouterr().err
     assert cli_main(base + ["--offload", "--host-memory-gb", "0.000001"]) == 2
     assert "host memory" in capsys.readouterr().err
+
+
+def test_bench_front_door_plans(capsys):
+    """`nosa-jax bench` forwards to bench/throughput.py (here its --dry-run plan, no measuring)."""
+    assert cli_main(["bench", "--dry-run", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "nosa-offload" in out and "max batch" in out
