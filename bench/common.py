@@ -109,7 +109,10 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 def enable_compilation_cache(path: str | None = None) -> None:
     """Persist compiled programs, so compiling the same program twice (e.g. to read its HLO after
-    running it) costs a cache hit."""
+    running it) costs a cache hit. Only on a GPU: the time split it serves needs device traces, and
+    a CPU run (the benchmarks' tests) must not change the process's compilation settings."""
+    if jax.devices()[0].platform != "gpu":
+        return
     jax.config.update("jax_compilation_cache_dir", path or tempfile.mkdtemp(prefix="nosa-jaxcache-"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
