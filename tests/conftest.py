@@ -36,3 +36,12 @@ def fixture_dirs():
     if not dirs:
         pytest.fail(f"upstream fixtures not found under {FIXTURES} (the shared/ folder beside the repo)")
     return dirs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module: the suite compiles thousands, and each
+    XLA:CPU executable keeps memory mappings; past the kernel's map limit (vm.max_map_count, 65530)
+    a later compile crashes the process (seen as a segfault late in the full suite)."""
+    yield
+    jax.clear_caches()
