@@ -21,7 +21,8 @@ from flax import nnx
 
 from .cache import KVCache, cache_bytes
 from .model import NosaForCausalLM
-from .offload import OffloadedKV, flush, flush_interval, init_offloaded, offload_bytes, store_prefill
+from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, num_selected, offload_bytes,
+                      store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
 
@@ -237,7 +238,6 @@ class OffloadSettings:
     prefill_group: int | None = None
 
     def slots(self, cfg, capacity: int) -> int:
-        from .offload import num_selected
         return self.pool_slots or 2 * num_selected(cfg, capacity)
 
 
@@ -299,8 +299,6 @@ class Generator:
     def _prefill_group(self, B: int, capacity: int, budget: int | None) -> int:
         """Check the offloaded run's device and host memory; return how many sequences to prefill
         on the device at a time."""
-        from .offload import OffloadError
-
         S = self.offload.slots(self.cfg, capacity)
         try:
             dev, host = offload_bytes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
