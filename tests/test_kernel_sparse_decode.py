@@ -252,21 +252,27 @@ def test_reference_equals_model_math():
     np.testing.assert_allclose(out, np.asarray(model), atol=2e-5, rtol=2e-5)
 
 
-def test_scan_over_layers_traced_layer():
-    """Called inside jit + lax.scan with the layer index as the scanned (traced) value."""
-    rng = np.random.default_rng()
-    case, bs = make_case(rng, L=3, G=4, K=5, poison=False)
+def scan_over_layers(kernel, case, bs, n_layers):
+    """The kernel (interpret mode, 2 splits) and the reference inside jit + lax.scan with the layer
+    index as the scanned (traced) value; returns the per-layer (outputs, references)."""
 
     @jax.jit
     def both(c):
         def step(carry, layer):
             kw = dict(c, layer=layer)
-            o = sparse_decode_attention(**kw, block_size=bs, k_splits=2, interpret=True)
+            o = kernel(**kw, block_size=bs, k_splits=2, interpret=True)
             r = sparse_decode_attention_reference(**kw, block_size=bs)
             return carry, (o, r)
-        return lax.scan(step, 0, jnp.arange(3, dtype=jnp.int32))[1]
+        return lax.scan(step, 0, jnp.arange(n_layers, dtype=jnp.int32))[1]
 
-    outs, refs = both(case)
+    return both(case)
+
+
+def test_scan_over_layers_traced_layer():
+    """Called inside jit + lax.scan with the layer index as the scanned (traced) value."""
+    rng = np.random.default_rng()
+    case, bs = make_case(rng, L=3, G=4, K=5, poison=False)
+    outs, refs = scan_over_layers(sparse_decode_attention, case, bs, 3)
     for lyr in range(3):
         npo = np_sparse_decode(case["q"], case["k_pool"], case["v_pool"], case["bias_pool"], case["block_ids"],
                                case["slots"], case["q_pos"], lyr, bs)

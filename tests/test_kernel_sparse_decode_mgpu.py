@@ -28,7 +28,7 @@ from jax import lax
 
 from pallas_kernels.sparse_decode import sparse_decode_attention, sparse_decode_attention_reference
 from pallas_kernels.sparse_decode_mgpu import sparse_decode_attention_mgpu
-from test_kernel_sparse_decode import _gpu_case, _rel_err, make_case, np_sparse_decode
+from test_kernel_sparse_decode import _gpu_case, _rel_err, make_case, np_sparse_decode, scan_over_layers
 from test_kernel_sparse_decode import check as base_check, run_all as base_run_all
 
 BS = 64
@@ -138,17 +138,7 @@ def test_scan_over_layers_traced_layer():
     """Inside jit + lax.scan with the layer index as the scanned (traced) value."""
     rng = np.random.default_rng()
     case, bs = _case(rng, L=2, K=3, poison=False)
-
-    @jax.jit
-    def both(c):
-        def step(carry, layer):
-            kw = dict(c, layer=layer)
-            o = sparse_decode_attention_mgpu(**kw, block_size=bs, k_splits=2, interpret=True)
-            r = sparse_decode_attention_reference(**kw, block_size=bs)
-            return carry, (o, r)
-        return lax.scan(step, 0, jnp.arange(2, dtype=jnp.int32))[1]
-
-    outs, refs = both(case)
+    outs, refs = scan_over_layers(sparse_decode_attention_mgpu, case, bs, 2)
     for lyr in range(2):
         npo = np_sparse_decode(case["q"].astype(jnp.float32), case["k_pool"].astype(jnp.float32),
                                case["v_pool"].astype(jnp.float32), case["bias_pool"], case["block_ids"],
