@@ -21,7 +21,7 @@ from flax import nnx
 
 from .cache import KVCache, cache_bytes
 from .model import NosaForCausalLM
-from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, num_selected, offload_bytes,
+from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, offload_bytes, pool_size,
                       store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
@@ -238,7 +238,7 @@ class OffloadSettings:
     prefill_group: int | None = None
 
     def slots(self, cfg, capacity: int) -> int:
-        return self.pool_slots or 2 * num_selected(cfg, capacity)
+        return pool_size(cfg, capacity, self.pool_slots)
 
 
 def host_memory_bytes() -> int | None:
@@ -267,7 +267,9 @@ class Generator:
 
     # ---- host-side driver -----------------------------------------------------------------
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, capacity: int,
-                 memory_budget: int | None) -> None:
+                 memory_budget: int | None) -> int | None:
+        """Check the prompts and the memory; with the offloaded cache, return how many sequences to
+        prefill on the device at a time."""
         if not prompts:
             raise GenerationError("no prompts given")
         if max_new_tokens < 1:
@@ -287,8 +289,7 @@ class Generator:
                 f"max_new_tokens or raise the capacity (--capacity / max_position_embeddings)")
         budget = memory_budget if memory_budget is not None else available_memory_bytes()
         if self.offload is not None:
-            self._prefill_group(len(prompts), capacity, budget)  # raises when nothing fits
-            return
+            return self._prefill_group(len(prompts), capacity, budget)  # raises when nothing fits
         nbytes = cache_bytes(self.cfg, len(prompts), capacity, self.model_dtype, self.mode)
         if budget is not None and nbytes > budget:
             raise GenerationError(
@@ -329,7 +330,7 @@ class Generator:
         if not prompts:
             raise GenerationError("no prompts given")
         capacity = capacity or (max(len(p) for p in prompts) + max_new_tokens)
-        self.validate(prompts, max_new_tokens, capacity, memory_budget)
+        group = self.validate(prompts, max_new_tokens, capacity, memory_budget)
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         Tp = int(lengths.max())
@@ -343,8 +344,6 @@ class Generator:
         if self.offload is None:
             cache, logits = self._prefill(ids, lengths, capacity, rope_len, chunk)
         else:
-            budget = memory_budget if memory_budget is not None else available_memory_bytes()
-            group = self._prefill_group(B, capacity, budget)
             S = self.offload.slots(self.cfg, capacity)
             cache = init_offloaded(self.cfg, B, capacity, self.model_dtype, self.mode, S, rope_len=rope_len,
                                    loader=self.offload.loader)

@@ -115,6 +115,12 @@ def num_selected(cfg: ModelConfig, capacity: int) -> int:
     return min(cfg.nosa.topk, T // cfg.nosa.block_size)
 
 
+def pool_size(cfg: ModelConfig, capacity: int, pool_slots: int | None = None) -> int:
+    """Slots per (layer, sequence, kv head): `pool_slots`, or by default twice the top-k (blocks
+    that leave the selection stay resident; top-k is upstream's exact fit)."""
+    return pool_slots or 2 * num_selected(cfg, capacity)
+
+
 def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, pool_slots: int):
     """{name: ShapeDtypeStruct} of every array of an OffloadedKV, and which live on the host."""
     if mode not in ("nosa", "infllmv2"):
@@ -405,7 +411,7 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
     free = gpu_budget - w
 
     def slots(ctx):
-        return pool_slots or 2 * num_selected(cfg, ctx)
+        return pool_size(cfg, ctx, pool_slots)
 
     def per_seq(kind, ctx):
         if kind == "dense":
