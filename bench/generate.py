@@ -6,6 +6,10 @@ depend on their values), batch 1 and 16, all three attention modes. Both loops r
 decode step on the same state; tokens/s = batch * steps / median wall time.
 
     python bench/generate.py [--context 16384] [--batches 1 16] [--steps 64] [--modes nosa infllmv2 full]
+        [--xla-variant NAME:KEY=VALUE,...]
+
+`--xla-variant`: both loops again, compiled with extra XLA options (e.g.
+`nocmdbuf:xla_gpu_enable_command_buffer=`), to find what separates the two loops.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +28,7 @@ from flax import nnx
 
 from bench.common import markdown_table, record, save
 from nosa_jax.config import ModelConfig
-from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop, decode_step
+from nosa_jax.generate import PAD, XLA_OPTIONS, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM
 
 ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
@@ -48,6 +53,37 @@ def random_cache(model, batch, context, capacity, key):
     return make(key)
 
 
+def parse_value(v: str):
+    """An XLA option's value from the command line: bools and ints as such, anything else a string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    try:
+        return int(v)
+    except ValueError:
+        return v
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """NAME:KEY=VALUE,KEY=VALUE -> (NAME, {KEY: VALUE})."""
+    name, _, opts = spec.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--xla-variant {spec!r}: expected NAME:KEY=VALUE,...")
+        options[k] = parse_value(v)
+    return name, options
+
+
+def with_options(fn, options: dict):
+    """`fn` (one of the generator's jitted functions) compiled with extra XLA options."""
+    if not options:
+        return fn
+    static = ("graphdef", "sampler", "eos_ids") + (("n_steps",) if fn is decode_loop else ())
+    return jax.jit(fn.__wrapped__, static_argnames=static, donate_argnames=("st",),
+                   compiler_options={**XLA_OPTIONS, **options})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=16384)
@@ -59,7 +95,11 @@ def main():
     ap.add_argument("--layer-unroll", type=int, default=1,
                     help="unroll of the scan over layers (0 = fully unrolled straight-line program)")
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
+    ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also run both loops compiled with these extra XLA options")
+    ap.add_argument("--tag", default="", help="suffix of the results' file names")
     args = ap.parse_args()
+    option_sets = [("", {})] + [parse_variant(v) for v in args.xla_variant]
     cfg = ModelConfig(**{**ONE_B, "num_hidden_layers": args.layers})
     records, rows = [], []
     for mode in args.modes:
@@ -79,23 +119,25 @@ def main():
                                  step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
                 return jax.block_until_ready(st)
 
-            def run_loop():
+            def timed(fn):
                 st = fresh()
-                import time
                 t0 = time.perf_counter()
-                st, lg = decode_loop(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=sampler,
-                                     eos_ids=eos, n_steps=args.steps)
+                st = fn(st)
                 jax.block_until_ready(st.tokens)
                 return time.perf_counter() - t0
 
-            def run_python():
-                st = fresh()
-                import time
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    st, _ = decode_step(graphdef, state, st, sampler=sampler, eos_ids=eos)
-                jax.block_until_ready(st.tokens)
-                return time.perf_counter() - t0
+            def device_loop(loop):
+                def run(st):
+                    return loop(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=sampler,
+                                eos_ids=eos, n_steps=args.steps)[0]
+                return run
+
+            def python_loop(step):
+                def run(st):
+                    for _ in range(args.steps):
+                        st, _ = step(graphdef, state, st, sampler=sampler, eos_ids=eos)
+                    return st
+                return run
 
             st0 = fresh()
             hlo = decode_loop.lower(graphdef, state, st0, jnp.zeros((B, cfg.vocab_size)), sampler=sampler,
@@ -108,36 +150,53 @@ def main():
             records.append(record("decode/cache_copies_in_hlo", {"mode": mode, "batch": B}, "count",
                                   len(big_copies), "ops"))
             del st0
-            # interleave the two variants so drift of the machine affects both alike
-            variants = (("jitted_device_loop", run_loop), ("python_loop_of_jitted_steps", run_python))
-            for _, fn in variants:
-                fn()  # compile and warm up
-            times = {name: [] for name, _ in variants}
+            # every variant: (name, options tag, runner); interleaved so drift affects all alike
+            variants, first = [], {}
+            for tag, options in option_sets:
+                suffix = f"[{tag}]" if tag else ""
+                try:
+                    loop, step = with_options(decode_loop, options), with_options(decode_step, options)
+                    runs = [(f"jitted_device_loop{suffix}", tag, device_loop(loop)),
+                            (f"python_loop_of_jitted_steps{suffix}", tag, python_loop(step))]
+                    for name, _, fn in runs:
+                        first[name] = timed(fn)  # compile and warm up
+                except Exception as e:  # an option this XLA does not take: report, go on
+                    print(f"variant {tag!r} {options}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                variants += runs
+            times = {name: [] for name, _, _ in variants}
             for _ in range(args.repeats):
-                for name, fn in variants:
-                    times[name].append(fn())
-            res = {}
+                for name, _, fn in variants:
+                    times[name].append(timed(fn))
             settings = {"mode": mode, "batch": B, "context": args.context, "steps": args.steps,
                         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
                         "attention_impl": model.settings.impl, "repeats": args.repeats,
                         "layer_unroll": args.layer_unroll}
-            for name, _ in variants:
+            res = {}
+            for name, tag, _ in variants:
                 ts = sorted(times[name])
                 t = ts[len(ts) // 2]
                 res[name] = B * args.steps / t
-                records.append(record(f"decode/{name}", settings, "throughput", res[name], "tokens/s"))
-                records.append(record(f"decode/{name}", settings, "step_time", t / args.steps * 1e3, "ms"))
-                records.append(record(f"decode/{name}", settings, "spread_max_over_min", ts[-1] / ts[0], "x"))
-            ratio = res["jitted_device_loop"] / res["python_loop_of_jitted_steps"]
-            records.append(record("decode/loop_speedup", settings, "ratio", ratio, "x"))
-            spread = max(max(v) / min(v) for v in times.values())
-            rows.append([mode, B, args.context, f"{res['jitted_device_loop']:.1f}",
-                         f"{res['python_loop_of_jitted_steps']:.1f}", f"{ratio:.3f}", f"{spread:.3f}"])
-            print(rows[-1], flush=True)
-    table = markdown_table(["mode", "batch", "context", "device loop tok/s", "python loop tok/s", "ratio",
-                            "max/min time over repeats"], rows)
+                s_ = {**settings, "xla_options": dict(option_sets)[tag]} if tag else settings
+                records.append(record(f"decode/{name}", s_, "throughput", res[name], "tokens/s"))
+                records.append(record(f"decode/{name}", s_, "step_time", t / args.steps * 1e3, "ms"))
+                records.append(record(f"decode/{name}", s_, "spread_max_over_min", ts[-1] / ts[0], "x"))
+                records.append(record(f"decode/{name}", s_, "first_call_with_compile", first[name], "s"))
+            for name, tag, _ in variants:
+                if not name.startswith("jitted_device_loop"):
+                    continue
+                base = f"python_loop_of_jitted_steps{f'[{tag}]' if tag else ''}"
+                ratio = res[name] / res[base]
+                records.append(record("decode/loop_speedup", {**settings, "variant": name}, "ratio", ratio, "x"))
+                spread = max(max(times[n]) / min(times[n]) for n in (name, base))
+                rows.append([mode, B, args.context, name, f"{res[name]:.1f}", f"{res[base]:.1f}", f"{ratio:.3f}",
+                             f"{spread:.3f}", f"{first[name]:.1f}"])
+                print(rows[-1], flush=True)
+    table = markdown_table(["mode", "batch", "context", "device loop variant", "device loop tok/s",
+                            "python loop tok/s", "ratio", "max/min time over repeats",
+                            "first call (compile) s"], rows)
     print(table)
-    print("wrote", save(records, "generate", table))
+    print("wrote", save(records, "generate" + (f"-{args.tag}" if args.tag else ""), table))
 
 
 if __name__ == "__main__":
