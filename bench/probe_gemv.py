@@ -1,15 +1,19 @@
 """How XLA on the GPU compiles and times a decode-shaped projection x [M, H] @ W [H, N] (bf16) for
-small M: at M = 1 the 1B decode step showed the MLP dots rewritten as multiply + reduce fusions
-(the [1, I, H] product materialised) at ~0.6 TB/s. Prints, per M, the fusion kinds in the compiled
-HLO and the device time per call.
+small M, under the generator's XLA options. (A first version sliced W out of a stacked [L, H, N]
+argument outside any loop: XLA then copied the slice first - `loop_dynamic_slice_fusion` - which
+the model's scan over layers does not do; the weights are now a plain argument.)
 
-    python bench/probe_gemv.py
+At M = 1 the 1B decode step showed the projections rewritten as multiply + reduce fusions at
+~0.6 TB/s. Variants per shape: the plain dot at M = 1, 2, 4, 16, and M = 1 padded to 2 rows
+(a duplicate row) so XLA keeps a GEMM. Device time per call from CUPTI; prints the kernels run.
+
+    python bench/probe_gemv.py [KEY=VALUE ...]   # extra XLA options, e.g. xla_gpu_gemm_rewrite_size_threshold=0
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -17,22 +21,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
+from nosa_jax.generate import XLA_OPTIONS
+
+SHAPES = {"1b_qkv": (1536, 2048), "1b_gate_up": (1536, 8192), "1b_down": (4096, 1536),
+          "8b_gate_up": (4096, 32768), "8b_down": (16384, 4096)}
+
+
+def pad_rows(x, m):
+    return jnp.concatenate([x, jnp.broadcast_to(x[:1], (m - x.shape[0], x.shape[1]))], 0)
+
 
 def main():
-    H, N = 1536, 4096
-    w = jax.random.normal(jax.random.key(0), (H, N), jnp.bfloat16)
-    for M in (1, 2, 4, 8, 16):
-        x = jax.random.normal(jax.random.key(1), (M, H), jnp.bfloat16)
-        for name, f in (("dot", lambda x, w: x @ w),
-                        ("dot_f32acc", lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))):
-            jf = jax.jit(lambda x, w, f=f: jax.lax.fori_loop(0, 100, lambda i, a: a + f(x, w)[:, :1].sum(), 0.0))
-            hlo = jax.jit(f).lower(x, w).compile().as_text()
-            kinds = sorted({t for t in ("reduce", "gemm", "triton", "cublas", "__cublas") if t in hlo})
-            jf(x, w).block_until_ready()
-            t0 = time.perf_counter()
-            jf(x, w).block_until_ready()
-            us = (time.perf_counter() - t0) / 100 * 1e6
-            print(f"M={M:2d} {name:10s} {us:7.1f} us/call ({H * N * 2 / us / 1e6:.2f} TB/s)  hlo has: {kinds}", flush=True)
+    from jax.experimental.mosaic.gpu import profiler
+    extra = {}
+    for kv in sys.argv[1:]:
+        k, _, v = kv.partition("=")
+        extra[k] = int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+    print("XLA options:", {**XLA_OPTIONS, **extra})
+    for name, (H, N) in SHAPES.items():
+        w = jax.random.normal(jax.random.key(0), (H, N), jnp.bfloat16)
+        nbytes = H * N * 2
+        for M, pad in ((1, None), (1, 2), (1, 8), (2, None), (4, None), (16, None)):
+            x = jax.random.normal(jax.random.key(1), (M, H), jnp.bfloat16)
+
+            def f(x, w, pad=pad):
+                xx = pad_rows(x, pad) if pad else x
+                return (xx @ w)[:M]
+
+            jf = jax.jit(f, compiler_options={**XLA_OPTIONS, **extra})
+            jax.block_until_ready(jf(x, w))
+            _, per_iter = profiler.measure(jf, aggregate=False, iterations=20)(x, w)
+            us = statistics.median(sum(t for _, t in it) for it in per_iter) * 1e3
+            kernels = sorted({n.split("(")[0][:40] for n, _ in per_iter[0]})
+            label = f"M={M}" + (f" padded to {pad}" if pad else "")
+            print(f"{name:10s} {label:16s} {us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s  kernels: {kernels}",
+                  flush=True)
 
 
 if __name__ == "__main__":
