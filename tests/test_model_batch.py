@@ -260,3 +260,20 @@ def test_length_dependent_rope_padding_invariance(rope):
     padded = forward("full", ids, mask, pos, cfg=cfg)
     unpadded = forward("full", s[None], cfg=cfg)
     np.testing.assert_allclose(padded.logits[0], unpadded.logits[0], atol=2e-5, rtol=1e-5)
+
+
+def test_single_row_projection_equals_plain_linear():
+    """model._dense computes a one-row product as two rows (XLA's GPU GEMV workaround): the row
+    equals the plain layer's output, for widths on both sides of the 2048 cut-off."""
+    from flax import nnx
+
+    from nosa_jax.model import _dense
+
+    rng = np.random.default_rng(0)
+    for dout in (256, 2048, 2049):
+        lin = nnx.Linear(24, dout, rngs=nnx.Rngs(0))
+        for shape in ((1, 1, 24), (1, 24), (3, 1, 24)):
+            x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+            got, want = np.asarray(_dense(lin, x)), np.asarray(x, np.float64) @ np.asarray(lin.kernel[...], np.float64)
+            assert got.shape == shape[:-1] + (dout,)
+            np.testing.assert_allclose(got, want + np.asarray(lin.bias[...]), rtol=1e-5, atol=1e-5)
