@@ -28,7 +28,7 @@ from flax import nnx
 
 from bench.common import markdown_table, record, save
 from nosa_jax.config import ModelConfig
-from nosa_jax.generate import PAD, XLA_OPTIONS, DecodeState, Sampler, decode_loop, decode_step
+from nosa_jax.generate import DECODE_XLA_OPTIONS, PAD, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM
 
 ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
@@ -81,7 +81,7 @@ def with_options(fn, options: dict):
         return fn
     static = ("graphdef", "sampler", "eos_ids") + (("n_steps",) if fn is decode_loop else ())
     return jax.jit(fn.__wrapped__, static_argnames=static, donate_argnames=("st",),
-                   compiler_options={**XLA_OPTIONS, **options})
+                   compiler_options={**DECODE_XLA_OPTIONS, **options})
 
 
 def main():

@@ -33,6 +33,12 @@ PAD = -1  # token id written after a sequence has stopped
 # read the slice in place (it does not apply to Triton GEMM fusions, hence the second option):
 # 16.2 -> 9.1 ms per step (bench/profile_decode.py, bench/NOTES.md).
 XLA_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False}
+# Decode also turns off XLA's dot merger: it joins the q/k/v projections (one shared input) into
+# one GEMM by concatenating the three weight matrices anew every step (8B, batch 16: 0.72 of
+# 8.99 ms per step). Three GEMMs reading the weights in place: 8B batch 16 8.99 -> 8.73 ms/step,
+# 1B batch 16 3567 -> 3687 tok/s; batch 1 loses 3 % (1B 237 -> 231 tok/s), where the merged
+# GEMM of the tiny concatenation wins (bench/results/generate-dense-pad-2026-11-28).
+DECODE_XLA_OPTIONS = {**XLA_OPTIONS, "xla_disable_hlo_passes": "dot-merger"}
 
 
 class GenerationError(ValueError):
@@ -171,7 +177,7 @@ def _feed(model, st: DecodeState):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids"), donate_argnames=("st",),
-         compiler_options=XLA_OPTIONS)
+         compiler_options=DECODE_XLA_OPTIONS)
 def decode_step(graphdef, state, st: DecodeState, *, sampler: Sampler, eos_ids: tuple[int, ...]):
     """One decode step as its own jitted call (the Python-loop baseline of the benchmark)."""
     model = _merge(graphdef, state)
@@ -188,7 +194,7 @@ def _flushed(model, st: DecodeState, steps: int) -> DecodeState:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"), donate_argnames=("st",),
-         compiler_options=XLA_OPTIONS)
+         compiler_options=DECODE_XLA_OPTIONS)
 def decode_loop(graphdef, state, st: DecodeState, logits, *, sampler: Sampler, eos_ids: tuple[int, ...],
                 n_steps: int):
     """Exactly n_steps decode steps in one loop on the device.
