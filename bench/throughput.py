@@ -50,6 +50,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the "full" budget: the whole card
+# The offloaded stores of the largest batches need more pinned host memory than the GPU client's
+# default pool (64 GiB; nosa_jax.generate.PINNED_HOST_LIMIT_ENV): 90 % of the RAM.
+os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB",
+                      str(int(0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -9,6 +9,7 @@ Streaming runs the same loop in chunks of steps and hands each chunk's tokens to
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -247,12 +248,29 @@ class OffloadSettings:
         return pool_size(cfg, capacity, self.pool_slots)
 
 
-def host_memory_bytes() -> int | None:
-    """Free host RAM (the pinned store's budget by default)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+# The GPU client allocates pinned host memory from a pool of this many GiB (XLA's default: 64),
+# read once when the GPU backend starts: set it before that to hold a larger host store.
+PINNED_HOST_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+def pinned_host_limit_bytes() -> int | None:
+    """The GPU client's pinned host memory pool (None off the GPU, where no such pool exists)."""
+    if jax.devices()[0].platform != "gpu":
         return None
+    try:
+        return int(float(os.environ.get(PINNED_HOST_LIMIT_ENV, "64")) * 2**30)
+    except ValueError:
+        return 64 * 2**30
+
+
+def host_memory_bytes() -> int | None:
+    """The pinned store's default budget: free host RAM, and on the GPU at most the pinned pool."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = None
+    limits = [x for x in (free, pinned_host_limit_bytes()) if x is not None]
+    return min(limits) if limits else None
 
 
 class Generator:
@@ -311,6 +329,13 @@ class Generator:
             dev, host = offload_bytes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
         except OffloadError as e:
             raise GenerationError(str(e)) from e
+        pool = pinned_host_limit_bytes()
+        if pool is not None and host > pool:
+            raise GenerationError(
+                f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
+                f"pinned host memory but the GPU client's pinned pool is {pool / 2**30:.0f} GiB; start the "
+                f"process with {PINNED_HOST_LIMIT_ENV}={math.ceil(host / 2**30) + 1} (set before JAX starts the "
+                f"GPU backend) or lower the batch size or the capacity")
         host_budget = self.offload.host_memory_budget
         host_budget = host_budget if host_budget is not None else host_memory_bytes()
         if host_budget is not None and host > host_budget:

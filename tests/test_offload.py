@@ -194,6 +194,19 @@ def test_offload_errors():
         generate(model, PROMPTS, max_new_tokens=4, kv_offload=True, memory_budget=1000)
 
 
+def test_offload_refuses_a_store_larger_than_the_pinned_pool(monkeypatch):
+    """On the GPU the pinned store comes from XLA's pinned host pool (64 GiB unless
+    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB is set): a larger store is refused up front, naming the
+    variable, even when the host budget given is larger."""
+    import nosa_jax.generate as gen
+
+    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 1000)
+    assert gen.host_memory_bytes() <= 1000
+    with pytest.raises(GenerationError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):
+        generate(random_model(small_config(), "nosa"), PROMPTS, max_new_tokens=4,
+                 kv_offload=OffloadSettings(host_memory_budget=2**40))
+
+
 ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
              num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072)
 
