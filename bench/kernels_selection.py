@@ -6,7 +6,10 @@ are in the ktilde dtype of the row: bfloat16 (the model's case since ktilde is s
 dtype: one native bf16 dot pass) and float32 (the float32-accurate 3-pass TF32 dot, for
 comparison with the earlier numbers). Timed:
   decode_block_scores  (kernel + jnp finish)   vs  nosa.stage1_scores + nosa.pool_blocks
-  decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks
+  decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks; also with
+                       topk_impl="pallas" (the fused top-k kernel of pallas_kernels/topk.py)
+  two-stage top-k alone on decode rows (B=16 x Hk=2 rows of 512 / 2048 blocks, mode nosa):
+    pallas_kernels.topk.two_stage_select_pallas vs nosa.two_stage_select (XLA: three sorts)
 Each timing runs `iters` calls inside one jitted fori_loop (the query is perturbed per iteration so
 nothing is hoisted) and reports the median over repeats of wall time / iters, after a warm-up call.
 Effective bandwidth = compressed-key bytes of the valid windows (B * Hk * n_win * D * itemsize:
@@ -38,6 +41,7 @@ from bench.common import record, standalone
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
+from pallas_kernels.topk import two_stage_select_pallas
 
 B, HQ, HK, D, L, LAYER = 16, 32, 2, 128, 2, 1
 CONTEXTS = (32768, 131072)
@@ -65,6 +69,13 @@ SWEEP_F32 = [
     # NOT selection-exact (one TF32 pass, ~1e-3 relative): what the kernel costs when the dot is cheap.
     ("c64-w4-s3-tf32-INEXACT", dict(block_c=64, num_warps=4, num_stages=3, precision="tf32")),
 ]
+# Two-stage top-k alone: rows of n blocks (512: 32K context, 2048: 128K) and the Pallas kernel's
+# variants (label, two_stage_select_pallas keyword arguments); the first is the default.
+TOPK_BLOCKS = (512, 2048)
+TOPK_VARIANTS = [("default", {}), ("w4-r4", dict(num_warps=4, radix_bits=4)), ("w8-r4", dict(num_warps=8, radix_bits=4)),
+                 ("w4-r2", dict(num_warps=4, radix_bits=2))]
+TOPK_SWEEP = [("w8-r2", dict(num_warps=8, radix_bits=2)), ("w16-r4", dict(num_warps=16, radix_bits=4)),
+              ("w4-r1", dict(num_warps=4, radix_bits=1))]  # (r8 = a [256, n] tensor: too big for n = 2048)
 
 
 def _inputs(context: int, key, dtype="bfloat16"):
@@ -126,6 +137,53 @@ def _fns(cfg, n_blocks, kw):
                                            n_blocks=n_blocks, mode="nosa")
 
     return scores_kernel, scores_ref, select_kernel, select_ref
+
+
+def _topk_inputs(n: int, key):
+    """Decode rows [B, HK, n] as the selection makes them: random pooled scores with the sink block
+    and the 17 local blocks (up to the query's own, the last one) forced to +inf; qb = n - 1."""
+    cfg = NosaConfig()
+    k1, k2 = jax.random.split(key)
+    j = jnp.arange(n)
+    qb = jnp.full((B, 1, 1), n - 1, jnp.int32)
+    forced = (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
+    b_qk = jnp.where(forced, jnp.inf, jax.random.normal(k1, (B, HK, n), jnp.float32))
+    b_cis = jnp.where(forced, jnp.inf, jax.random.normal(k2, (B, HK, n), jnp.float32))
+    return cfg, b_qk, b_cis, qb
+
+
+def run_topk(records: list, rows: list, iters: int, repeats: int, sweep: bool = False) -> None:
+    """Time the two-stage top-k alone (mode nosa): XLA nosa.two_stage_select vs the Pallas kernel."""
+    for n in TOPK_BLOCKS:
+        context = n * NosaConfig().block_size
+        settings = dict(context=context, batch=B, hk=HK, n_blocks=n, rows=B * HK, mode="nosa")
+        op = f"two-stage top-k (n={n})"
+        try:
+            cfg, b_qk, b_cis, qb = _topk_inputs(n, jax.random.key(n))
+            xla = lambda s, c, qb: nosa.two_stage_select(s, c, qb, cfg, "nosa")  # noqa: E731
+            ids_x = np.asarray(jax.jit(xla)(b_qk, b_cis, qb))
+            pallas = lambda s, c, qb: two_stage_select_pallas(s, c, qb, cfg, "nosa")  # noqa: E731
+            ids_p = np.asarray(jax.jit(pallas)(b_qk, b_cis, qb))
+            same = float(np.mean(np.all(ids_x == ids_p, axis=-1)))
+            records.append(record(f"{NAME}/topk/check", settings, "identical_rows_vs_xla", same, "1"))
+            rows.append([context, "-", op, "check pallas vs xla", f"identical id rows={same:.3f}", "-", "-"])
+            t_x = _time_loop(xla, b_qk, (b_cis, qb), iters, repeats)
+            records.append(record(f"{NAME}/topk/xla", settings, "time", t_x * 1e6, "us"))
+            rows.append([context, "-", op, "xla (nosa.two_stage_select)", f"{t_x * 1e6:.1f}", "-", "1.00"])
+        except Exception as e:  # noqa: BLE001
+            rows.append([context, "-", op, "xla / check", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
+            traceback.print_exc()
+            continue
+        for label, kw in TOPK_VARIANTS + (TOPK_SWEEP if sweep else []):
+            try:
+                fn = lambda s, c, qb, kw=kw: two_stage_select_pallas(s, c, qb, cfg, "nosa", **kw)  # noqa: E731
+                t = _time_loop(fn, b_qk, (b_cis, qb), iters, repeats)
+                s = dict(settings, variant=label, **kw)
+                records.append(record(f"{NAME}/topk/pallas", s, "time", t * 1e6, "us"))
+                rows.append([context, "-", op, f"pallas {label}", f"{t * 1e6:.1f}", "-", f"{t_x / t:.2f}"])
+            except Exception as e:  # noqa: BLE001
+                rows.append([context, "-", op, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
+                traceback.print_exc()
 
 
 def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
@@ -209,6 +267,29 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                         rows.append([context, tag, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
                                      "-", "-"])
                         traceback.print_exc()
+            if main:  # decode_select with the fused Pallas top-k instead of XLA's sorts
+                label = "default+pallas-topk"
+                try:
+                    def select_pallas_topk(q, kt, cw, n_win, kv_len):
+                        return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg, n_blocks=n_blocks,
+                                                 mode="nosa", topk_impl="pallas")
+
+                    ids_a = np.asarray(jax.jit(select_pallas_topk)(q, *rest))
+                    same = float(np.mean(np.all(ids_a == np.asarray(jax.jit(_fns(cfg, n_blocks, {})[2])(q, *rest)),
+                                                axis=-1)))
+                    t = _time_loop(select_pallas_topk, q, rest, iters, repeats)
+                    s = dict(settings, variant=label, topk_impl="pallas")
+                    records.append(record(f"{NAME}/select/pallas", s, "time", t * 1e6, "us"))
+                    records.append(record(f"{NAME}/select/check_pallas_topk", s, "identical_rows_vs_xla_topk", same,
+                                          "1"))
+                    sp = f"{ref_times['select'] / t:.2f}" if "select" in ref_times else "-"
+                    rows.append([context, tag, "select", f"pallas {label} (rows = xla top-k: {same:.3f})",
+                                 f"{t * 1e6:.1f}", f"{key_bytes / t / 1e12:.2f}", sp])
+                except Exception as e:  # noqa: BLE001
+                    rows.append([context, tag, "select", f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
+                                 "-", "-"])
+                    traceback.print_exc()
+    run_topk(records, rows, iters, repeats, sweep)
     return rows
 
 

@@ -20,8 +20,9 @@ ktilde is stored in the model dtype, so 2 bytes per element for a bf16 model):
     _dot_precision). The next tile's load is issued before the current tile's math (`prefetch`).
   finish (jnp fused by XLA, or a second small Pallas kernel): combine the per-split statistics,
     normalise the logits, sum over the G heads, max-pool windows to blocks, force sink/local blocks.
-  selection (jnp): the two-stage top-k, with ties broken lowest-index-first explicitly
-    (`nosa.top_k_mask`), since XLA's GPU top-k does not guarantee that order.
+  selection: the two-stage top-k, with ties broken lowest-index-first explicitly. topk_impl "xla"
+    (jnp: `nosa.two_stage_select`, three XLA sorts) or "pallas" (`pallas_kernels.topk`: one fused
+    kernel, radix select + scatter, no sort); the default is the module constant TOPK_IMPL.
 
 Measured on the H200 (jax 0.11.2; B=16, Hq=32, Hk=2, D=128, FLOAT32 ktilde, 3-pass TF32 dot;
 bench/kernels_selection.py), before ktilde moved to the model dtype:
@@ -51,12 +52,23 @@ from jax.experimental.pallas import triton as pltriton
 
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
+from pallas_kernels.topk import two_stage_select_pallas
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
 # Programs the heuristic aims for when it picks how many tiles each program walks (H200: 132 SMs).
 _TARGET_PROGRAMS = 512
+
+# Default two-stage top-k of select_from_scores / decode_select when the caller passes no topk_impl:
+# "xla" (nosa.two_stage_select) or "pallas" (pallas_kernels.topk.two_stage_select_pallas, the same
+# ids bit for bit). H200, B=16, Hk=2 (bench/results/kernels_selection-topk-2026-11-28): the top-k
+# alone takes 36.7 us (Pallas, radix 2) vs 91.4 us (XLA) at n = 2048 blocks and 25.3 vs 40.8 us at
+# n = 512, but decode_select with it measured 181.8 us against 150.8 us with XLA's (128K): there the
+# rows hold 2049 blocks (the compression window's extra tokens), padded to 4096 lanes, and the
+# kernel ran with 4 warps x 4 bits, a [16, 4096] compare tensor that must spill. The default tiling
+# (topk.default_tiling) now bounds that tensor; XLA's stays the default until the GPU confirms.
+TOPK_IMPL = "xla"
 
 
 def _is_pow2(n: int) -> bool:
@@ -426,12 +438,18 @@ def decode_block_scores_reference(q, ktilde_pool, n_win, q_pos, layer, *, nosa_c
 
 
 def select_from_scores(b_qk, cisw_layer, n_eff, q_pos, *, nosa_cfg: NosaConfig, n_blocks: int,
-                       mode: str) -> jax.Array:
+                       mode: str, topk_impl: str | None = None, interpret: bool = False) -> jax.Array:
     """Two-stage top-k (spec 2.7) from pooled query-aware scores b_qk [B, Hk, n_blocks].
 
     cisw_layer [B, C, Hk] (mode "nosa"; ignored for "infllmv2"). Returns [B, Hk, K] int32:
     ascending ids then -1, ties broken lowest-index-first on every backend.
+    topk_impl: "xla" (nosa.two_stage_select) or "pallas" (the fused kernel of pallas_kernels.topk,
+    identical ids); None takes the module default TOPK_IMPL. interpret: the Pallas kernel's
+    interpret mode (CPU).
     """
+    impl = TOPK_IMPL if topk_impl is None else topk_impl
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"topk_impl must be 'xla' or 'pallas', got {topk_impl!r}")
     cfg = nosa_cfg
     qb = (q_pos // cfg.block_size)[:, None, None]
     b_cis = None
@@ -440,17 +458,21 @@ def select_from_scores(b_qk, cisw_layer, n_eff, q_pos, *, nosa_cfg: NosaConfig, 
         cw = jnp.moveaxis(cisw_layer.astype(jnp.float32), 2, 1)  # [B, Hk, C]
         cw = jnp.where(jnp.arange(C)[None, None, :] < n_eff[:, None, None], cw, NEG_INF)
         b_cis = _pool_windows(cw, q_pos, n_blocks, cfg)
+    if impl == "pallas":
+        return two_stage_select_pallas(b_qk, b_cis, qb, cfg, mode, interpret=interpret)
     return nosa.two_stage_select(b_qk, b_cis, qb, cfg, mode)
 
 
 def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: NosaConfig,
-                  n_blocks: int, mode: str, interpret: bool = False, **kernel_kw) -> jax.Array:
+                  n_blocks: int, mode: str, interpret: bool = False, topk_impl: str | None = None,
+                  **kernel_kw) -> jax.Array:
     """Block ids of one decode query per sequence: [B, Hk, K] int32, K = min(topk, n_blocks).
 
     Same contract as nosa.select_blocks(q[:, None], (kv_len - 1)[:, None], ktilde_pool[layer],
     cisw_pool[layer], kv_len, n_blocks, cfg, mode)[:, :, 0]: ascending ids, then -1.
     cisw_pool [L, B, C, Hk] (may be None for mode "infllmv2"). `kernel_kw` go to the kernel
-    (block_c, tiles_per_program, num_warps, num_stages, precision).
+    (block_c, tiles_per_program, num_warps, num_stages, precision). topk_impl: the two-stage top-k,
+    "xla" or "pallas" (None: the module default TOPK_IMPL); see select_from_scores.
     """
     cfg = nosa_cfg
     kv_len = jnp.asarray(kv_len, jnp.int32)
@@ -463,7 +485,8 @@ def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: 
     if mode == "nosa":
         # Only [B, C, Hk] (1/D of the keys' bytes); XLA fuses this slice into its consumer.
         cisw_layer = lax.dynamic_index_in_dim(cisw_pool, jnp.asarray(layer, jnp.int32), 0, keepdims=False)
-    return select_from_scores(b_qk, cisw_layer, n_eff, q_pos, nosa_cfg=cfg, n_blocks=n_blocks, mode=mode)
+    return select_from_scores(b_qk, cisw_layer, n_eff, q_pos, nosa_cfg=cfg, n_blocks=n_blocks, mode=mode,
+                              topk_impl=topk_impl, interpret=interpret)
 
 
 def decode_select_reference(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: NosaConfig,

@@ -1,0 +1,248 @@
+"""NOSA's two-stage block top-k (spec 2.7) as one fused Pallas Triton kernel.
+
+`two_stage_select_pallas` has exactly the contract of `nosa_jax.nosa.two_stage_select` (which is
+its reference: the tests compare the two bit for bit): pooled scores [..., n] float32 -> block ids
+[..., min(topk, n)] int32, ascending, then -1 for the blocks after the query's own block `qb`; ties
+broken lowest-index-first; +inf (forced) and -inf (invalid) entries are ordinary values. The XLA
+version spends three sorts per call (two lax.top_k, one jnp.sort); on an H200 at decode (32 rows of
+2048 blocks at 128K context) that was ~84 us per layer, more than the attention itself.
+
+Plan: one program per row (the leading dims flattened: B*Hk rows at decode, B*Hk*Tq in prefill).
+The row is loaded once, padded to n_pad = a power of two >= 32 with masked loads; everything else
+happens in registers, with no sort:
+
+  key        float32 -> int32 with the same order: bits >= 0 stay, bits < 0 get bits ^ 0x7fffffff.
+             -0.0 is first turned into +0.0 (the reference compares floats, where -0.0 == +0.0),
+             on the bits (bits == INT32_MIN), not by a float compare: the kernel has no float
+             arithmetic or compare at all, so its result does not depend on the backend's denormal
+             mode. It orders floats as IEEE does (subnormals distinct from 0 and from each other),
+             as the XLA:GPU reference does (xla_gpu_ftz is off by default) and Triton does; XLA:CPU
+             runs with denormals-are-zero, where nosa.two_stage_select treats +-subnormals as 0, so
+             on the host the two differ exactly when subnormal scores decide the selection (the
+             tests compare against an IEEE numpy reference; see tests/test_kernel_topk.py).
+             Padding lanes get INT32_MIN, below every float's key (-inf maps to INT32_MIN +
+             0x7fffff), so they are never chosen: at least k <= n real lanes rank above them.
+  kth        the k-th largest key by a most-significant-digit-first radix search over the 32 bits
+             taken as unsigned (key ^ INT32_MIN), `radix_bits` bits per step: 2**radix_bits
+             candidate thresholds are tested at once as one [2**radix_bits, n_pad] compare + row
+             sum (counts of keys >= each threshold), and the largest candidate whose count is
+             still >= k extends the prefix. 32 / radix_bits steps (default 4 bits: 8 steps of a
+             [16, n_pad] compare), each ending in two small reductions; no data-dependent control
+             flow. The result is the exact k-th largest key, i.e. the value lax.top_k reports.
+  mask       key > kth | (key == kth & inclusive_cumsum(key == kth) <= k - #(key > kth)): the
+             lowest-index-first tie break of nosa.top_k_mask, exactly.
+  "nosa"     stage 1 on b_qk with k1 = min(qk_select, n); then b_cis with blocks > qb set to -inf and
+             the stage-1 picks set to +inf (the order nosa.two_stage_select uses), stage 2 with
+             K = min(topk, n). "infllmv2": one stage on b_qk.
+  ids        each chosen lane j goes to output slot exclusive_cumsum(mask)[j] (its rank among the
+             chosen, so the ids come out ascending) as a masked scatter store of (j > qb ? -1 : j).
+             That is mask_to_ids: it sorts the chosen ids ascending and then maps ids > qb to -1
+             (those are the largest, already last). Exactly K lanes are chosen, so all K slots are
+             written; non-chosen lanes are masked off (and aimed past the row, slot K, which the
+             interpret mode's scatter drops).
+
+Ops in the kernel and the rule in jax/_src/pallas/triton/lowering.py (jax 0.11.2) that lowers each:
+  pltriton.load with a slice + mask/other   primitives.load_p -> _masked_load_lowering_rule (tt.load);
+                                            the same form as selection.py / sparse_decode.py.
+  scalar ref read qb_ref[r]                 sp.get_p -> _get_lowering_rule (as sparse_decode's ids_ref).
+  pltriton.store to o_ref.at[int32 array]   primitives.swap_p -> _masked_swap_lowering_rule; its
+                                            _compute_offsets_from_indices takes an integer ARRAY
+                                            indexer ("indexer is either a *scalar* or an array"):
+                                            pointers = base + pos * stride, one tt.store of a pointer
+                                            tensor (a scatter), as Triton's own tl.store(ptr + offs).
+  lax.bitcast_convert_type f32 <-> i32      _bitcast_convert_type_lowering_rule (tt.bitcast, same width).
+  lax.cumsum (int32, forward)               _cumsum_lowering_rule -> tt.scan (reverse is refused;
+                                            not used).
+  jnp.sum / reduce_sum over axis 1 and 0    reduce_sum_p -> _reduce_lowering -> _reduction_lowering
+                                            (tt.reduce), as jnp.sum / jnp.max in selection.py.
+  broadcasted_iota, where (select_n), eq/gt/ge/lt compares on i32 (none on f32), and/or/xor, shift_left,
+  add/sub, convert bool -> int32            the elementwise tables (_JAX_TO_TRITON_BINARY,
+                                            _JAX_TO_TRITON_SIGNED_BINARY: signed i32 compares are
+                                            cmpi slt/sge...), iota_p, select_n_p, convert_element_type_p.
+  program_id                                primitives.program_id_p.
+Every tensor is [n_pad], [2**radix_bits], [2**radix_bits, n_pad] or a scalar: all powers of two.
+The radix loop is unrolled in Python (static shifts), so there is no scf.for either. The CPU test
+suite cross-lowers the kernel for an abstract H200 and runs the MLIR verifier on the Triton module
+(tests/test_kernel_topk.py), which checks every op and shape above reaches valid Triton IR; what it
+cannot check is the Triton -> PTX compile (the GPU-marked test does).
+
+Cost model (per row, n_pad = 2048, 4 bits): 8 steps x 16 x 2048 compares per stage, two stages:
+~0.5M int32 compares per row, spread over num_warps * 32 threads, plus 2 x 8 pairs of reductions,
+one cumsum per stage and one for the output slots, one scatter -- a few microseconds per row, all rows in
+parallel (one program each), against the three XLA sorts. Tunables: num_warps and radix_bits (1, 2,
+4 or 8: fewer, wider steps vs more, narrower ones; the compare work per step grows as
+2**radix_bits, so 2 does half the compares of 4 in twice the steps); by default `default_tiling`
+picks them from n_pad so the compare tensor does not spill (measured on the H200).
+
+NaN scores are not supported (the pooled scores never hold NaN; lax.top_k orders NaN its own way).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from nosa_jax.config import NosaConfig
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+_INT32_MIN = -(2 ** 31)
+_ABS_MASK = 0x7FFFFFFF
+_MIN_ROW = 32  # rows are padded to at least one warp's width
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- in-kernel pieces
+
+def _order_keys(x, valid):
+    """float32 [n_pad] -> int32 keys with the IEEE float order (x < y iff key(x) < key(y); -0.0
+    and +0.0 get one key, as they compare equal); lanes not `valid` get INT32_MIN (below -inf).
+    Integer ops only: a float compare (x == 0.0) would follow the backend's denormal mode -- under
+    XLA:CPU's denormals-are-zero it also sends +-subnormals to key 0, on the GPU it does not -- and
+    interpret mode would then test something other than what Triton computes."""
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    bits = jnp.where(bits == _INT32_MIN, 0, bits)  # -0.0 (sign bit only) -> +0.0
+    key = jnp.where(bits < 0, bits ^ _ABS_MASK, bits)
+    return jnp.where(valid, key, _INT32_MIN)
+
+
+def _kth_largest(key, k: int, radix_bits: int):
+    """The k-th largest of the int32 keys [n_pad] (1 <= k <= number of lanes): the largest t with
+    #(key >= t) >= k, built digit by digit from the top in the unsigned order (key ^ INT32_MIN)."""
+    n_cand = 1 << radix_bits
+    cand = lax.broadcasted_iota(jnp.int32, (n_cand,), 0)
+    prefix = jnp.int32(0)  # unsigned-order bits found so far (as int32 bits)
+    for shift in range(32 - radix_bits, -1, -radix_bits):
+        # thresholds of the candidates, back in the signed order of `key`
+        thr = (prefix | (cand << shift)) ^ _INT32_MIN  # [n_cand]
+        counts = jnp.sum(jnp.where(key[None, :] >= thr[:, None], 1, 0), axis=1)  # [n_cand]
+        # counts fall with the candidate and counts[0] >= k holds by construction: the number of
+        # candidates still at >= k, minus one, is the largest such candidate
+        best = jnp.sum(jnp.where(counts >= k, 1, 0)) - 1
+        prefix = prefix | (best << shift)
+    return prefix ^ _INT32_MIN
+
+
+def _top_k_lanes(key, k: int, radix_bits: int):
+    """bool [n_pad]: the k largest keys, ties lowest-index-first (nosa.top_k_mask)."""
+    kth = _kth_largest(key, k, radix_bits)
+    above = key > kth
+    tied = key == kth
+    room = k - jnp.sum(jnp.where(above, 1, 0))
+    rank = lax.cumsum(jnp.where(tied, 1, 0), axis=0)  # inclusive: 1 for the first tied lane
+    return above | (tied & (rank <= room))
+
+
+def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,
+                 radix_bits: int):
+    """One row r. qb_ref [R] i32; qk_ref (and cis_ref for "nosa") [R, n] f32 (whole arrays, read at
+    row r); o_ref [k] i32, this row's output."""
+    if mode == "nosa":
+        cis_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    r = pl.program_id(0)
+    j = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+    valid = j < n
+    in_mask = valid if n < n_pad else None
+    in_other = NEG_INF if n < n_pad else None
+    qb = qb_ref[r]
+
+    x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
+    key = _order_keys(x, valid)
+    if mode == "nosa":
+        picked = _top_k_lanes(key, k1, radix_bits)
+        c = pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
+        c = jnp.where(j > qb, NEG_INF, c)
+        c = jnp.where(picked, POS_INF, c)
+        key = _order_keys(c, valid)
+    chosen = _top_k_lanes(key, k, radix_bits)
+    one = jnp.where(chosen, 1, 0)
+    slot = lax.cumsum(one, axis=0) - one  # rank among the chosen lanes: ascending ids
+    ids = jnp.where(j > qb, -1, j)
+    pltriton.store(o_ref.at[jnp.where(chosen, slot, k)], ids, mask=chosen)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def default_tiling(n_pad: int) -> tuple[int, int]:
+    """(num_warps, radix_bits) for rows of n_pad lanes: the widest search step (4 or 2 bits) whose
+    [2**radix_bits, n_pad] compare holds <= 64 elements per thread, with 4 warps, else 8, else 16;
+    1 bit per step only past that. H200, 32 rows (bench/results/kernels_selection-topk-*): n_pad
+    512: 4 warps x 4 bits 25.3 us (2 bits: 27.1); n_pad 2048: 4 x 2 bits 36.7 us, 8 x 4 bits 45.4,
+    4 x 4 bits 61.4 (the [16, 2048] tensor spills): 64 per thread was the best seen. Rows of 2049
+    blocks (128K context + the compression window) pad to 4096: 8 warps x 2 bits (not measured)."""
+    for warps in (4, 8, 16):
+        for bits in (4, 2):
+            if (2 ** bits) * n_pad <= 64 * 32 * warps:
+                return warps, bits
+    return 16, 1
+
+
+def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Array, cfg: NosaConfig,
+                            mode: str, *, interpret: bool = False, num_warps: int | None = None,
+                            radix_bits: int | None = None) -> jax.Array:
+    """nosa.two_stage_select in one Pallas kernel: same arguments, same result, bit for bit.
+
+    b_qk: [..., n] pooled stage-1 scores; b_cis: [..., n] pooled cis scores (mode "nosa"; ignored,
+    may be None, for "infllmv2"); qb: the query's block, broadcastable to [..., 1]. All three are
+    broadcast together as the reference does. Returns [..., min(topk, n)] int32: ascending ids,
+    then -1 for ids > qb; ties lowest index first.
+    interpret: run the kernel in Pallas interpret mode (CPU). num_warps: Triton warps per row
+    program. radix_bits: bits resolved per search step (1, 2, 4 or 8). None: `default_tiling`.
+    """
+    if mode not in ("nosa", "infllmv2"):
+        raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
+    n_pad = max(_MIN_ROW, _next_pow2(b_qk.shape[-1]))
+    auto_warps, auto_bits = default_tiling(n_pad)
+    num_warps = auto_warps if num_warps is None else num_warps
+    radix_bits = auto_bits if radix_bits is None else radix_bits
+    if radix_bits not in (1, 2, 4, 8):
+        raise ValueError(f"radix_bits must be 1, 2, 4 or 8, got {radix_bits!r}")
+    n = b_qk.shape[-1]
+    if n < 1:
+        raise ValueError("two_stage_select_pallas needs at least one block per row")
+    k_final = min(cfg.topk, n)
+    k1 = min(cfg.qk_select, n)
+    qb = jnp.asarray(qb)
+    shapes = [b_qk.shape[:-1], qb.shape[:-1] if qb.ndim else ()]
+    if mode == "nosa":
+        if b_cis is None:
+            raise ValueError("mode 'nosa' needs b_cis")
+        if b_cis.shape[-1] != n:
+            raise ValueError(f"b_cis has {b_cis.shape[-1]} blocks, b_qk {n}")
+        shapes.append(b_cis.shape[:-1])
+    lead = jnp.broadcast_shapes(*shapes)
+    rows = math.prod(lead)
+    if rows == 0:
+        return jnp.zeros(lead + (k_final,), jnp.int32)
+
+    qk = jnp.broadcast_to(b_qk.astype(jnp.float32), lead + (n,)).reshape(rows, n)
+    qbr = jnp.broadcast_to(qb.astype(jnp.int32), lead + (1,)).reshape(rows)
+    args = [qbr, qk]
+    if mode == "nosa":
+        args.append(jnp.broadcast_to(b_cis.astype(jnp.float32), lead + (n,)).reshape(rows, n))
+
+    kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=k1, k=k_final, mode=mode,
+                               radix_bits=radix_bits)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    out = pl.pallas_call(
+        kernel,
+        grid=(rows,),
+        in_specs=[any_spec] * len(args),
+        out_specs=pl.BlockSpec((None, k_final), lambda r: (r, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, k_final), jnp.int32),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="nosa_two_stage_topk",
+    )(*args)
+    return out.reshape(lead + (k_final,))
