@@ -342,22 +342,23 @@ class NosaForCausalLM(nnx.Module):
             return jnp.einsum("...h,vh->...v", h, self.embed_tokens.embedding[...]).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def extend(self, input_ids, start, n_valid, cache: KVCache, rows=None) -> ExtendOutput:
+    def extend(self, input_ids, start, n_valid, cache: KVCache, rows=None, embeds=None) -> ExtendOutput:
         """Append tokens to every sequence of the cache and run all layers over them.
 
         input_ids: [B, Tc] tokens at positions start[b] .. start[b] + Tc - 1; only the first
         n_valid[b] of a row are real (the rest is padding). rows: [B, R] indices into Tc whose
-        outputs are returned (default: all Tc). One code path serves prefill, chunked prefill and
-        decode (Tc = 1).
+        outputs are returned (default: all Tc). embeds: [B, Tc, H] the first layer's input instead
+        of the token embeddings (input_ids is then ignored; tests feed one layer another model's
+        hidden states). One code path serves prefill, chunked prefill and decode (Tc = 1).
         """
-        B, Tc = input_ids.shape
+        B, Tc = input_ids.shape if embeds is None else embeds.shape[:2]
         if rows is None:
             rows = jnp.broadcast_to(jnp.arange(Tc), (B, Tc))
         inv_freq, scaling = rope_inv_freq(self.cfg, cache.rope_len)
         pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
         cos, sin = rope_cos_sin(pos, inv_freq, scaling, self.dtype)
         cache = dataclasses.replace(cache, length=(start + n_valid).astype(jnp.int32))
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds.astype(self.dtype)
         settings = self.settings
 
         def at_rows(a, axis):

@@ -1,6 +1,9 @@
 """The whole model with the Pallas kernels equals the jnp reference: on the CPU in interpret mode
 at small shapes, and on the GPU at a 1B shape (marked `gpu`)."""
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,72 +51,108 @@ ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hid
              num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-def test_pallas_model_equals_reference_gpu_1b(mode):
-    """1B shape, bf16, 8K tokens, teacher-forced so both paths see the same inputs: the prefill
-    (prefill kernel) and 8 decode steps (selection + decode kernels) against the jnp reference:
-    selections agree wherever the reference's top-k boundary is not a near tie; logits within bf16
-    tolerance, measured against the same model in float32: the Pallas path may not be further from
-    it than the bf16 reference path is (x1.25), so the kernels add no error beyond bf16's own.
-    (The two bf16 paths differ by ~3e-2 relative Frobenius after 28 layers: first GPU run.)"""
-    cfg = ModelConfig(**ONE_B)
-    ref = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="reference")
+CONTEXT, FED = 8192, 8
+
+
+@partial(jax.jit, static_argnames=("gd", "all_rows"))
+def _gpu_prefill(gd, state, ids, emb, all_rows):
+    m = nnx.merge(gd, state)
+    n = ids.shape[1] if emb is None else emb.shape[1]
+    rows = jnp.arange(n)[None] if all_rows else jnp.arange(n - 64, n)[None]
+    out = m.extend(ids, jnp.zeros(1, jnp.int32), jnp.array([n], jnp.int32), m.init_cache(1, n + 16),
+                   rows=rows, embeds=emb)
+    return m.logits(out.h[0, -64:]), out.block_ids, out.layer_inputs, out.cache
+
+
+@partial(jax.jit, static_argnames=("gd",))
+def _gpu_step(gd, state, tok, emb, cache):
+    m = nnx.merge(gd, state)
+    out = m.extend(tok, cache.length, jnp.ones(1, jnp.int32), cache, embeds=emb)
+    return m.logits(out.h[:, 0]), out.block_ids, out.layer_inputs, out.cache
+
+
+def _gpu_run(model, prompt, fed, all_rows=False, embeds=None):
+    """Prefill `prompt` (or the first layer's inputs `embeds[0]`), then feed `fed` one token (or
+    one embedding row) per step. Returns (logits [64 + len(fed), V] float32: the prompt's last 64
+    positions and each step; block ids per call; each layer's inputs per call, at the prompt's
+    last 64 positions or, with all_rows, at all of them). The jitted functions are keyed on the
+    graph definition, so models of one structure (the one-layer models) compile once."""
+    gd, state = nnx.split(model)
+    emb = (lambda i: None) if embeds is None else (lambda i: embeds[i])
+    lg, blk, hid, cache = _gpu_prefill(gd, state, jnp.asarray(prompt[None]), emb(0), all_rows)
+    logits, blocks, hidden = [np.asarray(lg)], [np.asarray(blk)], [hid]
+    for i, t in enumerate(fed):
+        lg, blk, hid, cache = _gpu_step(gd, state, jnp.asarray([[t]]), emb(i + 1), cache)
+        logits.append(np.asarray(lg))
+        blocks.append(np.asarray(blk))
+        hidden.append(hid)
+    return np.concatenate(logits), blocks, hidden
+
+
+def _gpu_model(mode, impl, scale_qk=1.0, dtype=jnp.bfloat16, cfg=None):
+    """The 1B-shaped random model (std 0.02 init) with a non-trivial eviction head."""
+    cfg = cfg or ModelConfig(**ONE_B)
+    ref = NosaForCausalLM(cfg, mode=mode, dtype=dtype, rngs=nnx.Rngs(0), impl="reference")
     st = nnx.state(ref, nnx.Param)
     pure = nnx.to_pure_dict(st)
-    pure["layers"]["self_attn"]["A"] = jax.random.uniform(jax.random.key(1), pure["layers"]["self_attn"]["A"].shape,
-                                                          minval=-2.0, maxval=0.5).astype(jnp.bfloat16)
-    # With the init's std 0.02 projections the stage-1 logits over compressed keys have std ~0.1:
-    # the pooled scores of a 256-block row are nearly all tied and bf16 noise decides the top-k
-    # boundary (first GPU run: 56 % of rows agreed). Larger q/k projections give the separated
-    # scores a trained model has, so the comparison tests the kernels rather than tie noise.
+    attn = pure["layers"]["self_attn"]
+    attn["A"] = jax.random.uniform(jax.random.key(1), attn["A"].shape, minval=-2.0, maxval=0.5).astype(dtype)
     for name in ("q_proj", "k_proj"):
-        pure["layers"]["self_attn"][name]["kernel"] = pure["layers"]["self_attn"][name]["kernel"] * 4
-    nnx.replace_by_pure_dict(st, pure)
-    nnx.update(ref, st)
-    pal = _with_impl(ref, "pallas")
-    seq = np.random.default_rng(0).integers(0, cfg.vocab_size, 8192 + 8)
-    prompt, fed = seq[:8192], seq[8192:]
+        attn[name]["kernel"] = attn[name]["kernel"] * scale_qk
+    return pure, from_params(cfg, pure, mode=mode, dtype=dtype, impl=impl)
 
-    def run(model):
-        gd, state = nnx.split(model)
 
-        @jax.jit
-        def prefill(state, ids):
-            m = nnx.merge(gd, state)
-            out = m.extend(ids, jnp.zeros(1, jnp.int32), jnp.array([ids.shape[1]], jnp.int32),
-                           m.init_cache(1, 8192 + 16), rows=jnp.arange(8192 - 64, 8192)[None])
-            return m.logits(out.h), out.block_ids, out.cache
+def _tokens():
+    seq = np.random.default_rng(0).integers(0, ONE_B["vocab_size"], CONTEXT + FED)
+    return seq[:CONTEXT], seq[CONTEXT:]
 
-        @jax.jit
-        def step(state, tok, cache):
-            m = nnx.merge(gd, state)
-            out = m.extend(tok, cache.length, jnp.ones(1, jnp.int32), cache)
-            return m.logits(out.h[:, 0]), out.block_ids, out.cache
 
-        lg, blk, cache = prefill(state, jnp.asarray(prompt[None]))
-        logits, blocks = [np.asarray(lg[0])], [np.asarray(blk)]
-        for t in fed:
-            lg, blk, cache = step(state, jnp.asarray([[t]]), cache)
-            logits.append(np.asarray(lg))
-            blocks.append(np.asarray(blk))
-        return np.concatenate(logits), blocks
-
-    la, ba = run(ref)
-    lb, bb = run(pal)
-    lf, _ = run(from_params(cfg, nnx.to_pure_dict(nnx.state(ref, nnx.Param)), mode=mode, dtype=jnp.float32,
-                            impl="reference"))
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_pallas_model_logits_gpu_1b(mode):
+    """1B shape, bf16, 8K-token prefill (prefill kernel) and 8 decode steps (selection + decode
+    kernels), the whole model: logits within bf16 tolerance, measured against the same model in
+    float32: the Pallas path may not be further from it than the bf16 reference path is (x1.25),
+    so the kernels add no error beyond bf16's own. (The selections of the two whole-model runs are
+    not compared here: after a few layers the bf16 hidden states of the two paths differ in their
+    last bits and near-tied top-k boundaries flip; `..._selections_gpu_1b` compares them with both
+    paths fed the same layer inputs.)"""
+    prompt, fed = _tokens()
+    pure, ref = _gpu_model(mode, "reference")
+    la, _, _ = _gpu_run(ref, prompt, fed)
+    lb, _, _ = _gpu_run(from_params(ref.cfg, pure, mode=mode, impl="pallas"), prompt, fed)
+    lf, _, _ = _gpu_run(from_params(ref.cfg, pure, mode=mode, dtype=jnp.float32, impl="reference"), prompt, fed)
     err = lambda x: float(np.linalg.norm(x - lf) / np.linalg.norm(lf))
     print(f"\nrelative error vs float32: bf16 reference {err(la):.3e}, bf16 pallas {err(lb):.3e}; "
           f"pallas vs reference {np.linalg.norm(lb - la) / np.linalg.norm(la):.3e}")
+    # a sanity check of the test model, not of the kernels (measured on the H200: 0.089 nosa,
+    # 0.107 infllmv2; a chaotic model - q/k x4 gave 1.3 - would make the comparison meaningless)
+    assert err(la) < 0.25, "the bf16 reference itself is far from float32: the random model is ill-conditioned"
     assert err(lb) <= 1.25 * err(la) + 1e-3, (err(lb), err(la))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_pallas_model_selections_gpu_1b(mode):
+    """Identical selections, layer by layer: the reference model's 28 layer inputs (8K prefill and
+    8 decode steps) are fed to a one-layer model of that layer under each implementation, so both
+    paths see the same inputs and only the kernels differ. q/k projections are scaled x4: with the
+    std 0.02 init the stage-1 scores of a row are nearly all tied (first GPU run of the untied
+    whole-model comparison: 56 % of rows agreed), and a tie broken by the last float32 bit tests
+    nothing."""
+    prompt, fed = _tokens()
+    pure, ref = _gpu_model(mode, "reference", scale_qk=4.0)
+    _, _, hidden = _gpu_run(ref, prompt, fed, all_rows=True)  # hidden[i]: [L, 1, T_i, H] layer inputs
+    cfg1 = dataclasses.replace(ref.cfg, num_hidden_layers=1)
     rows = same = 0
-    for x, y in zip(ba, bb):
-        for r1, r2 in zip(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])):
-            rows += 1
-            same += set(r1[r1 >= 0]) == set(r2[r2 >= 0])
-    # bf16 hidden states differ in the last bits between the paths, so a few near-tied boundary
-    # picks in later layers may flip; the first layer sees identical inputs and must agree exactly
-    assert same / rows >= 0.99, (same, rows)
-    for x, y in zip(ba, bb):
-        np.testing.assert_array_equal(np.sort(x[0], -1), np.sort(y[0], -1))
+    for layer in range(ref.cfg.num_hidden_layers):
+        one = {**pure, "layers": jax.tree.map(lambda a: a[layer:layer + 1], pure["layers"])}
+        embeds = [h[layer] for h in hidden]
+        _, ba, _ = _gpu_run(from_params(cfg1, one, mode=mode, impl="reference"), prompt, fed, embeds=embeds)
+        _, bb, _ = _gpu_run(from_params(cfg1, one, mode=mode, impl="pallas"), prompt, fed, embeds=embeds)
+        for x, y in zip(ba, bb):
+            for r1, r2 in zip(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])):
+                rows += 1
+                same += set(r1[r1 >= 0]) == set(r2[r2 >= 0])
+    print(f"\nrows with identical selections: {same} / {rows}")
+    assert same == rows
