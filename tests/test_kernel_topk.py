@@ -17,15 +17,9 @@ took its expectation from the host's XLA and failed on the n = 100 rows: there t
 the "magnitudes" rows' +-1e-45 entries, which the host merged with 0.)
 """
 
-import os
-
-import jax
-
-if os.environ.get("NOSA_TEST_GPU") != "1":
-    jax.config.update("jax_platforms", "cpu")
-
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
