@@ -50,10 +50,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the "full" budget: the whole card
-# The offloaded stores of the largest batches need more pinned host memory than the GPU client's
-# default pool (64 GiB; nosa_jax.generate.PINNED_HOST_LIMIT_ENV): 90 % of the RAM.
-os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB",
-                      str(int(0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -76,7 +72,13 @@ from bench.offload import MODELS as OFFLOAD_MODELS  # noqa: E402
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import cache_bytes  # noqa: E402
 from nosa_jax.config import ModelConfig, NosaConfig  # noqa: E402
+from nosa_jax.generate import PINNED_HOST_LIMIT_ENV  # noqa: E402
 from nosa_jax.offload import capacity_plan, num_selected, offload_bytes, weight_bytes  # noqa: E402
+
+# The offloaded stores of the largest batches need more pinned host memory than the GPU client's
+# default pool (64 GiB): 90 % of the RAM. Read when the GPU backend starts, which no import does.
+os.environ.setdefault(PINNED_HOST_LIMIT_ENV,
+                      str(int(0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)))
 
 # "tiny" is a test hook (CPU smoke tests), not one of the table's models
 MODELS = {**OFFLOAD_MODELS,
