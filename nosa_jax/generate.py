@@ -235,7 +235,8 @@ class OffloadSettings:
     of `pool_slots` block slots per (layer, sequence, kv head) on the device (None: twice the
     top-k, so blocks that leave the selection stay resident; top-k is upstream's exact fit).
     `loader`: "auto" | "pallas" (zero-copy kernel) | "xla" (dynamic_slice + device_put).
-    `host_memory_budget`: bytes of host memory the store may use (None: what is free now).
+    `host_memory_budget`: bytes of host memory the store may use (None: `host_memory_bytes()`,
+    what is free now and, on the GPU, within the pinned pool).
     `prefill_group`: sequences prefilled on the device at a time before moving to the host
     (None: as many as the device memory budget allows)."""
 
