@@ -31,8 +31,9 @@ bench/kernels_selection.py), before ktilde moved to the model dtype:
   32K context:  block scores 32.3 us (reference 89 us), decode_select 72 us (reference 108 us).
   A Pallas kernel that only reads the same keys runs at ~3.0 TB/s (44 us at 128K); one TF32 pass
   (not selection-exact) 54 us; the 3-product float32-accurate dot costs the rest.
-  bf16 ktilde (the model's case: half the bytes, one MMA pass): still to be measured on the GPU
-  (`python3 bench/kernels.py --only selection`); predicted ~35-45 us block scores at 128K.
+  bf16 ktilde (the model's case: half the bytes, one MMA pass; kernels_selection-s4-2026-11-28):
+  block scores 49.6 us at 128K (1.35 TB/s), 21.6 us at 32K; decode_select with the Pallas top-k
+  85.6 us at 128K, 34.7 us at 32K.
 
 `interpret=True` runs the same kernel on CPU (Pallas interpret mode); on GPU it lowers through
 Triton (`pallas_call` with `triton.CompilerParams`). Shapes the kernel loads are powers of two
@@ -61,14 +62,12 @@ POS_INF = float("inf")
 _TARGET_PROGRAMS = 512
 
 # Default two-stage top-k of select_from_scores / decode_select when the caller passes no topk_impl:
-# "xla" (nosa.two_stage_select) or "pallas" (pallas_kernels.topk.two_stage_select_pallas, the same
-# ids bit for bit). H200, B=16, Hk=2 (bench/results/kernels_selection-topk-2026-11-28): the top-k
-# alone takes 36.7 us (Pallas, radix 2) vs 91.4 us (XLA) at n = 2048 blocks and 25.3 vs 40.8 us at
-# n = 512, but decode_select with it measured 181.8 us against 150.8 us with XLA's (128K): there the
-# rows hold 2049 blocks (the compression window's extra tokens), padded to 4096 lanes, and the
-# kernel ran with 4 warps x 4 bits, a [16, 4096] compare tensor that must spill. The default tiling
-# (topk.default_tiling) now bounds that tensor; XLA's stays the default until the GPU confirms.
-TOPK_IMPL = "xla"
+# "xla" (nosa.two_stage_select: three XLA sorts) or "pallas" (pallas_kernels.topk.two_stage_select_pallas,
+# the same ids bit for bit). H200, B=16, Hk=2, bf16 ktilde (bench/results/kernels_selection-s4-2026-11-28):
+# decode_select 34.7 us with the Pallas top-k vs 63.3 us with XLA's at 32K, 85.6 vs 133.0 us at 128K
+# (rows of 2049 blocks, padded to 4096 lanes: topk.default_tiling keeps the compare tensor in registers;
+# the first, fixed-tiling measurement spilled and lost, 181.8 vs 150.8 us).
+TOPK_IMPL = "pallas"
 
 
 def _is_pow2(n: int) -> bool:

@@ -311,8 +311,9 @@ def test_bf16_kernel_is_one_native_pass():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lowers_to_triton_for_cuda(dtype):
     """Cross-lower (no GPU needed) decode_select at the model's sizes (B=16, Hq=32, Hk=2, D=128,
-    128K): the Triton lowering accepts the kernel for this ktilde dtype, with grid (B, Hk, splits),
-    and no layer of the stacked pool is sliced out outside the kernel."""
+    128K): the Triton lowering accepts the stage-1 kernel for this ktilde dtype, with grid
+    (B, Hk, splits), no layer of the stacked pool is sliced out outside the kernel, and the top-k
+    is the fused Pallas kernel when that is the default."""
     from model_utils import h200_lowering_text
 
     L, B, C, Hq, Hk, D = 4, 16, 8194, 32, 2, 128
@@ -322,8 +323,10 @@ def test_lowers_to_triton_for_cuda(dtype):
     txt = h200_lowering_text(lambda q, kt, cw, kl, layer: sel.decode_select(
         q, kt, cw, nosa.num_windows(kl, UPSTREAM), kl, layer, nosa_cfg=UPSTREAM, n_blocks=2049, mode="nosa"), *args)
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
-    assert len(calls) == 1
-    assert f"grid_x = {B} " in calls[0] and f"grid_y = {Hk} " in calls[0]
+    stage1 = [ln for ln in calls if "nosa_decode_stage1_logits" in ln]
+    topk = [ln for ln in calls if "nosa_two_stage_topk" in ln]
+    assert len(stage1) == 1 and len(topk) == (sel.TOPK_IMPL == "pallas") and len(calls) == 1 + len(topk)
+    assert f"grid_x = {B} " in stage1[0] and f"grid_y = {Hk} " in stage1[0]
     assert f"tensor<{B}x{C}x{Hk}x{D}x{'bf16' if dtype == 'bfloat16' else 'f32'}>" not in txt
 
 
@@ -334,8 +337,9 @@ def test_fragile_rows_are_rare():
     assert _FRAGILE["fragile"] <= MAX_FRAGILE_FRACTION * _FRAGILE["rows"], _FRAGILE
 
 
+@pytest.mark.parametrize("topk_impl", ["xla", "pallas"])
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-def test_select_ties_lowest_index_first(mode):
+def test_select_ties_lowest_index_first(mode, topk_impl):
     # Integer-valued scores: many exact ties straddle both top-k boundaries (including -inf ties).
     rng = np.random.default_rng(1)
     B, Hk, nb, C = 5, 2, 40, 170
@@ -349,7 +353,8 @@ def test_select_ties_lowest_index_first(mode):
     forced = np.asarray(sel._forced(jnp.asarray(q_pos), nb, cfg))
     b_qk = np.where(forced, np.inf, b_qk).astype(np.float32)
     got = np.asarray(sel.select_from_scores(jnp.asarray(b_qk), jnp.asarray(cw), jnp.asarray(n_eff),
-                                            jnp.asarray(q_pos), nosa_cfg=cfg, n_blocks=nb, mode=mode))
+                                            jnp.asarray(q_pos), nosa_cfg=cfg, n_blocks=nb, mode=mode,
+                                            topk_impl=topk_impl, interpret=topk_impl == "pallas"))
     # NumPy: pooled cis via the reference pooling, explicit lowest-index-first top-k.
     cwp = np.asarray(nosa.pool_blocks(jnp.moveaxis(jnp.asarray(cw), 2, 1)[:, :, None], jnp.asarray(q_pos)[:, None],
                                       jnp.asarray(n_eff), nb, cfg))[:, :, 0]
