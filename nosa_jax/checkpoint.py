@@ -30,7 +30,7 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 
 FORMAT_NAME = "nosa-jax-params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: q/k/v fused into layers.self_attn.qkv_proj
 METADATA_FILE = "nosa_jax.json"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"

@@ -1,7 +1,8 @@
 """Checkpoint converter (convert/) and loader (nosa_jax/checkpoint.py) on small random HF checkpoints.
 
 The expected parameter layout is written out by hand here (HF [out, in] -> kernel [in, out], layers
-stacked on axis 0), independently of the converter's own derivation from `abstract_params`.
+stacked on axis 0, q/k/v side by side in one qkv_proj), independently of the converter's own
+derivation from `abstract_params`.
 """
 
 from __future__ import annotations
@@ -95,10 +96,16 @@ def expected_params(sd: dict, cfg: dict) -> dict:
     layers = {"input_layernorm": {"weight": stack("input_layernorm.weight")},
               "post_attention_layernorm": {"weight": stack("post_attention_layernorm.weight")},
               "self_attn": {"A": stack("self_attn.A")}, "mlp": {}}
-    for m in ("q_proj", "k_proj", "v_proj", "o_proj", "delta"):
+    for m in ("o_proj", "delta"):
         layers["self_attn"][m] = {"kernel": stack(f"self_attn.{m}.weight", True)}
         if f"model.layers.0.self_attn.{m}.bias" in sd:
             layers["self_attn"][m]["bias"] = stack(f"self_attn.{m}.bias")
+    qkv = ("q_proj", "k_proj", "v_proj")  # columns q | k | v
+    layers["self_attn"]["qkv_proj"] = {"kernel": np.concatenate([stack(f"self_attn.{m}.weight", True)
+                                                                 for m in qkv], axis=-1)}
+    if "model.layers.0.self_attn.q_proj.bias" in sd:
+        layers["self_attn"]["qkv_proj"]["bias"] = np.concatenate([stack(f"self_attn.{m}.bias") for m in qkv],
+                                                                 axis=-1)
     for m in ("gate_proj", "up_proj", "down_proj"):
         layers["mlp"][m] = {"kernel": stack(f"mlp.{m}.weight", True)}
         if f"model.layers.0.mlp.{m}.bias" in sd:
@@ -295,7 +302,7 @@ def test_missing_nosa_weights(tmp_path, capsys):
     for a in (attn["A"], attn["delta"]["kernel"], attn["delta"]["bias"]):
         assert not np.asarray(a).any()
     assert attn["A"].shape == (L, HK) and attn["delta"]["kernel"].shape == (L, HK * D, HK)
-    np.testing.assert_array_equal(np.asarray(attn["q_proj"]["kernel"][1]),
+    np.testing.assert_array_equal(np.asarray(attn["qkv_proj"]["kernel"][1, :, :HQ * D]),
                                   sd["model.layers.1.self_attn.q_proj.weight"].T)
     # the in-memory HF load does the same and says so
     _, p2 = load_params(hf_dir)
