@@ -583,6 +583,42 @@ def test_loader_errors(hf, tmp_path):
         load_params(out)
 
 
+def test_format_1_directory_is_fused_on_load(tmp_path):
+    """A directory converted before q/k/v were fused (format_version 1: separate
+    layers.self_attn.{q,k,v}_proj) loads in the fused layout; a damaged one is still reported."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    cfg = tiny_config(attention_bias=True)
+    sd = tiny_state_dict(cfg, seed=31)
+    out = convert_checkpoint(write_hf(tmp_path / "hf", cfg, sd), tmp_path / "conv", progress=False)
+
+    def write_format_1(drop=()):
+        old = expected_params(sd, cfg)
+        attn = old["layers"]["self_attn"]
+        del attn["qkv_proj"]
+        for m in {"q_proj", "k_proj", "v_proj"} - set(drop):
+            attn[m] = {leaf: np.stack([sd[f"model.layers.{i}.self_attn.{m}.{hf}"].T for i in range(L)])
+                       for leaf, hf in (("kernel", "weight"), ("bias", "bias"))}
+        shutil.rmtree(out / "params")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(out / "params", old)
+            ckptr.wait_until_finished()
+        meta = json.loads((out / "nosa_jax.json").read_text())
+        (out / "nosa_jax.json").write_text(json.dumps(dict(meta, format_version=1)))
+
+    write_format_1()
+    assert_tree_equal(load_params(out)[1], expected_params(sd, cfg), np.float32)
+    want16 = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16), expected_params(sd, cfg))
+    assert_tree_equal(load_params(out, dtype="bfloat16")[1], want16, jnp.bfloat16)
+    load_model(out, mode="full")  # builds
+    write_format_1(drop=("v_proj",))
+    with pytest.raises(CheckpointError, match=r"missing layers.self_attn.qkv_proj.bias.*unexpected "
+                                              r"layers.self_attn.k_proj.bias.*re-run the conversion"):
+        load_params(out)
+
+
 def test_public_api():
     assert issubclass(ConversionError, ValueError) and issubclass(CheckpointError, ValueError)
     assert convert.convert_checkpoint is convert_checkpoint
