@@ -215,6 +215,57 @@ def test_biases(tmp_path, bias):
     assert_tree_equal(load_params(out)[1], expected_params(sd, cfg))
 
 
+QKV_COLS = {"q_proj": (0, HQ * D), "k_proj": (HQ * D, (HQ + HK) * D),
+            "v_proj": ((HQ + HK) * D, (HQ + 2 * HK) * D)}  # column ranges in the fused qkv_proj
+
+
+def test_fused_qkv_columns(tmp_path):
+    """Distinct q, k, v weights and biases land, exactly, in their own column ranges q | k | v of the
+    fused qkv_proj (converted directory and in-memory HF load)."""
+    cfg = tiny_config(attention_bias=True)
+    sd = tiny_state_dict(cfg, seed=23)
+    w = [sd[f"model.layers.0.self_attn.{m}.weight"] for m in ("k_proj", "v_proj")]
+    assert not np.array_equal(*w)  # a k/v mix-up cannot go unnoticed
+    hf_dir = write_hf(tmp_path / "hf", cfg, sd)
+    out = convert_checkpoint(hf_dir, tmp_path / "conv", progress=False)
+    for p in (load_params(out)[1], load_params(hf_dir)[1]):
+        fused = p["layers"]["self_attn"]["qkv_proj"]
+        assert fused["kernel"].shape == (L, H, (HQ + 2 * HK) * D) and fused["bias"].shape == (L, (HQ + 2 * HK) * D)
+        for i in range(L):
+            for m, (a, b) in QKV_COLS.items():
+                name = f"model.layers.{i}.self_attn.{m}"
+                np.testing.assert_array_equal(np.asarray(fused["kernel"][i, :, a:b]), sd[name + ".weight"].T)
+                np.testing.assert_array_equal(np.asarray(fused["bias"][i, a:b]), sd[name + ".bias"])
+
+
+def test_fused_qkv_projection_vs_numpy(tmp_path):
+    """The model's q, k, v (before the rotation) from a converted checkpoint equal x @ W.T + b
+    computed in float64 from the HF tensors, for several rows and for one (model._dense's path)."""
+    from flax import nnx
+
+    from nosa_jax.model import Attention
+
+    cfg = tiny_config(attention_bias=True)
+    sd = tiny_state_dict(cfg, seed=29)
+    mcfg, p = load_params(convert_checkpoint(write_hf(tmp_path / "hf", cfg, sd), tmp_path / "conv",
+                                             progress=False))
+    rng = np.random.default_rng(0)
+    for i in range(L):
+        attn = Attention(mcfg, jnp.float32, nnx.Rngs(0))
+        state = nnx.state(attn, nnx.Param)
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: a[i], p["layers"]["self_attn"]))
+        nnx.update(attn, state)
+        for B, T in ((2, 5), (1, 1)):
+            x = rng.standard_normal((B, T, H)).astype(np.float32)
+            cos = jnp.ones((B, T, D), jnp.float32)  # cos 1, sin 0: no rotation
+            q, k, v, _ = attn.project(jnp.asarray(x), cos, jnp.zeros_like(cos))
+            for got, m, heads in ((q, "q_proj", HQ), (k, "k_proj", HK), (v, "v_proj", HK)):
+                name = f"model.layers.{i}.self_attn.{m}"
+                want = x.astype(np.float64) @ sd[name + ".weight"].T.astype(np.float64) + sd[name + ".bias"]
+                np.testing.assert_allclose(np.asarray(got), want.reshape(B, T, heads, D), rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{name}, {B}x{T}")
+
+
 def test_sharded_index(tmp_path):
     cfg = tiny_config()
     sd = tiny_state_dict(cfg, seed=5)
