@@ -7,10 +7,12 @@ The target layout is `nosa_jax.model.abstract_params(cfg, dtype)`; every HF name
   layers.<module>.kernel  [L, in, out] <- model.layers.{i}.<module>.weight [out, in] (transposed,
                                           stacked over i)
   layers.<module>.{bias,weight,A}     <- model.layers.{i}.<module>.{bias,weight,A} (stacked)
-so q/k/v/o, delta, gate/up/down, the norms and A (and the biases the config asks for) follow the model
-without a hand-written table. `load_hf_checkpoint` is the one implementation used both by
-`convert_checkpoint` (which writes a converted directory) and by `nosa_jax.checkpoint.load_params`
-(which loads a HF directory in memory).
+  layers.self_attn.qkv_proj.{kernel,bias} <- model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias},
+                                          each into its column range (`model.qkv_widths`)
+so o, delta, gate/up/down, the norms and A (and the biases the config asks for) follow the model
+without a hand-written table; q/k/v, fused into one parameter, are the one special case (`_hf_parts`).
+`load_hf_checkpoint` is the one implementation used both by `convert_checkpoint` (which writes a
+converted directory) and by `nosa_jax.checkpoint.load_params` (which loads a HF directory in memory).
 """
 
 from __future__ import annotations
@@ -43,13 +45,21 @@ _FLOAT_SOURCES = ("float64", "float32", "float16", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where one HF tensor goes: `params[path][layer]` (layer None: not stacked), transposed or not."""
+    """Where one HF tensor goes: `params[path][index]`, transposed or not. `index` picks the layer
+    (None: not stacked) and, for a fused parameter, the column range [start, stop) of its last axis
+    (None: all of it)."""
 
     hf_name: str
     path: tuple[str, ...]
     layer: int | None
     transpose: bool
     hf_shape: tuple[int, ...]
+    cols: tuple[int, int] | None = None
+
+    @property
+    def index(self) -> tuple:
+        layer = () if self.layer is None else (self.layer,)
+        return layer + ((..., slice(*self.cols)) if self.cols is not None else ())
 
     @property
     def is_nosa(self) -> bool:
@@ -57,6 +67,18 @@ class Slot:
 
 
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias", "A": "A"}
+
+
+def _hf_parts(cfg: ModelConfig, mods: list[str]) -> list[tuple[list[str], tuple[int, int] | None]]:
+    """The HF name part(s) that fill a model parameter (`mods`: its path with the HF leaf name),
+    each with its column range (None: all of it). Only the fused q/k/v parameter has several."""
+    if mods[-2] != "qkv_proj":
+        return [(mods, None)]
+    from nosa_jax.model import qkv_widths
+
+    edges = np.cumsum((0,) + qkv_widths(cfg)).tolist()
+    return [(mods[:-2] + [hf, mods[-1]], (a, b))
+            for hf, a, b in zip(("q_proj", "k_proj", "v_proj"), edges[:-1], edges[1:])]
 
 
 def hf_layout(cfg: ModelConfig, dtype=jnp.float32) -> tuple[dict[tuple, Any], dict[str, Slot]]:
@@ -71,17 +93,18 @@ def hf_layout(cfg: ModelConfig, dtype=jnp.float32) -> tuple[dict[tuple, Any], di
             raise ConversionError(f"internal: the converter does not know how to fill model parameter "
                                   f"{'.'.join(path)}; update convert/hf.py for the new model layout")
         transpose = leaf == "kernel"
-        mods = list(path[:-1]) + [_LEAF_TO_HF[leaf]]
-        if path[0] == "layers":
-            shape = tuple(sds.shape[1:])
-            hf_shape = shape[::-1] if transpose else shape
-            for i in range(cfg.num_hidden_layers):
-                name = f"model.layers.{i}." + ".".join(mods[1:])
-                slots[name] = Slot(name, path, i, transpose, hf_shape)
-        else:
-            name = ".".join(mods) if path[0] == "lm_head" else "model." + ".".join(mods)
-            shape = tuple(sds.shape)
-            slots[name] = Slot(name, path, None, transpose, shape[::-1] if transpose else shape)
+        stacked = path[0] == "layers"
+        shape = tuple(sds.shape[1:] if stacked else sds.shape)
+        for mods, cols in _hf_parts(cfg, list(path[:-1]) + [_LEAF_TO_HF[leaf]]):
+            part = shape if cols is None else shape[:-1] + (cols[1] - cols[0],)
+            hf_shape = part[::-1] if transpose else part
+            if stacked:
+                for i in range(cfg.num_hidden_layers):
+                    name = f"model.layers.{i}." + ".".join(mods[1:])
+                    slots[name] = Slot(name, path, i, transpose, hf_shape, cols)
+            else:
+                name = ".".join(mods) if path[0] == "lm_head" else "model." + ".".join(mods)
+                slots[name] = Slot(name, path, None, transpose, hf_shape, cols)
     return flat, slots
 
 
@@ -91,8 +114,7 @@ def to_hf_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     flat = flatten_params(params)
     out = {}
     for name, slot in slots.items():
-        a = np.asarray(flat[slot.path], np.float32)
-        a = a[slot.layer] if slot.layer is not None else a
+        a = np.asarray(flat[slot.path], np.float32)[slot.index]
         out[name] = np.ascontiguousarray(a.T if slot.transpose else a)
     return out
 
@@ -313,7 +335,7 @@ def load_hf_checkpoint(hf_dir: str | Path, *, dtype=None, progress: bool = False
                     continue
             slot = slots[name]
             src = arr.T if slot.transpose else arr
-            dst = bufs[slot.path] if slot.layer is None else bufs[slot.path][slot.layer]
+            dst = bufs[slot.path][slot.index]  # a view: writes land in the stacked buffer
             with np.errstate(over="ignore", invalid="ignore"):
                 dst[...] = src
             if out_dtype == np.float16 and arr.dtype != np.float16:

@@ -30,7 +30,7 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 
 FORMAT_NAME = "nosa-jax-params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: q/k/v fused into layers.self_attn.qkv_proj (version 1 is fused on load)
 METADATA_FILE = "nosa_jax.json"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -241,6 +241,19 @@ def unflatten_params(flat: dict[tuple, Any]) -> dict:
     return tree
 
 
+def _fuse_qkv(tree: dict) -> dict:
+    """A parameter tree saved in format version 1, with separate layers.self_attn.{q,k,v}_proj, in
+    the current layout: their kernels (and biases) joined along the last axis into qkv_proj, in the
+    order q | k | v. Other trees are returned unchanged. Works on arrays and under jax.eval_shape."""
+    attn = tree.get("layers", {}).get("self_attn", {})
+    names = ("q_proj", "k_proj", "v_proj")
+    if not all(n in attn for n in names):
+        return tree
+    fused = {leaf: jnp.concatenate([attn[n][leaf] for n in names], axis=-1) for leaf in attn["q_proj"]}
+    attn = {k: v for k, v in attn.items() if k not in names} | {"qkv_proj": fused}
+    return {**tree, "layers": {**tree["layers"], "self_attn": attn}}
+
+
 def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
     import orbax.checkpoint as ocp
     from .model import abstract_params
@@ -254,15 +267,18 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
         cfg = ModelConfig.from_json(path / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
-    stored = resolve_dtype(meta.get("dtype"))
-    target = flatten_params(abstract_params(cfg, dtype or stored))
+    dtype = dtype or resolve_dtype(meta.get("dtype"))
+    target = flatten_params(abstract_params(cfg, dtype))
     with ocp.StandardCheckpointer() as ckptr:
         try:
             tree = ckptr.metadata(path / PARAMS_DIR).item_metadata.tree
         except Exception as e:  # orbax raises several types for a damaged directory
             raise CheckpointError(f"cannot read the orbax checkpoint {path / PARAMS_DIR} ({e}); the "
                                   f"directory is incomplete or damaged: re-run the conversion") from e
-        found = {k: tuple(v.shape) for k, v in flatten_params(dict(tree)).items()}
+        # restored as stored (orbax matches the tree exactly), then brought to the current layout
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype, sharding=sharding), dict(tree))
+        found = {k: tuple(v.shape) for k, v in flatten_params(jax.eval_shape(_fuse_qkv, saved)).items()}
         want = {k: tuple(v.shape) for k, v in target.items()}
         if found != want:
             problems = [f"missing {_dotted(k)}" for k in sorted(set(want) - set(found))]
@@ -271,15 +287,12 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
                          for k in sorted(set(want) & set(found)) if want[k] != found[k]]
             raise CheckpointError(f"{path / PARAMS_DIR} does not match {path / CONFIG_FILE}: "
                                   + "; ".join(problems) + "; re-run the conversion")
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                                abstract_params(cfg, dtype or stored))
         try:
-            params = ckptr.restore(path / PARAMS_DIR, abstract)
+            params = ckptr.restore(path / PARAMS_DIR, saved)
         except Exception as e:
             raise CheckpointError(f"cannot restore {path / PARAMS_DIR} ({type(e).__name__}: {e}); "
                                   f"the checkpoint is damaged: re-run the conversion") from e
-    return cfg, params
+    return cfg, _fuse_qkv(params)
 
 
 def load_config(path: str | Path) -> ModelConfig:

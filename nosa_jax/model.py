@@ -9,7 +9,8 @@ The decoder layers are created stacked (`nnx.vmap`) and run with `nnx.scan`, so 
 not grow with depth. Parameter layout (`nnx.to_pure_dict(nnx.state(model))`), with L layers:
   embed_tokens.embedding                 [V, H]
   layers.input_layernorm.weight          [L, H]
-  layers.self_attn.{q,k,v}_proj.kernel   [L, H, heads*D]   (+ .bias if attention_bias)
+  layers.self_attn.qkv_proj.kernel       [L, H, (Hq+2Hk)*D] (+ .bias if attention_bias)
+                                         columns: q [Hq*D] | k [Hk*D] | v [Hk*D] (`qkv_widths`)
   layers.self_attn.o_proj.kernel         [L, Hq*D, H]     (+ .bias if attention_bias)
   layers.self_attn.A                     [L, Hk]
   layers.self_attn.delta.kernel          [L, Hk*D, Hk]     (+ .bias if attention_bias)
@@ -87,13 +88,17 @@ class AttentionSettings:
     layer_unroll: int | bool = 1  # unroll of the scan over layers (True: a straight-line program)
 
 
+def qkv_widths(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Column widths of q, k and v, in this order, in the fused `qkv_proj` parameter."""
+    return (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         Hq, Hk, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         b = cfg.attention_bias
-        self.q_proj = _linear(H, Hq * D, b, dtype, rngs)
-        self.k_proj = _linear(H, Hk * D, b, dtype, rngs)
-        self.v_proj = _linear(H, Hk * D, b, dtype, rngs)
+        self.qkv_proj = _linear(H, sum(qkv_widths(cfg)), b, dtype, rngs)  # one GEMM for q, k and v
         self.o_proj = _linear(Hq * D, H, b, dtype, rngs)
         self.A = nnx.Param(jnp.zeros((Hk,), dtype))
         self.delta = _linear(Hk * D, Hk, b, dtype, rngs)
@@ -103,9 +108,11 @@ class Attention(nnx.Module):
         """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hk, D] (q, k rotated), cis [B, T, Hk] f32."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = _dense(self.q_proj, x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
-        k = _dense(self.k_proj, x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        v = _dense(self.v_proj, x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        wq, wk, _ = qkv_widths(cfg)
+        qkv = _dense(self.qkv_proj, x)
+        q = qkv[..., :wq].reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = qkv[..., wq:wq + wk].reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        v = qkv[..., wq + wk:].reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         delta_bias = self.delta.bias[...] if self.delta.bias is not None else None
         cis = nosa.compute_cis(v, self.A[...], self.delta.kernel[...], delta_bias)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cis

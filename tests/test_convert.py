@@ -1,7 +1,8 @@
 """Checkpoint converter (convert/) and loader (nosa_jax/checkpoint.py) on small random HF checkpoints.
 
 The expected parameter layout is written out by hand here (HF [out, in] -> kernel [in, out], layers
-stacked on axis 0), independently of the converter's own derivation from `abstract_params`.
+stacked on axis 0, q/k/v side by side in one qkv_proj), independently of the converter's own
+derivation from `abstract_params`.
 """
 
 from __future__ import annotations
@@ -95,10 +96,16 @@ def expected_params(sd: dict, cfg: dict) -> dict:
     layers = {"input_layernorm": {"weight": stack("input_layernorm.weight")},
               "post_attention_layernorm": {"weight": stack("post_attention_layernorm.weight")},
               "self_attn": {"A": stack("self_attn.A")}, "mlp": {}}
-    for m in ("q_proj", "k_proj", "v_proj", "o_proj", "delta"):
+    for m in ("o_proj", "delta"):
         layers["self_attn"][m] = {"kernel": stack(f"self_attn.{m}.weight", True)}
         if f"model.layers.0.self_attn.{m}.bias" in sd:
             layers["self_attn"][m]["bias"] = stack(f"self_attn.{m}.bias")
+    qkv = ("q_proj", "k_proj", "v_proj")  # columns q | k | v
+    layers["self_attn"]["qkv_proj"] = {"kernel": np.concatenate([stack(f"self_attn.{m}.weight", True)
+                                                                 for m in qkv], axis=-1)}
+    if "model.layers.0.self_attn.q_proj.bias" in sd:
+        layers["self_attn"]["qkv_proj"]["bias"] = np.concatenate([stack(f"self_attn.{m}.bias") for m in qkv],
+                                                                 axis=-1)
     for m in ("gate_proj", "up_proj", "down_proj"):
         layers["mlp"][m] = {"kernel": stack(f"mlp.{m}.weight", True)}
         if f"model.layers.0.mlp.{m}.bias" in sd:
@@ -208,6 +215,57 @@ def test_biases(tmp_path, bias):
     assert_tree_equal(load_params(out)[1], expected_params(sd, cfg))
 
 
+QKV_COLS = {"q_proj": (0, HQ * D), "k_proj": (HQ * D, (HQ + HK) * D),
+            "v_proj": ((HQ + HK) * D, (HQ + 2 * HK) * D)}  # column ranges in the fused qkv_proj
+
+
+def test_fused_qkv_columns(tmp_path):
+    """Distinct q, k, v weights and biases land, exactly, in their own column ranges q | k | v of the
+    fused qkv_proj (converted directory and in-memory HF load)."""
+    cfg = tiny_config(attention_bias=True)
+    sd = tiny_state_dict(cfg, seed=23)
+    w = [sd[f"model.layers.0.self_attn.{m}.weight"] for m in ("k_proj", "v_proj")]
+    assert not np.array_equal(*w)  # a k/v mix-up cannot go unnoticed
+    hf_dir = write_hf(tmp_path / "hf", cfg, sd)
+    out = convert_checkpoint(hf_dir, tmp_path / "conv", progress=False)
+    for p in (load_params(out)[1], load_params(hf_dir)[1]):
+        fused = p["layers"]["self_attn"]["qkv_proj"]
+        assert fused["kernel"].shape == (L, H, (HQ + 2 * HK) * D) and fused["bias"].shape == (L, (HQ + 2 * HK) * D)
+        for i in range(L):
+            for m, (a, b) in QKV_COLS.items():
+                name = f"model.layers.{i}.self_attn.{m}"
+                np.testing.assert_array_equal(np.asarray(fused["kernel"][i, :, a:b]), sd[name + ".weight"].T)
+                np.testing.assert_array_equal(np.asarray(fused["bias"][i, a:b]), sd[name + ".bias"])
+
+
+def test_fused_qkv_projection_vs_numpy(tmp_path):
+    """The model's q, k, v (before the rotation) from a converted checkpoint equal x @ W.T + b
+    computed in float64 from the HF tensors, for several rows and for one (model._dense's path)."""
+    from flax import nnx
+
+    from nosa_jax.model import Attention
+
+    cfg = tiny_config(attention_bias=True)
+    sd = tiny_state_dict(cfg, seed=29)
+    mcfg, p = load_params(convert_checkpoint(write_hf(tmp_path / "hf", cfg, sd), tmp_path / "conv",
+                                             progress=False))
+    rng = np.random.default_rng(0)
+    for i in range(L):
+        attn = Attention(mcfg, jnp.float32, nnx.Rngs(0))
+        state = nnx.state(attn, nnx.Param)
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: a[i], p["layers"]["self_attn"]))
+        nnx.update(attn, state)
+        for B, T in ((2, 5), (1, 1)):
+            x = rng.standard_normal((B, T, H)).astype(np.float32)
+            cos = jnp.ones((B, T, D), jnp.float32)  # cos 1, sin 0: no rotation
+            q, k, v, _ = attn.project(jnp.asarray(x), cos, jnp.zeros_like(cos))
+            for got, m, heads in ((q, "q_proj", HQ), (k, "k_proj", HK), (v, "v_proj", HK)):
+                name = f"model.layers.{i}.self_attn.{m}"
+                want = x.astype(np.float64) @ sd[name + ".weight"].T.astype(np.float64) + sd[name + ".bias"]
+                np.testing.assert_allclose(np.asarray(got), want.reshape(B, T, heads, D), rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{name}, {B}x{T}")
+
+
 def test_sharded_index(tmp_path):
     cfg = tiny_config()
     sd = tiny_state_dict(cfg, seed=5)
@@ -295,7 +353,7 @@ def test_missing_nosa_weights(tmp_path, capsys):
     for a in (attn["A"], attn["delta"]["kernel"], attn["delta"]["bias"]):
         assert not np.asarray(a).any()
     assert attn["A"].shape == (L, HK) and attn["delta"]["kernel"].shape == (L, HK * D, HK)
-    np.testing.assert_array_equal(np.asarray(attn["q_proj"]["kernel"][1]),
+    np.testing.assert_array_equal(np.asarray(attn["qkv_proj"]["kernel"][1, :, :HQ * D]),
                                   sd["model.layers.1.self_attn.q_proj.weight"].T)
     # the in-memory HF load does the same and says so
     _, p2 = load_params(hf_dir)
@@ -573,6 +631,42 @@ def test_loader_errors(hf, tmp_path):
 
     shutil.rmtree(out / "params")
     with pytest.raises(CheckpointError, match="no params/ directory.*re-run"):
+        load_params(out)
+
+
+def test_format_1_directory_is_fused_on_load(tmp_path):
+    """A directory converted before q/k/v were fused (format_version 1: separate
+    layers.self_attn.{q,k,v}_proj) loads in the fused layout; a damaged one is still reported."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    cfg = tiny_config(attention_bias=True)
+    sd = tiny_state_dict(cfg, seed=31)
+    out = convert_checkpoint(write_hf(tmp_path / "hf", cfg, sd), tmp_path / "conv", progress=False)
+
+    def write_format_1(drop=()):
+        old = expected_params(sd, cfg)
+        attn = old["layers"]["self_attn"]
+        del attn["qkv_proj"]
+        for m in {"q_proj", "k_proj", "v_proj"} - set(drop):
+            attn[m] = {leaf: np.stack([sd[f"model.layers.{i}.self_attn.{m}.{hf}"].T for i in range(L)])
+                       for leaf, hf in (("kernel", "weight"), ("bias", "bias"))}
+        shutil.rmtree(out / "params")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(out / "params", old)
+            ckptr.wait_until_finished()
+        meta = json.loads((out / "nosa_jax.json").read_text())
+        (out / "nosa_jax.json").write_text(json.dumps(dict(meta, format_version=1)))
+
+    write_format_1()
+    assert_tree_equal(load_params(out)[1], expected_params(sd, cfg), np.float32)
+    want16 = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16), expected_params(sd, cfg))
+    assert_tree_equal(load_params(out, dtype="bfloat16")[1], want16, jnp.bfloat16)
+    load_model(out, mode="full")  # builds
+    write_format_1(drop=("v_proj",))
+    with pytest.raises(CheckpointError, match=r"missing layers.self_attn.qkv_proj.bias.*unexpected "
+                                              r"layers.self_attn.k_proj.bias.*re-run the conversion"):
         load_params(out)
 
 

@@ -48,9 +48,8 @@ def random_params(cfg, seed=0):
             "mlp": {"gate_proj": {"kernel": n(L, H, I, std=0.15)}, "up_proj": {"kernel": n(L, H, I, std=0.15)},
                     "down_proj": {"kernel": n(L, I, H, std=0.1)}},
             "self_attn": {
-                "q_proj": {"kernel": n(L, H, Hq * D, std=0.3)},
-                "k_proj": {"kernel": n(L, H, Hk * D, std=0.3)},
-                "v_proj": {"kernel": n(L, H, Hk * D, std=0.3)},
+                "qkv_proj": {"kernel": np.concatenate([n(L, H, Hq * D, std=0.3), n(L, H, Hk * D, std=0.3),
+                                                       n(L, H, Hk * D, std=0.3)], axis=-1)},
                 "o_proj": {"kernel": n(L, Hq * D, H, std=0.12)},
                 "A": np.array([[-1.3, 0.8], [0.6, -2.1]], np.float32)[:L, :Hk],
                 "delta": {"kernel": n(L, Hk * D, Hk, std=0.6)},
@@ -123,7 +122,9 @@ def id_sets(rows):
 
 def layer_params(l):
     a, m = PARAMS["layers"]["self_attn"], PARAMS["layers"]["mlp"]
-    return dict(wq=a["q_proj"]["kernel"][l], wk=a["k_proj"]["kernel"][l], wv=a["v_proj"]["kernel"][l],
+    wq, wk = CFG.num_attention_heads * CFG.head_dim, CFG.num_key_value_heads * CFG.head_dim
+    qkv = a["qkv_proj"]["kernel"][l]  # columns q | k | v
+    return dict(wq=qkv[:, :wq], wk=qkv[:, wq:wq + wk], wv=qkv[:, wq + wk:],
                 wo=a["o_proj"]["kernel"][l], A=a["A"][l], wdelta=a["delta"]["kernel"][l],
                 ln1=PARAMS["layers"]["input_layernorm"]["weight"][l],
                 ln2=PARAMS["layers"]["post_attention_layernorm"]["weight"][l],

@@ -97,8 +97,8 @@ def _gpu_model(mode, impl, scale_qk=1.0, dtype=jnp.bfloat16, cfg=None):
     pure = nnx.to_pure_dict(st)
     attn = pure["layers"]["self_attn"]
     attn["A"] = jax.random.uniform(jax.random.key(1), attn["A"].shape, minval=-2.0, maxval=0.5).astype(dtype)
-    for name in ("q_proj", "k_proj"):
-        attn[name]["kernel"] = attn[name]["kernel"] * scale_qk
+    qk = cfg.num_attention_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim  # q | k | v columns
+    attn["qkv_proj"]["kernel"] = attn["qkv_proj"]["kernel"].at[..., :qk].multiply(scale_qk)
     return pure, from_params(cfg, pure, mode=mode, dtype=dtype, impl=impl)
 
 
