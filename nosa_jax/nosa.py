@@ -75,8 +75,11 @@ def compute_cis(v: jax.Array, A: jax.Array, delta_kernel: jax.Array,
     Returns [B, T, Hk] float32. Each head's score reads all kv heads' values (spec 2.2).
     """
     B, T, Hk, D = v.shape
-    z = jnp.einsum("btf,fh->bth", v.reshape(B, T, Hk * D).astype(jnp.float32),
-                   delta_kernel.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    # A product with Hk (2) outputs, written as multiply + sum (float32-exact products): XLA on the
+    # GPU computes it in a fusion instead of a cuBLAS float32 GEMV launch (4 us per layer at 8B,
+    # batch 16, in bench/results/profile-8b-b16-pallas-topk-*).
+    x = v.reshape(B, T, Hk * D, 1).astype(jnp.float32)
+    z = jnp.sum(x * delta_kernel.astype(jnp.float32), axis=2)
     if delta_bias is not None:
         z = z + delta_bias.astype(jnp.float32)
     return A.astype(jnp.float32) * jax.nn.softplus(z)
