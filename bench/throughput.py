@@ -50,6 +50,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the "full" budget: the whole card
+# CUDA's stream-ordered allocator instead of XLA's BFC arena: after the offloaded runs' prefills the
+# BFC arena was too fragmented for the pool of the largest batch (8B, 16K, 188 sequences: one
+# 23.5 GiB buffer, "ran out of memory ... fragmentation"); with cuda_async the same run completed
+# (bench/results/throughput-8b-s4-max-async-2026-11-28).
+os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

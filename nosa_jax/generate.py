@@ -34,11 +34,11 @@ PAD = -1  # token id written after a sequence has stopped
 # read the slice in place (it does not apply to Triton GEMM fusions, hence the second option):
 # 16.2 -> 9.1 ms per step (bench/profile_decode.py, bench/NOTES.md).
 XLA_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False}
-# Decode also turns off XLA's dot merger: it joins the q/k/v projections (one shared input) into
-# one GEMM by concatenating the three weight matrices anew every step (8B, batch 16: 0.72 of
-# 8.99 ms per step). Three GEMMs reading the weights in place: 8B batch 16 8.99 -> 8.73 ms/step,
-# 1B batch 16 3567 -> 3687 tok/s; batch 1 loses 3 % (1B 237 -> 231 tok/s), where the merged
-# GEMM of the tiny concatenation wins (bench/results/generate-dense-pad-2026-11-28).
+# Decode also turns off XLA's dot merger, which joins projections that share an input into one GEMM
+# by concatenating their weight matrices anew every step. With q/k/v separate parameters that cost
+# 0.72 of 8.99 ms per step (8B, batch 16); q/k/v are now one fused parameter, and the merger still
+# does not win: 1B, 16K, merger on vs off: batch 16 4376 vs 4738 tok/s, batch 1 273.0 vs 272.8
+# (bench/results/generate-s4-qkv-2026-11-28).
 DECODE_XLA_OPTIONS = {**XLA_OPTIONS, "xla_disable_hlo_passes": "dot-merger"}
 
 
