@@ -376,7 +376,10 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) ->
             off = [e for e in mine if e["context"] == ctx and method_mode(e["method"])[1]]
             if not off:
                 continue
-            batches = sorted({b for e in off for b in e["batches"]})
+            # largest batch first: its pinned store (tens of GiB) is then the first allocation in the
+            # host pool; after smaller runs the pool could not place a 47.9 GiB store at 8B / 16K
+            # (bench/results/throughput-8b-s4-2026-11-28, failed runs)
+            batches = sorted({b for e in off for b in e["batches"]}, reverse=True)
             u = min(args.distinct, max(batches))
             distinct = prompts_from_text(u, length, cfg.vocab_size)
             TiledPrefill = tiled_generator_class()
