@@ -357,14 +357,11 @@ def load_hf_checkpoint(hf_dir: str | Path, *, dtype=None, progress: bool = False
 
 def _unexpected_hint(cfg: ModelConfig, names: list[str]) -> str:
     hints = []
-    attn_bias = [n for n in names if re.search(r"self_attn\.(q_proj|k_proj|v_proj|delta)\.bias$", n)]
+    attn_bias = [n for n in names if re.search(r"self_attn\.(q_proj|k_proj|v_proj|o_proj|delta)\.bias$", n)]
     if attn_bias and not cfg.attention_bias:
         hints.append("the checkpoint has attention biases: set \"attention_bias\": true in config.json")
     if any(re.search(r"mlp\.\w+\.bias$", n) for n in names) and not cfg.mlp_bias:
         hints.append("the checkpoint has MLP biases: set \"mlp_bias\": true in config.json")
-    if any(n.endswith("self_attn.o_proj.bias") for n in names):
-        hints.append("nosa_jax.model has no o_proj bias (stock HF Llama adds one when attention_bias "
-                     "is true), so such a checkpoint is not supported yet")
     if not hints:
         hints.append("check num_hidden_layers, attention_bias, mlp_bias and tie_word_embeddings in "
                      "config.json")

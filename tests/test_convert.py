@@ -518,6 +518,10 @@ def test_error_missing_and_unexpected(tmp_path):
     sd["model.layers.0.self_attn.q_proj.bias"] = np.zeros(HQ * D, np.float32)
     fail(write_hf(tmp_path / "c", cfg, sd), tmp_path,
          r"unexpected.*q_proj.bias.*set \"attention_bias\": true in config.json")
+    sd = tiny_state_dict(cfg)  # the model has an o_proj bias too when attention_bias is set
+    sd["model.layers.1.self_attn.o_proj.bias"] = np.zeros(H, np.float32)
+    fail(write_hf(tmp_path / "c2", cfg, sd), tmp_path,
+         r"unexpected.*o_proj.bias.*set \"attention_bias\": true in config.json")
     sd = tiny_state_dict(tiny_config(mlp_bias=True))
     fail(write_hf(tmp_path / "d", cfg, sd), tmp_path, r"set \"mlp_bias\": true in config.json")
 
