@@ -69,11 +69,15 @@ SWEEP_F32 = [
     # NOT selection-exact (one TF32 pass, ~1e-3 relative): what the kernel costs when the dot is cheap.
     ("c64-w4-s3-tf32-INEXACT", dict(block_c=64, num_warps=4, num_stages=3, precision="tf32")),
 ]
-# Two-stage top-k alone: rows of n blocks (512: 32K context, 2048: 128K) and the Pallas kernel's
-# variants (label, two_stage_select_pallas keyword arguments); the first is the default.
-TOPK_BLOCKS = (512, 2048)
+# Two-stage top-k alone: rows of n blocks as decode sees them (257 / 513 / 2049 at 16K / 32K / 128K
+# context: the blocks plus the one the compression window reaches past the end) and the Pallas
+# kernel's variants (label, two_stage_select_pallas keyword arguments); the first is the default.
+# 1 and 2 warps: the radix rounds reduce within a warp (no shared-memory round trip) - at 16K the
+# default's 16 rounds on 4 warps cost 20 us per layer in the 8B decode step (bench/NOTES.md).
+TOPK_BLOCKS = (257, 513, 2049)
 TOPK_VARIANTS = [("default", {}), ("w4-r4", dict(num_warps=4, radix_bits=4)), ("w8-r4", dict(num_warps=8, radix_bits=4)),
-                 ("w4-r2", dict(num_warps=4, radix_bits=2))]
+                 ("w4-r2", dict(num_warps=4, radix_bits=2)), ("w1-r2", dict(num_warps=1, radix_bits=2)),
+                 ("w2-r2", dict(num_warps=2, radix_bits=2))]
 TOPK_SWEEP = [("w8-r2", dict(num_warps=8, radix_bits=2)), ("w16-r4", dict(num_warps=16, radix_bits=4)),
               ("w4-r1", dict(num_warps=4, radix_bits=1))]  # (r8 = a [256, n] tensor: too big for n = 2048)
 
@@ -155,7 +159,7 @@ def _topk_inputs(n: int, key):
 def run_topk(records: list, rows: list, iters: int, repeats: int, sweep: bool = False) -> None:
     """Time the two-stage top-k alone (mode nosa): XLA nosa.two_stage_select vs the Pallas kernel."""
     for n in TOPK_BLOCKS:
-        context = n * NosaConfig().block_size
+        context = (n - 1) * NosaConfig().block_size  # rows hold one block past the context
         settings = dict(context=context, batch=B, hk=HK, n_blocks=n, rows=B * HK, mode="nosa")
         op = f"two-stage top-k (n={n})"
         try:
