@@ -470,8 +470,15 @@ def _f(x, fmt="{:.0f}"):
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
 
 
+def has_split(v: dict) -> bool:
+    """Whether the run has a step split (it ran a profiled window: not with --no-profile)."""
+    return v.get("device_time_per_step", 0) > 0
+
+
 def responsible(v: dict) -> str:
     """The part of the step furthest above its share of the floor (ms)."""
+    if not has_split(v):
+        return "no step split (run without the profiler)"
     floor = {"selection": v.get("floor_compressed_time", 0), "loads": v.get("floor_pcie_time", 0),
              "attention": v.get("floor_kv_time", 0), "rest": v.get("floor_weights_time", 0)}
     ex = {k: v.get(f"split_{k}", 0) / 1e3 - floor[k] for k in PARTS4}
@@ -495,9 +502,10 @@ def build_report(records) -> str:
     rows = []
     for k in sorted(runs, key=lambda k: (k[0], k[3], method_key(k[1:3]), k[4])):
         v = runs[k]
-        idle = v["step_time"] - v.get("device_time_per_step", 0) / 1e3
+        split = has_split(v)  # else "—": a run without the profiled window has no split
+        idle = v["step_time"] - v["device_time_per_step"] / 1e3 if split else None
         rows.append([k[0], k[3], LABELS.get(k[1], k[1]), k[2], k[4], _f(v["throughput"]), _f(v["step_time"], "{:.2f}")]
-                    + [_f(v.get(f"split_{p}", 0) / 1e3, "{:.2f}") for p in PARTS4] + [_f(idle, "{:.2f}"),
+                    + [_f(v[f"split_{p}"] / 1e3 if split else None, "{:.2f}") for p in PARTS4] + [_f(idle, "{:.2f}"),
                        _f(v["device_bytes_per_seq"] / 2**20, "{:.1f}"), _f(v["host_bytes_per_seq"] / 2**20, "{:.1f}"),
                        _f(v.get("gamma"), "{:.3f}"), _f(v.get("misses_per_layer_head_seq_step"), "{:.2f}"),
                        _f(v["floor_time"], "{:.2f}"), _f(v["measured_over_floor"], "{:.2f}")])
@@ -668,11 +676,14 @@ def plots(records, stem: str, dirs: list[Path]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 5))
         x = np.arange(len(bars))
         bottom = np.zeros(len(bars))
-        parts = list(PARTS4) + ["idle"]
+        parts = list(PARTS4) + ["idle", "not profiled"]
         for p in parts:
-            vals = np.array([(r["step_time"] - r.get("device_time_per_step", 0) / 1e3) if p == "idle"
-                             else r.get(f"split_{p}", 0) / 1e3 for _, r in bars])
-            ax.bar(x, vals, bottom=bottom, label=p)
+            vals = np.array([(r["step_time"] if p == "not profiled" else 0.0) if not has_split(r)
+                             else r["step_time"] - r["device_time_per_step"] / 1e3 if p == "idle"
+                             else 0.0 if p == "not profiled" else r[f"split_{p}"] / 1e3 for _, r in bars])
+            if p == "not profiled" and not vals.any():
+                continue
+            ax.bar(x, vals, bottom=bottom, label=p, **({"color": "lightgray", "hatch": "//"} if p == "not profiled" else {}))
             bottom += vals
         ax.scatter(x, [r["floor_time"] for _, r in bars], marker="_", s=400, color="k", label="roofline floor", zorder=3)
         ax.set_xticks(x, [b[0] for b in bars], fontsize=6)
