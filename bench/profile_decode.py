@@ -3,9 +3,10 @@ device kernels by name (per step), plus the device busy time against the wall ti
 
     python bench/profile_decode.py [--batch 1] [--context 16384] [--steps 16] [--mode nosa]
                                    [--layer-unroll 1] [--impl auto] [--top 30]
+                                   [--topk-impl xla|pallas] [--select-finish jnp|pallas]
 
-Prints a table; writes profile-<mode>-b<batch>-<date>.md (and the raw perfetto trace when $OUT is
-set) next to the other results.
+Prints a table; when $OUT is set, writes it there as
+profile-<mode>-b<batch>-u<unroll>-<topk>-<finish>.md with the optimised HLO beside it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ def main():
     ap.add_argument("--layer-unroll", type=int, default=1)
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--topk-impl", choices=["xla", "pallas"], default=None,
+                    help="decode selection's top-k (default: pallas_kernels.selection.TOPK_IMPL)")
+    ap.add_argument("--select-finish", choices=["jnp", "pallas"], default=None,
+                    help="finish of the decode block scores (default: pallas_kernels.selection.SCORES_FINISH)")
     args = ap.parse_args()
+    from pallas_kernels import selection
+
+    selection.TOPK_IMPL = args.topk_impl or selection.TOPK_IMPL
+    selection.SCORES_FINISH = args.select_finish or selection.SCORES_FINISH
     shape = MODELS[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
@@ -86,12 +95,13 @@ def main():
     rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
-            f"{model.settings.impl}, layer_unroll {args.layer_unroll}: wall {wall / n * 1e3:.3f} ms/step, device span "
+            f"{model.settings.impl}, layer_unroll {args.layer_unroll}, top-k {selection.TOPK_IMPL}, "
+            f"scores finish {selection.SCORES_FINISH}: wall {wall / n * 1e3:.3f} ms/step, device span "
             f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "
             f"{total / n / 1e3:.3f} ms/step, {len(events) / n:.0f} kernels/step\n\n")
     table = head + markdown_table(["kernel", "us/step", "calls/step", "% of kernel time"], rows)
     print(table)
-    stem = f"profile-{args.mode}-b{B}-u{args.layer_unroll}"
+    stem = f"profile-{args.mode}-b{B}-u{args.layer_unroll}-{selection.TOPK_IMPL}-{selection.SCORES_FINISH}"
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / f"{stem}.md").write_text(table)
 

@@ -69,6 +69,13 @@ _TARGET_PROGRAMS = 512
 # the first, fixed-tiling measurement spilled and lost, 181.8 vs 150.8 us).
 TOPK_IMPL = "pallas"
 
+# Default finish of decode_block_scores (normalise, sum over the group, pool) when the caller passes
+# none: "jnp" (XLA fusions) or "pallas" (one small kernel). Alone the two measured alike; inside the
+# 8B decode step (batch 16, 16K) the jnp finish is ~5 fusions, ~10 us per layer
+# (bench/results/profile-8b-b16-fused-qkv-*); `bench/profile_decode.py --select-finish pallas`
+# measures the kernel there.
+SCORES_FINISH = "jnp"
+
 
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
@@ -396,16 +403,18 @@ def _window_scores(logits, m, l, n_eff, G: int, n_windows: int):
 def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
                         interpret: bool = False, block_c: int = 64, tiles_per_program: int | None = None,
                         num_warps: int = 4, num_stages: int = 3, precision=None,
-                        prefetch: bool = True, finish: str = "jnp") -> jax.Array:
+                        prefetch: bool = True, finish: str | None = None) -> jax.Array:
     """Pooled stage-1 block scores of one decode query per sequence. [B, Hk, n_blocks] float32.
 
     q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D] (all layers, model dtype; `layer` selects one inside
     the kernel);
     n_win [B] valid windows; q_pos [B] query positions (kv_len - 1). Equal to
     nosa.pool_blocks(nosa.stage1_scores(q[:, None], q_pos[:, None], ktilde_pool[layer], n_win)).
-    finish: "jnp" (XLA fusions; default, measured as fast) or "pallas" (a second small kernel:
-    normalise, sum over G, pool); "pallas" needs block_size / kernel_stride to be a power of two, else "jnp" is used.
+    finish: "jnp" (XLA fusions) or "pallas" (a second small kernel: normalise, sum over G, pool);
+    None takes the module default SCORES_FINISH. "pallas" needs block_size / kernel_stride to be a
+    power of two, else "jnp" is used.
     """
+    finish = SCORES_FINISH if finish is None else finish
     cfg = nosa_cfg
     B, Hq, D = q.shape
     C, Hk = ktilde_pool.shape[2], ktilde_pool.shape[3]
