@@ -83,21 +83,30 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -
     return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
-def _new_windows(x: jax.Array, start: jax.Array, n_windows: int, n: NosaConfig) -> tuple[jax.Array, jax.Array]:
-    """Window means of the `n_windows` windows from the first one a chunk at `start` can complete.
+def new_windows(x: jax.Array, new: jax.Array, start: jax.Array, n_windows: int,
+                n: NosaConfig) -> tuple[jax.Array, jax.Array]:
+    """Window means of the `n_windows` windows from the first one a chunk at `start` can complete,
+    as they are once the chunk is written: tokens start[b] .. start[b] + Tc - 1 come from `new`,
+    the others from `x` (the cache before the write), so the means do not wait for the write.
 
-    x: [B, T, ...] (one layer); start: [B]. Returns (first window index [B], means [B, W, ...]).
+    x: [B, T, ...] (one layer); new: [B, Tc, ...] in x's dtype; start: [B]. Returns (first window
+    index [B], means [B, W, ...] float32). Tokens at or past T read 0, as a write there is dropped.
     """
+    T, Tc = x.shape[1], new.shape[1]
     c0 = nosa.num_windows(start, n)
     span = (n_windows - 1) * n.kernel_stride + n.kernel_size
 
-    def one(x_b, c):
+    def one(x_b, new_b, s, c):
+        idx = c * n.kernel_stride + jnp.arange(span)
         # a gather, not a dynamic_slice: a slice running past the end would be shifted back and
         # corrupt complete windows; out-of-range rows read 0 and only feed windows past the end
-        seg = jnp.take(x_b, c * n.kernel_stride + jnp.arange(span), axis=0, mode="fill", fill_value=0)
+        seg = jnp.take(x_b, idx, axis=0, mode="fill", fill_value=0)
+        mine = (idx >= s) & (idx < s + Tc) & (idx < T)
+        fresh = jnp.take(new_b, jnp.clip(idx - s, 0, Tc - 1), axis=0)
+        seg = jnp.where(mine.reshape((span,) + (1,) * (x.ndim - 2)), fresh, seg)
         return nosa.window_means(seg[None], n)[0]
 
-    return c0, jax.vmap(one)(x, c0)
+    return c0, jax.vmap(one)(x, new, start, c0)
 
 
 def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
@@ -109,16 +118,17 @@ def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Ar
     b_idx = jnp.arange(B)[:, None]
     pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
     # padding tokens of a chunk may run past the allocation: those writes are dropped
-    kc = cache.k.at[layer, b_idx, pos].set(k.astype(cache.k.dtype), mode="drop")
-    vc = cache.v.at[layer, b_idx, pos].set(v.astype(cache.v.dtype), mode="drop")
-    cc = cache.cis.at[layer, b_idx, pos].set(cis, mode="drop")
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
     kt, cw = cache.ktilde, cache.cisw
     W = Tc // n.kernel_stride + 1
     if kt.shape[2]:
-        c0, new_k = _new_windows(kc[layer], start, W, n)
+        c0, new_k = new_windows(cache.k[layer], k, start, W, n)
         # float32 means rounded (to nearest) to the model dtype, as upstream stores them
         kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k.astype(kt.dtype), mode="drop")
     if cw.shape[2]:
-        c0, new_c = _new_windows(cc[layer], start, W, n)
+        c0, new_c = new_windows(cache.cis[layer], cis, start, W, n)
         cw = cw.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_c, mode="drop")
+    kc = cache.k.at[layer, b_idx, pos].set(k, mode="drop")
+    vc = cache.v.at[layer, b_idx, pos].set(v, mode="drop")
+    cc = cache.cis.at[layer, b_idx, pos].set(cis, mode="drop")
     return dataclasses.replace(cache, k=kc, v=vc, cis=cc, ktilde=kt, cisw=cw)

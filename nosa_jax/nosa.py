@@ -53,7 +53,9 @@ def window_means(x: jax.Array, cfg: NosaConfig) -> jax.Array:
     float32 whatever x's dtype; the cache rounds key means to the model dtype). Windows that run past
     a sequence's own length hold padding; `num_windows(kv_len)` says how many are valid.
     Computed as a sum of K/S consecutive stride chunks (exact in the order of summation used by
-    a 32-element mean up to float32 rounding).
+    a 32-element mean up to float32 rounding). Every sum is a fixed sequence of elementwise adds
+    (no reduce, whose order is the compiler's choice), so any program that computes a window this
+    way - an XLA fusion of any shape, or the decode cache write's Pallas path - gets the same bits.
     """
     S, K = cfg.kernel_stride, cfg.kernel_size
     B, T = x.shape[:2]
@@ -61,9 +63,13 @@ def window_means(x: jax.Array, cfg: NosaConfig) -> jax.Array:
     if C == 0:
         return jnp.zeros((B, 0) + x.shape[2:], jnp.float32)
     n_chunks = C - 1 + K // S
-    chunks = x[:, : n_chunks * S].astype(jnp.float32)
-    chunks = chunks.reshape((B, n_chunks, S) + x.shape[2:]).sum(axis=2)
-    total = sum(chunks[:, i : i + C] for i in range(K // S))
+    rows = x[:, : n_chunks * S].astype(jnp.float32).reshape((B, n_chunks, S) + x.shape[2:])
+    chunks = rows[:, :, 0]
+    for i in range(1, S):
+        chunks = chunks + rows[:, :, i]
+    total = chunks[:, 0:C]
+    for i in range(1, K // S):
+        total = total + chunks[:, i : i + C]
     return total / K
 
 

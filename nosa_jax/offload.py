@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import nosa
-from .cache import KVCache, _new_windows, allocation
+from .cache import KVCache, allocation, new_windows
 from .config import ModelConfig, NosaConfig
 
 @dataclasses.dataclass
@@ -285,7 +285,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
         c0 = nosa.num_windows(pos, n)  # the window that a token at `pos` may complete
         done_win = live & (c0 * n.kernel_stride + n.kernel_size - 1 == pos)
         w_idx = jnp.where(done_win, c0, ktilde.shape[2])
-        if ktilde.shape[2]:  # the same gather-then-mean as `cache._new_windows`, from the ring
+        if ktilde.shape[2]:  # the same gather-then-mean as `cache.new_windows`, from the ring
             def one(ring_b, c):
                 seg = ring_b[(c * n.kernel_stride + jnp.arange(n.kernel_size)) % R]
                 return nosa.window_means(seg[None], n)[0]
@@ -293,7 +293,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
             new_k = jax.vmap(one)(ring_k[layer], c0)[:, 0]
             ktilde = ktilde.at[layer, b_idx, w_idx].set(new_k.astype(ktilde.dtype), mode="drop")
         if cisw.shape[2]:
-            _, new_c = _new_windows(cis_h[layer], pos, 1, n)
+            _, new_c = new_windows(off.cis[layer], cis, pos, 1, n)
             cisw = cisw.at[layer, b_idx, w_idx].set(new_c[:, 0], mode="drop")
 
     # 2. selection (the same code and data as the on-device cache)
