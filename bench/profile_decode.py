@@ -4,9 +4,11 @@ device kernels by name (per step), plus the device busy time against the wall ti
     python bench/profile_decode.py [--batch 1] [--context 16384] [--steps 16] [--mode nosa]
                                    [--layer-unroll 1] [--impl auto] [--top 30]
                                    [--topk-impl xla|pallas] [--select-finish jnp|pallas]
+                                   [--cache-write xla|pallas]
 
 Prints a table; when $OUT is set, writes it there as
-profile-<mode>-b<batch>-u<unroll>-<topk>-<finish>.md with the optimised HLO beside it.
+profile-<mode>-b<batch>-u<unroll>-<topk>-<finish>-<cache write>.md with the optimised HLO beside it
+(hlo-<the same>.txt.gz).
 """
 
 from __future__ import annotations
@@ -48,17 +50,22 @@ def main():
                     help="decode selection's top-k (default: pallas_kernels.selection.TOPK_IMPL)")
     ap.add_argument("--select-finish", choices=["jnp", "pallas"], default=None,
                     help="finish of the decode block scores (default: pallas_kernels.selection.SCORES_FINISH)")
+    ap.add_argument("--cache-write", choices=["xla", "pallas"], default=None,
+                    help="decode cache write (default: pallas_kernels.cache_write.WRITE_IMPL)")
     args = ap.parse_args()
-    from pallas_kernels import selection
+    from pallas_kernels import cache_write, selection
 
     selection.TOPK_IMPL = args.topk_impl or selection.TOPK_IMPL
     selection.SCORES_FINISH = args.select_finish or selection.SCORES_FINISH
+    cache_write.WRITE_IMPL = args.cache_write or cache_write.WRITE_IMPL
     shape = MODELS[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
                             layer_unroll=args.layer_unroll or True)
     graphdef, state = nnx.split(model)
     B, n = args.batch, args.steps
+    stem = (f"{args.mode}-b{B}-u{args.layer_unroll}-{selection.TOPK_IMPL}-{selection.SCORES_FINISH}"
+            f"-{cache_write.WRITE_IMPL}")
     base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
 
     def run():
@@ -79,7 +86,7 @@ def main():
                          done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
         hlo = decode_loop.lower(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
                                 n_steps=n).compile().as_text()
-        with gzip.open(Path(os.environ["OUT"]) / f"hlo-{args.mode}-b{B}-u{args.layer_unroll}.txt.gz", "wt") as f:
+        with gzip.open(Path(os.environ["OUT"]) / f"hlo-{stem}.txt.gz", "wt") as f:
             f.write(hlo)
     wall, events = trace_device_events(run)
     if not events:
@@ -96,14 +103,13 @@ def main():
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
             f"{model.settings.impl}, layer_unroll {args.layer_unroll}, top-k {selection.TOPK_IMPL}, "
-            f"scores finish {selection.SCORES_FINISH}: wall {wall / n * 1e3:.3f} ms/step, device span "
+            f"scores finish {selection.SCORES_FINISH}, cache write {cache_write.WRITE_IMPL}: wall {wall / n * 1e3:.3f} ms/step, device span "
             f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "
             f"{total / n / 1e3:.3f} ms/step, {len(events) / n:.0f} kernels/step\n\n")
     table = head + markdown_table(["kernel", "us/step", "calls/step", "% of kernel time"], rows)
     print(table)
-    stem = f"profile-{args.mode}-b{B}-u{args.layer_unroll}-{selection.TOPK_IMPL}-{selection.SCORES_FINISH}"
     if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / f"{stem}.md").write_text(table)
+        (Path(os.environ["OUT"]) / f"profile-{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -129,10 +129,14 @@ class Attention(nnx.Module):
         q, k, v, cis = self.project(x, cos, sin)
         if isinstance(cache, OffloadedKV):  # decode against the host-offloaded cache
             o, ids, cache = offload_decode_attend(q, k, v, cis, layer, cache, start, self.cfg.nosa, settings)
+        elif settings.impl == "pallas":
+            from pallas_kernels import decode_cache_write  # cache_write, or its one-kernel decode path
+
+            cache = decode_cache_write(cache, layer, start, k, v, cis, self.cfg.nosa, interpret=settings.interpret)
+            o, ids = attend_pallas(q, layer, cache, start, self.cfg.nosa, settings)
         else:
             cache = cache_write(cache, layer, start, k, v, cis, self.cfg.nosa)
-            attend_fn = attend_pallas if settings.impl == "pallas" else attend
-            o, ids = attend_fn(q, layer, cache, start, self.cfg.nosa, settings)
+            o, ids = attend(q, layer, cache, start, self.cfg.nosa, settings)
         B, Tc = x.shape[:2]
         return _dense(self.o_proj, o.reshape(B, Tc, -1).astype(x.dtype)), ids, cis, cache
 

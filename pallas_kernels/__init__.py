@@ -8,10 +8,14 @@ the CPU (`interpret=True`) for tests.
   sparse_decode   block-sparse decode attention with the eviction bias (split-K, slot table)
   sparse_prefill  block-sparse prefill attention with the bias (query tiles over the union of picks)
   selection       decode selection: stage-1 window scores, block pooling, two-stage top-k
+  topk            the fused two-stage top-k
+  cache_write     the decode step's cache writes in one kernel (default off: WRITE_IMPL)
+  kv_loader       host-offloaded blocks -> the device slot pool
 """
 
+from .cache_write import decode_cache_write
 from .selection import decode_block_scores, decode_select
 from .sparse_decode import sparse_decode_attention
 from .sparse_prefill import sparse_prefill_attention
 
-__all__ = ["decode_block_scores", "decode_select", "sparse_decode_attention", "sparse_prefill_attention"]
+__all__ = ["decode_block_scores", "decode_cache_write", "decode_select", "sparse_decode_attention", "sparse_prefill_attention"]

@@ -48,3 +48,26 @@ def h200_lowering_text(fn, *args) -> str:
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def verified_triton_modules(fn, *args):
+    """Cross-lower jit(fn) for CUDA on an abstract H200 (no GPU needed) and run the MLIR verifier
+    on every Triton module Pallas builds (the op constraints Triton itself checks, e.g. power-of-two
+    tensor sizes). Returns (StableHLO text, [Triton module asm])."""
+    from jax._src.pallas.triton import pallas_call_registration as pcr
+
+    modules = []
+    original = pcr.lowering.lower_jaxpr_to_triton_module
+
+    def verified(*a, **kw):
+        res = original(*a, **kw)
+        assert res.module.operation.verify()
+        modules.append(res.module.operation.get_asm())
+        return res
+
+    pcr.lowering.lower_jaxpr_to_triton_module = verified
+    try:
+        txt = h200_lowering_text(fn, *args)
+    finally:
+        pcr.lowering.lower_jaxpr_to_triton_module = original
+    return txt, modules

@@ -28,6 +28,7 @@ from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
 from pallas_kernels.topk import two_stage_select_pallas
+from model_utils import verified_triton_modules
 
 SMALL = NosaConfig(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=1,
                    topk=6, qk_select=4)
@@ -297,30 +298,6 @@ def test_bad_arguments_raise():
         two_stage_select_pallas(x, x, jnp.zeros((2, 1), jnp.int32), SMALL, "nosa", interpret=True, radix_bits=3)
 
 
-def _verified_triton_modules(fn, *args):
-    """Cross-lower jit(fn) for CUDA on an abstract H200 (no GPU needed) and run the MLIR verifier
-    on every Triton module Pallas builds (the op constraints Triton itself checks, e.g. power-of-two
-    tensor sizes). Returns (StableHLO text, [Triton module asm])."""
-    from jax._src.pallas.triton import pallas_call_registration as pcr
-    from model_utils import h200_lowering_text
-
-    modules = []
-    original = pcr.lowering.lower_jaxpr_to_triton_module
-
-    def verified(*a, **kw):
-        res = original(*a, **kw)
-        assert res.module.operation.verify()
-        modules.append(res.module.operation.get_asm())
-        return res
-
-    pcr.lowering.lower_jaxpr_to_triton_module = verified
-    try:
-        txt = h200_lowering_text(fn, *args)
-    finally:
-        pcr.lowering.lower_jaxpr_to_triton_module = original
-    return txt, modules
-
-
 @pytest.mark.parametrize("mode,lead,n,cfg", [
     ("nosa", (16, 2), 2048, UPSTREAM),      # decode at 128K: 32 rows of 2048 blocks
     ("infllmv2", (16, 2), 2048, UPSTREAM),
@@ -332,7 +309,7 @@ def test_lowers_to_triton_for_cuda(mode, lead, n, cfg):
     sd = jax.ShapeDtypeStruct
     rows = int(np.prod(lead))
     qb_shape = lead[:1] + (1,) * (len(lead) - 1) + (1,)
-    txt, modules = _verified_triton_modules(
+    txt, modules = verified_triton_modules(
         lambda a, b, q: two_stage_select_pallas(a, b, q, cfg, mode),
         sd(lead + (n,), jnp.float32), sd(lead + (n,), jnp.float32), sd(qb_shape, jnp.int32))
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]

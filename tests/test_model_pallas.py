@@ -27,10 +27,19 @@ def _sets(ids):
     return [frozenset(int(x) for x in r if x >= 0) for r in np.asarray(ids).reshape(-1, ids.shape[-1])]
 
 
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2", "full"])
-def test_pallas_model_equals_reference_cpu_interpret(mode):
-    """Small shapes that the Triton rules allow (head_dim 16, block 16, G = 2 padded in-kernel)."""
+@pytest.mark.parametrize("mode,cache_write", [("nosa", "xla"), ("infllmv2", "xla"), ("full", "xla"),
+                                               ("nosa", "pallas")])
+def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, monkeypatch):
+    """Small shapes that the Triton rules allow (head_dim 16, block 16, G = 2 padded in-kernel);
+    cache_write: the decode cache write's implementation (pallas_kernels.cache_write.WRITE_IMPL)."""
     from nosa_jax.config import NosaConfig
+    from pallas_kernels import cache_write as cw
+
+    monkeypatch.setattr(cw, "WRITE_IMPL", cache_write)
+    traced = []  # the kernel body is traced (so the Pallas write runs) exactly in the "pallas" case
+    kernel = cw._write_kernel
+    monkeypatch.setattr(cw, "_write_kernel", lambda *a, **kw: (traced.append(1), kernel(*a, **kw))[1])
+    jax.clear_caches()  # the setting is not part of the jit cache key
 
     cfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
                                                     local_blocks=1, topk=4, qk_select=3))
@@ -45,6 +54,7 @@ def test_pallas_model_equals_reference_cpu_interpret(mode):
     ra, rb = ref(seq), pal(seq)
     np.testing.assert_allclose(np.asarray(rb.logits), np.asarray(ra.logits), atol=1e-4 * float(jnp.abs(ra.logits).max()))
     assert _sets(ra.block_ids) == _sets(rb.block_ids)
+    assert bool(traced) == (cache_write == "pallas")
 
 
 ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
