@@ -677,10 +677,16 @@ def plots(records, stem: str, dirs: list[Path]) -> list[Path]:
         x = np.arange(len(bars))
         bottom = np.zeros(len(bars))
         parts = list(PARTS4) + ["idle", "not profiled"]
+
+        def part_ms(r, p):  # a run without the profiled window is one "not profiled" bar
+            if not has_split(r):
+                return r["step_time"] if p == "not profiled" else 0.0
+            if p == "idle":
+                return r["step_time"] - r["device_time_per_step"] / 1e3
+            return 0.0 if p == "not profiled" else r[f"split_{p}"] / 1e3
+
         for p in parts:
-            vals = np.array([(r["step_time"] if p == "not profiled" else 0.0) if not has_split(r)
-                             else r["step_time"] - r["device_time_per_step"] / 1e3 if p == "idle"
-                             else 0.0 if p == "not profiled" else r[f"split_{p}"] / 1e3 for _, r in bars])
+            vals = np.array([part_ms(r, p) for _, r in bars])
             if p == "not profiled" and not vals.any():
                 continue
             ax.bar(x, vals, bottom=bottom, label=p, **({"color": "lightgray", "hatch": "//"} if p == "not profiled" else {}))
