@@ -109,6 +109,22 @@ def new_windows(x: jax.Array, new: jax.Array, start: jax.Array, n_windows: int,
     return c0, jax.vmap(one)(x, new, start, c0)
 
 
+def window_rows(cache: KVCache, layer, start: jax.Array, k: jax.Array, cis: jax.Array, n_windows: int,
+                n: NosaConfig) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """The rows of the compressed windows a write of k [B, Tc, Hk, D] (in the cache's dtype) and
+    cis [B, Tc, Hk] at `start` refreshes, `n_windows` per sequence from the first one it can
+    complete: (first window index [B], ktilde rows [B, W, Hk, D] in ktilde's dtype or None when
+    the cache keeps no compressed keys, cisw rows [B, W, Hk] float32 or None likewise)."""
+    c0 = nosa.num_windows(start, n)
+    kt_rows = cw_rows = None
+    if cache.ktilde.shape[2]:
+        # float32 means rounded (to nearest) to the model dtype, as upstream stores them
+        kt_rows = new_windows(cache.k[layer], k, start, n_windows, n)[1].astype(cache.ktilde.dtype)
+    if cache.cisw.shape[2]:
+        cw_rows = new_windows(cache.cis[layer], cis, start, n_windows, n)[1]
+    return c0, kt_rows, cw_rows
+
+
 def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
                 n: NosaConfig) -> KVCache:
     """Write tokens at positions start[b] + arange(Tc) of layer `layer` and refresh the windows
@@ -117,17 +133,16 @@ def cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Ar
     B, Tc = k.shape[:2]
     b_idx = jnp.arange(B)[:, None]
     pos = start[:, None] + jnp.arange(Tc, dtype=jnp.int32)
-    # padding tokens of a chunk may run past the allocation: those writes are dropped
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-    kt, cw = cache.ktilde, cache.cisw
     W = Tc // n.kernel_stride + 1
-    if kt.shape[2]:
-        c0, new_k = new_windows(cache.k[layer], k, start, W, n)
-        # float32 means rounded (to nearest) to the model dtype, as upstream stores them
-        kt = kt.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_k.astype(kt.dtype), mode="drop")
-    if cw.shape[2]:
-        c0, new_c = new_windows(cache.cis[layer], cis, start, W, n)
-        cw = cw.at[layer, b_idx, c0[:, None] + jnp.arange(W)].set(new_c, mode="drop")
+    c0, kt_rows, cw_rows = window_rows(cache, layer, start, k, cis, W, n)
+    w_idx = c0[:, None] + jnp.arange(W)
+    kt, cw = cache.ktilde, cache.cisw
+    if kt_rows is not None:
+        kt = kt.at[layer, b_idx, w_idx].set(kt_rows, mode="drop")
+    if cw_rows is not None:
+        cw = cw.at[layer, b_idx, w_idx].set(cw_rows, mode="drop")
+    # padding tokens of a chunk may run past the allocation: those writes are dropped
     kc = cache.k.at[layer, b_idx, pos].set(k, mode="drop")
     vc = cache.v.at[layer, b_idx, pos].set(v, mode="drop")
     cc = cache.cis.at[layer, b_idx, pos].set(cis, mode="drop")

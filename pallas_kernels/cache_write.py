@@ -5,7 +5,7 @@ A decode step writes, per layer and sequence, one token: its key, value and evic
 window `c0 = num_windows(pos)`). `nosa_jax.cache.cache_write` does that with five XLA scatters; on
 the H200 (8B, batch 16, 16K) they and the window gather took ~14 us per layer, each a tiny,
 latency-bound kernel (bench/results/profile-8b-b16-fused-qkv-*). Here XLA computes the window
-means with `cache.new_windows` - the very function cache_write uses, whose arithmetic is a fixed
+rows with `cache.window_rows` - the very function cache_write uses, whose arithmetic is a fixed
 sequence of elementwise adds (`nosa.window_means`), so both paths store the same bits - and one
 kernel stores the five rows in place: grid (B, Hk), every cache operand `memory_space=pl.ANY` and
 aliased to its output, the layer index read in-kernel, so no layer is sliced out of the stacked
@@ -27,8 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nosa_jax import nosa
-from nosa_jax.cache import KVCache, cache_write, new_windows
+from nosa_jax.cache import KVCache, cache_write, window_rows
 from nosa_jax.config import NosaConfig
 
 WRITE_IMPL = "xla"
@@ -78,13 +77,13 @@ def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v:
     T, n_kt, n_cw = cache.k.shape[2], cache.ktilde.shape[2], cache.cisw.shape[2]
     pos = jnp.asarray(start, jnp.int32)
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-    win = nosa.num_windows(pos, n)
+    win, kt_row, cw_row = window_rows(cache, layer, pos, k, cis, 1, n)
     rows, caches = [], [cache.k, cache.v, cache.cis]
     if n_kt:
-        rows.append(new_windows(cache.k[layer], k, pos, 1, n)[1][:, 0].astype(cache.ktilde.dtype))
+        rows.append(kt_row[:, 0])
         caches.append(cache.ktilde)
     if n_cw:
-        rows.append(new_windows(cache.cis[layer], cis, pos, 1, n)[1][:, 0])
+        rows.append(cw_row[:, 0])
         caches.append(cache.cisw)
     args = [jnp.asarray(layer, jnp.int32).reshape(1), pos, win, k[:, 0], v[:, 0], cis[:, 0].astype(jnp.float32),
             *rows, *caches]
