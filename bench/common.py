@@ -40,6 +40,16 @@ def save(records: list[dict], stem: str, table: str) -> Path:
     return paths[0] / f"{stem}-{day}.json"
 
 
+def xla_option_value(v: str):
+    """An XLA option's value from the command line: bools and ints as such, anything else a string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    try:
+        return int(v)
+    except ValueError:
+        return v
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import markdown_table, record, save
+from bench.common import markdown_table, record, save, xla_option_value
 from nosa_jax.config import ModelConfig
 from nosa_jax.generate import DECODE_XLA_OPTIONS, PAD, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM
@@ -53,16 +53,6 @@ def random_cache(model, batch, context, capacity, key):
     return make(key)
 
 
-def parse_value(v: str):
-    """An XLA option's value from the command line: bools and ints as such, anything else a string."""
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    try:
-        return int(v)
-    except ValueError:
-        return v
-
-
 def parse_variant(spec: str) -> tuple[str, dict]:
     """NAME:KEY=VALUE,KEY=VALUE -> (NAME, {KEY: VALUE})."""
     name, _, opts = spec.partition(":")
@@ -71,7 +61,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         k, eq, v = item.partition("=")
         if not eq:
             raise SystemExit(f"--xla-variant {spec!r}: expected NAME:KEY=VALUE,...")
-        options[k] = parse_value(v)
+        options[k] = xla_option_value(v)
     return name, options
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
+from bench.common import xla_option_value
 from nosa_jax.generate import XLA_OPTIONS
 
 SHAPES = {"1b_qkv": (1536, 2048), "1b_gate_up": (1536, 8192), "1b_down": (4096, 1536),
@@ -36,7 +37,7 @@ def main():
     extra = {}
     for kv in sys.argv[1:]:
         k, _, v = kv.partition("=")
-        extra[k] = int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+        extra[k] = xla_option_value(v)
     print("XLA options:", {**XLA_OPTIONS, **extra})
     for name, (H, N) in SHAPES.items():
         w = jax.random.normal(jax.random.key(0), (H, N), jnp.bfloat16)
