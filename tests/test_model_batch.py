@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from nosa_jax.config import ModelConfig, NosaConfig
-from nosa_jax.model import NosaForCausalLM
+from nosa_jax.model import NosaForCausalLM, qkv_widths
 
 sys.path.insert(0, os.path.dirname(__file__))
 import np_reference as ref  # noqa: E402
@@ -122,7 +122,7 @@ def id_sets(rows):
 
 def layer_params(l):
     a, m = PARAMS["layers"]["self_attn"], PARAMS["layers"]["mlp"]
-    wq, wk = CFG.num_attention_heads * CFG.head_dim, CFG.num_key_value_heads * CFG.head_dim
+    wq, wk, _ = qkv_widths(CFG)
     qkv = a["qkv_proj"]["kernel"][l]  # columns q | k | v
     return dict(wq=qkv[:, :wq], wk=qkv[:, wq:wq + wk], wv=qkv[:, wq + wk:],
                 wo=a["o_proj"]["kernel"][l], A=a["A"][l], wdelta=a["delta"]["kernel"][l],

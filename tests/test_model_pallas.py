@@ -13,7 +13,7 @@ from flax import nnx
 from model_utils import random_model, small_config
 from nosa_jax.config import ModelConfig
 from nosa_jax.generate import generate
-from nosa_jax.model import NosaForCausalLM, from_params
+from nosa_jax.model import NosaForCausalLM, from_params, qkv_widths
 
 
 def _with_impl(model, impl, interpret=False):
@@ -99,17 +99,17 @@ def _gpu_run(model, prompt, fed, all_rows=False, embeds=None):
     return np.concatenate(logits), blocks, hidden
 
 
-def _gpu_model(mode, impl, scale_qk=1.0, dtype=jnp.bfloat16, cfg=None):
-    """The 1B-shaped random model (std 0.02 init) with a non-trivial eviction head."""
-    cfg = cfg or ModelConfig(**ONE_B)
-    ref = NosaForCausalLM(cfg, mode=mode, dtype=dtype, rngs=nnx.Rngs(0), impl="reference")
-    st = nnx.state(ref, nnx.Param)
-    pure = nnx.to_pure_dict(st)
+def _gpu_model(mode, scale_qk=1.0):
+    """The 1B-shaped random model (std 0.02 init, bf16, reference path) with a non-trivial eviction
+    head and the q and k projections scaled by `scale_qk`. Returns (its parameters, the model)."""
+    cfg = ModelConfig(**ONE_B)
+    ref = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="reference")
+    pure = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
     attn = pure["layers"]["self_attn"]
-    attn["A"] = jax.random.uniform(jax.random.key(1), attn["A"].shape, minval=-2.0, maxval=0.5).astype(dtype)
-    qk = cfg.num_attention_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim  # q | k | v columns
-    attn["qkv_proj"]["kernel"] = attn["qkv_proj"]["kernel"].at[..., :qk].multiply(scale_qk)
-    return pure, from_params(cfg, pure, mode=mode, dtype=dtype, impl=impl)
+    attn["A"] = jax.random.uniform(jax.random.key(1), attn["A"].shape, minval=-2.0, maxval=0.5).astype(jnp.bfloat16)
+    wq, wk, _ = qkv_widths(cfg)  # columns q | k | v
+    attn["qkv_proj"]["kernel"] = attn["qkv_proj"]["kernel"].at[..., :wq + wk].multiply(scale_qk)
+    return pure, from_params(cfg, pure, mode=mode, impl="reference")
 
 
 def _tokens():
@@ -128,7 +128,7 @@ def test_pallas_model_logits_gpu_1b(mode):
     last bits and near-tied top-k boundaries flip; `..._selections_gpu_1b` compares them with both
     paths fed the same layer inputs.)"""
     prompt, fed = _tokens()
-    pure, ref = _gpu_model(mode, "reference")
+    pure, ref = _gpu_model(mode)
     la, _, _ = _gpu_run(ref, prompt, fed)
     lb, _, _ = _gpu_run(from_params(ref.cfg, pure, mode=mode, impl="pallas"), prompt, fed)
     lf, _, _ = _gpu_run(from_params(ref.cfg, pure, mode=mode, dtype=jnp.float32, impl="reference"), prompt, fed)
@@ -151,7 +151,7 @@ def test_pallas_model_selections_gpu_1b(mode):
     whole-model comparison: 56 % of rows agreed), and a tie broken by the last float32 bit tests
     nothing."""
     prompt, fed = _tokens()
-    pure, ref = _gpu_model(mode, "reference", scale_qk=4.0)
+    pure, ref = _gpu_model(mode, scale_qk=4.0)
     _, _, hidden = _gpu_run(ref, prompt, fed, all_rows=True)  # hidden[i]: [L, 1, T_i, H] layer inputs
     cfg1 = dataclasses.replace(ref.cfg, num_hidden_layers=1)
     rows = same = 0
