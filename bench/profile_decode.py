@@ -3,8 +3,11 @@ device kernels by name (per step), plus the device busy time against the wall ti
 
     python bench/profile_decode.py [--batch 1] [--context 16384] [--steps 16] [--mode nosa]
                                    [--layer-unroll 1] [--impl auto] [--top 30]
-                                   [--topk-impl xla|pallas] [--select-finish jnp|pallas]
-                                   [--cache-write xla|pallas]
+                                   [--variant default --variant write=pallas,finish=pallas ...]
+
+Each --variant (kernel choices: topk xla|pallas, finish jnp|pallas, write xla|pallas; "default" =
+the modules' defaults) is profiled in the same process on the same model and cache, then a summary
+table compares them.
 
 Prints a table; when $OUT is set, writes it there as
 profile-<mode>-b<batch>-u<unroll>-<topk>-<finish>-<cache write>.md with the optimised HLO beside it
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import importlib
 import os
 import sys
 import time
@@ -35,6 +39,24 @@ from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
 
 
+VARIANT_KEYS = {"topk": ("selection", "TOPK_IMPL"), "finish": ("selection", "SCORES_FINISH"),
+                "write": ("cache_write", "WRITE_IMPL")}
+
+
+def parse_variant(text: str) -> dict:
+    """"default" or "key=value,..." with keys topk (xla|pallas), finish (jnp|pallas), write (xla|pallas)."""
+    if text == "default":
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise SystemExit(f"--variant {text!r}: expected 'default' or key=value pairs with keys "
+                             f"{sorted(VARIANT_KEYS)}")
+        out[key] = value
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
@@ -46,52 +68,60 @@ def main():
     ap.add_argument("--layer-unroll", type=int, default=1)
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--topk-impl", choices=["xla", "pallas"], default=None,
-                    help="decode selection's top-k (default: pallas_kernels.selection.TOPK_IMPL)")
-    ap.add_argument("--select-finish", choices=["jnp", "pallas"], default=None,
-                    help="finish of the decode block scores (default: pallas_kernels.selection.SCORES_FINISH)")
-    ap.add_argument("--cache-write", choices=["xla", "pallas"], default=None,
-                    help="decode cache write (default: pallas_kernels.cache_write.WRITE_IMPL)")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="kernel choices to profile, one process for all: 'default' or e.g. "
+                         "'write=pallas,finish=pallas' (topk xla|pallas, finish jnp|pallas, write xla|pallas); "
+                         "repeat for several (default: one run with the modules' defaults)")
     args = ap.parse_args()
-    from pallas_kernels import cache_write, selection
-
-    selection.TOPK_IMPL = args.topk_impl or selection.TOPK_IMPL
-    selection.SCORES_FINISH = args.select_finish or selection.SCORES_FINISH
-    cache_write.WRITE_IMPL = args.cache_write or cache_write.WRITE_IMPL
+    variants = [parse_variant(v) for v in (args.variant or ["default"])]
+    defaults = {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr) for k, (mod, attr) in VARIANT_KEYS.items()}
     shape = MODELS[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
                             layer_unroll=args.layer_unroll or True)
     graphdef, state = nnx.split(model)
     B, n = args.batch, args.steps
-    stem = (f"{args.mode}-b{B}-u{args.layer_unroll}-{selection.TOPK_IMPL}-{selection.SCORES_FINISH}"
-            f"-{cache_write.WRITE_IMPL}")
     base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
+    summary = []
+    for variant in variants:
+        choice = {**defaults, **variant}
+        for key, (mod, attr) in VARIANT_KEYS.items():
+            setattr(importlib.import_module(f"pallas_kernels.{mod}"), attr, choice[key])
+        jax.clear_caches()  # the choices are read at trace time
+        summary.append(profile(graphdef, state, cfg, base, args, choice, model.settings.impl))
+    print(markdown_table(["top-k", "scores finish", "cache write", "device busy ms/step", "kernels/step"], summary))
 
-    def run():
-        st = DecodeState(cache=jax.tree.map(jnp.copy, base), tokens=jnp.full((B, 2 * n), PAD, jnp.int32),
-                         logits=jnp.zeros((B, 0, cfg.vocab_size), jnp.float32), last=jnp.ones((B,), jnp.int32),
-                         done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
-        st = jax.block_until_ready(st)
+
+def profile(graphdef, state, cfg, base, args, choice, impl) -> list:
+    B, n = args.batch, args.steps
+    stem = f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['finish']}-{choice['write']}"
+
+    def fresh_state(cache):
+        return DecodeState(cache=cache, tokens=jnp.full((B, 2 * n), PAD, jnp.int32),
+                           logits=jnp.zeros((B, 0, cfg.vocab_size), jnp.float32), last=jnp.ones((B,), jnp.int32),
+                           done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
+
+    def copied():  # the loop donates its cache: each run gets a copy of the base (made outside the trace)
+        return jax.block_until_ready(fresh_state(jax.tree.map(jnp.copy, base)))
+
+    def run(st):
         t0 = time.perf_counter()
         st, _ = decode_loop(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
                             n_steps=n)
         jax.block_until_ready(st.tokens)
         return time.perf_counter() - t0
 
-    run(), run()
+    run(copied()), run(copied())
     if os.environ.get("OUT"):  # the optimised HLO, to map the fusion names below to their ops
-        st = DecodeState(cache=base, tokens=jnp.full((B, 2 * n), PAD, jnp.int32),
-                         logits=jnp.zeros((B, 0, cfg.vocab_size), jnp.float32), last=jnp.ones((B,), jnp.int32),
-                         done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), key=jax.random.key(0))
-        hlo = decode_loop.lower(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
-                                n_steps=n).compile().as_text()
+        hlo = decode_loop.lower(graphdef, state, fresh_state(base), jnp.zeros((B, cfg.vocab_size)),
+                                sampler=Sampler(), eos_ids=(), n_steps=n).compile().as_text()
         with gzip.open(Path(os.environ["OUT"]) / f"hlo-{stem}.txt.gz", "wt") as f:
             f.write(hlo)
-    wall, events = trace_device_events(run)
+    st = copied()
+    wall, events = trace_device_events(lambda: run(st))
     if not events:
         print("no device events in the trace (CPU run?)")
-        return
+        return [choice["topk"], choice["finish"], choice["write"], "-", "-"]
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for name, _, d, _ in events:
         by_name[name][0] += d
@@ -102,14 +132,15 @@ def main():
     rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
-            f"{model.settings.impl}, layer_unroll {args.layer_unroll}, top-k {selection.TOPK_IMPL}, "
-            f"scores finish {selection.SCORES_FINISH}, cache write {cache_write.WRITE_IMPL}: wall {wall / n * 1e3:.3f} ms/step, device span "
+            f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']}, scores finish {choice['finish']}, "
+            f"cache write {choice['write']}: wall {wall / n * 1e3:.3f} ms/step, device span "
             f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "
             f"{total / n / 1e3:.3f} ms/step, {len(events) / n:.0f} kernels/step\n\n")
     table = head + markdown_table(["kernel", "us/step", "calls/step", "% of kernel time"], rows)
     print(table)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / f"profile-{stem}.md").write_text(table)
+    return [choice["topk"], choice["finish"], choice["write"], f"{busy / n / 1e3:.3f}", f"{len(events) / n:.0f}"]
 
 
 if __name__ == "__main__":
