@@ -1,5 +1,7 @@
 """Small random NOSA models for tests (weights large enough that selections are well separated)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +73,37 @@ def verified_triton_modules(fn, *args):
     finally:
         pcr.lowering.lower_jaxpr_to_triton_module = original
     return txt, modules
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s+([\w\-]+)\(")
+
+
+def hlo_instructions(hlo: str, fused: bool = True) -> list[tuple[str, str, str]]:
+    """(result type, opcode, line) of the instructions of a compiled HLO module; fused=False
+    leaves out those inside fused computations (the bodies of fusion instructions, which make no
+    buffer of their own: a whole-layer dynamic-slice in a fusion that then gathers a few rows
+    reads only those rows)."""
+    skip = set() if fused else set(re.findall(r"\sfusion\(.*?calls=%([\w.\-]+)", hlo))
+    out, inside = [], None
+    for ln in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", ln)
+        if head:
+            inside = head.group(1)
+        elif ln.startswith("}"):
+            inside = None
+        elif inside is not None and inside not in skip and (m := _INSTRUCTION.match(ln)):
+            out.append((m.group(1), m.group(2), ln.strip()[:200]))
+    return out
+
+
+def hlo_shape(a) -> str:
+    """An array's type as HLO text writes it, e.g. "bf16[4,16,128]"."""
+    names = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "int32": "s32", "uint32": "u32", "bool": "pred"}
+    return f"{names[a.dtype.name]}[{','.join(map(str, a.shape))}]"
+
+
+def copies_of(hlo: str, shapes) -> list[str]:
+    """Copy instructions (`copy`, `copy-start`; also inside fusions) of a compiled HLO module whose
+    result has one of `shapes` (e.g. "bf16[4,16,128]")."""
+    return [ln for ty, op, ln in hlo_instructions(hlo)
+            if op in ("copy", "copy-start") and any(s + "{" in ty for s in shapes)]

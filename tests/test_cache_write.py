@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model_utils import small_config, verified_triton_modules
+from model_utils import copies_of, hlo_instructions, hlo_shape, small_config, verified_triton_modules
 from nosa_jax.cache import cache_write, init_cache
 from nosa_jax.config import NosaConfig
 from pallas_kernels.cache_write import decode_cache_write
@@ -122,9 +122,9 @@ def test_equals_cache_write_gpu(mode):
     fn = jax.jit(lambda c, layer, s, k, v, cis: decode_cache_write(c, layer, s, k, v, cis, n, impl="pallas"),
                  donate_argnums=(0,))
     hlo = fn.lower(cache, 2, start, k, v, cis).compile().as_text()
-    shape = ",".join(map(str, cache.k.shape))
-    assert not [ln for ln in hlo.splitlines() if f"[{shape}]" in ln and (" copy(" in ln or "copy-start" in ln)]
-    layer_k = [f"bf16[{','.join(map(str, cache.k.shape[1:]))}]", f"bf16[1,{','.join(map(str, cache.k.shape[1:]))}]"]
-    assert not [ln for ln in hlo.splitlines() if any(f"= {t}" in ln for t in layer_k)]  # no layer sliced out
+    assert not copies_of(hlo, [hlo_shape(cache.k)])
+    layer = ",".join(map(str, cache.k.shape[1:]))
+    sliced = [ln for ty, _, ln in hlo_instructions(hlo, fused=False) if ty.startswith((f"bf16[{layer}]", f"bf16[1,{layer}]"))]
+    assert not sliced  # no layer of the cache made into a buffer of its own (a fusion may slice and gather rows)
     got = fn(jax.tree.map(jnp.copy, cache), 2, start, k, v, cis)
     _assert_same(got, want)

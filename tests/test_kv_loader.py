@@ -7,7 +7,6 @@ mode (which accepts pinned_host operands). Every copy must be bit-exact against 
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 
 import jax
@@ -20,7 +19,7 @@ from jax.sharding import SingleDeviceSharding
 
 from pallas_kernels import kv_loader
 from pallas_kernels.kv_loader import load_blocks, loader_path
-from model_utils import h200_lowering_text
+from model_utils import copies_of, h200_lowering_text
 
 L, B, Hk, NB, BS, D, S, M = 3, 2, 2, 6, 16, 16, 5, 3
 DT = jnp.bfloat16
@@ -188,16 +187,6 @@ def test_load_blocks_in_jitted_loop_pinned(path, interpret):
     _assert_same(out, _ref_load(d2, 2))
 
 
-def _copies_of(hlo: str, shapes) -> list[str]:
-    """HLO instructions `%x = <type> copy(...)` / `copy-start(...)` whose type mentions one of shapes."""
-    out = []
-    for ln in hlo.splitlines():
-        m = re.search(r"=\s*(.*?)\s+copy(-start)?\(", ln)
-        if m and any(s + "{" in m.group(1) for s in shapes):
-            out.append(ln.strip()[:200])
-    return out
-
-
 def test_load_blocks_xla_in_place_under_donation():
     """Compiled HLO of a jitted fori_loop with donated pools: no copy of any pool (nor host store)."""
     d = _data(3)
@@ -214,7 +203,7 @@ def test_load_blocks_xla_in_place_under_donation():
     hlo = jax.jit(f, donate_argnums=(0, 1, 2)).lower(*args).compile().as_text()
     shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
     assert any(shapes[0] in ln for ln in hlo.splitlines())  # the pattern does match the pool
-    assert _copies_of(hlo, shapes) == []
+    assert copies_of(hlo, shapes) == []
 
 
 def test_load_blocks_pallas_cuda_lowering_in_place():
@@ -275,7 +264,7 @@ def test_copy_detector_sees_the_interpreter_copies():
 
     args = [jnp.asarray(d[n]) for n in ("pk", "pv", "pb", "hk", "hv", "cis", "blocks", "slots")]
     hlo = jax.jit(f, donate_argnums=(0, 1, 2)).lower(*args).compile().as_text()
-    assert _copies_of(hlo, [f"bf16[{L},{B},{S * BS},{Hk},{D}]"])
+    assert copies_of(hlo, [f"bf16[{L},{B},{S * BS},{Hk},{D}]"])
 
 
 @pytest.mark.parametrize("path,interpret", PATHS)
@@ -311,7 +300,7 @@ def test_decode_loop_shape_scan_over_layers_in_fori_loop(path, interpret):
         hlo = jf.lower(*args).compile().as_text()
         shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
         assert any(shapes[0] in ln for ln in hlo.splitlines())
-        assert _copies_of(hlo, shapes) == []
+        assert copies_of(hlo, shapes) == []
     out = jf(*args)
     assert out[0].sharding.memory_kind == "pinned_host" and out[1].sharding.memory_kind == "pinned_host"
 

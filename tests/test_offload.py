@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model_utils import random_model, small_config
+from model_utils import copies_of, hlo_shape, random_model, small_config
 from nosa_jax.generate import (GenerationError, Generator, OffloadSettings, Sampler, decode_loop,
                                decode_step, generate)
 from nosa_jax.offload import assign_slots, num_selected
@@ -176,8 +176,7 @@ def test_decode_loop_does_not_copy_the_store_or_pool():
     hlo = decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(),
                             n_steps=8).compile().as_text()
     for name in ("host_k", "pool_k"):
-        shape = ",".join(map(str, getattr(st.cache, name).shape))
-        copies = [l for l in hlo.splitlines() if f"[{shape}]" in l and (" copy(" in l or "copy-start" in l)]
+        copies = copies_of(hlo, [hlo_shape(getattr(st.cache, name))])
         assert not copies, (name, copies[:3])
 
 
