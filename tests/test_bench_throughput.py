@@ -73,3 +73,44 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     # the report mode rebuilds the tables from the saved records
     assert tp.main(["--report", str(jsons[0]), "--out-dir", str(tmp_path / "report"), "--no-plots"]) == 0
     assert "## Equivalent batch" in next((tmp_path / "report").glob("throughput-report-*.md")).read_text()
+
+
+@pytest.mark.parametrize("floor_ms,reachable", [(10.25, False), (3.0, True)])
+def test_speedup_target_bound(floor_ms, reachable):
+    """The 5x row reports the speedup NOSA offloaded would have at its roofline floor with its batch,
+    and says when even that is below the target (the batch, not the step, is what is missing)."""
+    def run(tok_s, step_ms, floor):
+        return {"throughput": tok_s, "step_time": step_ms, "floor_time": floor, "measured_over_floor": step_ms / floor}
+
+    ctx, budget = 131072, "80 GiB"
+    runs = {("8b", "nosa-offload", "2x top-k", ctx, 23): run(23 / 17.31e-3, 17.31, floor_ms),
+            ("8b", "full", "-", ctx, 15): run(15 / 21.87e-3, 21.87, 18.65)}
+    plans = {("8b", "nosa-offload", "2x top-k", ctx, budget): 23, ("8b", "full", "-", ctx, budget): 15}
+    row = next(ln for ln in tp.anchors(runs, plans, [budget]).splitlines() if "vs FullAttn" in ln)
+    speedup = (23 / 17.31) / (15 / 21.87)
+    bound = (23 / floor_ms) / (15 / 21.87)
+    assert f"{speedup:.2f}x at {ctx} (batch 23 vs 15" in row and "MISSED" in row
+    assert f"at its roofline floor this batch would give {bound:.2f}x" in row
+    assert ("the offloaded batch is too small" in row) == (not reachable)
+
+
+def test_finished_runs_saved_when_stopped(tmp_path, monkeypatch):
+    """A process stopped during a later run (a device call's time limit) leaves the finished runs'
+    records on disk."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    real, calls = tp.timed_windows, []
+
+    def stop_on_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tp, "timed_windows", stop_on_second)
+    argv = ["--models", "tiny", "--contexts", "256", "--modes", "full", "--budgets-gb", "0.0006", "--headroom-gb", "0",
+            "--steps", "4", "--repeats", "2", "--batches", "1", "2", "--no-profile", "--no-plots", "--tag", "stopped"]
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv)
+    records = json.loads(next(tmp_path.glob("throughput-tiny-stopped-*.json")).read_text())
+    runs, _, _ = tp.collect(records)
+    assert set(runs) == {("tiny", "full", "-", 256, 1)}
