@@ -27,13 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bench.common import markdown_table, record, save, xla_option_value
-from nosa_jax.config import ModelConfig
+from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import DECODE_XLA_OPTIONS, PAD, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM
-
-ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
-             num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072)
-
 
 def random_cache(model, batch, context, capacity, key):
     """A cache of `capacity` tokens per sequence holding `context` random tokens (keys, values,
@@ -80,7 +76,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--modes", nargs="+", default=["nosa", "infllmv2", "full"])
-    ap.add_argument("--layers", type=int, default=ONE_B["num_hidden_layers"])
+    ap.add_argument("--layers", type=int, default=SHAPES["1b"]["num_hidden_layers"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layer-unroll", type=int, default=1,
                     help="unroll of the scan over layers (0 = fully unrolled straight-line program)")
@@ -90,7 +86,7 @@ def main():
     ap.add_argument("--tag", default="", help="suffix of the results' file names")
     args = ap.parse_args()
     option_sets = [("", {})] + [parse_variant(v) for v in args.xla_variant]
-    cfg = ModelConfig(**{**ONE_B, "num_hidden_layers": args.layers})
+    cfg = ModelConfig(**{**SHAPES["1b"], "num_hidden_layers": args.layers})
     records, rows = [], []
     for mode in args.modes:
         model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,

@@ -35,17 +35,11 @@ from flax import nnx  # noqa: E402
 
 from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, markdown_table, record,  # noqa: E402
                           save, split_by_scope, trace_device_events)
-from nosa_jax.config import ModelConfig  # noqa: E402
+from nosa_jax.config import SHAPES, ModelConfig  # noqa: E402
 from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
 from pallas_kernels.kv_loader import loader_path  # noqa: E402
 
-MODELS = {
-    "8b": dict(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
-    "1b": dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
-               num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
-}
 SCOPES = {"flush": ("nosa_flush",), "append": ("nosa_append",), "selection": ("nosa_select", "nosa_decode_stage1"),
           "slots": ("nosa_slots",), "loads": ("nosa_load", "nosa_kv_load"),
           "attention": ("nosa_attend", "nosa_sparse_decode")}
@@ -165,7 +159,7 @@ def print_profile(events, op_names: dict, steps: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=sorted(MODELS), default="8b")
+    ap.add_argument("--model", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pools", type=int, nargs="+", default=[64, 128])
@@ -175,7 +169,7 @@ def main():
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
     args = ap.parse_args()
-    cfg = ModelConfig(**MODELS[args.model])
+    cfg = ModelConfig(**SHAPES[args.model])
     print(f"device {jax.devices()[0]}  jax {jax.__version__}  loader {loader_path(args.loader)}", flush=True)
     enable_compilation_cache()  # the HLO (for the time split) is read from a second, cached compile
     records, rows = [], []

@@ -33,8 +33,7 @@ from flax import nnx
 
 from bench.common import busy_time, markdown_table, trace_device_events
 from bench.generate import random_cache
-from bench.offload import MODELS
-from nosa_jax.config import ModelConfig
+from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
 
@@ -63,7 +62,7 @@ def main():
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--mode", default="nosa")
-    ap.add_argument("--model", choices=sorted(MODELS), default="1b")
+    ap.add_argument("--model", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--layer-unroll", type=int, default=1)
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
@@ -75,7 +74,7 @@ def main():
     args = ap.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
     defaults = {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr) for k, (mod, attr) in VARIANT_KEYS.items()}
-    shape = MODELS[args.model]
+    shape = SHAPES[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
                             layer_unroll=args.layer_unroll or True)

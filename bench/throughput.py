@@ -73,10 +73,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import enable_compilation_cache, markdown_table, record, save, split_by_scope  # noqa: E402
-from bench.offload import MODELS as OFFLOAD_MODELS  # noqa: E402
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import cache_bytes  # noqa: E402
-from nosa_jax.config import ModelConfig, NosaConfig  # noqa: E402
+from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
 from nosa_jax.generate import PINNED_HOST_LIMIT_ENV  # noqa: E402
 from nosa_jax.offload import capacity_plan, num_selected, offload_bytes, weight_bytes  # noqa: E402
 
@@ -86,7 +85,7 @@ os.environ.setdefault(PINNED_HOST_LIMIT_ENV,
                       str(int(0.9 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)))
 
 # "tiny" is a test hook (CPU smoke tests), not one of the table's models
-MODELS = {**OFFLOAD_MODELS,
+MODELS = {**SHAPES,
           "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
                        nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,

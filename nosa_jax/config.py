@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 ATTENTION_MODES = ("full", "infllmv2", "nosa")
+# Model shapes of the NOSA family for random-weight benchmarks and GPU tests (ModelConfig keyword
+# arguments): the NOSA-8B / MiniCPM4-8B shape and a 1B shape.
+SHAPES = {
+    "8b": dict(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
+    "1b": dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
+               num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072),
+}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from model_utils import random_model, small_config
-from nosa_jax.config import ModelConfig
+from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import generate
 from nosa_jax.model import NosaForCausalLM, from_params, qkv_widths
 
@@ -57,10 +57,6 @@ def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, monkeypa
     assert bool(traced) == (cache_write == "pallas")
 
 
-ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
-             num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072)
-
-
 CONTEXT, FED = 8192, 8
 
 
@@ -102,7 +98,7 @@ def _gpu_run(model, prompt, fed, all_rows=False, embeds=None):
 def _gpu_model(mode, scale_qk=1.0):
     """The 1B-shaped random model (std 0.02 init, bf16, reference path) with a non-trivial eviction
     head and the q and k projections scaled by `scale_qk`. Returns (its parameters, the model)."""
-    cfg = ModelConfig(**ONE_B)
+    cfg = ModelConfig(**SHAPES["1b"])
     ref = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="reference")
     pure = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
     attn = pure["layers"]["self_attn"]
@@ -113,7 +109,7 @@ def _gpu_model(mode, scale_qk=1.0):
 
 
 def _tokens():
-    seq = np.random.default_rng(0).integers(0, ONE_B["vocab_size"], CONTEXT + FED)
+    seq = np.random.default_rng(0).integers(0, SHAPES["1b"]["vocab_size"], CONTEXT + FED)
     return seq[:CONTEXT], seq[CONTEXT:]
 
 

@@ -206,19 +206,15 @@ def test_offload_refuses_a_store_larger_than_the_pinned_pool(monkeypatch):
                  kv_offload=OffloadSettings(host_memory_budget=2**40))
 
 
-ONE_B = dict(vocab_size=73448, hidden_size=1536, intermediate_size=4096, num_hidden_layers=28,
-             num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072)
-
-
 @pytest.mark.gpu
 def test_offloaded_equals_on_device_gpu_1b():
     """1B shape, bf16, ~16K-token ragged prompts, Pallas kernels: the offloaded cache (zero-copy
     loader) generates the same greedy tokens as the on-device cache, logits within bf16 noise."""
-    from nosa_jax.config import ModelConfig
+    from nosa_jax.config import SHAPES, ModelConfig
     from nosa_jax.model import NosaForCausalLM
 
     print(f"\n*** offload loader on this machine: {loader_path('auto')} ***")
-    cfg = ModelConfig(**ONE_B)
+    cfg = ModelConfig(**SHAPES["1b"])
     model = NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (16000, 15003)]
