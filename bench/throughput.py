@@ -40,6 +40,7 @@ FILE.json ...` rebuilds tables and plots from saved records (e.g. of several dev
 
     python bench/throughput.py [--quick] [--models 8b 1b] [--contexts 16384 ...] [--modes ...]
         [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2] [--steps 32] [--repeats 5] [--tag T]
+        [--resume EARLIER.json]      # keep the runs an earlier, stopped call finished
     python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
     python bench/throughput.py --report bench/results/throughput-*.json [--out-dir DIR]
     nosa-jax bench [the same arguments]
@@ -321,7 +322,9 @@ def results_stem(model_name: str, tag: str) -> str:
     return f"throughput-{model_name}{'-' + tag if tag else ''}"
 
 
-def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) -> list[dict]:
+def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, kept=()) -> list[dict]:
+    """Measure the plan's runs of one model; `kept`: records of runs measured earlier (--resume),
+    which are not run again and stay in the results."""
     from flax import nnx
 
     from nosa_jax.generate import Generator, OffloadSettings
@@ -343,6 +346,15 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) ->
                                   "max_batch", e["max_batch"][label], "sequences"))
     if args.dry_run:
         return records
+    kept = [r for r in kept if r["name"] == "throughput/decode" and r["settings"].get("model") == model_name
+            and r["metric"] != "failed"]
+    records += kept
+    done = {(r["settings"]["method"], r["settings"]["pool"], r["settings"]["context"], r["settings"]["batch"])
+            for r in kept}
+
+    def todo(e, batch) -> bool:
+        return (e["method"], pool_label(e["pool_mult"]), e["context"], batch) not in done
+
     loader = loader_path(args.loader)
 
     def keep(new: list[dict]) -> None:
@@ -366,7 +378,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) ->
             # ---- on the device (random cache)
             for e in [e for e in mine if e["context"] == ctx and not method_mode(e["method"])[1]]:
                 gen = Generator(model, eos_ids=())
-                for batch in e["batches"]:
+                for batch in [b for b in e["batches"] if todo(e, b)]:
                     try:
                         st, logits = device_state(model, cfg, batch, ctx, length, n_windows * args.steps + 2)
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
@@ -389,7 +401,9 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) ->
             # largest batch first: its pinned store (tens of GiB) is then the first allocation in the
             # host pool; after smaller runs the pool could not place a 47.9 GiB store at 8B / 16K
             # (bench/results/throughput-8b-s4-2026-11-28, failed runs)
-            batches = sorted({b for e in off for b in e["batches"]}, reverse=True)
+            batches = sorted({b for e in off for b in e["batches"] if todo(e, b)}, reverse=True)
+            if not batches:
+                continue
             u = min(args.distinct, max(batches))
             distinct = prompts_from_text(u, length, cfg.vocab_size)
             TiledPrefill = tiled_generator_class()
@@ -408,7 +422,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom) ->
                 keep([error_record(model_name, e, b, exc) for e in off for b in e["batches"]])
                 continue
             for batch in batches:
-                here = [e for e in off if batch in e["batches"]]
+                here = [e for e in off if batch in e["batches"] and todo(e, batch)]
                 w = None
                 try:
                     gen = TiledPrefill(model, memo, eos_ids=(), offload=OffloadSettings(
@@ -752,6 +766,9 @@ def parse_args(argv):
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="print each run's top kernels and idle gaps")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (runs, batches, memory) and exit")
+    ap.add_argument("--resume", nargs="+", metavar="JSON", default=[],
+                    help="records of an earlier, stopped run of the same table (saved after every run): the runs "
+                         "they hold are kept and not measured again, so one command can finish over several calls")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="tables and plots from saved records; no measuring")
     ap.add_argument("--out-dir", default=None, help="with --report: where to write (default: beside the first file)")
     args = ap.parse_args(argv)
@@ -791,9 +808,10 @@ def main(argv=None) -> int:
     headroom = int(args.headroom_gb * GiB)
     print(f"budgets: {', '.join(budget_bytes)}; host {host_budget / GiB:.1f} GiB; headroom {args.headroom_gb} GiB",
           flush=True)
+    kept = [r for f in args.resume for r in json.loads(Path(f).read_text())]
     all_records = []
     for model_name in args.models:
-        records = measure_model(model_name, args, budget_bytes, host_budget, headroom)
+        records = measure_model(model_name, args, budget_bytes, host_budget, headroom, kept)
         all_records += records
         if args.dry_run:
             continue

@@ -94,23 +94,40 @@ def test_speedup_target_bound(floor_ms, reachable):
     assert ("the offloaded batch is too small" in row) == (not reachable)
 
 
-def test_finished_runs_saved_when_stopped(tmp_path, monkeypatch):
+def test_finished_runs_saved_when_stopped_and_resumed(tmp_path, monkeypatch):
     """A process stopped during a later run (a device call's time limit) leaves the finished runs'
-    records on disk."""
+    records on disk; --resume with them measures only the rest and keeps both."""
     monkeypatch.setenv("OUT", str(tmp_path))
     real, calls = tp.timed_windows, []
 
     def stop_on_second(*a, **kw):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
     monkeypatch.setattr(tp, "timed_windows", stop_on_second)
-    argv = ["--models", "tiny", "--contexts", "256", "--modes", "full", "--budgets-gb", "0.0006", "--headroom-gb", "0",
-            "--steps", "4", "--repeats", "2", "--batches", "1", "2", "--no-profile", "--no-plots", "--tag", "stopped"]
+    argv = ["--models", "tiny", "--contexts", "256", "--modes", "full", "nosa-offload", "--pools", "1",
+            "--budgets-gb", "0.0006", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
+            "--distinct", "2", "--prefill-chunk", "128", "--batches", "1", "2", "--no-profile", "--no-plots",
+            "--tag", "stopped"]
     with pytest.raises(KeyboardInterrupt):
         tp.main(argv)
+    first = next(tmp_path.glob("throughput-tiny-stopped-*.json"))
+    records = json.loads(first.read_text())
+    runs, _, _ = tp.collect(records)
+    # on the device batch 1 and 2, then offloaded largest first: batch 2, stopped in batch 1
+    measured = {("tiny", "full", "-", 256, 1), ("tiny", "full", "-", 256, 2), ("tiny", "nosa-offload", "top-k", 256, 2)}
+    assert set(runs) == measured
+    kept = {json.dumps(r, sort_keys=True) for r in records if r["name"] == "throughput/decode"}
+
+    saved = tmp_path / "first.json"
+    saved.write_text(first.read_text())
+    resumed = []
+    monkeypatch.setattr(tp, "timed_windows", lambda *a, **kw: resumed.append(1) or real(*a, **kw))
+    assert tp.main(argv + ["--resume", str(saved)]) == 0
+    assert len(resumed) == 1  # only the offloaded batch 1
     records = json.loads(next(tmp_path.glob("throughput-tiny-stopped-*.json")).read_text())
     runs, _, _ = tp.collect(records)
-    assert set(runs) == {("tiny", "full", "-", 256, 1)}
+    assert set(runs) == measured | {("tiny", "nosa-offload", "top-k", 256, 1)}
+    assert kept <= {json.dumps(r, sort_keys=True) for r in records}  # the first call's records, as they were
