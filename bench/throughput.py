@@ -419,7 +419,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                 print(f"[{model_name} {mode} ctx {ctx}] prefilled {u} distinct passages in {prefill_s:.1f} s", flush=True)
             except Exception as exc:  # noqa: BLE001
                 print(f"  FAILED prefill {mode} ctx {ctx}: {exc!r}"[:400], flush=True)
-                keep([error_record(model_name, e, b, exc) for e in off for b in e["batches"]])
+                keep([error_record(model_name, e, b, exc) for e in off for b in e["batches"] if todo(e, b)])
                 continue
             for batch in batches:
                 here = [e for e in off if batch in e["batches"] and todo(e, batch)]
