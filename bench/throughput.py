@@ -41,6 +41,7 @@ FILE.json ...` rebuilds tables and plots from saved records (e.g. of several dev
     python bench/throughput.py [--quick] [--models 8b 1b] [--contexts 16384 ...] [--modes ...]
         [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2] [--steps 32] [--repeats 5] [--tag T]
         [--resume EARLIER.json]      # keep the runs an earlier, stopped call finished
+        [--slots-impl xla|pallas]    # the offloaded slot assignment (pallas_kernels/slots.py)
     python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
     python bench/throughput.py --report bench/results/throughput-*.json [--out-dir DIR]
     nosa-jax bench [the same arguments]
@@ -356,6 +357,9 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
         return (e["method"], pool_label(e["pool_mult"]), e["context"], batch) not in done
 
     loader = loader_path(args.loader)
+    from pallas_kernels import slots as slots_kernel
+
+    slots_kernel.SLOTS_IMPL = args.slots_impl or slots_kernel.SLOTS_IMPL
 
     def keep(new: list[dict]) -> None:
         """Add a run's records and save all so far: a process stopped later (a device call's time
@@ -445,7 +449,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
-                                               "loader": loader}, stats=stats, prefill_s=prefill_s)
+                                               "loader": loader, "slots_impl": slots_kernel.SLOTS_IMPL},
+                                              stats=stats, prefill_s=prefill_s)
                         keep(recs)
                         report_line(recs)
                         if w.events and args.verbose:
@@ -761,6 +766,8 @@ def parse_args(argv):
     ap.add_argument("--distinct", type=int, default=4, help="distinct text passages of the offloaded runs")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
+    ap.add_argument("--slots-impl", choices=["xla", "pallas"], default=None,
+                    help="offloaded slot assignment (default: pallas_kernels.slots.SLOTS_IMPL)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
     ap.add_argument("--no-plots", action="store_true")

@@ -263,6 +263,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     already holds the new lengths (sequences that have stopped keep theirs: start == length).
     Returns (o [B, 1, Hq, D], block_ids [B, Hk, 1, K], updated cache).
     """
+    from pallas_kernels import slots as slots_kernel
     from pallas_kernels.kv_loader import load_blocks
 
     if q.shape[1] != 1:
@@ -310,12 +311,17 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
                                      n_blocks, n, mode)[:, :, 0]
 
     # 3. slots
+    keep = live[:, None, None]
     with jax.named_scope("nosa_slots"):
-        slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
-        keep = live[:, None, None]
-        table_l = jnp.where(keep, table_l, off.table[layer])
-        stamp_l = jnp.where(keep, stamp_l, off.stamp[layer])
-        loads = jnp.where(keep, loads, -1)
+        S, K = off.table.shape[-1], ids.shape[-1]
+        if settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas" and max(S, K) <= slots_kernel.MAX_LANES:
+            slots, loads, table, stamp = slots_kernel.update_slots(off.table, off.stamp, layer, ids, kv_len, live,
+                                                                   interpret=settings.interpret)
+        else:
+            slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
+            table = off.table.at[layer].set(jnp.where(keep, table_l, off.table[layer]))
+            stamp = off.stamp.at[layer].set(jnp.where(keep, stamp_l, off.stamp[layer]))
+            loads = jnp.where(keep, loads, -1)
 
     # 4. loads, then the new token into its own block's slot
     with jax.named_scope("nosa_load"):
@@ -345,7 +351,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     lv = live[:, None].astype(jnp.int32)
     off = dataclasses.replace(
         off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias,
-        table=off.table.at[layer].set(table_l), stamp=off.stamp.at[layer].set(stamp_l), ring_k=ring_k,
+        table=table, stamp=stamp, ring_k=ring_k,
         cis=cis_h, ktilde=ktilde, cisw=cisw,
         prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
         misses=off.misses.at[layer].set(jnp.sum(loads >= 0, axis=-1).astype(jnp.int32)),

@@ -1,0 +1,125 @@
+"""The offloaded decode step's slot assignment in one Pallas Triton kernel (`update_slots`).
+
+`nosa_jax.offload.assign_slots` places one layer's selected blocks in the device pool: hits keep
+their slot, misses take the slots that hold no selected block (empty ones first, lowest slot first,
+then the least recently selected), and the layer's slot table and LRU stamps are updated. In XLA
+that is eight tiny kernels per layer (compares, an argsort of the S slots, scatters back into the
+stacked table) plus the `live` selects: ~14 us per layer on the H200 at 8B, batch 16 (the "slots"
+part of the offloaded step split, bench/NOTES.md). Here one program per (sequence, kv head) does
+it all in registers, and reads and writes the stacked [L, B, Hk, S] table and stamps in place
+(aliased, the layer index read in-kernel):
+
+  match[k, s]   table[s] == ids[k] for valid ids (>= 0)           [K, S] compare
+  hit slot      the lowest matching s (argmax of match)             min over s
+  held[s]       some selected block sits in slot s                  max over k
+  prio[s]       held: INT32_MAX; empty (-1): -1; else its stamp
+  evict rank    slots in (prio, slot) order - the stable argsort's inverse - as a count of the
+                slots before each one                               [S, S] compare + sum
+  miss rank     inclusive cumsum of the misses - 1; a miss takes the slot whose evict rank equals
+                its miss rank (clipped to S - 1, as the XLA version's take_along_axis)
+  new rows      slot s gets the id assigned to it (at most one: K <= S and hits and misses take
+                distinct slots) and the stamp `now`; only for live sequences, whose loads are
+                kept (stopped sequences: loads -1, table and stamps unchanged)
+
+Integers only, so the result is exactly assign_slots' (tests/test_slots.py). K and S are padded
+to powers of two with masked loads (padded ids -1, padded slots held: never chosen, never stored).
+Sizes above MAX_LANES fall back to XLA (the [S, S] compare would not fit in registers).
+`SLOTS_IMPL` picks the default: "xla" until the kernel is measured in the offloaded step on the
+GPU (`bench/throughput.py --slots-impl pallas`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+SLOTS_IMPL = "xla"
+MAX_LANES = 256
+_BIG = int(jnp.iinfo(jnp.int32).max)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
+                  stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
+    """One (sequence b, kv head h); table_in / stamp_in and table_ref / stamp_ref are the same
+    buffers (aliased): read the layer's rows, then store the slots that change."""
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    layer = layer_ref[0]
+    now = now_ref[b]
+    live = live_ref[b] != 0
+    kk = lax.broadcasted_iota(jnp.int32, (Kp,), 0)
+    ss = lax.broadcasted_iota(jnp.int32, (Sp,), 0)
+    k_in = kk < K if K < Kp else None
+    s_in = ss < S if S < Sp else None
+    ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
+    table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
+    stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
+
+    valid = ids >= 0
+    s_of = lax.broadcasted_iota(jnp.int32, (Kp, Sp), 1)
+    match = (table[None, :] == ids[:, None]) & valid[:, None]
+    hit_slot = jnp.min(jnp.where(match, s_of, Sp), axis=1)
+    hit = hit_slot < Sp
+    miss = valid & ~hit
+    held = jnp.max(jnp.where(match, 1, 0), axis=0) > 0
+    if s_in is not None:
+        held = held | ~s_in  # padding slots: never chosen
+    prio = jnp.where(held, _BIG, jnp.where(table < 0, -1, stamp))
+    me = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 0)
+    other = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 1)
+    before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (other < me))
+    evict_rank = jnp.sum(jnp.where(before, 1, 0), axis=1)
+    one = jnp.where(miss, 1, 0)
+    miss_rank = jnp.clip(lax.cumsum(one, axis=0) - 1, 0, S - 1)
+    miss_slot = jnp.sum(jnp.where(evict_rank[None, :] == miss_rank[:, None], s_of, 0), axis=1)
+    slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, -1))
+    loads = jnp.where(miss & live, ids, -1)
+    pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
+    pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
+
+    assign = (slots[:, None] == s_of) & valid[:, None]
+    written = (jnp.max(jnp.where(assign, 1, 0), axis=0) > 0) & live
+    new_id = jnp.max(jnp.where(assign, ids[:, None], -1), axis=0)
+    pltriton.store(table_ref.at[layer, b, h, pl.ds(0, Sp)], new_id, mask=written)
+    pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
+
+
+def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
+                 interpret: bool = False):
+    """One layer's slot assignment on the stacked tables, in place.
+
+    table, stamp: [L, B, Hk, S] int32 (block id held by each slot or -1; last selection step);
+    layer: traced int; ids: [B, Hk, K] int32 selected block ids (-1 unused); now: [B] LRU clock;
+    live: [B] bool, sequences still decoding. Returns (slots [B, Hk, K], loads [B, Hk, K], table,
+    stamp) equal to `nosa_jax.offload.assign_slots` on layer `layer`, with loads -1 and the layer's
+    rows unchanged for sequences that are not live.
+    """
+    L, B, Hk, S = table.shape
+    K = ids.shape[-1]
+    Kp, Sp = _next_pow2(max(K, 16)), _next_pow2(max(S, 16))
+    if max(Kp, Sp) > MAX_LANES:
+        raise ValueError(f"update_slots: K={K} and S={S} must be <= {MAX_LANES} (use nosa_jax.offload.assign_slots)")
+    args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
+            ids.astype(jnp.int32), table, stamp]
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    out = pl.pallas_call(
+        functools.partial(_slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
+        grid=(B, Hk),
+        in_specs=[any_spec] * len(args),
+        out_specs=[any_spec] * 4,
+        out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2 + [jax.ShapeDtypeStruct(table.shape, jnp.int32)] * 2,
+        input_output_aliases={4: 2, 5: 3},
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="nosa_update_slots",
+    )(*args)
+    return tuple(out)

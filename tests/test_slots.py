@@ -1,0 +1,140 @@
+"""The offloaded step's slot assignment: `nosa_jax.offload.assign_slots` (XLA) and the one-kernel
+path `pallas_kernels.slots.update_slots` (interpret mode on the CPU, cross-lowered for the H200)
+against a plain-Python LRU policy on random pool states."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_utils import verified_triton_modules
+from nosa_jax.offload import assign_slots
+from pallas_kernels.slots import update_slots
+
+
+def _lru(table, stamp, ids, now, live):
+    """Plain-Python policy, one (sequence, head) row at a time: a selected block already in the pool
+    keeps its slot; each miss, in selection order, takes the next slot that holds no selected block,
+    empty slots first (lowest slot first), then the least recently selected (lowest stamp, then
+    lowest slot). Stopped sequences load nothing and keep their rows."""
+    B, Hk, K = ids.shape
+    slots, loads = np.full((B, Hk, K), -1, np.int32), np.full((B, Hk, K), -1, np.int32)
+    table, stamp = table.copy(), stamp.copy()
+    for b in range(B):
+        for h in range(Hk):
+            row, chosen = list(table[b, h]), [int(i) for i in ids[b, h] if i >= 0]
+            free = sorted((s for s in range(len(row)) if row[s] not in chosen),
+                          key=lambda s: (-1 if row[s] < 0 else stamp[b, h, s], s))
+            for k, i in enumerate(ids[b, h]):
+                if i < 0:
+                    continue
+                if i in row:
+                    slots[b, h, k] = row.index(i)
+                else:
+                    slots[b, h, k] = free.pop(0)
+                    loads[b, h, k] = i if live[b] else -1
+            if live[b]:
+                for k, i in enumerate(ids[b, h]):
+                    if i >= 0:
+                        table[b, h, slots[b, h, k]] = i
+                        stamp[b, h, slots[b, h, k]] = now[b]
+    return slots, loads, table, stamp
+
+
+def _state(rng, L, B, Hk, S, K, n_blocks=300):
+    """Pool tables holding distinct blocks (or -1), stamps, and selections of K distinct blocks
+    (some of them in the pool, -1 padding at random places)."""
+    table = np.full((L, B, Hk, S), -1, np.int32)
+    ids = np.full((B, Hk, K), -1, np.int32)
+    for idx in np.ndindex(L, B, Hk):
+        n = rng.integers(0, S + 1)
+        table[idx][rng.permutation(S)[:n]] = rng.choice(n_blocks, n, replace=False)
+    for b, h in np.ndindex(B, Hk):
+        n = rng.integers(0, K + 1)
+        cur = table[1, b, h][table[1, b, h] >= 0]
+        from_pool = rng.choice(cur, min(len(cur), rng.integers(0, n + 1)), replace=False)
+        rest = rng.permutation(np.setdiff1d(np.arange(n_blocks), table[1, b, h]))[: n - len(from_pool)]
+        chosen = rng.permutation(np.concatenate([from_pool, rest]).astype(np.int32))
+        ids[b, h, np.sort(rng.permutation(K)[:n])] = chosen
+    stamp = rng.integers(0, 6, (L, B, Hk, S)).astype(np.int32)  # few values: many stamp ties
+    now = rng.integers(10, 20, B).astype(np.int32)
+    live = rng.random(B) < 0.75
+    return table, stamp, ids, now, live
+
+
+@pytest.mark.parametrize("S,K", [(16, 16), (128, 64), (12, 5), (40, 33)])
+def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
+    rng = np.random.default_rng(S * 100 + K)
+    for _ in range(4):
+        table, stamp, ids, now, live = _state(rng, 3, 4, 2, S, K)
+        want = _lru(table[1], stamp[1], ids, now, live)
+        got = update_slots(jnp.asarray(table), jnp.asarray(stamp), 1, jnp.asarray(ids), jnp.asarray(now),
+                           jnp.asarray(live), interpret=True)
+        for g, w in zip(got[:2], want[:2]):
+            np.testing.assert_array_equal(np.asarray(g), w)
+        for g, w, before in zip(got[2:], want[2:], (table, stamp)):
+            g = np.asarray(g)
+            np.testing.assert_array_equal(g[1], w)
+            np.testing.assert_array_equal(np.delete(g, 1, axis=0), np.delete(before, 1, axis=0))  # other layers
+        # the XLA version (the decode step's default), the live mask applied as decode_attend does
+        s, ld, t, st = assign_slots(jnp.asarray(table[1]), jnp.asarray(stamp[1]), jnp.asarray(ids), jnp.asarray(now))
+        keep = live[:, None, None]
+        np.testing.assert_array_equal(np.asarray(s), want[0])
+        np.testing.assert_array_equal(np.where(keep, np.asarray(ld), -1), want[1])
+        np.testing.assert_array_equal(np.where(keep, np.asarray(t), table[1]), want[2])
+        np.testing.assert_array_equal(np.where(keep, np.asarray(st), stamp[1]), want[3])
+
+
+def test_update_slots_refuses_rows_over_the_lane_limit():
+    table = jnp.full((1, 1, 1, 512), -1, jnp.int32)
+    with pytest.raises(ValueError, match="assign_slots"):
+        update_slots(table, table, 0, jnp.zeros((1, 1, 64), jnp.int32), jnp.zeros(1, jnp.int32),
+                     jnp.ones(1, bool), interpret=True)
+
+
+def test_update_slots_lowers_to_one_in_place_triton_kernel():
+    """Cross-lowered for the H200 (no GPU needed): one Triton call, grid (B, Hk), the table and
+    stamps aliased to their outputs, and a Triton module the MLIR verifier accepts."""
+    L, B, Hk, S, K = 32, 16, 2, 128, 64
+    table = jnp.zeros((L, B, Hk, S), jnp.int32)
+    txt, modules = verified_triton_modules(
+        lambda t, s, layer, ids, now, live: update_slots(t, s, layer, ids, now, live),
+        table, table, jnp.int32(3), jnp.zeros((B, Hk, K), jnp.int32), jnp.zeros(B, jnp.int32), jnp.ones(B, bool))
+    calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
+    assert len(calls) == 1 and len(modules) == 1
+    assert "grid_x = 16 " in calls[0] and "grid_y = 2 " in calls[0]
+    assert calls[0].count("#stablehlo.output_operand_alias<") == 2
+
+
+def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
+    """The offloaded decode with the Pallas model (interpret mode) gives the same tokens, logits and
+    pool statistics with the slot kernel as with assign_slots, also after a sequence stops."""
+    from flax import nnx
+
+    from model_utils import random_model, small_config
+    from nosa_jax.config import NosaConfig
+    from nosa_jax.generate import generate
+    from nosa_jax.model import from_params
+    from pallas_kernels import slots as slots_kernel
+
+    cfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
+                                                    local_blocks=1, topk=4, qk_select=3))
+    ref = random_model(cfg, "nosa", seed=5)
+    model = from_params(cfg, nnx.to_pure_dict(nnx.state(ref, nnx.Param)), mode="nosa", impl="pallas", interpret=True)
+    prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (90, 40, 70)]
+    eos = generate(ref, prompts, max_new_tokens=30, eos_ids=[]).tokens[1][12]  # sequence 1 stops early
+    runs = {}
+    for impl in ("xla", "pallas"):
+        monkeypatch.setattr(slots_kernel, "SLOTS_IMPL", impl)
+        traced = []
+        kernel = slots_kernel._slots_kernel
+        monkeypatch.setattr(slots_kernel, "_slots_kernel", lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
+        jax.clear_caches()  # the setting is read at trace time
+        runs[impl] = generate(model, prompts, max_new_tokens=30, eos_ids=[eos], save_logits=True, kv_offload=True,
+                              pool_slots=6)
+        assert bool(traced) == (impl == "pallas")
+    a, b = runs["xla"], runs["pallas"]
+    assert len(a.tokens[1]) < 30 and a.tokens == b.tokens
+    np.testing.assert_array_equal(b.logits, a.logits)
+    for name in ("misses", "selected", "reused"):
+        np.testing.assert_array_equal(b.offload_stats[name], a.offload_stats[name])
