@@ -31,6 +31,7 @@ from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import DECODE_XLA_OPTIONS, PAD, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM
 
+
 def random_cache(model, batch, context, capacity, key):
     """A cache of `capacity` tokens per sequence holding `context` random tokens (keys, values,
     scores, compressed keys ~ N(0, 0.25)): decode cost does not depend on the values. Built in one
