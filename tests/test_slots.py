@@ -121,8 +121,8 @@ def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
                                                     local_blocks=1, topk=4, qk_select=3))
     ref = random_model(cfg, "nosa", seed=5)
     model = from_params(cfg, nnx.to_pure_dict(nnx.state(ref, nnx.Param)), mode="nosa", impl="pallas", interpret=True)
-    prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (90, 40, 70)]
-    eos = generate(ref, prompts, max_new_tokens=30, eos_ids=[]).tokens[1][12]  # sequence 1 stops early
+    prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (70, 30)]
+    eos = generate(ref, prompts, max_new_tokens=20, eos_ids=[]).tokens[1][8]  # sequence 1 stops early
     runs = {}
     for impl in ("xla", "pallas"):
         monkeypatch.setattr(slots_kernel, "SLOTS_IMPL", impl)
@@ -130,11 +130,11 @@ def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
         kernel = slots_kernel._slots_kernel
         monkeypatch.setattr(slots_kernel, "_slots_kernel", lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
         jax.clear_caches()  # the setting is read at trace time
-        runs[impl] = generate(model, prompts, max_new_tokens=30, eos_ids=[eos], save_logits=True, kv_offload=True,
+        runs[impl] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True, kv_offload=True,
                               pool_slots=6)
         assert bool(traced) == (impl == "pallas")
     a, b = runs["xla"], runs["pallas"]
-    assert len(a.tokens[1]) < 30 and a.tokens == b.tokens
+    assert len(a.tokens[1]) < 20 and a.tokens == b.tokens
     np.testing.assert_array_equal(b.logits, a.logits)
     for name in ("misses", "selected", "reused"):
         np.testing.assert_array_equal(b.offload_stats[name], a.offload_stats[name])
