@@ -73,7 +73,8 @@ def main():
                          "repeat for several (default: one run with the modules' defaults)")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
-    defaults = {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr) for k, (mod, attr) in VARIANT_KEYS.items()}
+    defaults = {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
+                for k, (mod, attr) in VARIANT_KEYS.items()}
     shape = SHAPES[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,

@@ -116,7 +116,8 @@ def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now:
         grid=(B, Hk),
         in_specs=[any_spec] * len(args),
         out_specs=[any_spec] * 4,
-        out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2 + [jax.ShapeDtypeStruct(table.shape, jnp.int32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
+                  + [jax.ShapeDtypeStruct(table.shape, jnp.int32)] * 2,
         input_output_aliases={4: 2, 5: 3},
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,

@@ -161,7 +161,8 @@ def test_pallas_model_selections_gpu_1b(mode):
                 rows += 1
                 a, b = set(r1[r1 >= 0].tolist()), set(r2[r2 >= 0].tolist())
                 if a != b:  # where: the prefill (call 0) or decode step `call`, and which blocks
-                    differ.append((layer, "prefill" if call == 0 else f"decode {call}", r, sorted(a - b), sorted(b - a)))
+                    phase = "prefill" if call == 0 else f"decode {call}"
+                    differ.append((layer, phase, r, sorted(a - b), sorted(b - a)))
     print(f"\nrows with identical selections: {rows - len(differ)} / {rows}")
     for d in differ[:20]:
         print("  layer {}, {}, row {}: reference only {}, pallas only {}".format(*d))

@@ -128,7 +128,8 @@ def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
         monkeypatch.setattr(slots_kernel, "SLOTS_IMPL", impl)
         traced = []
         kernel = slots_kernel._slots_kernel
-        monkeypatch.setattr(slots_kernel, "_slots_kernel", lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
+        monkeypatch.setattr(slots_kernel, "_slots_kernel",
+                            lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
         jax.clear_caches()  # the setting is read at trace time
         runs[impl] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True, kv_offload=True,
                               pool_slots=6)
