@@ -313,8 +313,8 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     # 3. slots
     keep = live[:, None, None]
     with jax.named_scope("nosa_slots"):
-        S, K = off.table.shape[-1], ids.shape[-1]
-        if settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas" and max(S, K) <= slots_kernel.MAX_LANES:
+        if (settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas"
+                and slots_kernel.supported(off.table.shape[-1], ids.shape[-1])):
             slots, loads, table, stamp = slots_kernel.update_slots(off.table, off.stamp, layer, ids, kv_len, live,
                                                                    interpret=settings.interpret)
         else:

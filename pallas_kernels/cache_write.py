@@ -72,7 +72,7 @@ def _write_kernel(layer_ref, pos_ref, win_ref, k_ref, v_ref, cis_ref, *refs, T: 
 def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
                        n: NosaConfig, *, impl: str | None = None, interpret: bool = False) -> KVCache:
     """`cache_write(cache, layer, start, k, v, cis, n)`, the same cache bit for bit; with impl
-    "pallas" (default WRITE_IMPL) and one token per sequence (k: [B, 1, Hk, D]) the rows are
+    "pallas" (None: WRITE_IMPL) and one token per sequence (k: [B, 1, Hk, D]) the rows are
     stored by one kernel. interpret: Pallas interpret mode (CPU tests)."""
     impl = WRITE_IMPL if impl is None else impl
     if impl not in ("xla", "pallas"):

@@ -70,10 +70,9 @@ _TARGET_PROGRAMS = 512
 TOPK_IMPL = "pallas"
 
 # Default finish of decode_block_scores (normalise, sum over the group, pool) when the caller passes
-# none: "jnp" (XLA fusions) or "pallas" (one small kernel). Alone the two measured alike; inside the
-# 8B decode step (batch 16, 16K) the jnp finish is ~5 fusions, ~10 us per layer
-# (bench/results/profile-8b-b16-fused-qkv-*); `bench/profile_decode.py --select-finish pallas`
-# measures the kernel there.
+# none: "jnp" (XLA fusions) or "pallas" (one small kernel). Alone the two measured alike, and inside
+# the 8B decode step (batch 16, 16K) too: 7.327 vs 7.334 ms device time per step
+# (bench/results/profile-8b-b16-s5-variants-*; `bench/profile_decode.py --variant finish=pallas`).
 SCORES_FINISH = "jnp"
 
 

@@ -93,6 +93,11 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slo
     pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
 
 
+def supported(S: int, K: int) -> bool:
+    """Whether rows of S pool slots and K selected blocks fit the kernel (else use assign_slots)."""
+    return max(_next_pow2(max(K, 16)), _next_pow2(max(S, 16))) <= MAX_LANES
+
+
 def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
                  interpret: bool = False):
     """One layer's slot assignment on the stacked tables, in place.
@@ -106,7 +111,7 @@ def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now:
     L, B, Hk, S = table.shape
     K = ids.shape[-1]
     Kp, Sp = _next_pow2(max(K, 16)), _next_pow2(max(S, 16))
-    if max(Kp, Sp) > MAX_LANES:
+    if not supported(S, K):
         raise ValueError(f"update_slots: K={K} and S={S} must be <= {MAX_LANES} (use nosa_jax.offload.assign_slots)")
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
             ids.astype(jnp.int32), table, stamp]
