@@ -786,6 +786,12 @@ def parse_args(argv):
     bad = [m for m in args.models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from 8b 1b")
+    args.kept = []  # the --resume records
+    for f in args.resume:
+        try:
+            args.kept += json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--resume {f}: cannot read its records ({e}); pass the JSON an earlier run saved")
     if args.steps < 32:
         print(f"note: --steps {args.steps} < 32: not the issue's measurement (fine for a smoke test)", flush=True)
     return args
@@ -815,10 +821,9 @@ def main(argv=None) -> int:
     headroom = int(args.headroom_gb * GiB)
     print(f"budgets: {', '.join(budget_bytes)}; host {host_budget / GiB:.1f} GiB; headroom {args.headroom_gb} GiB",
           flush=True)
-    kept = [r for f in args.resume for r in json.loads(Path(f).read_text())]
     all_records = []
     for model_name in args.models:
-        records = measure_model(model_name, args, budget_bytes, host_budget, headroom, kept)
+        records = measure_model(model_name, args, budget_bytes, host_budget, headroom, args.kept)
         all_records += records
         if args.dry_run:
             continue

@@ -131,3 +131,11 @@ def test_finished_runs_saved_when_stopped_and_resumed(tmp_path, monkeypatch):
     runs, _, _ = tp.collect(records)
     assert set(runs) == measured | {("tiny", "nosa-offload", "top-k", 256, 1)}
     assert kept <= {json.dumps(r, sort_keys=True) for r in records}  # the first call's records, as they were
+
+
+def test_resume_needs_readable_records(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    for f in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            tp.parse_args(["--models", "tiny", "--resume", str(f)])
