@@ -187,6 +187,9 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
               explicit_batches=None, quick: bool = False) -> list[dict]:
     """One entry per (context, method, pool): per-sequence memory, the largest batch under each
     budget, and the batches to run."""
+    from nosa_jax.generate import pinned_host_limit_bytes
+
+    pinned_pool = pinned_host_limit_bytes()  # the offloaded store must be placed in it (GPU only)
     entries = []
     for ctx in contexts:
         K = num_selected(cfg, ctx)
@@ -197,7 +200,8 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
                 maxb = {}
                 for label, b in budget_bytes.items():
                     p = capacity_plan(cfg, DTYPE, context=ctx, gpu_budget=b - headroom, host_budget=host_budget,
-                                      mode=mode if mode != "full" else "nosa", pool_slots=slots)
+                                      mode=mode if mode != "full" else "nosa", pool_slots=slots,
+                                      pinned_pool=pinned_pool)
                     kind = "dense" if mode == "full" else ("offloaded" if off else "sparse_on_device")
                     maxb[label] = p[kind]["max_batch"]
                 top = max(maxb.values(), default=0)

@@ -227,7 +227,7 @@ def cmd_plan(args) -> int:
     import jax.numpy as jnp
 
     from .checkpoint import load_config
-    from .generate import available_memory_bytes, host_memory_bytes
+    from .generate import available_memory_bytes, host_memory_bytes, pinned_host_limit_bytes
     from .offload import capacity_plan
 
     cfg = load_config(args.checkpoint)
@@ -235,7 +235,7 @@ def cmd_plan(args) -> int:
     gpu = _gib(args.gpu_memory_gb) or available_memory_bytes()
     host = _gib(args.host_memory_gb) or host_memory_bytes()
     plan = capacity_plan(cfg, dtype, context=args.context, gpu_budget=gpu, host_budget=host, mode=args.mode,
-                         pool_slots=args.pool_slots, batch=args.batch)
+                         pool_slots=args.pool_slots, batch=args.batch, pinned_pool=pinned_host_limit_bytes())
     print(f"{args.checkpoint}: weights {plan['weights_bytes'] / 2**30:.2f} GiB ({dtype.name}); budgets: device "
           f"{gpu / 2**30:.1f} GiB, host {host / 2**30:.1f} GiB; context {args.context} tokens")
     for kind in ("dense", "sparse_on_device", "offloaded"):

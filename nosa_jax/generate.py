@@ -22,8 +22,8 @@ from flax import nnx
 
 from .cache import KVCache, cache_bytes
 from .model import NosaForCausalLM
-from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, offload_bytes, pool_size,
-                      store_prefill)
+from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, offload_bytes, offload_shapes,
+                      pinned_pool_limit_needed, pinned_pool_reservation, pool_size, store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
 
@@ -252,25 +252,36 @@ class OffloadSettings:
 # The GPU client allocates pinned host memory from a pool of this many GiB (XLA's default: 64),
 # read once when the GPU backend starts: set it before that to hold a larger host store.
 PINNED_HOST_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+# With this set to true the pool is one region of the whole limit (XLA's default then: 16 GiB) - but
+# XLA then also preallocates a staging pool of the same size at the first transfer: measured on the
+# H200, a 5 GiB limit pinned 10 GiB (bench/results/probe-host-peak-s7-*), so it is no way to save memory.
+PINNED_HOST_PREALLOCATE_ENV = "XLA_PJRT_GPU_HOST_MEMORY_PREALLOCATE"
 
 
 def pinned_host_limit_bytes() -> int | None:
     """The GPU client's pinned host memory pool (None off the GPU, where no such pool exists)."""
     if jax.devices()[0].platform != "gpu":
         return None
+    default = "16" if pinned_pool_preallocated() else "64"
     try:
-        return int(float(os.environ.get(PINNED_HOST_LIMIT_ENV, "64")) * 2**30)
+        return int(float(os.environ.get(PINNED_HOST_LIMIT_ENV, default)) * 2**30)
     except ValueError:
-        return 64 * 2**30
+        return int(default) * 2**30
+
+
+def pinned_pool_preallocated() -> bool:
+    """Whether the process asked XLA for one preallocated pinned pool (PINNED_HOST_PREALLOCATE_ENV)."""
+    return os.environ.get(PINNED_HOST_PREALLOCATE_ENV, "").strip().lower() in ("true", "1")
 
 
 def host_memory_bytes() -> int | None:
     """The pinned store's default budget: free host RAM, and on the GPU at most the pinned pool."""
+    pool = pinned_host_limit_bytes()
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         free = None
-    limits = [x for x in (free, pinned_host_limit_bytes()) if x is not None]
+    limits = [x for x in (free, pool) if x is not None]
     return min(limits) if limits else None
 
 
@@ -330,19 +341,33 @@ class Generator:
             dev, host = offload_bytes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
         except OffloadError as e:
             raise GenerationError(str(e)) from e
+        pinned = host  # host memory the store takes: more than its bytes in a growing pinned pool
         pool = pinned_host_limit_bytes()
-        if pool is not None and host > pool:
-            raise GenerationError(
-                f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
-                f"pinned host memory but the GPU client's pinned pool is {pool / 2**30:.0f} GiB; start the "
-                f"process with {PINNED_HOST_LIMIT_ENV}={math.ceil(host / 2**30) + 1} (set before JAX starts the "
-                f"GPU backend) or lower the batch size or the capacity")
+        if pool is not None:
+            shapes, on_host = offload_shapes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
+            arrays = [math.prod(shapes[k].shape) * shapes[k].dtype.itemsize for k in sorted(on_host)]
+            preallocated = pinned_pool_preallocated()
+            reserved = pinned_pool_reservation(arrays, pool, preallocated=preallocated)
+            if reserved is None:
+                need = math.ceil(host / 2**30) + 1 if preallocated else pinned_pool_limit_needed(arrays)
+                raise GenerationError(
+                    f"the offloaded KV store for batch {B} x {capacity} tokens ({len(arrays)} arrays of "
+                    f"{arrays[0] / 2**30:.2f} GiB) cannot be placed in the GPU client's pinned host pool of "
+                    f"{pool / 2**30:.1f} GiB (XLA's pinned allocator grows by regions of powers of two: it needs a "
+                    f"limit of {need} GiB for this store); start the process with {PINNED_HOST_LIMIT_ENV}={need} "
+                    f"(set before JAX starts the GPU backend; that much host RAM must be free) or lower the batch "
+                    f"size or the capacity")
+            if not preallocated:
+                pinned = reserved
         host_budget = self.offload.host_memory_budget
         host_budget = host_budget if host_budget is not None else host_memory_bytes()
-        if host_budget is not None and host > host_budget:
+        if host_budget is not None and pinned > host_budget:
+            grown = "" if pinned == host else (
+                f" (a {host / 2**30:.2f} GiB store in the power-of-two regions of XLA's growing pinned pool; a "
+                f"lower {PINNED_HOST_LIMIT_ENV} caps the last region)")
             raise GenerationError(
-                f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
-                f"host memory but the budget is {host_budget / 2**30:.2f} GiB; lower the batch size or "
+                f"the offloaded KV store for batch {B} x {capacity} tokens needs {pinned / 2**30:.2f} GiB of "
+                f"host memory{grown} but the budget is {host_budget / 2**30:.2f} GiB; lower the batch size or "
                 f"the capacity (prompt length + max_new_tokens)")
         per_seq = cache_bytes(self.cfg, 1, capacity, self.model_dtype, self.mode)
         if budget is not None and dev + per_seq > budget:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -395,6 +396,57 @@ def _flush(off: OffloadedKV, n: NosaConfig, steps: int) -> OffloadedKV:
 
 
 # ------------------------------------------------------------------------------- capacity planning
+_BFC_UNIT = 256  # the BFC allocator's allocation granularity
+_BFC_FIRST_REGION = 2 << 20  # a growing BFC pool's first region size
+
+
+def pinned_pool_reservation(sizes: Sequence[int], limit: int, *, preallocated: bool) -> int | None:
+    """Bytes of pinned host memory that XLA's pool (a BFC allocator, `xla_gpu_host_bfc`, of `limit`
+    bytes) reserves to hold arrays of `sizes` bytes allocated in this order into an empty pool, or
+    None when one of them cannot be placed.
+
+    The pool grows by regions. A request that fits no free tail of a region gets a new region:
+    the region size doubles (from 2 MiB) until it holds the request, the region takes that size
+    or what is left of the limit if less, and a region that did not need to grow doubles the size
+    of the next one. So two store arrays of X bytes take a region of the next power of two >= X
+    and a second of that size: two 2.02 GiB arrays reserve 8 GiB (measured on the H200,
+    bench/results/probe-host-peak-*), and two arrays of 50 GiB fail under a 112 GiB limit (the first
+    region is 64 GiB, 48 GiB are left for the second array). A preallocated pool is one region of
+    the whole limit from the start, which the arrays fill exactly.
+    """
+    unit = _BFC_UNIT
+    region_size = limit // unit * unit if preallocated else _BFC_FIRST_REGION
+    reserved, tails = 0, []  # free bytes at the end of each region (nothing is freed here)
+    for n in (-(-int(x) // unit) * unit for x in sizes):
+        fitting = [i for i, t in enumerate(tails) if t >= n]
+        if fitting:  # best fit: the smallest free tail that holds the request
+            i = min(fitting, key=lambda j: tails[j])
+            tails[i] -= n
+            continue
+        available = (limit - reserved) // unit * unit
+        if n > available:
+            return None
+        grew = n > region_size
+        while n > region_size:
+            region_size *= 2
+        region = min(region_size, available)
+        if not grew:
+            region_size *= 2
+        reserved += region
+        tails.append(region - n)
+    return reserved
+
+
+def pinned_pool_limit_needed(sizes: Sequence[int]) -> int:
+    """The smallest pool limit, in whole GiB, in which a growing pinned pool places `sizes`
+    (pinned_pool_reservation): for two arrays of X bytes, next_pow2(X) + X, between 1 and 1.5 times
+    their bytes."""
+    gib = max(1, math.ceil(sum(sizes) / 2**30))
+    while pinned_pool_reservation(sizes, gib * 2**30, preallocated=False) is None:
+        gib += 1
+    return gib
+
+
 def weight_bytes(cfg: ModelConfig, dtype) -> int:
     from .model import abstract_params
 
@@ -402,14 +454,18 @@ def weight_bytes(cfg: ModelConfig, dtype) -> int:
 
 
 def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, host_budget: int,
-                  mode: str = "nosa", pool_slots: int | None = None, batch: int | None = None) -> dict:
+                  mode: str = "nosa", pool_slots: int | None = None, batch: int | None = None,
+                  pinned_pool: int | None = None) -> dict:
     """Largest batch at `context` tokens per sequence (and, given `batch`, the largest context) for
     the three ways of holding the KV cache, counting the weights and the KV state (not the
     activations of a step):
       dense             full attention, every token's K/V on the device
       sparse_on_device  `mode` (nosa/infllmv2) with the whole cache on the device
       offloaded         `mode` with K/V in host memory and a device pool of `pool_slots` slots
-                        (default 2 x top-k), plus room to prefill one sequence on the device.
+                        (default 2 x top-k), plus room to prefill one sequence on the device;
+                        with `pinned_pool` (the GPU client's pinned pool limit, growing) the store
+                        must also be placed in it, and the host budget counts the regions it takes
+                        (pinned_pool_reservation).
     Bytes are per sequence; budgets in bytes."""
     from .cache import cache_bytes
 
@@ -427,11 +483,21 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
         dev, host = offload_bytes(cfg, 1, ctx, dtype, mode, slots(ctx))
         return dev, host, cache_bytes(cfg, 1, ctx, dtype, mode)  # + one sequence's prefill cache
 
+    def pinned_fits(b, host):  # the store's two equal arrays placed in the pool, within the host budget
+        reserved = pinned_pool_reservation([b * host // 2] * 2, pinned_pool, preallocated=False)
+        return reserved is not None and reserved <= host_budget
+
     def max_batch(kind, ctx):
         dev, host, fixed = per_seq(kind, ctx)
         b = (free - fixed) // dev if free - fixed > 0 else 0
         if host:
             b = min(b, host_budget // host)
+            if pinned_pool is not None:  # feasibility only shrinks as the batch grows: bisect
+                lo, hi = 0, max(0, b)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if pinned_fits(mid, host) else (lo, mid - 1)
+                b = lo
         return int(max(0, b))
 
     def max_context(kind, b):  # the largest multiple of the block size that fits b sequences

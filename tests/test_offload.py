@@ -206,6 +206,90 @@ def test_offload_refuses_a_store_larger_than_the_pinned_pool(monkeypatch):
                  kv_offload=OffloadSettings(host_memory_budget=2**40))
 
 
+
+MiB, GiB = 2**20, 2**30
+
+
+def test_pinned_pool_reservation_follows_the_bfc_growth_rule():
+    """XLA's growing pinned pool (a BFC allocator) adds regions of doubling size, capped by what is
+    left of its limit; the numbers here are worked by hand from that rule, and the first one was
+    measured on the H200 (bench/results/probe-host-peak-*: a 4.04 GiB store took 8.00 GiB)."""
+    from nosa_jax.offload import pinned_pool_reservation as reserve
+
+    store = [2168455168, 2168455168]  # 1B shape, 4 layers, batch 32, 32K tokens: K and V
+    assert reserve(store, 112 * GiB, preallocated=False) == 8 * GiB  # a 4 GiB region each
+    assert reserve(store, 7 * GiB, preallocated=False) == 7 * GiB  # the second region capped at 3 GiB
+    assert reserve(store, 5 * GiB, preallocated=False) is None  # 1 GiB left after the first region
+    assert reserve(store, 5 * GiB, preallocated=True) == 5 * GiB  # one region: the store fits
+    assert reserve([50 * GiB] * 2, 112 * GiB, preallocated=False) is None  # 64 GiB region, 48 left
+    assert reserve([50 * GiB] * 2, 112 * GiB, preallocated=True) == 112 * GiB
+    assert reserve([3 * MiB, 3 * MiB, 1 * MiB], 64 * GiB, preallocated=False) == 8 * MiB  # 4 + 4, then a tail
+    assert reserve([1 * MiB, 3 * MiB], 64 * GiB, preallocated=False) == 2 * MiB + 4 * MiB
+    assert reserve([3 * MiB] * 3, 64 * GiB, preallocated=False) == 4 * MiB + 4 * MiB + 8 * MiB  # the size doubled
+    assert reserve([6 * GiB], 5 * GiB, preallocated=True) is None
+    from nosa_jax.offload import pinned_pool_limit_needed as need
+
+    assert need(store) == 7  # 4 GiB + 2.02 GiB: 6.02, in whole GiB
+    assert need([50 * GiB] * 2) == 64 + 50
+    assert need([33 * GiB] * 2) == 64 + 33
+
+
+def test_offload_refuses_a_store_that_the_growing_pinned_pool_cannot_place(monkeypatch):
+    """A store whose bytes fit the pinned pool but whose second array finds no room after the
+    pool's power-of-two first region is refused up front, naming the pool limit that places it
+    (the first region and one more array); with that limit the same run is accepted. The host
+    budget counts the regions the store takes, not only its bytes."""
+    import nosa_jax.generate as gen
+    from nosa_jax.offload import offload_bytes, pinned_pool_limit_needed, pool_size
+
+    cfg = small_config(max_position_embeddings=65536)
+    model = random_model(cfg, "nosa")
+    capacity = 12288
+    store = offload_bytes(cfg, len(PROMPTS), capacity, jnp.float32, "nosa", pool_size(cfg, capacity))[1]
+    X = store // 2
+    assert 4 * MiB < X <= 16 * MiB / 3  # an 8 MiB first region; the store's 2 X bytes fit 8 MiB + X / 2
+    assert pinned_pool_limit_needed([X, X]) == 1  # whole GiB: 8 MiB + X
+    monkeypatch.delenv(gen.PINNED_HOST_PREALLOCATE_ENV, raising=False)
+    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 8 * MiB + X // 2)
+    g = Generator(model, offload=OffloadSettings(host_memory_budget=2**40))
+    with pytest.raises(GenerationError, match="needs a limit of 1 GiB.*XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=1 "):
+        g.validate(PROMPTS, 4, capacity, None)
+    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 8 * MiB + X)
+    assert g.validate(PROMPTS, 4, capacity, None) >= 1
+
+    # a large pool: the store takes two 8 MiB regions, more than a 12 MiB host budget
+    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 64 * GiB)
+    g = Generator(model, offload=OffloadSettings(host_memory_budget=12 * MiB))
+    with pytest.raises(GenerationError, match=r"needs 0\.02 GiB of host memory \(a 0\.01 GiB store in the power-of-two"):
+        g.validate(PROMPTS, 4, capacity, None)
+    g = Generator(model, offload=OffloadSettings(host_memory_budget=16 * MiB))
+    assert g.validate(PROMPTS, 4, capacity, None) >= 1
+
+
+def test_capacity_plan_places_the_offloaded_store_in_the_pinned_pool():
+    """With a pinned pool the plan's offloaded batch is the largest whose two store arrays of X
+    bytes the growing pool places: next_pow2 region(X) + X <= pool (closed form for two equal
+    arrays; a first region as large as the pool holds both if 2 X <= pool)."""
+    from nosa_jax.offload import capacity_plan
+
+    cfg = small_config(max_position_embeddings=65536)
+    kw = dict(context=8192, gpu_budget=2**40, host_budget=2**40, pool_slots=12)
+    free = capacity_plan(cfg, jnp.float32, **kw)["offloaded"]
+    X1 = free["host_bytes_per_seq"] // 2
+
+    def fits(b, pool):
+        X, region = b * X1, 2 * MiB
+        while region < X:
+            region *= 2
+        return 2 * X <= pool if region >= pool else region + X <= pool
+
+    for pool, binds in ((37 * MiB, True), (64 * MiB, False), (100 * MiB, True)):
+        want = max(b for b in range(1, 4 * pool // X1) if fits(b, pool))
+        got = capacity_plan(cfg, jnp.float32, pinned_pool=pool, **kw)["offloaded"]["max_batch"]
+        assert got == want, (pool, got, want)
+        assert (got < pool // (2 * X1)) == binds  # fewer than the pool's bytes alone would hold
+    assert free["max_batch"] > 100 * MiB // (2 * X1)
+
 @pytest.mark.gpu
 def test_offloaded_equals_on_device_gpu_1b():
     """1B shape, bf16, ~16K-token ragged prompts, Pallas kernels: the offloaded cache (zero-copy
