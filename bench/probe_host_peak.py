@@ -119,7 +119,7 @@ def main() -> int:
                   + ("no room for the second array" if pred is None else f"{pred / GiB:.2f} GiB reserved"), flush=True)
         try:
             off = init_offloaded(cfg, a.batch, a.capacity, dtype, "nosa", slots)
-            jax.block_until_ready(off.host_v)
+            jax.block_until_ready(off.host_kv)
             phase("store arrays allocated")
         except Exception as e:  # noqa: BLE001 - the probe reports what XLA said
             phase("allocation failed")

@@ -4,7 +4,7 @@ Run from the repo root on the GPU machine (about 1 minute):
     python bench/probe_offload.py            # summary also written to $OUT/probe_offload.txt if $OUT is set
     PROBE_SMALL=1 python bench/probe_offload.py   # CPU smoke test of this script (pallas interpreted)
 
-Shapes: L=4, B=16, Hk=2, NB=256, bs=64, D=128 bf16 (host K and V stores 512 MiB each, pinned_host),
+Shapes: L=4, B=16, Hk=2, NB=256, bs=64, D=128 bf16 (host K+V store of 1 GiB, pinned_host),
 S=32 pool slots per (b, h), M=8 misses per (b, h) and call (256 blocks of 16 KiB for K and for V =
 8 MiB per call, 10% of them -1 padding).
 Cases (each prints OK/FAIL with the exception text):
@@ -12,7 +12,7 @@ Cases (each prints OK/FAIL with the exception text):
      bit-exact vs NumPy, time per call, GB/s (bytes of the non-skipped K+V blocks).
   2. the same with path="xla".
   3. decode-loop shape: lax.fori_loop over 3 steps { lax.scan over the 4 layers { load_blocks } }
-     with the donated host stores and pools in the carry, each path: bit-exact, time per step.
+     with the donated host store and pools in the carry, each path: bit-exact, time per step.
   4. copies in the compiled HLO of cases 1-3: `copy(` / `copy-start(` instructions whose type is a
      host-store or pool shape (a per-step full copy would show here).
 (The host store is written by `nosa_jax.offload.flush`, not here; bench/offload.py measures it.)
@@ -84,7 +84,7 @@ def hlo_copies(hlo: str, shapes: dict[str, str]) -> dict[str, list[str]]:
 
 
 def report_copies(tag: str, compiled_text: str) -> None:
-    shapes = {"host store": f"bf16[{L},{B},{Hk},{NB},{BS},{D}]", "pool k/v": f"bf16[{L},{B},{S * BS},{Hk},{D}]",
+    shapes = {"host store": f"bf16[{L},{B},{Hk},{NB},2,{BS},{D}]", "pool k/v": f"bf16[{L},{B},{S * BS},{Hk},{D}]",
               "pool bias": f"f32[{L},{B},{S * BS},{Hk}]"}
     found = hlo_copies(compiled_text, shapes)
     n_cs = sum("copy-start" in ln for ln in compiled_text.splitlines())
@@ -103,7 +103,7 @@ def main() -> None:
         f"memories {[m.kind for m in dev.addressable_memories()]}")
     log(f"loader_path('auto'): load_blocks -> {loader_path()}")
     log(f"shapes: L={L} B={B} Hk={Hk} NB={NB} bs={BS} D={D} S={S} M={M}; host store "
-        f"{L * B * Hk * NB * BS * D * 2 / 2**20:.0f} MiB each (K, V)")
+        f"{L * B * Hk * NB * 2 * BS * D * 2 / 2**20:.0f} MiB (K and V)")
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -111,7 +111,8 @@ def main() -> None:
     def rand_bf16(*shape):  # normal positive bf16 bit patterns (no subnormals), cheap to make
         return rng.integers(0x0080, 0x3F80, size=shape, dtype=np.uint16).view(ml_dtypes.bfloat16)
 
-    hk_np, hv_np = rand_bf16(L, B, Hk, NB, BS, D), rand_bf16(L, B, Hk, NB, BS, D)
+    hkv_np = rand_bf16(L, B, Hk, NB, 2, BS, D)
+    hk_np, hv_np = hkv_np[:, :, :, :, 0], hkv_np[:, :, :, :, 1]
     cis_np = rng.standard_normal((L, B, NB * BS, Hk)).astype(np.float32)
     pk_np, pv_np = rand_bf16(L, B, S * BS, Hk, D), rand_bf16(L, B, S * BS, Hk, D)
     pb_np = rng.standard_normal((L, B, S * BS, Hk)).astype(np.float32)
@@ -138,22 +139,22 @@ def main() -> None:
         pb[layer, bb[:, None], rows, hh[:, None]] = cis_np[layer, bb[:, None], blk[:, None] * BS + i_bs, hh[:, None]]
 
     def put_host():
-        return jax.device_put(hk_np, pin), jax.device_put(hv_np, pin)
+        return jax.device_put(hkv_np, pin)
 
     loaded_bytes = lambda blocks: int((blocks >= 0).sum()) * BS * D * 2 * 2  # K + V
 
     # ---------------- cases 1, 2: load_blocks in a jitted fori_loop ----------------
-    hk_h, hv_h = put_host()
+    hkv_h = put_host()
     for case, path in ((1, "pallas"), (2, "xla")):
         tag = f"[{case}] load_blocks path={path}"
         try:
-            def f(pk, pv, pb, hk, hv, cis, blocks, slots, path=path):
+            def f(pk, pv, pb, hkv, cis, blocks, slots, path=path):
                 def body(i, c):
-                    return load_blocks(hk, hv, cis, *c, i % L, blocks[i], slots[i], block_size=BS, path=path, interpret=INTERPRET)
+                    return load_blocks(hkv, cis, *c, i % L, blocks[i], slots[i], block_size=BS, path=path, interpret=INTERPRET)
                 return lax.fori_loop(0, ITERS, body, (pk, pv, pb))
 
             jf = jax.jit(f, donate_argnums=(0, 1, 2))
-            args = lambda: (jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np), hk_h, hv_h,
+            args = lambda: (jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np), hkv_h,
                             jnp.asarray(cis_np), jnp.asarray(blocks_np), jnp.asarray(slots_np))
             t = time.perf_counter()
             comp = jf.lower(*args()).compile()
@@ -167,7 +168,7 @@ def main() -> None:
             cur = out
             for _ in range(5):
                 t = time.perf_counter()
-                cur = jax.block_until_ready(comp(*cur, hk_h, hv_h, jnp.asarray(cis_np), jnp.asarray(blocks_np),
+                cur = jax.block_until_ready(comp(*cur, hkv_h, jnp.asarray(cis_np), jnp.asarray(blocks_np),
                                                  jnp.asarray(slots_np)))
                 times.append(time.perf_counter() - t)
             med = float(np.median(times))
@@ -188,25 +189,25 @@ def main() -> None:
     for t in range(STEPS):
         for layer in range(L):
             ref_load(hk_np, hv_np, rk, rv, rb, layer, sb_np[t, layer], ss_np[t, layer])
-    hk_h = hv_h = None  # cases 1, 2 kept theirs (not donated there); case 3 donates fresh ones
+    hkv_h = None  # cases 1, 2 kept theirs (not donated there); case 3 donates fresh ones
     for lp in ("pallas", "xla"):
         tag = f"[3] fori(steps){{scan(layers){{load {lp}}}}}"
         try:
-            def h(hk, hv, pk, pv, pb, cis, blocks, slots, lp=lp):
+            def h(hkv, pk, pv, pb, cis, blocks, slots, lp=lp):
                 def step(t, carry):
                     def layer_fn(c, xs):
-                        hk, hv, pk, pv, pb = c
+                        hkv, pk, pv, pb = c
                         layer, bl, sl = xs
-                        pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=lp,
+                        pk, pv, pb = load_blocks(hkv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=lp,
                                                  interpret=INTERPRET)
-                        return (hk, hv, pk, pv, pb), None
+                        return (hkv, pk, pv, pb), None
 
                     return lax.scan(layer_fn, carry, (jnp.arange(L, dtype=jnp.int32), blocks[t], slots[t]))[0]
 
-                return lax.fori_loop(0, STEPS, step, (hk, hv, pk, pv, pb))
+                return lax.fori_loop(0, STEPS, step, (hkv, pk, pv, pb))
 
-            jh = jax.jit(h, donate_argnums=(0, 1, 2, 3, 4))
-            fresh = lambda: (*put_host(), jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np))
+            jh = jax.jit(h, donate_argnums=(0, 1, 2, 3))
+            fresh = lambda: (put_host(), jnp.asarray(pk_np), jnp.asarray(pv_np), jnp.asarray(pb_np))
             rest = lambda: (jnp.asarray(cis_np), jnp.asarray(sb_np), jnp.asarray(ss_np))
             t = time.perf_counter()
             comp = jh.lower(*fresh(), *rest()).compile()
@@ -215,11 +216,11 @@ def main() -> None:
             out = jax.block_until_ready(comp(*fresh(), *rest()))
             t_run = time.perf_counter() - t
             kinds = tuple(o.sharding.memory_kind for o in out)
-            oks = [same(o, r) for o, r in zip(out, (hk_np, hv_np, rk, rv, rb))]
+            oks = [same(o, r) for o, r in zip(out, (hkv_np, rk, rv, rb))]
             t = time.perf_counter()
             out = jax.block_until_ready(comp(*out, *rest()))  # the previous outputs, donated again
             t_run2 = time.perf_counter() - t
-            log(f"{'OK  ' if all(oks) else 'FAIL'} {tag}: bit-exact (hk, hv, pk, pv, pb)={oks}; kinds {kinds}; "
+            log(f"{'OK  ' if all(oks) else 'FAIL'} {tag}: bit-exact (hkv, pk, pv, pb)={oks}; kinds {kinds}; "
                 f"compile {t_c:.1f}s; {t_run2 / STEPS * 1e3:.2f} ms/step of {L} layers (first run "
                 f"{t_run / STEPS * 1e3:.2f})")
             report_copies(tag, comp.as_text())

@@ -351,12 +351,10 @@ class Generator:
             if reserved is None:
                 need = math.ceil(host / 2**30) + 1 if preallocated else pinned_pool_limit_needed(arrays)
                 raise GenerationError(
-                    f"the offloaded KV store for batch {B} x {capacity} tokens ({len(arrays)} arrays of "
-                    f"{arrays[0] / 2**30:.2f} GiB) cannot be placed in the GPU client's pinned host pool of "
-                    f"{pool / 2**30:.1f} GiB (XLA's pinned allocator grows by regions of powers of two: it needs a "
-                    f"limit of {need} GiB for this store); start the process with {PINNED_HOST_LIMIT_ENV}={need} "
-                    f"(set before JAX starts the GPU backend; that much host RAM must be free) or lower the batch "
-                    f"size or the capacity")
+                    f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
+                    f"pinned host memory but the GPU client's pinned pool is {pool / 2**30:.1f} GiB; start the "
+                    f"process with {PINNED_HOST_LIMIT_ENV}={need} (set before JAX starts the GPU backend; that "
+                    f"much host RAM must be free) or lower the batch size or the capacity")
             if not preallocated:
                 pinned = reserved
         host_budget = self.offload.host_memory_budget

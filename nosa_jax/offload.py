@@ -2,8 +2,11 @@
 block slots on the device, and per-step loads of only the blocks the selection newly needs.
 
 Layout (L layers, B sequences, Hk kv heads, NB blocks of bs tokens, S pool slots, D head dim):
-  host_k, host_v  [L, B, Hk, NB + F, bs, D]  model dtype, pinned host: one contiguous chunk per
-                                         (layer, sequence, head, block); F = flush_blocks spare
+  host_kv         [L, B, Hk, NB + F, 2, bs, D]  model dtype, pinned host: K (index 0) and V (1) of
+                                         each (layer, sequence, head, block) in one contiguous
+                                         chunk, the whole store one allocation (pinned_pool_reservation:
+                                         XLA's pinned pool places one array whenever it fits, two
+                                         equal ones need next_pow2(X) + X); F = flush_blocks spare
                                          blocks so a flush window never runs past the end
   pool_k, pool_v  [L, B, S*bs, Hk, D]    device: slot s of head h = rows s*bs .. s*bs+bs-1, the
                                          layout the decode kernel reads (`slots` index it)
@@ -58,8 +61,7 @@ from .config import ModelConfig, NosaConfig
 
 @dataclasses.dataclass
 class OffloadedKV:
-    host_k: jax.Array
-    host_v: jax.Array
+    host_kv: jax.Array
     pool_k: jax.Array
     pool_v: jax.Array
     pool_bias: jax.Array
@@ -140,7 +142,7 @@ def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
     f32, i32 = jnp.float32, jnp.int32
     sd = jax.ShapeDtypeStruct
     shapes = dict(
-        host_k=sd((L, batch, Hk, NB + F, bs, D), dt), host_v=sd((L, batch, Hk, NB + F, bs, D), dt),
+        host_kv=sd((L, batch, Hk, NB + F, 2, bs, D), dt),
         pool_k=sd((L, batch, S * bs, Hk, D), dt), pool_v=sd((L, batch, S * bs, Hk, D), dt),
         pool_bias=sd((L, batch, S * bs, Hk), f32),  # unused by infllmv2 attention (1/64 of the pool)
         table=sd((L, batch, Hk, S), i32), stamp=sd((L, batch, Hk, S), i32),
@@ -151,7 +153,7 @@ def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
         length=sd((batch,), i32), rope_len=sd((batch,), i32), flushed=sd((batch,), i32),
         prev_ids=sd((L, batch, Hk, K), i32),
         misses=sd((L, batch, Hk), i32), reused=sd((L, batch, Hk), i32), selected=sd((L, batch, Hk), i32))
-    return shapes, {"host_k", "host_v"}
+    return shapes, {"host_kv"}
 
 
 def offload_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, pool_slots: int) -> tuple[int, int]:
@@ -197,9 +199,8 @@ def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> Offlo
 
     z = jnp.zeros((), jnp.int32)
     b0 = jnp.asarray(b0, jnp.int32)
-    at = (z, b0, z, z, z, z)
-    host_k = lax.dynamic_update_slice(off.host_k, jax.device_put(to_blocks(dev.k), jax.memory.Space.Host), at)
-    host_v = lax.dynamic_update_slice(off.host_v, jax.device_put(to_blocks(dev.v), jax.memory.Space.Host), at)
+    kv = jnp.stack([to_blocks(dev.k), to_blocks(dev.v)], axis=4)  # [L, g, Hk, nb, 2, bs, D]
+    host_kv = lax.dynamic_update_slice(off.host_kv, jax.device_put(kv, jax.memory.Space.Host), (z, b0) + (z,) * 5)
 
     def put(dst, src):  # device arrays [L, B, X, ...] <- [L, g, x <= X, ...]
         if dst.shape[2] == 0:
@@ -214,7 +215,7 @@ def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> Offlo
     ring_k = lax.dynamic_update_slice(off.ring_k, ring, (z, b0, z, z, z))
     length = lax.dynamic_update_slice(off.length, dev.length, (b0,))
     flushed = lax.dynamic_update_slice(off.flushed, dev.length, (b0,))
-    return dataclasses.replace(off, host_k=host_k, host_v=host_v, cis=put(off.cis, dev.cis),
+    return dataclasses.replace(off, host_kv=host_kv, cis=put(off.cis, dev.cis),
                                ktilde=put(off.ktilde, dev.ktilde), cisw=put(off.cisw, dev.cisw),
                                ring_k=ring_k, length=length, flushed=flushed)
 
@@ -326,7 +327,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
 
     # 4. loads, then the new token into its own block's slot
     with jax.named_scope("nosa_load"):
-        pool_k, pool_v, pool_bias = load_blocks(off.host_k, off.host_v, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
+        pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
                                                 loads, jnp.maximum(slots, 0), block_size=bs, path=off.loader,
                                                 interpret=settings.interpret)
         own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
@@ -366,7 +367,7 @@ def flush(off: OffloadedKV, n: NosaConfig, steps: int) -> OffloadedKV:
     steps ago, from the pool to the host store.
 
     Per sequence, blocks flushed // bs .. + F - 1 (F = flush_blocks(n, steps)) of all layers and heads are
-    gathered from their slots and written with one copy to the host. Every such block that holds a
+    gathered from their slots (K and V) and written with one copy to the host. Every such block that holds a
     token is resident (module docstring); blocks past a sequence's end get whatever slot 0 holds,
     and the next flush (which starts at or before them) rewrites them."""
     with jax.named_scope("nosa_flush"):
@@ -385,14 +386,12 @@ def _flush(off: OffloadedKV, n: NosaConfig, steps: int) -> OffloadedKV:
     bi = jnp.arange(B)[None, :, None, None, None]
     hi = jnp.arange(Hk)[None, None, :, None, None]
     z = jnp.zeros((), jnp.int32)
-    host = []
-    for pool, store in ((off.pool_k, off.host_k), (off.pool_v, off.host_v)):
-        win = pool[li, bi, rows, hi]  # [L, B, Hk, F, bs, D]
-        for b in range(B):  # one host write per sequence: all layers, heads and window blocks
-            part = jax.device_put(win[:, b:b + 1], jax.memory.Space.Host)
-            store = lax.dynamic_update_slice(store, part, (z, jnp.int32(b), z, first[b], z, z))
-        host.append(store)
-    return dataclasses.replace(off, host_k=host[0], host_v=host[1], flushed=off.length)
+    win = jnp.stack([off.pool_k[li, bi, rows, hi], off.pool_v[li, bi, rows, hi]], axis=4)  # [L, B, Hk, F, 2, bs, D]
+    store = off.host_kv
+    for b in range(B):  # one host write per sequence: all layers, heads and window blocks
+        part = jax.device_put(win[:, b:b + 1], jax.memory.Space.Host)
+        store = lax.dynamic_update_slice(store, part, (z, jnp.int32(b), z, first[b], z, z, z))
+    return dataclasses.replace(off, host_kv=store, flushed=off.length)
 
 
 # ------------------------------------------------------------------------------- capacity planning
@@ -483,8 +482,8 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
         dev, host = offload_bytes(cfg, 1, ctx, dtype, mode, slots(ctx))
         return dev, host, cache_bytes(cfg, 1, ctx, dtype, mode)  # + one sequence's prefill cache
 
-    def pinned_fits(b, host):  # the store's two equal arrays placed in the pool, within the host budget
-        reserved = pinned_pool_reservation([b * host // 2] * 2, pinned_pool, preallocated=False)
+    def pinned_fits(b, host):  # the store (one array) placed in the pool, its region within the host budget
+        reserved = pinned_pool_reservation([b * host], pinned_pool, preallocated=False)
         return reserved is not None and reserved <= host_budget
 
     def max_batch(kind, ctx):

@@ -1,8 +1,11 @@
 """Host-offloaded KV store -> device slot pool: block loads for the decode step (`load_blocks`).
 
 Layouts (L layers, B sequences, Hk kv heads, NB host blocks, bs = block_size, D head_dim, S slots):
-  host_k, host_v : [L, B, Hk, NB, bs, D] model dtype, normally in `pinned_host` memory; every
-                   (layer, sequence, head, block) is one contiguous bs*D chunk.
+  host_kv        : [L, B, Hk, NB, 2, bs, D] model dtype, normally in `pinned_host` memory: K (index 0)
+                   and V (1) of every (layer, sequence, head, block) are one contiguous 2*bs*D chunk,
+                   and the whole store is one allocation (XLA's pinned pool places one array whenever
+                   it fits; two equal arrays of X bytes need a pool of next_pow2(X) + X,
+                   `nosa_jax.offload.pinned_pool_reservation`).
   pool_k, pool_v : [L, B, S*bs, Hk, D] device; slot s of head h = rows s*bs .. s*bs+bs-1, column h
                    (the layout `sparse_decode.sparse_decode_attention` reads).
   pool_bias      : [L, B, S*bs, Hk] float32 device.
@@ -26,8 +29,8 @@ Paths (`path=`):
             bias in the same program, skipped with `pl.when`. On the H200 the kernel reads the
             pinned host buffer in place (zero copy over PCIe through UVA; 26-41 GB/s measured for
             7-64 MiB picks, see /work/shared/notes/jax-gpu.md C.2 and bench/probe_offload.py).
-  "xla":    no custom kernel: per entry `lax.dynamic_slice` of the host array ->
-            `jax.device_put(., jax.memory.Space.Device)` into a device staging array [B*Hk*M, bs, D]
+  "xla":    no custom kernel: per entry `lax.dynamic_slice` of the host array (K and V together) ->
+            `jax.device_put(., jax.memory.Space.Device)` into a device staging array [B*Hk*M, 2, bs, D]
             (Python-unrolled up to `xla_unroll_max` entries, else a `lax.fori_loop` of
             dynamic_update_slices), then ONE scatter per pool (`.at[...].set(mode="drop")`) with the
             rows of skipped entries pointed past the pool, so they are dropped; the bias is a device
@@ -39,7 +42,7 @@ Paths (`path=`):
             with a warning.
 
 What runs on the CPU (jax 0.11.2, found by the experiments behind tests/test_kv_loader.py)
-  * The "xla" path compiles and runs natively on the CPU with host_k/host_v in `pinned_host` memory
+  * The "xla" path compiles and runs natively on the CPU with host_kv in `pinned_host` memory
     (dynamic_slice with device-resident scalar indices on a host array is accepted), bit-exact, and
     under jit with donated pools the compiled HLO has no copy of the pool.
   * The "pallas" path runs on the CPU only with interpret=True, which accepts `pinned_host`
@@ -110,11 +113,12 @@ def _zero_copy_works(load_fn=None) -> str | None:
     bs, D = 16, 16
     hk = (np.arange(2 * bs * D, dtype=np.float32).reshape(1, 1, 1, 2, bs, D) % 251 + 1).astype(jnp.bfloat16)
     hv = (-hk.astype(np.float32)).astype(jnp.bfloat16)
+    hkv = np.stack([hk, hv], axis=4)  # [1, 1, 1, NB=2, 2, bs, D]
     cis = np.arange(2 * bs, dtype=np.float32).reshape(1, 1, 2 * bs, 1) + 0.5
 
     def run():
         pin = SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-        out = load_fn(jax.device_put(hk, pin), jax.device_put(hv, pin), jnp.asarray(cis),
+        out = load_fn(jax.device_put(hkv, pin), jnp.asarray(cis),
                       jnp.zeros((1, 1, bs, 1, D), jnp.bfloat16), jnp.zeros((1, 1, bs, 1, D), jnp.bfloat16),
                       jnp.zeros((1, 1, bs, 1), jnp.float32), jnp.int32(0), jnp.ones((1, 1, 1), jnp.int32),
                       jnp.zeros((1, 1, 1), jnp.int32), block_size=bs)
@@ -151,10 +155,10 @@ def _gpu_auto_path() -> str:
     return _auto_path()
 
 
-def _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slots, block_size):
-    L, B, Hk, NB, bs, D = host_k.shape
-    if host_v.shape != host_k.shape or bs != block_size:
-        raise ValueError(f"host_k {host_k.shape} / host_v {host_v.shape} must be [L, B, Hk, NB, {block_size}, D]")
+def _check_load_args(host_kv, cis, pool_k, pool_v, pool_bias, blocks, slots, block_size):
+    if host_kv.ndim != 7 or host_kv.shape[4] != 2 or host_kv.shape[5] != block_size:
+        raise ValueError(f"host_kv {host_kv.shape} must be [L, B, Hk, NB, 2, {block_size}, D] (K and V of each block)")
+    L, B, Hk, NB, _, bs, D = host_kv.shape
     if pool_k.ndim != 5 or pool_k.shape[:2] != (L, B) or pool_k.shape[3:] != (Hk, D) or pool_v.shape != pool_k.shape:
         raise ValueError(f"pool_k {pool_k.shape} / pool_v {pool_v.shape} must be [{L}, {B}, S*bs, {Hk}, {D}]")
     if pool_k.shape[2] % block_size:
@@ -166,8 +170,8 @@ def _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slo
                          f"(the host store may hold spare blocks past the cis history)")
     if blocks.ndim != 3 or blocks.shape[:2] != (B, Hk) or slots.shape != blocks.shape:
         raise ValueError(f"blocks {blocks.shape} / slots {slots.shape} must be [{B}, {Hk}, M]")
-    if host_k.dtype != pool_k.dtype:
-        raise ValueError(f"host dtype {host_k.dtype} != pool dtype {pool_k.dtype}")
+    if host_kv.dtype != pool_k.dtype:
+        raise ValueError(f"host dtype {host_kv.dtype} != pool dtype {pool_k.dtype}")
     return L, B, Hk, NB, bs, D, blocks.shape[2]
 
 
@@ -175,7 +179,7 @@ def _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slo
 # load_blocks
 # ----------------------------------------------------------------------------------------------
 
-def _load_kernel(layer_ref, blocks_ref, slots_ref, hk_ref, hv_ref, cis_ref, _pk_in, _pv_in, _pb_in,
+def _load_kernel(layer_ref, blocks_ref, slots_ref, kv_ref, cis_ref, _pk_in, _pv_in, _pb_in,
                  pk_ref, pv_ref, pb_ref, *, block_size: int):
     b = pl.program_id(0)
     h = pl.program_id(1)
@@ -189,17 +193,18 @@ def _load_kernel(layer_ref, blocks_ref, slots_ref, hk_ref, hv_ref, cis_ref, _pk_
         dst = pl.ds(pl.multiple_of(slot * block_size, block_size), block_size)
         src = pl.ds(pl.multiple_of(blk * block_size, block_size), block_size)
         # Plain loads/stores (`ref[...] = x` would lower to a swap that also reads the old contents).
-        pltriton.store(pk_ref.at[layer, b, dst, h, :], pltriton.load(hk_ref.at[layer, b, h, blk, :, :]))
-        pltriton.store(pv_ref.at[layer, b, dst, h, :], pltriton.load(hv_ref.at[layer, b, h, blk, :, :]))
+        k, v = jnp.int32(0), jnp.int32(1)  # typed indices (a Python int fails in the interpreter's discharge)
+        pltriton.store(pk_ref.at[layer, b, dst, h, :], pltriton.load(kv_ref.at[layer, b, h, blk, k, :, :]))
+        pltriton.store(pv_ref.at[layer, b, dst, h, :], pltriton.load(kv_ref.at[layer, b, h, blk, v, :, :]))
         pltriton.store(pb_ref.at[layer, b, dst, h], pltriton.load(cis_ref.at[layer, b, src, h]))
 
 
-def _load_pallas(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, *, block_size,
+def _load_pallas(host_kv, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, *, block_size,
                  interpret, num_warps):
     B, Hk, M = blocks.shape
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    args = (layer_arr, blocks.astype(jnp.int32), slots.astype(jnp.int32), host_k, host_v, cis,
+    args = (layer_arr, blocks.astype(jnp.int32), slots.astype(jnp.int32), host_kv, cis,
             pool_k, pool_v, pool_bias)
     return pl.pallas_call(
         functools.partial(_load_kernel, block_size=block_size),
@@ -209,17 +214,17 @@ def _load_pallas(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, 
         out_shape=[jax.ShapeDtypeStruct(pool_k.shape, pool_k.dtype),
                    jax.ShapeDtypeStruct(pool_v.shape, pool_v.dtype),
                    jax.ShapeDtypeStruct(pool_bias.shape, pool_bias.dtype)],
-        input_output_aliases={6: 0, 7: 1, 8: 2},
+        input_output_aliases={5: 0, 6: 1, 7: 2},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="nosa_kv_load_blocks",
     )(*args)
 
 
-def _load_xla(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, *, block_size,
+def _load_xla(host_kv, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, *, block_size,
               unroll_max=UNROLL_MAX):
     B, Hk, M = blocks.shape
-    D = host_k.shape[-1]
+    D = host_kv.shape[-1]
     T = pool_k.shape[2]
     N = B * Hk * M
     if N == 0:
@@ -230,23 +235,21 @@ def _load_xla(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slo
     zero = jnp.int32(0)
     dev = jax.memory.Space.Device
 
-    def fetch_one(host, e):
+    def fetch_one(e):
         b, h = e // (Hk * M), (e // M) % Hk
-        x = lax.dynamic_slice(host, (layer, jnp.asarray(b, jnp.int32), jnp.asarray(h, jnp.int32), blk_c[e], zero, zero),
-                              (1, 1, 1, 1, block_size, D))
-        return jax.device_put(x, dev).reshape(1, block_size, D)
+        start = (layer, jnp.asarray(b, jnp.int32), jnp.asarray(h, jnp.int32), blk_c[e], zero, zero, zero)
+        x = lax.dynamic_slice(host_kv, start, (1, 1, 1, 1, 2, block_size, D))
+        return jax.device_put(x, dev).reshape(1, 2, block_size, D)
 
-    def fetch(host):
-        # One dynamic_slice + H2D transfer per entry (notes C.2, A2 unrolled / A fori_loop); skipped
-        # entries fetch block 0 and are dropped by the scatter below.
-        if N <= unroll_max:
-            parts = [fetch_one(host, e) for e in range(N)]
-            staged = jnp.concatenate(parts, axis=0)
-        else:
-            def body(e, buf):
-                return lax.dynamic_update_slice(buf, fetch_one(host, e), (e, zero, zero))
-            staged = lax.fori_loop(0, N, body, jnp.zeros((N, block_size, D), host.dtype), unroll=8)
-        return staged.reshape(B, Hk, M, block_size, D)
+    # One dynamic_slice + H2D transfer of K and V per entry (notes C.2, A2 unrolled / A fori_loop);
+    # skipped entries fetch block 0 and are dropped by the scatter below.
+    if N <= unroll_max:
+        staged = jnp.concatenate([fetch_one(e) for e in range(N)], axis=0)
+    else:
+        def body(e, buf):
+            return lax.dynamic_update_slice(buf, fetch_one(e), (e, zero, zero, zero))
+        staged = lax.fori_loop(0, N, body, jnp.zeros((N, 2, block_size, D), host_kv.dtype), unroll=8)
+    staged = staged.reshape(B, Hk, M, 2, block_size, D)
 
     i = jnp.arange(block_size, dtype=jnp.int32)
     # Destination rows; skipped entries point past the pool and are dropped (mode="drop"), so the
@@ -254,8 +257,8 @@ def _load_xla(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slo
     rows = jnp.where(blocks[..., None] >= 0, slots.astype(jnp.int32)[..., None] * block_size + i, T)  # [B,Hk,M,bs]
     b_idx = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
     h_idx = jnp.arange(Hk, dtype=jnp.int32)[None, :, None, None]
-    pool_k = pool_k.at[layer, b_idx, rows, h_idx].set(fetch(host_k), mode="drop")
-    pool_v = pool_v.at[layer, b_idx, rows, h_idx].set(fetch(host_v), mode="drop")
+    pool_k = pool_k.at[layer, b_idx, rows, h_idx].set(staged[:, :, :, 0], mode="drop")
+    pool_v = pool_v.at[layer, b_idx, rows, h_idx].set(staged[:, :, :, 1], mode="drop")
     src = jnp.maximum(blocks, 0)[..., None] * block_size + i
     bias = cis[layer, b_idx, src, h_idx]  # [B,Hk,M,bs] device gather from the score history
     pool_bias = pool_bias.at[layer, b_idx, rows, h_idx].set(bias, mode="drop")
@@ -264,24 +267,24 @@ def _load_xla(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slo
 
 @functools.partial(jax.jit, static_argnames=("block_size", "path", "interpret", "num_warps", "xla_unroll_max"),
                    donate_argnames=("pool_k", "pool_v", "pool_bias"))
-def load_blocks(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, *, block_size: int,
+def load_blocks(host_kv, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, *, block_size: int,
                 path: str = "auto", interpret: bool = False, num_warps: int = 4,
                 xla_unroll_max: int = UNROLL_MAX):
     """Copy host blocks into device pool slots, in place. Returns (pool_k, pool_v, pool_bias).
 
-    host_k, host_v: [L, B, Hk, NB, bs, D] (pinned_host, or device); cis: [L, B, T <= NB*bs, Hk] f32;
+    host_kv: [L, B, Hk, NB, 2, bs, D] (K, V; pinned_host, or device); cis: [L, B, T <= NB*bs, Hk] f32;
     pool_k, pool_v: [L, B, S*bs, Hk, D]; pool_bias: [L, B, S*bs, Hk] f32 (the three are donated);
     layer: int32 scalar (may be traced); blocks, slots: [B, Hk, M] int32. For every entry with
-    blocks[b,h,m] >= 0: pool_{k,v}[layer, b, s*bs:(s+1)*bs, h] = host_{k,v}[layer, b, h, blk] and
+    blocks[b,h,m] >= 0: pool_{k,v}[layer, b, s*bs:(s+1)*bs, h] = host_kv[layer, b, h, blk, {0,1}] and
     pool_bias[layer, b, s*bs:(s+1)*bs, h] = cis[layer, b, blk*bs:(blk+1)*bs, h] with s = slots[b,h,m].
     Entries with blocks < 0 leave the pool untouched. Two entries of one (b, h) must not name the
     same slot. path: "auto" | "pallas" | "xla" (see `loader_path`). interpret, num_warps: the pallas
     path's; xla_unroll_max: the xla path unrolls its B*Hk*M fetches up to this many, else fori_loop.
     """
-    _check_load_args(host_k, host_v, cis, pool_k, pool_v, pool_bias, blocks, slots, block_size)
+    _check_load_args(host_kv, cis, pool_k, pool_v, pool_bias, blocks, slots, block_size)
     which = loader_path(path)
     if which == "pallas":
-        return tuple(_load_pallas(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots,
+        return tuple(_load_pallas(host_kv, cis, pool_k, pool_v, pool_bias, layer, blocks, slots,
                                   block_size=block_size, interpret=interpret, num_warps=num_warps))
-    return _load_xla(host_k, host_v, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, block_size=block_size,
+    return _load_xla(host_kv, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, block_size=block_size,
                      unroll_max=xla_unroll_max)

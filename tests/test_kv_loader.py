@@ -52,7 +52,8 @@ def _data(seed=0):
     blocks[1, 0, 0] = -1
     blocks[1, 1, :] = -1  # a head with nothing to load
     slots[1, 1, :] = -1   # ... and garbage slots for it
-    return dict(hk=hk, hv=hv, cis=cis, pk=pk, pv=pv, pb=pb, blocks=blocks, slots=slots)
+    hkv = np.stack([hk, hv], axis=4)  # the store: K and V of each block side by side
+    return dict(hk=hk, hv=hv, hkv=hkv, cis=cis, pk=pk, pv=pv, pb=pb, blocks=blocks, slots=slots)
 
 
 def _ref_load(d, layer):
@@ -94,7 +95,7 @@ def _boom(*args, **kwargs):
     raise RuntimeError("triton says no")
 
 
-def _no_op(hk, hv, cis, pk, pv, pb, *args, **kwargs):  # "loads" nothing: a wrong result
+def _no_op(hkv, cis, pk, pv, pb, *args, **kwargs):  # "loads" nothing: a wrong result
     return pk, pv, pb
 
 
@@ -128,7 +129,7 @@ def test_auto_on_a_pretend_gpu(monkeypatch, loader, want, m):
             warnings.simplefilter("always")
             # the pallas path would need interpret=True here, so only trace (the choice is what matters)
             jaxpr = jax.make_jaxpr(functools.partial(load_blocks, block_size=BS, path="auto"))(
-                jnp.asarray(d["hk"]), jnp.asarray(d["hv"]), jnp.asarray(d["cis"]), jnp.asarray(d["pk"]),
+                jnp.asarray(d["hkv"]), jnp.asarray(d["cis"]), jnp.asarray(d["pk"]),
                 jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(0), jnp.asarray(d["blocks"][..., :m]),
                 jnp.asarray(d["slots"][..., :m]))  # m differs per case: jit would reuse an earlier trace
             assert loader_path("auto") == want and loader_path() == want
@@ -148,11 +149,11 @@ def test_auto_on_a_pretend_gpu(monkeypatch, loader, want, m):
 def test_load_blocks_exact(path, interpret, unroll_max, host_mem):
     d = _data(1)
     put = (lambda x: jax.device_put(x, _pinned())) if host_mem == "pinned_host" else jnp.asarray
-    hk, hv = put(d["hk"]), put(d["hv"])
+    hkv = put(d["hkv"])
     if host_mem == "pinned_host":
-        assert hk.sharding.memory_kind == "pinned_host" and jax.typeof(hk).memory_space == jax.memory.Space.Host
+        assert hkv.sharding.memory_kind == "pinned_host" and jax.typeof(hkv).memory_space == jax.memory.Space.Host
     layer = 2
-    out = load_blocks(hk, hv, jnp.asarray(d["cis"]), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
+    out = load_blocks(hkv, jnp.asarray(d["cis"]), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
                       jnp.asarray(d["pb"]), jnp.int32(layer), jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]),
                       block_size=BS, path=path, interpret=interpret, xla_unroll_max=unroll_max)
     want = _ref_load(d, layer)
@@ -169,18 +170,18 @@ def test_load_blocks_in_jitted_loop_pinned(path, interpret):
     """Traced layer index inside a jitted fori_loop, host stores in pinned_host, pools donated."""
     d = _data(2)
     pin = _pinned()
-    hk, hv = jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin)
+    hkv = jax.device_put(d["hkv"], pin)
     blocks = np.stack([d["blocks"], np.roll(d["blocks"], 1, axis=2)])  # a different plan per step
     slots = np.stack([d["slots"], d["slots"]])
 
-    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+    def f(pk, pv, pb, hkv, cis, blocks, slots):
         def body(i, c):
-            return load_blocks(hk, hv, cis, *c, (i + 1) % L, blocks[i], slots[i], block_size=BS, path=path,
+            return load_blocks(hkv, cis, *c, (i + 1) % L, blocks[i], slots[i], block_size=BS, path=path,
                                interpret=interpret)
         return lax.fori_loop(0, 2, body, (pk, pv, pb))
 
     out = jax.jit(f, donate_argnums=(0, 1, 2))(jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]),
-                                               hk, hv, jnp.asarray(d["cis"]), jnp.asarray(blocks),
+                                               hkv, jnp.asarray(d["cis"]), jnp.asarray(blocks),
                                                jnp.asarray(slots))
     want = _ref_load(d, 1)
     d2 = dict(d, pk=want[0], pv=want[1], pb=want[2], blocks=blocks[1])
@@ -191,17 +192,17 @@ def test_load_blocks_xla_in_place_under_donation():
     """Compiled HLO of a jitted fori_loop with donated pools: no copy of any pool (nor host store)."""
     d = _data(3)
     pin = _pinned()
-    hk, hv = jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin)
+    hkv = jax.device_put(d["hkv"], pin)
 
-    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+    def f(pk, pv, pb, hkv, cis, blocks, slots):
         def body(i, c):
-            return load_blocks(hk, hv, cis, *c, i % L, blocks, slots, block_size=BS, path="xla")
+            return load_blocks(hkv, cis, *c, i % L, blocks, slots, block_size=BS, path="xla")
         return lax.fori_loop(0, 4, body, (pk, pv, pb))
 
-    args = (jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), hk, hv, jnp.asarray(d["cis"]),
+    args = (jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), hkv, jnp.asarray(d["cis"]),
             jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]))
     hlo = jax.jit(f, donate_argnums=(0, 1, 2)).lower(*args).compile().as_text()
-    shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
+    shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},2,{BS},{D}]"]
     assert any(shapes[0] in ln for ln in hlo.splitlines())  # the pattern does match the pool
     assert copies_of(hlo, shapes) == []
 
@@ -212,24 +213,24 @@ def test_load_blocks_pallas_cuda_lowering_in_place():
     annotation), inside the fori_loop. (The interpret-mode CPU HLO is not representative: the
     interpreter copies the aliased pools; bench/probe_offload.py checks the compiled GPU HLO.)"""
     pin = _pinned()
-    hk = jax.device_put(jnp.zeros((L, B, Hk, NB, 64, 128), DT), pin)
+    hkv = jax.device_put(jnp.zeros((L, B, Hk, NB, 2, 64, 128), DT), pin)
     pk = jnp.zeros((L, B, S * 64, Hk, 128), DT)
     pb = jnp.zeros((L, B, S * 64, Hk), jnp.float32)
     cis = jnp.zeros((L, B, NB * 64, Hk), jnp.float32)
     ids = jnp.zeros((B, Hk, M), jnp.int32)
 
-    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+    def f(pk, pv, pb, hkv, cis, blocks, slots):
         def body(i, c):
-            return load_blocks(hk, hv, cis, *c, i % L, blocks, slots, block_size=64, path="pallas")
+            return load_blocks(hkv, cis, *c, i % L, blocks, slots, block_size=64, path="pallas")
         return lax.fori_loop(0, 3, body, (pk, pv, pb))
 
-    txt = h200_lowering_text(f, pk, pk, pb, hk, hk, cis, ids, ids)
+    txt = h200_lowering_text(f, pk, pk, pb, hkv, cis, ids, ids)
     calls = [ln for ln in txt.splitlines() if "__gpu$xla.gpu.triton" in ln]
     assert len(calls) == 1 and "nosa_kv_load_blocks" in calls[0]
     assert calls[0].count("output_operand_alias<") == 3
     assert f"grid_x = {B} : i32, grid_y = {Hk} : i32, grid_z = {M} : i32" in calls[0]
     main = next(ln for ln in txt.splitlines() if "func.func public @main" in ln)
-    assert main.count('mhlo.memory_kind = "pinned_host"') == 2
+    assert main.count('mhlo.memory_kind = "pinned_host"') == 1
     assert "annotate_device_placement" not in txt
 
 
@@ -257,12 +258,12 @@ def test_copy_detector_sees_the_interpreter_copies():
     """The no-copy checks above can fail: the interpret-mode pallas path does copy the pools."""
     d = _data(8)
 
-    def f(pk, pv, pb, hk, hv, cis, blocks, slots):
+    def f(pk, pv, pb, hkv, cis, blocks, slots):
         def body(i, c):
-            return load_blocks(hk, hv, cis, *c, i % L, blocks, slots, block_size=BS, path="pallas", interpret=True)
+            return load_blocks(hkv, cis, *c, i % L, blocks, slots, block_size=BS, path="pallas", interpret=True)
         return lax.fori_loop(0, 2, body, (pk, pv, pb))
 
-    args = [jnp.asarray(d[n]) for n in ("pk", "pv", "pb", "hk", "hv", "cis", "blocks", "slots")]
+    args = [jnp.asarray(d[n]) for n in ("pk", "pv", "pb", "hkv", "cis", "blocks", "slots")]
     hlo = jax.jit(f, donate_argnums=(0, 1, 2)).lower(*args).compile().as_text()
     assert copies_of(hlo, [f"bf16[{L},{B},{S * BS},{Hk},{D}]"])
 
@@ -280,36 +281,36 @@ def test_decode_loop_shape_scan_over_layers_in_fori_loop(path, interpret):
                        for _ in range(steps)])  # [steps, L, B, Hk, M]
     slots = np.broadcast_to(d["slots"], blocks.shape).copy()
 
-    def f(hk, hv, pk, pv, pb, cis, blocks, slots):
+    def f(hkv, pk, pv, pb, cis, blocks, slots):
         def step(t, carry):
             def layer_fn(c, xs):
-                hk, hv, pk, pv, pb = c
+                hkv, pk, pv, pb = c
                 layer, bl, sl = xs
-                pk, pv, pb = load_blocks(hk, hv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=path,
+                pk, pv, pb = load_blocks(hkv, cis, pk, pv, pb, layer, bl, sl, block_size=BS, path=path,
                                          interpret=interpret)
-                return (hk, hv, pk, pv, pb), None
+                return (hkv, pk, pv, pb), None
 
             return lax.scan(layer_fn, carry, (jnp.arange(L, dtype=jnp.int32), blocks[t], slots[t]))[0]
 
-        return lax.fori_loop(0, steps, step, (hk, hv, pk, pv, pb))
+        return lax.fori_loop(0, steps, step, (hkv, pk, pv, pb))
 
-    args = (jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
+    args = (jax.device_put(d["hkv"], pin), jnp.asarray(d["pk"]), jnp.asarray(d["pv"]),
             jnp.asarray(d["pb"]), jnp.asarray(d["cis"]), jnp.asarray(blocks), jnp.asarray(slots))
-    jf = jax.jit(f, donate_argnums=(0, 1, 2, 3, 4))
-    if path == "xla":  # in place: no copy of the host stores or pools per step
+    jf = jax.jit(f, donate_argnums=(0, 1, 2, 3))
+    if path == "xla":  # in place: no copy of the host store or pools per step
         hlo = jf.lower(*args).compile().as_text()
-        shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},{BS},{D}]"]
+        shapes = [f"bf16[{L},{B},{S * BS},{Hk},{D}]", f"f32[{L},{B},{S * BS},{Hk}]", f"bf16[{L},{B},{Hk},{NB},2,{BS},{D}]"]
         assert any(shapes[0] in ln for ln in hlo.splitlines())
         assert copies_of(hlo, shapes) == []
     out = jf(*args)
-    assert out[0].sharding.memory_kind == "pinned_host" and out[1].sharding.memory_kind == "pinned_host"
+    assert out[0].sharding.memory_kind == "pinned_host"
 
     r = {k_: v_.copy() for k_, v_ in d.items()}
     for t in range(steps):
         for layer in range(L):
             r["blocks"], r["slots"] = blocks[t, layer], slots[t, layer]
             r["pk"], r["pv"], r["pb"] = _ref_load(r, layer)
-    _assert_same(out, (d["hk"], d["hv"], r["pk"], r["pv"], r["pb"]))
+    _assert_same(out, (d["hkv"], r["pk"], r["pv"], r["pb"]))
 
 
 @pytest.mark.gpu
@@ -319,7 +320,7 @@ def test_gpu_load_blocks_pinned_host(load_path):
     d = _data(9)
     pin = _pinned()
     print(f"\n*** kv_loader GPU: load_blocks path='{load_path}' (auto='{loader_path()}') ***")
-    out = load_blocks(jax.device_put(d["hk"], pin), jax.device_put(d["hv"], pin), jnp.asarray(d["cis"]),
+    out = load_blocks(jax.device_put(d["hkv"], pin), jnp.asarray(d["cis"]),
                       jnp.asarray(d["pk"]), jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(1),
                       jnp.asarray(d["blocks"]), jnp.asarray(d["slots"]), block_size=BS, path=load_path)
     _assert_same(out, _ref_load(d, 1))

@@ -85,7 +85,7 @@ def test_pool_invariants_every_step(slots_factor):
     dev_gen, dev_st = _step_device(model, PROMPTS, n_new)
     gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots=S))
     st, _, _ = gen.start(PROMPTS, max_new_tokens=n_new)
-    assert _memory_kind(st.cache.host_k) == "pinned_host"
+    assert _memory_kind(st.cache.host_kv) == "pinned_host"
     bs = cfg.nosa.block_size
     L, B, Hk = cfg.num_hidden_layers, len(PROMPTS), cfg.num_key_value_heads
     for step in range(n_new - 1):
@@ -96,17 +96,19 @@ def test_pool_invariants_every_step(slots_factor):
         np.testing.assert_array_equal(np.asarray(st.tokens), np.asarray(dev_st.tokens))
         table, ids, misses = np.asarray(c.table), np.asarray(c.prev_ids), np.asarray(c.misses)
         pool_k, pool_v = np.asarray(c.pool_k), np.asarray(c.pool_v)
-        host_k, host_v = np.asarray(c.host_k), np.asarray(c.host_v)
+        host = np.asarray(c.host_kv)
+        host_k, host_v = host[:, :, :, :, 0], host[:, :, :, :, 1]  # [L, B, Hk, NB, bs, D]
         length = np.asarray(c.length)
-        dev_k = np.asarray(dev_st.cache.k)
+        dev_k, dev_v = np.asarray(dev_st.cache.k), np.asarray(dev_st.cache.v)
         for l in range(L):
             for b in range(B):
                 # host store == on-device cache for every token written so far, to float32 noise
                 # (the two decode programs are compiled separately; same bound as the logits test)
                 n = length[b]
-                hk = host_k[l, b].reshape(Hk, -1, cfg.head_dim)[:, :n]
-                ref_k = np.moveaxis(dev_k[l, b, :n], 1, 0)
-                np.testing.assert_allclose(hk, ref_k, atol=1e-5 * np.abs(ref_k).max(), rtol=0)
+                for got, ref in ((host_k, dev_k), (host_v, dev_v)):
+                    hx = got[l, b].reshape(Hk, -1, cfg.head_dim)[:, :n]
+                    rx = np.moveaxis(ref[l, b, :n], 1, 0)
+                    np.testing.assert_allclose(hx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
                 for h in range(Hk):
                     sel = {int(x) for x in ids[l, b, h] if x >= 0}
                     res = [int(x) for x in table[l, b, h] if x >= 0]
@@ -175,7 +177,7 @@ def test_decode_loop_does_not_copy_the_store_or_pool():
     st, logits, _ = gen.start(PROMPTS, max_new_tokens=16)
     hlo = decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(),
                             n_steps=8).compile().as_text()
-    for name in ("host_k", "pool_k"):
+    for name in ("host_kv", "pool_k"):
         copies = copies_of(hlo, [hlo_shape(getattr(st.cache, name))])
         assert not copies, (name, copies[:3])
 
@@ -234,32 +236,29 @@ def test_pinned_pool_reservation_follows_the_bfc_growth_rule():
     assert need([33 * GiB] * 2) == 64 + 33
 
 
-def test_offload_refuses_a_store_that_the_growing_pinned_pool_cannot_place(monkeypatch):
-    """A store whose bytes fit the pinned pool but whose second array finds no room after the
-    pool's power-of-two first region is refused up front, naming the pool limit that places it
-    (the first region and one more array); with that limit the same run is accepted. The host
-    budget counts the regions the store takes, not only its bytes."""
+def test_offload_checks_the_store_against_the_pinned_pool_and_its_region(monkeypatch):
+    """The store is one array: the pool places it whenever it fits (a store just over the pool is
+    refused up front, naming the limit to set), but a growing pool reserves a power-of-two region
+    for it, and that region is what the host budget must hold."""
     import nosa_jax.generate as gen
-    from nosa_jax.offload import offload_bytes, pinned_pool_limit_needed, pool_size
+    from nosa_jax.offload import offload_bytes, pool_size
 
     cfg = small_config(max_position_embeddings=65536)
     model = random_model(cfg, "nosa")
     capacity = 12288
     store = offload_bytes(cfg, len(PROMPTS), capacity, jnp.float32, "nosa", pool_size(cfg, capacity))[1]
-    X = store // 2
-    assert 4 * MiB < X <= 16 * MiB / 3  # an 8 MiB first region; the store's 2 X bytes fit 8 MiB + X / 2
-    assert pinned_pool_limit_needed([X, X]) == 1  # whole GiB: 8 MiB + X
+    assert 8 * MiB < store <= 12 * MiB  # a 16 MiB region in a large growing pool
     monkeypatch.delenv(gen.PINNED_HOST_PREALLOCATE_ENV, raising=False)
-    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 8 * MiB + X // 2)
     g = Generator(model, offload=OffloadSettings(host_memory_budget=2**40))
-    with pytest.raises(GenerationError, match="needs a limit of 1 GiB.*XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=1 "):
+    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: store - 256)
+    with pytest.raises(GenerationError, match="pinned pool is 0.0 GiB; start the process with "
+                                              "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=1 "):
         g.validate(PROMPTS, 4, capacity, None)
-    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 8 * MiB + X)
+    monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: store)  # a first region capped at the limit
     assert g.validate(PROMPTS, 4, capacity, None) >= 1
 
-    # a large pool: the store takes two 8 MiB regions, more than a 12 MiB host budget
     monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: 64 * GiB)
-    g = Generator(model, offload=OffloadSettings(host_memory_budget=12 * MiB))
+    g = Generator(model, offload=OffloadSettings(host_memory_budget=12 * MiB))  # holds the store, not its region
     with pytest.raises(GenerationError, match=r"needs 0\.02 GiB of host memory \(a 0\.01 GiB store in the power-of-two"):
         g.validate(PROMPTS, 4, capacity, None)
     g = Generator(model, offload=OffloadSettings(host_memory_budget=16 * MiB))
@@ -267,28 +266,30 @@ def test_offload_refuses_a_store_that_the_growing_pinned_pool_cannot_place(monke
 
 
 def test_capacity_plan_places_the_offloaded_store_in_the_pinned_pool():
-    """With a pinned pool the plan's offloaded batch is the largest whose two store arrays of X
-    bytes the growing pool places: next_pow2 region(X) + X <= pool (closed form for two equal
-    arrays; a first region as large as the pool holds both if 2 X <= pool)."""
+    """With a pinned pool the plan's offloaded batch is the largest whose store (one array of S
+    bytes) the growing pool places within the host budget: S <= pool, and the region it takes -
+    the next power of two from 2 MiB, or the whole pool if that is smaller - within the budget."""
     from nosa_jax.offload import capacity_plan
 
     cfg = small_config(max_position_embeddings=65536)
-    kw = dict(context=8192, gpu_budget=2**40, host_budget=2**40, pool_slots=12)
-    free = capacity_plan(cfg, jnp.float32, **kw)["offloaded"]
-    X1 = free["host_bytes_per_seq"] // 2
+    kw = dict(context=8192, gpu_budget=2**40, pool_slots=12)
+    free = capacity_plan(cfg, jnp.float32, host_budget=2**40, **kw)["offloaded"]
+    S1 = free["host_bytes_per_seq"]
 
-    def fits(b, pool):
-        X, region = b * X1, 2 * MiB
-        while region < X:
+    def fits(b, pool, budget):
+        S, region = b * S1, 2 * MiB
+        while region < S:
             region *= 2
-        return 2 * X <= pool if region >= pool else region + X <= pool
+        return S <= pool and min(region, pool) <= budget
 
-    for pool, binds in ((37 * MiB, True), (64 * MiB, False), (100 * MiB, True)):
-        want = max(b for b in range(1, 4 * pool // X1) if fits(b, pool))
-        got = capacity_plan(cfg, jnp.float32, pinned_pool=pool, **kw)["offloaded"]["max_batch"]
-        assert got == want, (pool, got, want)
-        assert (got < pool // (2 * X1)) == binds  # fewer than the pool's bytes alone would hold
-    assert free["max_batch"] > 100 * MiB // (2 * X1)
+    for pool, budget in ((37 * MiB, 2**40), (100 * MiB, 70 * MiB), (100 * MiB, 64 * MiB), (64 * MiB, 40 * MiB)):
+        want = max(b for b in range(0, 2 * pool // S1) if fits(b, pool, budget))
+        got = capacity_plan(cfg, jnp.float32, host_budget=budget, pinned_pool=pool, **kw)["offloaded"]["max_batch"]
+        assert got == want, (pool, budget, got, want)
+    # the region, not the store's bytes, meets the budget: 70 MiB of budget hold 64 MiB regions only
+    assert capacity_plan(cfg, jnp.float32, host_budget=70 * MiB, pinned_pool=100 * MiB, **kw)["offloaded"][
+        "max_batch"] == 64 * MiB // S1 < 70 * MiB // S1
+
 
 @pytest.mark.gpu
 def test_offloaded_equals_on_device_gpu_1b():
