@@ -11,7 +11,7 @@ Random-weight models (`--models`: 8b = the NOSA-8B / MiniCPM4-8B shape, 1b; bf16
 (`--contexts`, tokens per sequence), batch sizes from 1 up to the largest that fits each GPU memory
 budget (`--budgets-gb`, GiB, "full" = the whole device; 80 emulates the paper's 80 GB card) by
 `nosa_jax.offload.capacity_plan` (weights + KV state + `--headroom-gb`; offloaded runs also within
-`--host-gb` of host memory).
+`--host-gb` of host memory, their store placed in XLA's pinned pool less 2 GiB).
 
 Each run: decode tokens/s over all sequences = batch / step time, the step time the median of
 `--repeats` timed windows of `--steps` (>= 32) decode steps after two warm-up windows (the jitted
@@ -98,6 +98,7 @@ LABELS = {"full": "FullAttn", "infllmv2": "InfLLMv2 (device)", "nosa": "NOSA (de
 HBM_BPS = 4.3e12  # measured device-to-device copy on the H200 (shared/notes/perf-anchors.md)
 PCIE_BPS = 53e9  # measured bulk pinned host -> device on the H200
 GiB = 2**30
+PINNED_MARGIN = 2 * GiB  # of the pinned pool, kept free of the offloaded store for transfer buffers
 DTYPE = jnp.bfloat16
 PARTS4 = ("selection", "loads", "attention", "rest")
 FULL_DEFAULTS = dict(models=["8b", "1b"], contexts=[16384, 32768, 65536, 131072], budgets_gb=["80", "full"],
@@ -189,7 +190,9 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
     budget, and the batches to run."""
     from nosa_jax.generate import pinned_host_limit_bytes
 
-    pinned_pool = pinned_host_limit_bytes()  # the offloaded store must be placed in it (GPU only)
+    pinned_pool = pinned_host_limit_bytes()  # the offloaded store must be placed in it (GPU only) ...
+    if pinned_pool is not None:  # ... leaving room for the transfers' own pinned buffers
+        pinned_pool -= PINNED_MARGIN
     entries = []
     for ctx in contexts:
         K = num_selected(cfg, ctx)
@@ -763,7 +766,8 @@ def parse_args(argv):
                     help='batch sizes, "max" = each budget\'s largest (default: powers of 4 up to the largest that '
                          'fits, and max; --quick: 16 max)')
     ap.add_argument("--budgets-gb", nargs="+", help='GPU memory budgets in GiB, or "full" (default: 80 full)')
-    ap.add_argument("--host-gb", type=float, default=None, help="host memory budget (default 85%% of the free memory)")
+    ap.add_argument("--host-gb", type=float, default=None,
+                    help="host memory budget (default: the pinned pool, 90%% of the RAM, or the free memory if less)")
     ap.add_argument("--headroom-gb", type=float, default=2.0, help="device memory kept free for activations")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed window (>= 32 for the table)")
     ap.add_argument("--repeats", type=int, help="timed windows per run (median; default 5, --quick 3)")
@@ -821,7 +825,9 @@ def main(argv=None) -> int:
     print(f"device {jax.devices()[0]}  jax {jax.__version__}  loader {loader_path(args.loader)}", flush=True)
     enable_compilation_cache()  # the HLO of the time split comes from a second, cached compile
     budget_bytes = budgets(args.budgets_gb)
-    host_budget = int(args.host_gb * GiB) if args.host_gb else int(0.85 * (host_memory_bytes() or 0))
+    # default: the pinned pool (90 % of the RAM, set above; free RAM if less), which a growing pool
+    # reserves whole for any store above half of it (nosa_jax.offload.pinned_pool_reservation)
+    host_budget = int(args.host_gb * GiB) if args.host_gb else int(host_memory_bytes() or 0)
     headroom = int(args.headroom_gb * GiB)
     print(f"budgets: {', '.join(budget_bytes)}; host {host_budget / GiB:.1f} GiB; headroom {args.headroom_gb} GiB",
           flush=True)
