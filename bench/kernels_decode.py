@@ -4,9 +4,12 @@ Shapes: (Hq=32, Hk=2), (Hq=32, Hk=8) and the 1B model's (Hq=12, Hk=2; G=6 padded
 D=128, bf16; every (sequence, kv head) selects K=64 random distinct blocks of 64 tokens
 (slots = ids) out of T=32768 tokens; q_pos = T-1 so every selected token is visible; batch 1, 16,
 64. Methods, all timed in the same run (the "dense" and "kernel alone" numbers in the table mean:
-dense moves 8x the bytes of the sparse methods; "alone" is the Pallas kernel without the jnp merge):
+dense moves 8x the bytes of the sparse methods; "alone" is the Pallas kernel without what XLA runs
+around it: the jnp merge, or with merge=kernel the zero-fill of the split counter):
   kernel      pallas_kernels.sparse_decode.sparse_decode_attention, several (k_splits, num_warps,
-              num_stages) settings, with the eviction bias (plus one run without it)
+              num_stages) settings, with the eviction bias (plus one run without it); merge=jnp (the
+              splits merged by XLA after the kernel) and, beside the main settings, merge=kernel (the
+              last program of each (b, kv head) merges inside the kernel)
   xla_gather  nosa_jax.nosa.gathered_block_attention(q, q_pos, k_pool[layer], ...), the model's path
   paged       jax.experimental.pallas.ops.gpu.paged_attention over the SAME selected blocks used as
               pages (each (b, kv head) is one "sequence" of 64 pages; pages_per_compute_block=4,
@@ -154,30 +157,36 @@ def _one_config(Hq: int, Hk: int, B: int, quick: bool, records: list, rows: list
 
     # ---- the Pallas kernel
     ks0 = default_k_splits(B, Hk, K)
-    variants = [(ks0, 4, 2, True), (ks0, 8, 2, True), (min(K, 2 * ks0), 4, 2, True)]
+    variants = [(ks0, 4, 2, True, "jnp"), (ks0, 4, 2, True, "kernel"), (ks0, 8, 2, True, "jnp"),
+                (min(K, 2 * ks0), 4, 2, True, "jnp"), (min(K, 2 * ks0), 4, 2, True, "kernel")]
     if not quick:
-        variants += [(ks0, 4, 3, True), (ks0, 4, 1, True), (max(1, ks0 // 2), 4, 2, True), (K, 4, 2, True),
-                     (ks0, 4, 2, False)]
-    seen = set()
-    for vi, (ks, nw, ns, with_bias) in enumerate(variants):
-        if (ks, nw, ns, with_bias) in seen:
+        variants += [(ks0, 4, 3, True, "jnp"), (ks0, 4, 1, True, "jnp"), (max(1, ks0 // 2), 4, 2, True, "jnp"),
+                     (K, 4, 2, True, "jnp"), (K, 4, 2, True, "kernel"), (ks0, 4, 2, False, "jnp"),
+                     (ks0, 4, 2, False, "kernel")]
+    seen, checked = set(), set()
+    for ks, nw, ns, with_bias, merge in variants:
+        splits = -(-K // -(-K // ks))
+        if splits == 1:
+            merge = "jnp"  # one split: nothing to merge, both are the same kernel
+        if (ks, nw, ns, with_bias, merge) in seen:
             continue
-        seen.add((ks, nw, ns, with_bias))
-        settings = {"k_splits": ks, "num_warps": nw, "num_stages": ns, "bias": with_bias,
-                    "programs": B * Hk * -(-K // -(-K // ks))}
+        seen.add((ks, nw, ns, with_bias, merge))
+        settings = {"k_splits": ks, "num_warps": nw, "num_stages": ns, "bias": with_bias, "merge": merge,
+                    "programs": B * Hk * splits}
 
-        def kern_fn(q, k_pool, v_pool, bias_pool, ids, q_pos, layers, ks=ks, nw=nw, ns=ns):
+        def kern_fn(q, k_pool, v_pool, bias_pool, ids, q_pos, layers, ks=ks, nw=nw, ns=ns, merge=merge):
             for r in range(R):
                 q = sparse_decode_attention(q, k_pool, v_pool, bias_pool, ids, ids, q_pos, layers[r],
-                                            block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns)
+                                            block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns, merge=merge)
             return q
 
         try:
             bp = bias_pool if with_bias else None
             err = float("nan")
-            if vi == 0 or not with_bias:  # accuracy once per code path (the GPU tests cover the settings)
+            if (merge, with_bias) not in checked:  # accuracy once per code path (the GPU tests cover the settings)
+                checked.add((merge, with_bias))
                 one = sparse_decode_attention(q, k_pool, v_pool, bp, ids, ids, q_pos, jnp.int32(0),
-                                              block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns)
+                                              block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns, merge=merge)
                 ref = ref0 if with_bias else sparse_decode_attention_reference(
                     q, k_pool, v_pool, None, ids, ids, q_pos, jnp.int32(0), block_size=BS)
                 err = _rel(one, ref)

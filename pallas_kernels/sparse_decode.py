@@ -19,14 +19,35 @@ Structure (flash-decoding / split-K):
   grid (B, Hk, k_splits); program (b, h, s) loads its G query rows (gathered straight from q, padded
   to Gp rows in registers), walks entries s*E .. s*E+E-1 (E = ceil(K / k_splits)) of the (padded)
   block table with an online softmax whose running max includes the bias, and writes an
-  unnormalised partial output [Gp, D] plus its running max and sum [Gp]. The splits are merged in
-  jnp (with `lax.optimization_barrier` on the merged max, as jax's decode kernel does); with
-  k_splits == 1 the kernel normalises and writes the output itself. Invalid entries (id < 0, a block
-  wholly after the query, table padding) issue masked loads that move no data.
-  Measured on the H200: the jnp merge is 3-4 small XLA fusions (~1.2-1.6 us each, ~3 us at B=16),
-  which at batch 1 is as long as the main kernel (~4.3 us). A Pallas merge kernel with one program
-  per (b, kv head) looping over the splits was slower (7 us at B=16, 41 us at B=1: too few programs,
-  serial latency), so it was dropped.
+  unnormalised partial output [Gp, D] plus its running max and sum [Gp]. With k_splits == 1 the
+  kernel normalises and writes the output itself. Invalid entries (id < 0, a block wholly after the
+  query, table padding) issue masked loads that move no data. The splits are merged either
+  - merge="jnp": in jnp after the kernel (`merge_splits`, with `lax.optimization_barrier` on the
+    merged max, as jax's decode kernel does). Measured on the H200: 3-4 small XLA fusions (~1.2-1.6
+    us each, ~3 us at B=16), which at batch 1 is as long as the main kernel (~4.3 us). A separate
+    Pallas merge kernel with one program per (b, kv head) looping over the splits was slower (7 us at
+    B=16, 41 us at B=1: too few programs, serial latency), so it was dropped; or
+  - merge="kernel": inside the same kernel, "last program merges". An int32 counter per (b, h),
+    zeroed by XLA on every call (a `jnp.zeros` input aliased to an output), counts the finished
+    splits: each program stores its partial, then atomically adds 1 to counter[b, h]; the program
+    that reads k_splits - 1 back is the last of its (b, h), and it reads every split's partial back
+    (outputs of this same pallas_call, in L2) and writes the normalised rows h*G .. h*G+G-1 of the
+    [B, Hq, D] output with `merge_splits`'s math: combined max M and corrections exp(m_s - M) from
+    one masked [S, Gp] load of every split's m (S = k_splits padded to a power of two), l_sum from
+    one such load of l, and o_sum from [C, Gp, D] chunks of C splits (C * Gp * D <= MERGE_CHUNK
+    f32). A loop over single splits would cost one dependent L2 round trip per split (Triton's
+    lowering of fori_loop cannot unroll) - 64 at B=1 - in the one program per (b, h) that merges;
+    this way it is 1 + ceil(k_splits / C) (C = 4 at Gp=16, D=128). No XLA op follows the kernel.
+    Memory ordering: Pallas Triton lowers the atomic to `tt.atomic_rmw add, acq_rel, gpu` (see
+    `_atomic_rmw` in jax/_src/pallas/triton/lowering.py), which Triton issues from ONE thread of the
+    program, then broadcasts through shared memory behind a barrier. The release half orders only
+    that thread's own earlier writes (and, cumulatively, writes it has observed), so a CTA barrier
+    (`pltriton.debug_barrier`, bar.sync) before the atomic is needed to make every thread's partial
+    stores happen-before the release; symmetrically the last program takes a barrier after its
+    acquire before all its threads read the other programs' partials (Triton's broadcast barrier
+    already does this; the explicit one costs one bar.sync in B * Hk programs and does not rely on
+    it). Both barriers are left out in interpret mode, where `debug_barrier` has no CPU lowering and
+    the programs run one after another anyway (the atomic is an ordinary read-modify-write there).
 
 Triton constraints (interpret mode does not check them): every array the kernel materialises must
 have power-of-two sizes and each dot dimension must be >= 16. The G query rows are padded to
@@ -47,7 +68,16 @@ from jax.experimental.pallas import triton as pltriton
 
 NEG_INF = float("-inf")
 DEFAULT_NUM_SMS = 132  # H100/H200
+# How sparse_decode_attention merges the splits by default: "auto" = "kernel" up to
+# KERNEL_MERGE_MAX_SPLITS splits, else "jnp". H200, bf16, D=128, 64 blocks of 64 tokens, bias
+# (bench/results/kernels_decode-2026-12-04): kernel vs jnp merge 26.1 vs 26.9 us (32/2 heads, B=16,
+# 8 splits), 71.9 vs 75.8 (B=64, 3 splits), 74.7 vs 76.4 (32/8, B=16, 3 splits), 25.5 vs 26.4 (12/2,
+# B=16, 16 splits); but 21.5 vs 10.3 us at B=1 (64 splits: the last program merges them serially),
+# 28.4 vs 27.0 (32/2, B=16, 16 splits) and 58.5 vs 35.9 (64 splits).
+DEFAULT_MERGE = "auto"
+KERNEL_MERGE_MAX_SPLITS = 8
 PROGRAMS_PER_SM = 2  # split-K target: about this many programs per SM (see default_k_splits)
+MERGE_CHUNK = 8192  # merge="kernel": f32 elements of partial outputs loaded at once (64 regs/thread at 4 warps)
 
 
 def _next_pow2(n: int) -> int:
@@ -95,6 +125,17 @@ def _check_gpu_shapes(block_size: int, D: int, Gp: int) -> None:
                              f">= 16, got {val}; use interpret=True or the reference for other shapes")
 
 
+def _finite(m):
+    """A running max with -inf (no visible key yet) replaced by 0, so that exp(x - m) never computes
+    (-inf) - (-inf) and gives exp(-inf) = 0 for masked / empty entries instead."""
+    return jnp.where(m == NEG_INF, 0.0, m)
+
+
+def _normalise(acc, l):
+    """acc [..., D] / l [...]; rows with l == 0 (no visible key) give 0."""
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
 def _rows(h, group: int, Gp: int):
     """Row indices h*G + r of q for r < Gp (clamped to the head's last row, so every index is in
     bounds even in interpret mode) and the mask r < G."""
@@ -104,11 +145,16 @@ def _rows(h, group: int, Gp: int):
 
 def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
                    block_size: int, per_split: int, num_entries: int, scale: float, has_bias: bool,
-                   group: int, Gp: int, normalize: bool):
+                   group: int, Gp: int, normalize: bool, merge_splits_here: int, gpu: bool):
+    """One program (b, h, s); see the module docstring. Refs after v_ref: [bias_ref] and, if
+    merge_splits_here (= k_splits > 1, merge="kernel"), the counter's input (aliased, unused); then
+    the outputs: [o] if normalize; else [out [B, Hq, D] if merge_splits_here] + partial o, m, l
+    [+ counter [B, Hk] int32 if merge_splits_here]."""
     if has_bias:
-        bias_ref, *outs = rest
+        bias_ref, *rest = rest
     else:
-        bias_ref, outs = None, rest
+        bias_ref = None
+    outs = rest[1:] if merge_splits_here else rest
     b = pl.program_id(0)
     h = pl.program_id(1)
     s = pl.program_id(2)
@@ -145,7 +191,7 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
             sc = sc + bias.astype(jnp.float32)[None, :]
         sc = jnp.where(visible[None, :], sc, NEG_INF)
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))  # running max includes the bias
-        m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)  # all-masked rows: no (-inf) - (-inf)
+        m_use = _finite(m_new)  # all-masked rows: no (-inf) - (-inf)
         alpha = jnp.exp(m_prev - m_use)
         p = jnp.exp(sc - m_use[:, None])  # masked keys: exp(-inf) = 0
         l_new = alpha * l_prev + jnp.sum(p, axis=1)
@@ -159,10 +205,13 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
     # Plain stores (`ref[...] = x` lowers to a swap, which would also load the old contents).
     if normalize:  # k_splits == 1: the final output [Gp, D]
         (o_ref,) = outs
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        pltriton.store(o_ref, out.astype(o_ref.dtype))
+        pltriton.store(o_ref, _normalise(acc, l).astype(o_ref.dtype))
         return
-    o_ref, m_ref, l_ref = outs
+    if merge_splits_here:  # the partials are whole [B, Hk, ks, ...] arrays (pl.ANY): this split's part
+        out_ref, o_all, m_all, l_all, cnt_ref = outs
+        o_ref, m_ref, l_ref = (r.at[b, h, s] for r in (o_all, m_all, l_all))
+    else:
+        o_ref, m_ref, l_ref = outs
     if group < Gp:  # only the real rows: padding rows stay unwritten and are never read
         pltriton.store(o_ref, acc, mask=jnp.broadcast_to(rows_ok[:, None], (Gp, D)))
         pltriton.store(m_ref, m, mask=rows_ok)
@@ -171,6 +220,52 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
         pltriton.store(o_ref, acc)
         pltriton.store(m_ref, m)
         pltriton.store(l_ref, l)
+    if merge_splits_here:
+        _merge_if_last(out_ref, o_all, m_all, l_all, cnt_ref, b, h, rows_ok, splits=merge_splits_here,
+                       group=group, Gp=Gp, gpu=gpu)
+
+
+def _merge_if_last(out_ref, o_ref, m_ref, l_ref, cnt_ref, b, h, rows_ok, *, splits: int, group: int, Gp: int,
+                   gpu: bool):
+    """merge="kernel": count this program's split as done; the last one of (b, h) merges all
+    `splits` partials o [.., Gp, D], m, l [.., Gp] of (b, h) (as `merge_splits`) into rows
+    h*G .. h*G+G-1 of out_ref [B, Hq, D]. Memory ordering: see the module docstring."""
+    if gpu:
+        pltriton.debug_barrier()  # every thread's partial stores happen-before the release below
+    done = pltriton.atomic_add(cnt_ref, (b, h), jnp.int32(1))  # acq_rel, gpu scope; returns the old count
+
+    @pl.when(done == splits - 1)
+    def _():
+        if gpu:
+            pltriton.debug_barrier()  # the acquire (by one thread) covers all threads' loads below
+        D = o_ref.shape[-1]
+        Sp = _next_pow2(splits)  # the split axis padded to a power of two (masked)
+        C = min(Sp, max(1, MERGE_CHUNK // (Gp * D)))  # splits per [C, Gp, D] chunk of o
+
+        def load(ref, start, n, other):  # splits start .. start+n-1 of (b, h): [n, Gp] or [n, Gp, D]
+            part = ref.at[b, h, pl.ds(start, n)]
+            ok = (lax.broadcasted_iota(jnp.int32, (n, Gp), 0) + start < splits) & rows_ok[None, :]
+            if len(part.shape) == 3:
+                ok = jnp.broadcast_to(ok[:, :, None], part.shape)
+            return pltriton.load(part, mask=ok, other=other)  # padding rows / splits: neutral values
+
+        m_s = load(m_ref, 0, Sp, NEG_INF)  # [Sp, Gp]
+        m_max = _finite(jnp.max(m_s, axis=0))
+        l_sum = jnp.sum(jnp.exp(m_s - m_max[None, :]) * load(l_ref, 0, Sp, 0.0), axis=0)
+
+        def add_chunk(c, o_sum):
+            start = pl.multiple_of(c * C, C)
+            corr = jnp.exp(load(m_ref, start, C, NEG_INF) - m_max[None, :])  # no visible key: 0
+            return o_sum + jnp.sum(corr[:, :, None] * load(o_ref, start, C, 0.0), axis=0)
+
+        o_sum = lax.fori_loop(0, -(-splits // C), add_chunk, jnp.zeros((Gp, D), jnp.float32))
+        out = _normalise(o_sum, l_sum).astype(out_ref.dtype)
+        # Rows h*G .. h*G+Gp-1: the padding rows (another head's, or past the end) are masked off.
+        dst = out_ref.at[b, pl.ds(h * group, Gp), :]
+        if group < Gp:
+            pltriton.store(dst, out, mask=jnp.broadcast_to(rows_ok[:, None], out.shape))
+        else:
+            pltriton.store(dst, out)
 
 
 def check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size: int):
@@ -205,19 +300,18 @@ def merge_splits(o, m, l, G: int, dtype):
     B, Hk, _, _, D = o.shape
     m_all = jnp.max(m, axis=2, keepdims=True)  # [B, Hk, 1, G]
     m_all = lax.optimization_barrier(m_all)  # as jax's decode_attention (NaNs without it there)
-    m_all = jnp.where(m_all == NEG_INF, 0.0, m_all)
-    corr = jnp.exp(m - m_all)  # splits without a visible key: exp(-inf) = 0
+    corr = jnp.exp(m - _finite(m_all))  # splits without a visible key: exp(-inf) = 0
     l_sum = jnp.sum(l * corr, axis=2)  # [B, Hk, G]
     o_sum = jnp.sum(o * corr[..., None], axis=2)  # [B, Hk, G, D]
-    out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
-    return out.reshape(B, Hk * G, D).astype(dtype)
+    return _normalise(o_sum, l_sum).reshape(B, Hk * G, D).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "k_splits", "num_warps", "num_stages", "interpret",
-                                             "backend"))
+                                             "backend", "merge"))
 def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, *,
                             block_size: int, k_splits: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2, interpret: bool = False, backend: str = "triton") -> jax.Array:
+                            num_stages: int = 2, interpret: bool = False, backend: str = "triton",
+                            merge: str | None = None) -> jax.Array:
     """Block-sparse decode attention over the stacked KV pool (Pallas/Triton, split-K).
 
     q: [B, Hq, D]; k_pool, v_pool: [L, B, T, Hk, D]; bias_pool: [L, B, T, Hk] float32 or None;
@@ -226,8 +320,17 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
     (may be traced). k_splits: None -> `default_k_splits`. Returns [B, Hq, D] in q.dtype.
     backend: "triton" (this kernel) or "mosaic" (`sparse_decode_mgpu.sparse_decode_attention_mgpu`,
     Mosaic GPU; num_warps/num_stages are ignored there, interpret=True means InterpretGPUParams()).
+    merge (Triton backend, k_splits > 1): "jnp" (`merge_splits` after the kernel), "kernel" (the
+    last program of each (b, h) merges, see the module docstring) or "auto" ("kernel" up to
+    KERNEL_MERGE_MAX_SPLITS splits, measured faster there, else "jnp"); None -> DEFAULT_MERGE. The
+    Mosaic backend always merges in jnp ("auto" included).
     """
+    if merge not in (None, "auto", "jnp", "kernel"):
+        raise ValueError(f"unknown merge {merge!r}: expected 'auto', 'jnp' or 'kernel'")
     if backend == "mosaic":
+        if merge == "kernel":
+            raise ValueError("merge='kernel' is only implemented for backend='triton' (the Mosaic backend "
+                             "merges the splits in jnp)")
         from pallas_kernels.sparse_decode_mgpu import sparse_decode_attention_mgpu
         return sparse_decode_attention_mgpu(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
                                             block_size=block_size, k_splits=k_splits, interpret=interpret)
@@ -249,18 +352,31 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
 
     has_bias = bias_pool is not None
     normalize = ks == 1
+    merge = merge or DEFAULT_MERGE
+    if merge == "auto":
+        merge = "kernel" if ks <= KERNEL_MERGE_MAX_SPLITS else "jnp"
+    in_kernel = not normalize and merge == "kernel"
     kernel = functools.partial(_decode_kernel, block_size=block_size, per_split=per, num_entries=K,
-                               scale=1.0 / math.sqrt(D), has_bias=has_bias, group=G, Gp=Gp, normalize=normalize)
+                               scale=1.0 / math.sqrt(D), has_bias=has_bias, group=G, Gp=Gp, normalize=normalize,
+                               merge_splits_here=ks if in_kernel else 0, gpu=not interpret)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     args = [layer_arr, qpos, ids, sl, q, k_pool, v_pool] + ([bias_pool] if has_bias else [])
+    partial_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
+                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
+                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
+    aliases = {}
     if normalize:
         out_shape = [jax.ShapeDtypeStruct((B, Hk, Gp, D), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0))]
+    elif in_kernel:  # final output, partials (read back by the last program: whole arrays), counter
+        aliases = {len(args): 4}
+        args.append(jnp.zeros((B, Hk), jnp.int32))  # zeroed by XLA on every call
+        out_shape = [jax.ShapeDtypeStruct((B, Hq, D), q.dtype), *partial_shape,
+                     jax.ShapeDtypeStruct((B, Hk), jnp.int32)]
+        out_specs = [any_spec] * 5
     else:
-        out_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
-                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
-                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
+        out_shape = partial_shape
         out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
                      pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
                      pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
@@ -270,6 +386,7 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
         in_specs=[any_spec] * len(args),
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="nosa_sparse_decode",
@@ -277,6 +394,8 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
 
     if normalize:
         return res[0][:, :, :G].reshape(B, Hq, D)
+    if in_kernel:
+        return res[0]
     # Merge the splits (only the G real rows; the padding rows were never written).
     return merge_splits(*res, G, q.dtype)
 

@@ -5,12 +5,15 @@ AND an independent float64 NumPy computation written here, on fresh random input
 ragged q_pos with partial tail blocks, -1 entries, block ids in any order, a permuted smaller pool
 (slots != block_ids), bias None / normal / extreme (|bias| up to 1e4), several k_splits, layer > 0
 with every other layer (and every token the kernel must not read) filled with NaN, and a `scan`
-over layers with a traced layer index. One CPU test cross-lowers the kernel for CUDA (Triton IR,
-abstract H200) at the model's sizes, which checks the Triton shape rules interpret mode ignores.
+over layers with a traced layer index; both ways of merging the splits (merge="jnp" and "kernel",
+the last program of each (b, kv head) merging via an atomic counter), and the in-kernel merge's
+output bit-identical between calls. One CPU test cross-lowers the kernel for CUDA (Triton IR,
+abstract H200) at the model's sizes and runs the Triton MLIR verifier on it, which checks the
+Triton shape rules interpret mode ignores.
 
 GPU (`@pytest.mark.gpu`, NOSA_TEST_GPU=1 on the GPU machine): the compiled kernel at realistic
 sizes (B=16, Hq=32, Hk=2 and 8, D=128, blocks of 64, K=64, T=32768, bf16) against the reference,
-relative error <= 1e-2.
+relative error <= 1e-2, with both merges (the in-kernel one also bit-identical between calls).
 """
 
 import os
@@ -20,6 +23,7 @@ import jax
 if os.environ.get("NOSA_TEST_GPU") != "1":
     jax.config.update("jax_platforms", "cpu")
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -30,9 +34,10 @@ from jax import lax
 from nosa_jax import nosa
 from pallas_kernels.sparse_decode import (_next_pow2, default_k_splits, sparse_decode_attention,
                                           sparse_decode_attention_reference)
-from model_utils import h200_lowering_text
+from model_utils import verified_triton_modules
 
 NAN = float("nan")
+MERGES = ["jnp", "kernel"]
 
 
 # ------------------------------------------------------------------ independent float64 reference
@@ -172,50 +177,56 @@ def check(out, ref, npo, atol=2e-5, rtol=2e-5):
 
 # ------------------------------------------------------------------ CPU (interpret mode)
 
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("G,D,bs", [(1, 32, 8), (4, 64, 16), (16, 32, 8)])
-def test_matches_references_per_group_size(G, D, bs):
+def test_matches_references_per_group_size(G, D, bs, merge):
     rng = np.random.default_rng()
     case, bs = make_case(rng, G=G, D=D, bs=bs, n_logical=10, K=6)
-    out, ref, npo = run_all(case, bs, k_splits=2)
+    out, ref, npo = run_all(case, bs, k_splits=2, merge=merge)
     check(out, ref, npo)
 
 
-@pytest.mark.parametrize("k_splits", [1, 4, 7, None])  # 7 = K: one entry per split; 4: padded
-def test_k_splits(k_splits):
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("k_splits", [1, 3, 4, 7, None])  # 7 = K: one entry per split; 3, 4: last split partial
+def test_k_splits(k_splits, merge):
     rng = np.random.default_rng()
     case, bs = make_case(rng, G=4, K=7, n_logical=11)
-    out, ref, npo = run_all(case, bs, k_splits=k_splits)
+    out, ref, npo = run_all(case, bs, k_splits=k_splits, merge=merge)
     check(out, ref, npo)
 
 
-def test_permuted_smaller_pool():
+@pytest.mark.parametrize("merge", MERGES)
+def test_permuted_smaller_pool(merge):
     """Offloaded-cache layout: a pool of 9 physical blocks, slots a random injection, slot -1 for
     unused entries, unused slots NaN; layer 2 of 3."""
     rng = np.random.default_rng()
     case, bs = make_case(rng, L=3, layer=2, G=4, K=7, n_logical=16, permuted=True, n_slots=9)
     assert not np.array_equal(np.asarray(case["slots"]), np.asarray(case["block_ids"]))
-    out, ref, npo = run_all(case, bs, k_splits=3)
+    out, ref, npo = run_all(case, bs, k_splits=3, merge=merge)
     check(out, ref, npo)
 
 
-def test_bias_none():
+@pytest.mark.parametrize("merge", MERGES)
+def test_bias_none(merge):
     rng = np.random.default_rng()
     case, bs = make_case(rng, G=4, bias="none")
-    out, ref, npo = run_all(case, bs, k_splits=2)
+    out, ref, npo = run_all(case, bs, k_splits=2, merge=merge)
     check(out, ref, npo)
 
 
-@pytest.mark.parametrize("k_splits", [1, 6])
-def test_extreme_bias(k_splits):
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("k_splits", [1, 3, 7])  # K=7: 3 splits of 3, 3, 1 entries; 7 of one each
+def test_extreme_bias(k_splits, merge):
     """|bias| up to 1e4: the running max must include the bias (no exp overflow, no NaN)."""
     rng = np.random.default_rng()
-    case, bs = make_case(rng, G=4, bias="extreme", K=6)
-    out, ref, npo = run_all(case, bs, k_splits=k_splits)
+    case, bs = make_case(rng, G=4, bias="extreme", K=7)
+    out, ref, npo = run_all(case, bs, k_splits=k_splits, merge=merge)
     # logits ~1e4 carry float32 rounding of ~1e-3 absolute, hence the looser tolerance
     check(out, ref, npo, atol=5e-3, rtol=5e-3)
 
 
-def test_rows_without_visible_keys_are_zero():
+@pytest.mark.parametrize("merge", MERGES)
+def test_rows_without_visible_keys_are_zero(merge):
     """(b=0,h=1) only -1 entries; b=1 sees only future blocks; b=2 at q_pos 0 sees one token."""
     rng = np.random.default_rng()
     case, bs = make_case(rng, B=3, G=4, K=5, n_logical=8, q_pos=[40, 3, 0], neg_entries=False, poison=False)
@@ -224,17 +235,18 @@ def test_rows_without_visible_keys_are_zero():
     ids[1] = np.array([[3, 1, 7, 5, 2], [6, 4, 2, 1, 3]])  # q_pos 3 -> only block 0 visible: none here
     ids[2, 0] = np.array([4, 0, 2, 6, 1])
     case["block_ids"] = case["slots"] = jnp.asarray(ids)
-    out, ref, npo = run_all(case, bs, k_splits=2)
+    out, ref, npo = run_all(case, bs, k_splits=2, merge=merge)
     check(out, ref, npo)
     G = 4
     assert np.all(out[0, G:2 * G] == 0) and np.all(out[1] == 0)
     assert np.any(out[2, :G] != 0)
 
 
-def test_bf16():
+@pytest.mark.parametrize("merge", MERGES)
+def test_bf16(merge):
     rng = np.random.default_rng()
     case, bs = make_case(rng, G=16, D=64, bs=16, K=6, dtype=jnp.bfloat16)
-    out, ref, npo = run_all(case, bs, k_splits=3)
+    out, ref, npo = run_all(case, bs, k_splits=3, merge=merge)
     check(out, ref, npo, atol=2e-2, rtol=2e-2)  # bf16 output rounding, P cast to bf16 for P.V
     assert np.linalg.norm(out - npo) / np.linalg.norm(npo) < 1e-2
 
@@ -268,15 +280,75 @@ def scan_over_layers(kernel, case, bs, n_layers):
     return both(case)
 
 
-def test_scan_over_layers_traced_layer():
-    """Called inside jit + lax.scan with the layer index as the scanned (traced) value."""
+@pytest.mark.parametrize("merge", MERGES)
+def test_scan_over_layers_traced_layer(merge):
+    """Called inside jit + lax.scan with the layer index as the scanned (traced) value (merge="kernel":
+    the split counter must start from zero in every step)."""
     rng = np.random.default_rng()
     case, bs = make_case(rng, L=3, G=4, K=5, poison=False)
-    outs, refs = scan_over_layers(sparse_decode_attention, case, bs, 3)
+    outs, refs = scan_over_layers(functools.partial(sparse_decode_attention, merge=merge), case, bs, 3)
     for lyr in range(3):
         npo = np_sparse_decode(case["q"], case["k_pool"], case["v_pool"], case["bias_pool"], case["block_ids"],
                                case["slots"], case["q_pos"], lyr, bs)
         check(np.asarray(outs[lyr]), np.asarray(refs[lyr]), npo)
+
+
+@pytest.mark.parametrize("G,k_splits", [(4, 6), (16, 11)])
+def test_kernel_merge_in_chunks(G, k_splits):
+    """merge="kernel" at D=128, where the merging program reads o in chunks of 4 splits
+    (sparse_decode.MERGE_CHUNK): 6 splits = 2 chunks, 11 = 3 (split axis padded to 8 / 16, the last
+    chunk partial)."""
+    rng = np.random.default_rng()
+    case, bs = make_case(rng, G=G, D=128, K=k_splits, n_logical=k_splits + 3)
+    out, ref, npo = run_all(case, bs, k_splits=k_splits, merge="kernel")
+    check(out, ref, npo)
+
+
+def test_kernel_merge_is_repeatable():
+    """merge="kernel": the merging program combines the splits in a fixed order (not in the order
+    they finished) and the counter is zeroed in every call, so repeated calls, separate or in one
+    jit, are bit-identical (and G=6 exercises a group padded to 16 rows with a partial last split)."""
+    rng = np.random.default_rng()
+    case, bs = make_case(rng, B=3, Hk=2, G=6, K=7, n_logical=11)
+    f = functools.partial(sparse_decode_attention, block_size=bs, k_splits=3, interpret=True, merge="kernel")
+    first, second = np.asarray(f(**case)), np.asarray(f(**case))
+    np.testing.assert_array_equal(first, second)
+
+    @jax.jit
+    def steps(c):  # one executable running the kernel in three scan steps (a traced, equal layer)
+        return lax.scan(lambda carry, lyr: (carry, f(**dict(c, layer=lyr))), 0, jnp.full((3,), c["layer"]))[1]
+
+    for out in np.asarray(steps(case)):
+        np.testing.assert_array_equal(out, first)
+    out, ref, npo = run_all(case, bs, k_splits=3, merge="kernel")
+    np.testing.assert_array_equal(out, first)
+    check(out, ref, npo)
+
+
+def test_merge_argument_checked():
+    rng = np.random.default_rng()
+    case, bs = make_case(rng, G=4, bs=8, poison=False)
+    with pytest.raises(ValueError, match="unknown merge"):
+        sparse_decode_attention(**case, block_size=bs, interpret=True, merge="xla")
+    with pytest.raises(ValueError, match="only implemented for backend='triton'"):
+        sparse_decode_attention(**case, block_size=bs, interpret=True, backend="mosaic", merge="kernel")
+
+
+def test_auto_merge_merges_in_the_kernel_up_to_the_split_limit():
+    """merge="auto" (the default) merges inside the kernel up to KERNEL_MERGE_MAX_SPLITS splits, in
+    jnp beyond (where the serial merge in one program was measured slower), with the same result."""
+    from pallas_kernels import sparse_decode
+
+    rng = np.random.default_rng()
+    limit = sparse_decode.KERNEL_MERGE_MAX_SPLITS
+    K = 4 * (limit + 1)  # every split count below divides the entries without an empty split
+    case, bs = make_case(rng, G=4, bs=8, n_logical=K + 4, K=K, poison=False)
+    ref = np.asarray(sparse_decode_attention_reference(**case, block_size=bs))
+    for ks, in_kernel in ((2, True), (limit, True), (limit + 1, False), (2 * (limit + 1), False)):
+        run = functools.partial(sparse_decode_attention, block_size=bs, interpret=True, k_splits=ks)
+        jaxpr = str(jax.make_jaxpr(lambda c: run(**c))(case))
+        assert ("atomic_rmw" in jaxpr) == in_kernel, ks
+        np.testing.assert_allclose(np.asarray(run(**case)), ref, atol=2e-5, rtol=2e-5)
 
 
 def test_default_k_splits():
@@ -296,22 +368,37 @@ def test_gpu_shape_rules_enforced():
         sparse_decode_attention(**case, block_size=bs, interpret=False)
 
 
-@pytest.mark.parametrize("Hk,bias,k_splits", [(2, True, 8), (8, False, 3), (6, True, 1)])
-def test_lowers_to_triton_for_cuda(Hk, bias, k_splits):
-    """Cross-lower (no GPU needed) at the model's sizes: the Triton lowering accepts the kernels
-    (power-of-two tensor sizes), the kernel has grid (B, Hk, k_splits), and no layer slice of the stacked pool is materialised
-    outside the kernel. Hk=6 uses Hq=48: G=8, padded to 16 rows."""
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("Hk,bias,k_splits", [(2, True, 8), (2, True, 64), (8, False, 3), (6, True, 5),
+                                               (6, True, 1)])
+def test_lowers_to_triton_for_cuda(Hk, bias, k_splits, merge):
+    """Cross-lower (no GPU needed) at the model's sizes: the Triton lowering accepts the kernels and
+    the Triton MLIR verifier passes (power-of-two tensor sizes), the kernel has grid (B, Hk, k_splits),
+    and no layer slice of the stacked pool is materialised outside the kernel. Hk=6 uses Hq=48: G=8,
+    padded to 16 rows; k_splits=5 leaves the last split partial; with 64 splits the in-kernel merge
+    reads 16 chunks. merge="kernel" (k_splits > 1): one acq_rel gpu-scope atomic add on the counter
+    between two CTA barriers, and the kernel's output is the result."""
     L, B, T, D, bs, K = 4, 16, 32768, 128, 64, 64
     Hq = 48 if Hk == 6 else 32
     sd = jax.ShapeDtypeStruct
     args = (sd((B, Hq, D), jnp.bfloat16), sd((L, B, T, Hk, D), jnp.bfloat16), sd((L, B, T, Hk, D), jnp.bfloat16),
             sd((L, B, T, Hk), jnp.float32) if bias else None, sd((B, Hk, K), jnp.int32),
             sd((B, Hk, K), jnp.int32), sd((B,), jnp.int32), sd((), jnp.int32))
-    txt = h200_lowering_text(lambda *a: sparse_decode_attention(*a, block_size=bs, k_splits=k_splits), *args)
+    txt, modules = verified_triton_modules(
+        lambda *a: sparse_decode_attention(*a, block_size=bs, k_splits=k_splits, merge=merge), *args)
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(modules) == 1
     assert f"grid_x = {B} " in calls[0] and f"grid_y = {Hk} " in calls[0] and f"grid_z = {k_splits} " in calls[0]
     assert f"tensor<{B}x{T}x{Hk}x{D}xbf16>" not in txt  # no k_pool[layer] copy
+    atomics = [ln for ln in modules[0].splitlines() if "tt.atomic_rmw" in ln]
+    if merge == "kernel" and k_splits > 1:
+        assert len(atomics) == 1 and "tt.atomic_rmw add, acq_rel, gpu" in atomics[0]
+        barriers = [i for i, ln in enumerate(modules[0].splitlines()) if "gpu.barrier" in ln]
+        assert len(barriers) == 2 and barriers[0] < modules[0].splitlines().index(atomics[0]) < barriers[1]
+        result = calls[0].split("=")[0].strip().split(":")[0]  # "%3:5 = stablehlo.custom_call ..." -> "%3"
+        assert f"return {result}#0 : tensor<{B}x{Hq}x{D}xbf16>" in txt  # no slice or merge after the kernel
+    else:
+        assert not atomics
 
 
 def test_next_pow2():
@@ -361,36 +448,62 @@ def _rel_err(out, ref):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("Hk", [2, 8])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gpu_realistic(Hk, bias):
+def test_gpu_realistic(Hk, bias, merge):
     case, bs = _gpu_case(jax.random.key(Hk + 10 * bias), Hk=Hk, bias=bias)
     ref = sparse_decode_attention_reference(**case, block_size=bs)
-    out = sparse_decode_attention(**case, block_size=bs)
+    out = sparse_decode_attention(**case, block_size=bs, merge=merge)
     assert _rel_err(out, ref) <= 1e-2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k_splits,num_warps,num_stages", [(1, 4, 2), (8, 4, 2), (64, 4, 2), (16, 8, 3), (4, 4, 1)])
-def test_gpu_settings(k_splits, num_warps, num_stages):
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("k_splits,num_warps,num_stages", [(1, 4, 2), (8, 4, 2), (64, 4, 2), (16, 8, 3), (4, 4, 1),
+                                                           (5, 4, 2)])  # 5: 13 entries per split, the last 12
+def test_gpu_settings(k_splits, num_warps, num_stages, merge):
     case, bs = _gpu_case(jax.random.key(k_splits), Hk=2)
     ref = sparse_decode_attention_reference(**case, block_size=bs)
     out = sparse_decode_attention(**case, block_size=bs, k_splits=k_splits, num_warps=num_warps,
-                                  num_stages=num_stages)
+                                  num_stages=num_stages, merge=merge)
     assert _rel_err(out, ref) <= 1e-2
 
 
 @pytest.mark.gpu
-def test_gpu_permuted_pool_and_extreme_bias():
+@pytest.mark.parametrize("merge", MERGES)
+def test_gpu_permuted_pool_and_extreme_bias(merge):
     case, bs = _gpu_case(jax.random.key(7), Hk=8, permuted_pool_blocks=96)
     ref = sparse_decode_attention_reference(**case, block_size=bs)
-    out = sparse_decode_attention(**case, block_size=bs)
+    out = sparse_decode_attention(**case, block_size=bs, merge=merge)
     assert _rel_err(out, ref) <= 1e-2
     case["bias_pool"] = jnp.where(jax.random.bernoulli(jax.random.key(8), 0.5, case["bias_pool"].shape),
                                   1e4, -1e4) + case["bias_pool"]
     ref = sparse_decode_attention_reference(**case, block_size=bs)
-    out = sparse_decode_attention(**case, block_size=bs, k_splits=16)
+    out = sparse_decode_attention(**case, block_size=bs, k_splits=16, merge=merge)
     assert _rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hk,k_splits", [(32, 2, 8), (32, 8, 3), (12, 2, 64)])
+def test_gpu_kernel_merge_repeatable(Hq, Hk, k_splits):
+    """merge="kernel" on the GPU, where the splits really finish in any order: bit-identical between
+    calls (separate, and 8 steps of one scan reusing the counter's buffer), and a (b, kv head) with no
+    visible key gives 0. Hq=12 (G=6) pads the group to 16 rows."""
+    case, bs = _gpu_case(jax.random.key(11), Hq=Hq, Hk=Hk)
+    ids = case["block_ids"].at[3, 0].set(-1)  # (b=3, h=0): no visible key
+    case = dict(case, block_ids=ids, slots=ids)
+    f = functools.partial(sparse_decode_attention, block_size=bs, k_splits=k_splits, merge="kernel")
+    ref = sparse_decode_attention_reference(**case, block_size=bs)
+    first = np.asarray(f(**case).astype(jnp.float32))
+    assert _rel_err(first, ref) <= 1e-2
+    G = Hq // Hk
+    assert np.all(first[3, :G] == 0)
+    np.testing.assert_array_equal(np.asarray(f(**case).astype(jnp.float32)), first)
+    steps = jax.jit(lambda c: lax.scan(lambda carry, lyr: (carry, f(**dict(c, layer=lyr))), 0,
+                                       jnp.full((8,), c["layer"]))[1])(case)
+    for i in range(8):
+        np.testing.assert_array_equal(np.asarray(steps[i].astype(jnp.float32)), first)
 
 
 @pytest.mark.gpu
