@@ -13,7 +13,7 @@ staging pool of the limit's size too (a 5 GiB limit pinned 10 GiB). It shows, ph
   2. the compiled decode loop's memory analysis (device and host arguments, outputs, aliases and
      temporaries);
   3. with --dump DIR: XLA's dump of the decode loop (HLO after optimisations and the buffer
-     assignment); the allocations at least as large as one store array are printed.
+     assignment); the allocations of at least a quarter of the store are printed with their values.
   With --arrays-only it only allocates the store's arrays (no generator, so none of its up-front
   checks), prints what nosa_jax.generate.pinned_pool_reservation predicts for the pool set by
   XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB / _PREALLOCATE, and what the process then holds, or the error.
@@ -99,8 +99,11 @@ def main() -> int:
         now = process_memory()
         delta = {k: now[k] - last.get(k, 0.0) for k in now}
         total = {k: now[k] - before.get(k, 0.0) for k in now}
+        dev = jax.devices()[0].memory_stats() or {}
+        peak = (f" | device in use {dev.get('bytes_in_use', 0) / GiB:.2f}, peak {dev.get('peak_bytes_in_use', 0) / GiB:.2f},"
+                f" largest {dev.get('largest_alloc_size', 0) / GiB:.2f} GiB" if dev else "")
         print(f"[{name}] delta " + " ".join(f"{k} {v:+.2f}" for k, v in delta.items()) +
-              " | since start " + " ".join(f"{k} {v:+.2f}" for k, v in total.items()) + " GiB", flush=True)
+              " | since start " + " ".join(f"{k} {v:+.2f}" for k, v in total.items()) + " GiB" + peak, flush=True)
         last = now
 
     print(f"device {jax.devices()[0]}  jax {jax.__version__}", flush=True)
@@ -108,15 +111,14 @@ def main() -> int:
     model = NosaForCausalLM(cfg, mode="nosa", dtype=dtype, rngs=nnx.Rngs(0))
     slots = pool_size(cfg, a.capacity)
     dev_b, host_b = offload_bytes(cfg, a.batch, a.capacity, dtype, "nosa", slots)
-    array = host_b / 2
-    print(f"store: {host_b / GiB:.2f} GiB on the host (two arrays of {array / GiB:.2f} GiB); "
+    print(f"store: {host_b / GiB:.2f} GiB on the host (one array); "
           f"{dev_b / GiB:.2f} GiB on the device", flush=True)
     if a.arrays_only:
         limit, pre = pinned_host_limit_bytes(), pinned_pool_preallocated()
         if limit is not None:
-            pred = pinned_pool_reservation([array, array], limit, preallocated=pre)
+            pred = pinned_pool_reservation([host_b], limit, preallocated=pre)
             print(f"pool {limit / GiB:.1f} GiB, preallocated {pre}: the model predicts "
-                  + ("no room for the second array" if pred is None else f"{pred / GiB:.2f} GiB reserved"), flush=True)
+                  + ("no room for the store" if pred is None else f"{pred / GiB:.2f} GiB reserved"), flush=True)
         try:
             off = init_offloaded(cfg, a.batch, a.capacity, dtype, "nosa", slots)
             jax.block_until_ready(off.host_kv)
@@ -135,20 +137,29 @@ def main() -> int:
                                  n_steps=a.steps).compile()
     print(f"memory analysis: {compiled.memory_analysis()}", flush=True)
     phase("decode loop compiled")
+    if a.dump:
+        large_allocations(a.dump, host_b)
     for i in range(2):
         t0 = time.perf_counter()
         st, logits = decode_loop(gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
                                  n_steps=a.steps)
         jax.block_until_ready(st.tokens)
         phase(f"decode call {i + 1} ({time.perf_counter() - t0:.2f} s)")
-    if a.dump:
-        for f in sorted(glob.glob(os.path.join(a.dump, "*decode_loop*buffer-assignment.txt"))):
-            print(f"allocations of >= one store array ({array / GiB:.3f} GiB) in {os.path.basename(f)}:")
-            for line in Path(f).read_text().splitlines():
-                m = re.match(r"allocation (\d+): size (\d+)", line)
-                if m and int(m.group(2)) >= 0.99 * array:
-                    print("  " + line[:400])
     return 0
+
+
+def large_allocations(dump: str, host_b: int) -> None:
+    """The decode loop's allocations of at least a quarter of the store, with their first values."""
+    for f in sorted(glob.glob(os.path.join(dump, "*decode_loop*buffer-assignment.txt"))):
+        print(f"allocations of >= a quarter of the store ({host_b / 4 / GiB:.3f} GiB) in {os.path.basename(f)}:")
+        lines = Path(f).read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"allocation (\d+): size (\d+)", line)
+            if m and int(m.group(2)) >= host_b / 4:
+                print("  " + line[:300])
+                for value in lines[i + 1:i + 5]:
+                    if value.lstrip().startswith("value:"):
+                        print("    " + value.strip()[:300])
 
 
 if __name__ == "__main__":

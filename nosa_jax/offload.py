@@ -54,6 +54,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.compute_on import compute_on
 
 from . import nosa
 from .cache import KVCache, allocation, new_windows
@@ -164,6 +165,16 @@ def offload_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str,
             sum(size(s) for k, s in shapes.items() if k in on_host))
 
 
+def host_filled(shape, dtype, fill) -> jax.Array:
+    """A pinned host array of `fill`, written by host compute (XLA `compute_on("device_host")`).
+    Filled on the device and moved (`device_put(jnp.full(...), Host)` inside jit, or an
+    out_sharding), the store would first take as much device memory as its own size: on the H200 a
+    32 GiB store peaked at 32.08 GiB of device memory that way and at 0 this way; at 8B / 128K /
+    batch 27 the 108 GiB device copy left the prefill no room."""
+    fill_on_host = compute_on(compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
+    return jax.jit(fill_on_host(lambda: jnp.full(shape, fill, dtype)))()
+
+
 def init_offloaded(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, pool_slots: int,
                    rope_len=None, loader: str = "auto") -> OffloadedKV:
     """An empty offloaded cache; the host store is allocated directly in pinned host memory."""
@@ -171,8 +182,8 @@ def init_offloaded(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
 
     def make(name, s):
         fill = -1 if name in ("table", "prev_ids") else 0
-        if name in on_host:  # typed <host> inside jit (an out_sharding alone leaves a device-typed aval)
-            return jax.jit(lambda: jax.device_put(jnp.full(s.shape, fill, s.dtype), jax.memory.Space.Host))()
+        if name in on_host:  # filled by host compute, typed <host>: see host_filled
+            return host_filled(s.shape, s.dtype, fill)
         return jnp.full(s.shape, fill, s.dtype)
 
     arrays = {k: make(k, s) for k, s in shapes.items()}

@@ -182,6 +182,22 @@ def test_decode_loop_does_not_copy_the_store_or_pool():
         assert not copies, (name, copies[:3])
 
 
+
+def test_host_store_is_filled_by_host_compute():
+    """The pinned store is created by host compute, not built on the device and moved there: the
+    compiled program computes the fill in host memory and moves nothing between the two (a device
+    copy of the store would need as much free device memory as the store)."""
+    from nosa_jax.offload import host_filled
+
+    x = host_filled((3, 4, 5), jnp.bfloat16, -1)
+    assert x.sharding.memory_kind == "pinned_host" and jax.typeof(x).memory_space == jax.memory.Space.Host
+    np.testing.assert_array_equal(np.asarray(jax.device_put(x, jax.memory.Space.Device)), -np.ones((3, 4, 5)))
+    hlo = jax.jit(lambda: host_filled((3, 4, 5), jnp.bfloat16, 0)).lower().as_text()
+    fills = [ln for ln in hlo.splitlines() if "broadcast_in_dim" in ln]
+    assert fills and all('_xla_compute_type = "host"' in ln for ln in fills), fills  # computed on the host
+    old = jax.jit(lambda: jax.device_put(jnp.zeros((3, 4, 5), jnp.bfloat16), jax.memory.Space.Host)).lower().as_text()
+    assert '_xla_compute_type = "host"' not in old  # what the check tells apart: a fill on the device
+
 def test_offload_errors():
     cfg = small_config()
     with pytest.raises(GenerationError, match="full"):
