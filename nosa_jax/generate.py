@@ -349,7 +349,7 @@ class Generator:
             preallocated = pinned_pool_preallocated()
             reserved = pinned_pool_reservation(arrays, pool, preallocated=preallocated)
             if reserved is None:
-                need = math.ceil(host / 2**30) + 1 if preallocated else pinned_pool_limit_needed(arrays)
+                need = pinned_pool_limit_needed(arrays) + 1  # + 1 GiB for the transfers' own pinned buffers
                 raise GenerationError(
                     f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
                     f"pinned host memory but the GPU client's pinned pool is {pool / 2**30:.1f} GiB; start the "

@@ -418,11 +418,12 @@ def pinned_pool_reservation(sizes: Sequence[int], limit: int, *, preallocated: b
     The pool grows by regions. A request that fits no free tail of a region gets a new region:
     the region size doubles (from 2 MiB) until it holds the request, the region takes that size
     or what is left of the limit if less, and a region that did not need to grow doubles the size
-    of the next one. So two store arrays of X bytes take a region of the next power of two >= X
-    and a second of that size: two 2.02 GiB arrays reserve 8 GiB (measured on the H200,
-    bench/results/probe-host-peak-*), and two arrays of 50 GiB fail under a 112 GiB limit (the first
-    region is 64 GiB, 48 GiB are left for the second array). A preallocated pool is one region of
-    the whole limit from the start, which the arrays fill exactly.
+    of the next one. So two arrays of X bytes (K and V, before the store became one array) take a
+    region of the next power of two >= X and a second of that size: two 2.02 GiB arrays reserve 8
+    GiB (measured on the H200, bench/results/probe-host-peak-*), and two of 50 GiB fail under a 112
+    GiB limit (the first region is 64 GiB, 48 GiB are left for the second), while one array fits
+    whenever it is no larger than the limit. A preallocated pool is one region of the whole limit
+    from the start, which the arrays fill exactly.
     """
     unit = _BFC_UNIT
     region_size = limit // unit * unit if preallocated else _BFC_FIRST_REGION

@@ -268,7 +268,7 @@ def test_offload_checks_the_store_against_the_pinned_pool_and_its_region(monkeyp
     g = Generator(model, offload=OffloadSettings(host_memory_budget=2**40))
     monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: store - 256)
     with pytest.raises(GenerationError, match="pinned pool is 0.0 GiB; start the process with "
-                                              "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=1 "):
+                                              "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=2 "):  # 1 GiB + 1 spare
         g.validate(PROMPTS, 4, capacity, None)
     monkeypatch.setattr(gen, "pinned_host_limit_bytes", lambda: store)  # a first region capped at the limit
     assert g.validate(PROMPTS, 4, capacity, None) >= 1
