@@ -826,7 +826,8 @@ def main(argv=None) -> int:
     enable_compilation_cache()  # the HLO of the time split comes from a second, cached compile
     budget_bytes = budgets(args.budgets_gb)
     # default: the pinned pool (90 % of the RAM, set above; free RAM if less), which a growing pool
-    # reserves whole for any store above half of it (nosa_jax.offload.pinned_pool_reservation)
+    # reserves whole for a store above its largest power of two below the limit (64 GiB of 112 GiB;
+    # nosa_jax.offload.pinned_pool_reservation)
     host_budget = int(args.host_gb * GiB) if args.host_gb else int(host_memory_bytes() or 0)
     headroom = int(args.headroom_gb * GiB)
     print(f"budgets: {', '.join(budget_bytes)}; host {host_budget / GiB:.1f} GiB; headroom {args.headroom_gb} GiB",
