@@ -9,7 +9,6 @@ Streaming runs the same loop in chunks of steps and hands each chunk's tokens to
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -22,8 +21,8 @@ from flax import nnx
 
 from .cache import KVCache, cache_bytes
 from .model import NosaForCausalLM
-from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, offload_bytes, offload_shapes,
-                      pinned_pool_limit_needed, pinned_pool_reservation, pool_size, store_prefill)
+from .offload import (OffloadedKV, OffloadError, flush, flush_interval, init_offloaded, offload_bytes,
+                      pinned_pool_limit_needed, pool_size, store_in_pinned_pool, store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
 
@@ -341,22 +340,16 @@ class Generator:
             dev, host = offload_bytes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
         except OffloadError as e:
             raise GenerationError(str(e)) from e
-        pinned = host  # host memory the store takes: more than its bytes in a growing pinned pool
         pool = pinned_host_limit_bytes()
-        if pool is not None:
-            shapes, on_host = offload_shapes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
-            arrays = [math.prod(shapes[k].shape) * shapes[k].dtype.itemsize for k in sorted(on_host)]
-            preallocated = pinned_pool_preallocated()
-            reserved = pinned_pool_reservation(arrays, pool, preallocated=preallocated)
-            if reserved is None:
-                need = pinned_pool_limit_needed(arrays) + 1  # + 1 GiB for the transfers' own pinned buffers
-                raise GenerationError(
-                    f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
-                    f"pinned host memory but the GPU client's pinned pool is {pool / 2**30:.1f} GiB; start the "
-                    f"process with {PINNED_HOST_LIMIT_ENV}={need} (set before JAX starts the GPU backend; that "
-                    f"much host RAM must be free) or lower the batch size or the capacity")
-            if not preallocated:
-                pinned = reserved
+        # host memory the store takes: more than its bytes in a growing pinned pool
+        pinned = store_in_pinned_pool(host, pool, preallocated=pinned_pool_preallocated())
+        if pinned is None:
+            need = pinned_pool_limit_needed([host]) + 1  # + 1 GiB for the transfers' own pinned buffers
+            raise GenerationError(
+                f"the offloaded KV store for batch {B} x {capacity} tokens needs {host / 2**30:.2f} GiB of "
+                f"pinned host memory but the GPU client's pinned pool is {pool / 2**30:.1f} GiB; start the "
+                f"process with {PINNED_HOST_LIMIT_ENV}={need} (set before JAX starts the GPU backend; that "
+                f"much host RAM must be free) or lower the batch size or the capacity")
         host_budget = self.offload.host_memory_budget
         host_budget = host_budget if host_budget is not None else host_memory_bytes()
         if host_budget is not None and pinned > host_budget:

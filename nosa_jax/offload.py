@@ -458,6 +458,16 @@ def pinned_pool_limit_needed(sizes: Sequence[int]) -> int:
     return gib
 
 
+def store_in_pinned_pool(store_bytes: int, pool: int | None, *, preallocated: bool = False) -> int | None:
+    """Host memory the store (one array of `store_bytes`) takes: in a growing pinned pool of `pool`
+    bytes the region it reserves for it (pinned_pool_reservation), in a preallocated pool or off the
+    GPU (`pool` None) its bytes; None when the pool cannot place it."""
+    if pool is None:
+        return store_bytes
+    reserved = pinned_pool_reservation([store_bytes], pool, preallocated=preallocated)
+    return store_bytes if reserved is not None and preallocated else reserved
+
+
 def weight_bytes(cfg: ModelConfig, dtype) -> int:
     from .model import abstract_params
 
@@ -494,9 +504,9 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
         dev, host = offload_bytes(cfg, 1, ctx, dtype, mode, slots(ctx))
         return dev, host, cache_bytes(cfg, 1, ctx, dtype, mode)  # + one sequence's prefill cache
 
-    def pinned_fits(b, host):  # the store (one array) placed in the pool, its region within the host budget
-        reserved = pinned_pool_reservation([b * host], pinned_pool, preallocated=False)
-        return reserved is not None and reserved <= host_budget
+    def pinned_fits(b, host):  # the store placed in the pool, its region within the host budget
+        taken = store_in_pinned_pool(b * host, pinned_pool)
+        return taken is not None and taken <= host_budget
 
     def max_batch(kind, ctx):
         dev, host, fixed = per_seq(kind, ctx)
