@@ -114,8 +114,8 @@ def method_mode(method: str) -> tuple[str, bool]:
     return method.removesuffix("-offload"), method.endswith("-offload")
 
 
-def pool_label(mult: int | None) -> str:
-    return "-" if not mult else ("top-k" if mult == 1 else f"{mult}x top-k")
+def pool_label(mult: float | None) -> str:
+    return "-" if not mult else ("top-k" if mult == 1 else f"{mult:.3g}x top-k")
 
 
 def method_key(m: tuple[str, str]):
@@ -187,7 +187,9 @@ def per_seq_bytes(cfg, method: str, context: int, slots: int | None) -> tuple[in
 def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_budget: int, headroom: int,
               explicit_batches=None, quick: bool = False) -> list[dict]:
     """One entry per (context, method, pool): per-sequence memory, the largest batch under each
-    budget, and the batches to run."""
+    budget, and the batches to run. A pool of "fit" (offloaded methods) is, per budget, the largest
+    pool that keeps that budget's largest batch (the batch the host memory bounds): the device memory
+    the dense run would spend on K/V goes to the slot pool. It runs at that batch only."""
     from nosa_jax.generate import pinned_host_limit_bytes
 
     pinned_pool = pinned_host_limit_bytes()  # the offloaded store must be placed in it (GPU only) ...
@@ -198,15 +200,26 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
         K = num_selected(cfg, ctx)
         for method in methods:
             mode, off = method_mode(method)
+            kind = "dense" if mode == "full" else ("offloaded" if off else "sparse_on_device")
+
+            def max_batch(b, slots):
+                return capacity_plan(cfg, DTYPE, context=ctx, gpu_budget=b - headroom, host_budget=host_budget,
+                                     mode=mode if mode != "full" else "nosa", pool_slots=slots,
+                                     pinned_pool=pinned_pool)[kind]["max_batch"]
+
             for mult in (pools if off else [None]):
+                if mult == "fit":
+                    for label, b in budget_bytes.items():
+                        slots = fit_pool(lambda s: max_batch(b, s), K, ctx // cfg.nosa.block_size)
+                        if slots:
+                            batch = max_batch(b, slots)
+                            dev, host = per_seq_bytes(cfg, method, ctx, slots)
+                            entries.append(dict(context=ctx, method=method, pool_mult=slots / K, pool_slots=slots,
+                                                topk=K, max_batch={label: batch}, batches=[batch],
+                                                device_bytes_per_seq=dev, host_bytes_per_seq=host))
+                    continue
                 slots = mult * K if mult else None
-                maxb = {}
-                for label, b in budget_bytes.items():
-                    p = capacity_plan(cfg, DTYPE, context=ctx, gpu_budget=b - headroom, host_budget=host_budget,
-                                      mode=mode if mode != "full" else "nosa", pool_slots=slots,
-                                      pinned_pool=pinned_pool)
-                    kind = "dense" if mode == "full" else ("offloaded" if off else "sparse_on_device")
-                    maxb[label] = p[kind]["max_batch"]
+                maxb = {label: max_batch(b, slots) for label, b in budget_bytes.items()}
                 top = max(maxb.values(), default=0)
                 # batch list: numbers, and "max" for each budget's largest batch
                 spec = explicit_batches or ([16, "max"] if quick else [4**i for i in range(12)] + ["max"])
@@ -218,6 +231,19 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
                                     max_batch=maxb, batches=sorted(set(batches)), device_bytes_per_seq=dev,
                                     host_bytes_per_seq=host))
     return entries
+
+
+def fit_pool(max_batch, topk: int, blocks: int) -> int:
+    """The largest pool (slots, from top-k up to every block of the context) whose largest batch
+    `max_batch(slots)` is still the one of a top-k pool; 0 if not even that batch fits."""
+    want = max_batch(topk)
+    if want <= 0:
+        return 0
+    lo, hi = topk, max(topk, blocks)
+    while lo < hi:  # the largest batch only shrinks as the pool grows: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if max_batch(mid) >= want else (lo, mid - 1)
+    return lo
 
 
 def print_plan(model_name, cfg, entries, steps, n_windows, distinct):
@@ -346,7 +372,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     print_plan(model_name, cfg, entries, args.steps, n_windows, args.distinct)
     records = []
     for label, b in budget_bytes.items():
-        for e in entries:
+        for e in [e for e in entries if label in e["max_batch"]]:  # a "fit" pool belongs to one budget
             records.append(record("throughput/plan", {"model": model_name, "method": e["method"],
                                                       "pool": pool_label(e["pool_mult"]), "pool_slots": e["pool_slots"],
                                                       "context": e["context"], "budget": label, "budget_bytes": b,
@@ -761,7 +787,9 @@ def parse_args(argv):
     ap.add_argument("--contexts", type=int, nargs="+", help="tokens per sequence (default 16K 32K 64K 128K)")
     ap.add_argument("--modes", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                     help=f"methods: {' '.join(METHODS)} (default all)")
-    ap.add_argument("--pools", type=int, nargs="+", default=[1, 2], help="offloaded pool sizes in multiples of top-k")
+    ap.add_argument("--pools", type=lambda x: x if x == "fit" else int(x), nargs="+", default=[1, 2],
+                    help='offloaded pool sizes in multiples of top-k; "fit": the largest pool that keeps each '
+                         "budget's largest batch (the rest of the device budget goes to the pool)")
     ap.add_argument("--batches", type=lambda x: x if x == "max" else int(x), nargs="+",
                     help='batch sizes, "max" = each budget\'s largest (default: powers of 4 up to the largest that '
                          'fits, and max; --quick: 16 max)')

@@ -75,6 +75,27 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     assert "## Equivalent batch" in next((tmp_path / "report").glob("throughput-report-*.md")).read_text()
 
 
+def test_fit_pool_keeps_the_host_bound_batch():
+    """A "fit" pool is the largest pool at which the offloaded batch is still the top-k pool's: one
+    slot more loses a sequence (or the pool already holds every block of the context)."""
+    from nosa_jax.offload import capacity_plan, num_selected
+
+    cfg = ModelConfig(**tp.MODELS["8b"])
+    budget, host, headroom = 80 * tp.GiB, 113 * tp.GiB, 2 * tp.GiB
+    for ctx in (16384, 131072):
+        entries = tp.make_plan(cfg, ["nosa-offload"], [ctx], [1, "fit"], {"80 GiB": budget}, host, headroom, ["max"])
+        top_k, fit = entries
+        K, blocks = num_selected(cfg, ctx), ctx // cfg.nosa.block_size
+
+        def max_batch(slots):
+            return capacity_plan(cfg, tp.DTYPE, context=ctx, gpu_budget=budget - headroom, host_budget=host,
+                                 pool_slots=slots)["offloaded"]["max_batch"]
+
+        assert fit["batches"] == top_k["batches"] == [max_batch(K)] and fit["pool_slots"] > K
+        assert fit["pool_slots"] == blocks or max_batch(fit["pool_slots"] + 1) < max_batch(K)
+        assert fit["pool_mult"] == fit["pool_slots"] / K
+
+
 @pytest.mark.parametrize("floor_ms,reachable", [(10.25, False), (3.0, True)])
 def test_speedup_target_bound(floor_ms, reachable):
     """The 5x row reports the speedup NOSA offloaded would have at its roofline floor with its batch,
