@@ -62,11 +62,12 @@ def _state(rng, L, B, Hk, S, K, n_blocks=300):
     return table, stamp, ids, now, live
 
 
-@pytest.mark.parametrize("S,K", [(16, 16), (128, 64), (12, 5), (40, 33)])
+@pytest.mark.parametrize("S,K", [(16, 16), (128, 64), (12, 5), (40, 33), (300, 64), (1024, 33)])
 def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
+    """Rows of up to 256 slots take the all-at-once kernel, longer ones the looping kernel."""
     rng = np.random.default_rng(S * 100 + K)
     for _ in range(4):
-        table, stamp, ids, now, live = _state(rng, 3, 4, 2, S, K)
+        table, stamp, ids, now, live = _state(rng, 3, 4, 2, S, K, n_blocks=max(300, 2 * S))
         want = _lru(table[1], stamp[1], ids, now, live)
         got = update_slots(jnp.asarray(table), jnp.asarray(stamp), 1, jnp.asarray(ids), jnp.asarray(now),
                            jnp.asarray(live), interpret=True)
@@ -85,17 +86,32 @@ def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
         np.testing.assert_array_equal(np.where(keep, np.asarray(st), stamp[1]), want[3])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [128, 1024, 4096])
+def test_gpu_update_slots_compiled_equals_the_lru_policy(S):
+    """On the GPU: the compiled kernels (all-at-once at 128 slots, looping above 256) at the 8B
+    decode's sizes (K = 64, batch 27) against the plain-Python policy."""
+    rng = np.random.default_rng(S)
+    table, stamp, ids, now, live = _state(rng, 3, 27, 2, S, 64, n_blocks=2 * S)
+    want = _lru(table[1], stamp[1], ids, now, live)
+    got = jax.jit(update_slots)(jnp.asarray(table), jnp.asarray(stamp), 1, jnp.asarray(ids), jnp.asarray(now),
+                                jnp.asarray(live))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g)[1] if g.ndim == 4 else np.asarray(g), w)
+
+
 def test_update_slots_refuses_rows_over_the_lane_limit():
-    table = jnp.full((1, 1, 1, 512), -1, jnp.int32)
+    table = jnp.full((1, 1, 1, 8193), -1, jnp.int32)
     with pytest.raises(ValueError, match="assign_slots"):
         update_slots(table, table, 0, jnp.zeros((1, 1, 64), jnp.int32), jnp.zeros(1, jnp.int32),
                      jnp.ones(1, bool), interpret=True)
 
 
-def test_update_slots_lowers_to_one_in_place_triton_kernel():
+@pytest.mark.parametrize("S", [128, 1024])
+def test_update_slots_lowers_to_one_in_place_triton_kernel(S):
     """Cross-lowered for the H200 (no GPU needed): one Triton call, grid (B, Hk), the table and
-    stamps aliased to their outputs, and a Triton module the MLIR verifier accepts."""
-    L, B, Hk, S, K = 32, 16, 2, 128, 64
+    stamps aliased to their outputs, and a Triton module the MLIR verifier accepts (both kernels)."""
+    L, B, Hk, K = 32, 16, 2, 64
     table = jnp.zeros((L, B, Hk, S), jnp.int32)
     txt, modules = verified_triton_modules(
         lambda t, s, layer, ids, now, live: update_slots(t, s, layer, ids, now, live),
