@@ -71,15 +71,19 @@ def prompts_from_text(batch: int, length: int, vocab: int) -> list[list[int]]:
 
 def empty_pool(off, slots: int):
     """The same offloaded cache with a fresh, empty device pool of `slots` slots (valid after a
-    decode call, which leaves every token flushed to the host store)."""
+    decode call, which leaves every token flushed to the host store). The old pool's arrays are
+    deleted: `off` must not be used again."""
     L, B, _, Hk, D = off.pool_k.shape
     bs = off.pool_k.shape[2] // off.table.shape[-1]
-    new = dict(pool_k=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_k.dtype),
-               pool_v=jnp.zeros((L, B, slots * bs, Hk, D), off.pool_v.dtype),
+    dtype, sharding = off.pool_k.dtype, off.pool_k.sharding
+    for name in ("pool_k", "pool_v", "pool_bias", "table", "stamp"):  # freed first: at a "fit" pool
+        getattr(off, name).delete()  # size two pools do not fit the device (8B, 64K, batch 55: 2 x 56 GiB)
+    new = dict(pool_k=jnp.zeros((L, B, slots * bs, Hk, D), dtype),
+               pool_v=jnp.zeros((L, B, slots * bs, Hk, D), dtype),
                pool_bias=jnp.zeros((L, B, slots * bs, Hk), jnp.float32),
                table=jnp.full((L, B, Hk, slots), -1, jnp.int32), stamp=jnp.zeros((L, B, Hk, slots), jnp.int32))
     # committed to the device like the decode loop's outputs, or its second call compiles again
-    return dataclasses.replace(off, **jax.device_put(new, off.pool_k.sharding))
+    return dataclasses.replace(off, **jax.device_put(new, sharding))
 
 
 @dataclasses.dataclass
