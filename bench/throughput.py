@@ -79,7 +79,7 @@ from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, 
 from nosa_jax.cache import cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
 from nosa_jax.generate import PINNED_HOST_LIMIT_ENV  # noqa: E402
-from nosa_jax.offload import capacity_plan, num_selected, offload_bytes, weight_bytes  # noqa: E402
+from nosa_jax.offload import capacity_plan, fit_pool_slots, num_selected, offload_bytes, weight_bytes  # noqa: E402
 
 # The offloaded stores of the largest batches need more pinned host memory than the GPU client's
 # default pool (64 GiB): 90 % of the RAM. Read when the GPU backend starts, which no import does.
@@ -210,9 +210,9 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
             for mult in (pools if off else [None]):
                 if mult == "fit":
                     for label, b in budget_bytes.items():
-                        slots = fit_pool(lambda s: max_batch(b, s), K, ctx // cfg.nosa.block_size)
-                        if slots:
-                            batch = max_batch(b, slots)
+                        batch = max_batch(b, K)  # a top-k pool's largest batch, then the largest pool for it
+                        if batch:
+                            slots = fit_pool_slots(cfg, batch, ctx, DTYPE, mode, b - headroom - weight_bytes(cfg, DTYPE))
                             dev, host = per_seq_bytes(cfg, method, ctx, slots)
                             entries.append(dict(context=ctx, method=method, pool_mult=slots / K, pool_slots=slots,
                                                 topk=K, max_batch={label: batch}, batches=[batch],
@@ -231,19 +231,6 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
                                     max_batch=maxb, batches=sorted(set(batches)), device_bytes_per_seq=dev,
                                     host_bytes_per_seq=host))
     return entries
-
-
-def fit_pool(max_batch, topk: int, blocks: int) -> int:
-    """The largest pool (slots, from top-k up to every block of the context) whose largest batch
-    `max_batch(slots)` is still the one of a top-k pool; 0 if not even that batch fits."""
-    want = max_batch(topk)
-    if want <= 0:
-        return 0
-    lo, hi = topk, max(topk, blocks)
-    while lo < hi:  # the largest batch only shrinks as the pool grows: bisect
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if max_batch(mid) >= want else (lo, mid - 1)
-    return lo
 
 
 def print_plan(model_name, cfg, entries, steps, n_windows, distinct):

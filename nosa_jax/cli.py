@@ -178,8 +178,8 @@ def run_generate(model, tok, prompts_ids, args, out_path=None) -> dict:
         from pallas_kernels.kv_loader import loader_path
 
         st = res.offload_stats
-        print(f"offloaded KV ({loader_path(args.loader)} loader, {offload.slots(model.cfg, res_capacity(res, args, prompts_ids))} "
-              f"slots): {st['misses_per_layer_head_seq']:.2f} misses per (layer, kv head, sequence, step), "
+        print(f"offloaded KV ({loader_path(args.loader)} loader, {st['pool_slots']} slots): "
+              f"{st['misses_per_layer_head_seq']:.2f} misses per (layer, kv head, sequence, step), "
               f"hit rate {st['hit_rate_mean']:.3f}, locality gamma {st['gamma_mean']:.3f}, "
               f"{st['bytes_per_step'] / 2**20:.2f} MiB loaded per step (after the first)")
     if out_path:
@@ -198,10 +198,6 @@ def run_generate(model, tok, prompts_ids, args, out_path=None) -> dict:
 
 def _gib(x):
     return None if x is None else int(float(x) * 2**30)
-
-
-def res_capacity(res, args, prompts_ids) -> int:
-    return args.capacity or (max(len(p) for p in prompts_ids) + args.max_new_tokens)
 
 
 def cmd_generate(args) -> int:
@@ -228,14 +224,21 @@ def cmd_plan(args) -> int:
 
     from .checkpoint import load_config
     from .generate import available_memory_bytes, host_memory_bytes, pinned_host_limit_bytes
-    from .offload import capacity_plan
+    from .offload import capacity_plan, fit_pool_slots, num_selected, offload_bytes
 
     cfg = load_config(args.checkpoint)
     dtype = jnp.dtype(args.dtype or "bfloat16")
     gpu = _gib(args.gpu_memory_gb) or available_memory_bytes()
     host = _gib(args.host_memory_gb) or host_memory_bytes()
+    fit = args.pool_slots == "fit"  # the largest batch is a top-k pool's; the pool then takes what is left
     plan = capacity_plan(cfg, dtype, context=args.context, gpu_budget=gpu, host_budget=host, mode=args.mode,
-                         pool_slots=args.pool_slots, batch=args.batch, pinned_pool=pinned_host_limit_bytes())
+                         pool_slots=num_selected(cfg, args.context) if fit else args.pool_slots, batch=args.batch,
+                         pinned_pool=pinned_host_limit_bytes())
+    if fit and (args.batch or plan["offloaded"]["max_batch"]):
+        b = args.batch or plan["offloaded"]["max_batch"]
+        S = fit_pool_slots(cfg, b, args.context, dtype, args.mode, gpu - plan["weights_bytes"])
+        plan["offloaded"] |= {"fit_pool_batch": b, "fit_pool_slots": S,
+                              "fit_device_bytes_per_seq": offload_bytes(cfg, 1, args.context, dtype, args.mode, S)[0]}
     print(f"{args.checkpoint}: weights {plan['weights_bytes'] / 2**30:.2f} GiB ({dtype.name}); budgets: device "
           f"{gpu / 2**30:.1f} GiB, host {host / 2**30:.1f} GiB; context {args.context} tokens")
     for kind in ("dense", "sparse_on_device", "offloaded"):
@@ -245,6 +248,11 @@ def cmd_plan(args) -> int:
         if args.batch:
             line += f" | max context at batch {args.batch}: {k['max_context_at_batch']}"
         print(line)
+    if "fit_pool_slots" in plan["offloaded"]:
+        k = plan["offloaded"]
+        print(f"  fit pool at batch {k['fit_pool_batch']}: {k['fit_pool_slots']} slots per (layer, sequence, kv head) "
+              f"({k['fit_pool_slots'] / num_selected(cfg, args.context):.2f}x top-k), device "
+              f"{k['fit_device_bytes_per_seq'] / 2**20:.1f} MiB per sequence")
     if args.json:
         Path(args.json).write_text(json.dumps(plan, indent=1))
     return 0
@@ -306,9 +314,19 @@ def _gen_args(p):
                    help="device memory budget for the KV state (default: what is free; set to emulate a smaller GPU)")
 
 
+def _pool_slots(text: str) -> int | str:
+    if text == "fit":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of slots or 'fit', got {text!r}") from None
+
+
 def _offload_args(p):
-    p.add_argument("--pool-slots", type=int, default=None,
-                   help="device block slots per (layer, sequence, kv head) (default 2 x top-k; top-k = exact fit)")
+    p.add_argument("--pool-slots", type=_pool_slots, default=None,
+                   help='device block slots per (layer, sequence, kv head) (default 2 x top-k; top-k = exact fit; '
+                        '"fit": as many as the device memory budget holds for the batch)')
     p.add_argument("--host-memory-gb", type=float, default=None, help="host memory budget (default: what is free)")
 
 

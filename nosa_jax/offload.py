@@ -165,6 +165,22 @@ def offload_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str,
             sum(size(s) for k, s in shapes.items() if k in on_host))
 
 
+def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, budget: int) -> int:
+    """The largest pool (slots per (layer, sequence, kv head), from top-k up to every block of the
+    capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill cache
+    fits `budget` bytes: the device memory a dense cache would take goes to the pool, where it
+    turns misses into hits. top-k when not even that fits (the generator's memory check says so)."""
+    from .cache import cache_bytes
+
+    K = num_selected(cfg, capacity)
+    room = budget - cache_bytes(cfg, 1, capacity, dtype, mode)
+    lo, hi = K, max(K, -(-capacity // cfg.nosa.block_size))
+    while lo < hi:  # device bytes grow with the pool: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if offload_bytes(cfg, batch, capacity, dtype, mode, mid)[0] <= room else (lo, mid - 1)
+    return lo
+
+
 def host_filled(shape, dtype, fill) -> jax.Array:
     """A pinned host array of `fill`, written by host compute (XLA `compute_on("device_host")`).
     Filled on the device and moved (`device_put(jnp.full(...), Host)` inside jit, or an

@@ -147,6 +147,34 @@ def test_plan(demo_dir, tmp_path, capsys):
     assert plan["offloaded"]["max_batch"] > plan["dense"]["max_batch"]
 
 
+def test_plan_fit_pool(demo_dir, tmp_path, capsys):
+    """`plan --pool-slots fit`: the offloaded largest batch of a top-k pool, and the largest pool
+    that batch leaves room for (offload.fit_pool_slots on the device budget less the weights)."""
+    import json
+
+    import jax.numpy as jnp
+
+    from nosa_jax.checkpoint import load_config
+    from nosa_jax.offload import capacity_plan, fit_pool_slots, num_selected
+
+    out = tmp_path / "plan.json"
+    assert cli_main(["plan", "--checkpoint", str(demo_dir), "--context", "1000", "--dtype", "float32",
+                     "--gpu-memory-gb", "0.05", "--host-memory-gb", "0.01", "--pool-slots", "fit",
+                     "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    cfg = load_config(demo_dir)
+    K = num_selected(cfg, 1000)
+    top = capacity_plan(cfg, jnp.float32, context=1000, gpu_budget=int(0.05 * 2**30), host_budget=int(0.01 * 2**30),
+                        pool_slots=K)
+    b = top["offloaded"]["max_batch"]
+    assert b > 0 and plan["offloaded"]["max_batch"] == b and plan["offloaded"]["fit_pool_batch"] == b
+    S = fit_pool_slots(cfg, b, 1000, jnp.float32, "nosa", int(0.05 * 2**30) - top["weights_bytes"])
+    assert plan["offloaded"]["fit_pool_slots"] == S > K  # host-bound: the device has room for more slots
+    assert f"fit pool at batch {b}: {S} slots" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["plan", "--checkpoint", str(demo_dir), "--context", "1000", "--pool-slots", "lots"])
+
+
 def test_offload_cli_errors(demo_dir, capsys):
     base = ["generate", "--checkpoint", str(demo_dir), "--prompt", demo_text()[:300], "--max-new-tokens", "4",
             "--no-progress"]
