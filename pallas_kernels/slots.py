@@ -25,11 +25,14 @@ Integers only, so the result is exactly assign_slots' (tests/test_slots.py). K a
 to powers of two with masked loads (padded ids -1, padded slots held: never chosen, never stored).
 
 Pools of more than MAX_LANES slots (the "fit" pools of long contexts: 1024 slots at 128K) do not
-fit the [S, S] and [K, S] compares in registers; `_slots_kernel_large` keeps only [S] rows: a loop
-over the K selected ids finds each one's slot (one compare and min over the row per id), and a loop
+fit the [S, S] and [K, S] compares in registers; `_slots_kernel_large` keeps [S] rows and [T, S]
+tiles of T ids (8192 lanes): each tile finds its ids' slots with one reduction over the row, a loop
 over the misses alone takes the next victim (the lowest (priority, slot): two mins over the row per
-miss). Steady-state steps have few misses, so its cost is ~K row reductions. Rows of up to
-MAX_LANES_LARGE slots; above that, assign_slots in XLA.
+miss), and each tile places its ids with a reduction over its T rows. Steady-state steps have few
+misses. Rows of up to MAX_LANES_LARGE slots; above that, assign_slots in XLA. (The first version
+looped over the K ids one at a time: 18 us per layer at 1024 slots, batch 27, on the H200 - 0.58 ms
+of a 12.8 ms step, bench/results/throughput-8b-s8-fit-slots-2026-12-04; the tiles are not yet
+measured.)
 `SLOTS_IMPL` picks the default: "pallas". Measured in the offloaded step (H200, 8B, batch 16, 16K,
 pool 2x top-k, same misses and gamma; bench/results/throughput-8b-s7-slots-{xla,pallas}-2026-12-04):
 10.04 ms per step (1594 tok/s) against 10.82 ms (1479 tok/s) with the XLA version, 1.08x.
@@ -118,14 +121,23 @@ def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_i
     table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
     stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
 
-    def find(k, carry):  # selected id k: its (lowest) slot in the row, the slots holding it
-        held, hit_slot = carry
-        idk = ids_ref[b, h, k]
-        match = (table == idk) & (idk >= 0)
-        slot = jnp.min(jnp.where(match, ss, Sp))
-        return held | jnp.where(match, 1, 0), jnp.where(kk == k, slot, hit_slot)
+    T = _tile_ids(Sp)
+    jj = lax.broadcasted_iota(jnp.int32, (T,), 0)
 
-    held, hit_slot = lax.fori_loop(0, K, find, (jnp.zeros((Sp,), jnp.int32), jnp.full((Kp,), Sp, jnp.int32)))
+    def pick(t, row):  # lanes t*T .. t*T + T - 1 of a [Kp] row, as a [T] tile
+        return jnp.sum(jnp.where(kk[None, :] == (t * T + jj)[:, None], row[None, :], 0), axis=1)
+
+    def spread(t, part):  # a [T] tile's values at their lanes of a [Kp] row (0 elsewhere)
+        return jnp.sum(jnp.where(kk[:, None] == (t * T + jj)[None, :], part[None, :], 0), axis=1)
+
+    # hits: each tile of T ids against the whole row at once, one reduction over the row per tile
+    held = jnp.zeros((Sp,), jnp.int32)
+    hit_slot = jnp.full((Kp,), 0, jnp.int32)
+    for t in range(Kp // T):
+        ids_t = pick(t, ids)
+        match = (table[None, :] == ids_t[:, None]) & (ids_t[:, None] >= 0)  # [T, Sp]
+        hit_slot += spread(t, jnp.min(jnp.where(match, ss[None, :], Sp), axis=1))
+        held = held | jnp.max(jnp.where(match, 1, 0), axis=0)
     valid = ids >= 0
     hit = hit_slot < Sp
     miss = valid & ~hit
@@ -150,17 +162,21 @@ def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_i
     pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
 
     # every selected id lands in its slot (hits rewrite their own id) with the stamp `now`
-    def place(k, carry):
-        new_id, written = carry
-        slot = jnp.sum(jnp.where(kk == k, slots, 0))
-        idk = ids_ref[b, h, k]
-        at = (ss == slot) & (idk >= 0)
-        return jnp.where(at, idk, new_id), written | jnp.where(at, 1, 0)
-
-    new_id, written = lax.fori_loop(0, K, place, (table, jnp.zeros((Sp,), jnp.int32)))
+    new_id, written = table, jnp.zeros((Sp,), jnp.int32)
+    for t in range(Kp // T):
+        ids_t, slots_t = pick(t, ids), pick(t, slots)
+        assign = (slots_t[:, None] == ss[None, :]) & (ids_t[:, None] >= 0)  # [T, Sp]: at most one per slot
+        put = jnp.max(jnp.where(assign, ids_t[:, None], -1), axis=0)
+        new_id = jnp.where(put >= 0, put, new_id)
+        written = written | jnp.where(put >= 0, 1, 0)
     written = (written > 0) & live
     pltriton.store(table_ref.at[layer, b, h, pl.ds(0, Sp)], new_id, mask=written)
     pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
+
+
+def _tile_ids(Sp: int) -> int:
+    """Ids per tile of the long-row kernel: [T, Sp] compares of 8192 lanes (32 per thread at 8 warps)."""
+    return max(1, min(16, 8192 // Sp))
 
 
 def _lanes(S: int, K: int) -> tuple[int, int]:
@@ -201,8 +217,7 @@ def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now:
         out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
                   + [jax.ShapeDtypeStruct(table.shape, jnp.int32)] * 2,
         input_output_aliases={4: 2, 5: 3},
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if Sp > 1024 else 4,
-                                                                        num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if large else 4, num_stages=1),
         interpret=interpret,
         name="nosa_update_slots",
     )(*args)
