@@ -339,18 +339,27 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
             ids = nosa.select_blocks(q, pos[:, None], ktilde[layer], cisw[layer] if mode == "nosa" else None, kv_len,
                                      n_blocks, n, mode)[:, :, 0]
 
-    # 3. slots
+    # 3. slots, and this layer's statistics of the step
     keep = live[:, None, None]
     with jax.named_scope("nosa_slots"):
         if (settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas"
                 and slots_kernel.supported(off.table.shape[-1], ids.shape[-1])):
-            slots, loads, table, stamp = slots_kernel.update_slots(off.table, off.stamp, layer, ids, kv_len, live,
-                                                                   interpret=settings.interpret)
+            slots, loads, *rows = slots_kernel.update_slots(off.table, off.stamp, off.prev_ids, off.misses, off.reused,
+                                                            off.selected, layer, ids, kv_len, live,
+                                                            interpret=settings.interpret)
+            counted = dict(zip(("table", "stamp", "prev_ids", "misses", "reused", "selected"), rows))
         else:
             slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
-            table = off.table.at[layer].set(jnp.where(keep, table_l, off.table[layer]))
-            stamp = off.stamp.at[layer].set(jnp.where(keep, stamp_l, off.stamp[layer]))
             loads = jnp.where(keep, loads, -1)
+            prev = off.prev_ids[layer]
+            lv = live[:, None].astype(jnp.int32)
+            counted = dict(
+                table=off.table.at[layer].set(jnp.where(keep, table_l, off.table[layer])),
+                stamp=off.stamp.at[layer].set(jnp.where(keep, stamp_l, off.stamp[layer])),
+                prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
+                misses=off.misses.at[layer].set(jnp.sum(loads >= 0, axis=-1).astype(jnp.int32)),
+                reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
+                selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
 
     # 4. loads, then the new token into its own block's slot
     with jax.named_scope("nosa_load"):
@@ -375,17 +384,8 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
             kw = {}
         o = attend_fn(q[:, 0], pool_k, pool_v, bias, ids, jnp.maximum(slots, 0), pos, layer, block_size=bs, **kw)
 
-    # statistics of this layer's step
-    prev = off.prev_ids[layer]
-    lv = live[:, None].astype(jnp.int32)
-    off = dataclasses.replace(
-        off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias,
-        table=table, stamp=stamp, ring_k=ring_k,
-        cis=cis_h, ktilde=ktilde, cisw=cisw,
-        prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
-        misses=off.misses.at[layer].set(jnp.sum(loads >= 0, axis=-1).astype(jnp.int32)),
-        reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
-        selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
+    off = dataclasses.replace(off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias, ring_k=ring_k, cis=cis_h,
+                              ktilde=ktilde, cisw=cisw, **counted)
     return o[:, None], ids[:, :, None], off
 
 

@@ -5,9 +5,11 @@ their slot, misses take the slots that hold no selected block (empty ones first,
 then the least recently selected), and the layer's slot table and LRU stamps are updated. In XLA
 that is eight tiny kernels per layer (compares, an argsort of the S slots, scatters back into the
 stacked table) plus the `live` selects: ~14 us per layer on the H200 at 8B, batch 16 (the "slots"
-part of the offloaded step split, bench/NOTES.md). Here one program per (sequence, kv head) does
-it all in registers, and reads and writes the stacked [L, B, Hk, S] table and stamps in place
-(aliased, the layer index read in-kernel):
+part of the offloaded step split, bench/NOTES.md), and about five more for the step's locality
+statistics (misses, reused, selected, the previous selection; `_store_stats` here). Here one
+program per (sequence, kv head) does it all in registers, and reads and writes the stacked
+[L, B, Hk, S] table and stamps and the [L, B, Hk(, K)] statistics in place (aliased, the layer
+index read in-kernel):
 
   match[k, s]   table[s] == ids[k] for valid ids (>= 0)           [K, S] compare
   hit slot      the lowest matching s (argmax of match)             min over s
@@ -58,8 +60,28 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
-                  stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
+def _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp):
+    """This (sequence, head)'s locality statistics, counted as decode_attend's XLA path does: misses
+    (loads of a live sequence), reused (selected ids the previous step selected too) and selected,
+    both 0 for a stopped sequence; the selection becomes the previous one only while live."""
+    prev = pltriton.load(prev_in.at[layer, b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
+    valid = ids >= 0
+    again = jnp.max(jnp.where((ids[:, None] == prev[None, :]) & valid[:, None], 1, 0), axis=1)
+    at = pl.ds(h, 1)
+
+    def put(ref, count):  # 0 for a stopped sequence
+        pltriton.store(ref.at[layer, b, at], jnp.full((1,), jnp.where(live, count, 0), jnp.int32))
+
+    put(misses_ref, jnp.sum(jnp.where(miss, 1, 0)))
+    put(reused_ref, jnp.sum(again))
+    put(selected_ref, jnp.sum(jnp.where(valid, 1, 0)))
+    keep = jnp.broadcast_to(live, (Kp,))
+    pltriton.store(prev_ref.at[layer, b, h, pl.ds(0, Kp)], ids, mask=keep if k_in is None else keep & k_in)
+
+
+def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref, loads_ref,
+                  table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int, S: int, Kp: int,
+                  Sp: int):
     """One (sequence b, kv head h); table_in / stamp_in and table_ref / stamp_ref are the same
     buffers (aliased): read the layer's rows, then store the slots that change."""
     b = pl.program_id(0)
@@ -96,6 +118,7 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slo
     loads = jnp.where(miss & live, ids, -1)
     pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
     pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
+    _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp)
 
     assign = (slots[:, None] == s_of) & valid[:, None]
     written = (jnp.max(jnp.where(assign, 1, 0), axis=0) > 0) & live
@@ -104,8 +127,9 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slo
     pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
 
 
-def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
-                        stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
+def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref,
+                        loads_ref, table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int,
+                        S: int, Kp: int, Sp: int):
     """`_slots_kernel` for long pool rows: no [K, S] or [S, S] intermediates (see the module
     docstring); the same result."""
     b = pl.program_id(0)
@@ -160,6 +184,7 @@ def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_i
     loads = jnp.where(miss & live, ids, -1)
     pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
     pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
+    _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp)
 
     # every selected id lands in its slot (hits rewrite their own id) with the stamp `now`
     new_id, written = table, jnp.zeros((Sp,), jnp.int32)
@@ -189,15 +214,18 @@ def supported(S: int, K: int) -> bool:
     return Kp <= MAX_LANES and Sp <= MAX_LANES_LARGE
 
 
-def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
+def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses: jax.Array, reused: jax.Array,
+                 selected: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
                  interpret: bool = False):
-    """One layer's slot assignment on the stacked tables, in place.
+    """One layer's slot assignment and locality statistics on the stacked arrays, in place.
 
     table, stamp: [L, B, Hk, S] int32 (block id held by each slot or -1; last selection step);
-    layer: traced int; ids: [B, Hk, K] int32 selected block ids (-1 unused); now: [B] LRU clock;
-    live: [B] bool, sequences still decoding. Returns (slots [B, Hk, K], loads [B, Hk, K], table,
-    stamp) equal to `nosa_jax.offload.assign_slots` on layer `layer`, with loads -1 and the layer's
-    rows unchanged for sequences that are not live.
+    prev_ids: [L, B, Hk, K] the previous step's selection; misses, reused, selected: [L, B, Hk]
+    int32 counts; layer: traced int; ids: [B, Hk, K] int32 selected block ids (-1 unused); now: [B]
+    LRU clock; live: [B] bool, sequences still decoding. Returns (slots [B, Hk, K], loads [B, Hk, K],
+    table, stamp, prev_ids, misses, reused, selected): slots, loads, table and stamp equal to
+    `nosa_jax.offload.assign_slots` on layer `layer`, with loads -1 and the layer's rows unchanged for
+    sequences that are not live; the statistics as `decode_attend` counts them.
     """
     L, B, Hk, S = table.shape
     K = ids.shape[-1]
@@ -206,17 +234,18 @@ def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now:
         raise ValueError(f"update_slots: K={K} must be <= {MAX_LANES} and S={S} <= {MAX_LANES_LARGE} "
                          f"(use nosa_jax.offload.assign_slots)")
     large = Sp > MAX_LANES
+    state = (table, stamp, prev_ids, misses, reused, selected)
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
-            ids.astype(jnp.int32), table, stamp]
+            ids.astype(jnp.int32), *state]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         functools.partial(_slots_kernel_large if large else _slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
         grid=(B, Hk),
         in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * 4,
+        out_specs=[any_spec] * 8,
         out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
-                  + [jax.ShapeDtypeStruct(table.shape, jnp.int32)] * 2,
-        input_output_aliases={4: 2, 5: 3},
+                  + [jax.ShapeDtypeStruct(x.shape, jnp.int32) for x in state],
+        input_output_aliases={4 + i: 2 + i for i in range(len(state))},
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if large else 4, num_stages=1),
         interpret=interpret,
         name="nosa_update_slots",
