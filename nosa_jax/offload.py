@@ -361,17 +361,14 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
                 reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
                 selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
 
-    # 4. loads, then the new token into its own block's slot
+    # 4. loads, then the new token into its own block's slot (one kernel on the pallas loader path)
     with jax.named_scope("nosa_load"):
-        pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
-                                                loads, jnp.maximum(slots, 0), block_size=bs, path=off.loader,
-                                                interpret=settings.interpret)
         own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
-        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, pool_k.shape[2])  # [B, Hk]
-        h_idx = jnp.arange(k.shape[2])[None, :]
-        pool_k = pool_k.at[layer, b_idx[:, None], rows, h_idx].set(k[:, 0], mode="drop")
-        pool_v = pool_v.at[layer, b_idx[:, None], rows, h_idx].set(v[:, 0], mode="drop")
-        pool_bias = pool_bias.at[layer, b_idx[:, None], rows, h_idx].set(cis[:, 0], mode="drop")
+        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, -1)  # [B, Hk]
+        pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
+                                                loads, jnp.maximum(slots, 0), block_size=bs, new_k=k[:, 0],
+                                                new_v=v[:, 0], new_cis=cis[:, 0], new_row=rows, path=off.loader,
+                                                interpret=settings.interpret)
 
     # 5. attention over the pool
     with jax.named_scope("nosa_attend"):

@@ -161,14 +161,15 @@ def test_update_slots_lowers_to_one_in_place_triton_kernel(S):
     assert calls[0].count("#stablehlo.output_operand_alias<") == 6
 
 
-def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
+def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch):
     """The offloaded decode with the Pallas model (interpret mode) gives the same tokens, logits and
-    pool statistics with the slot kernel as with assign_slots, also after a sequence stops."""
+    pool statistics with the slot kernel as with assign_slots, and with the loader kernel (which
+    also writes the new token) as with the XLA loads and scatters, also after a sequence stops."""
     from flax import nnx
 
     from model_utils import random_model, small_config
     from nosa_jax.config import NosaConfig
-    from nosa_jax.generate import generate
+    from nosa_jax.generate import OffloadSettings, generate
     from nosa_jax.model import from_params
     from pallas_kernels import slots as slots_kernel
 
@@ -179,18 +180,20 @@ def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
     prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (70, 30)]
     eos = generate(ref, prompts, max_new_tokens=20, eos_ids=[]).tokens[1][8]  # sequence 1 stops early
     runs = {}
-    for impl in ("xla", "pallas"):
+    for impl, loader in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
         monkeypatch.setattr(slots_kernel, "SLOTS_IMPL", impl)
         traced = []
         kernel = slots_kernel._slots_kernel
         monkeypatch.setattr(slots_kernel, "_slots_kernel",
                             lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
         jax.clear_caches()  # the setting is read at trace time
-        runs[impl] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True, kv_offload=True,
-                              pool_slots=6)
+        runs[impl, loader] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True,
+                                      kv_offload=OffloadSettings(pool_slots=6, loader=loader))
         assert bool(traced) == (impl == "pallas")
-    a, b = runs["xla"], runs["pallas"]
-    assert len(a.tokens[1]) < 20 and a.tokens == b.tokens
-    np.testing.assert_array_equal(b.logits, a.logits)
-    for name in ("misses", "selected", "reused"):
-        np.testing.assert_array_equal(b.offload_stats[name], a.offload_stats[name])
+    a = runs["xla", "xla"]
+    assert len(a.tokens[1]) < 20
+    for b in (runs["pallas", "xla"], runs["pallas", "pallas"]):
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(b.logits, a.logits)
+        for name in ("misses", "selected", "reused"):
+            np.testing.assert_array_equal(b.offload_stats[name], a.offload_stats[name])
