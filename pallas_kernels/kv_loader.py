@@ -104,7 +104,8 @@ def _pallas_load(*args, **kwargs):
 
 def _zero_copy_works(load_fn=None) -> str | None:
     """Load one block with `load_fn` (default: load_blocks(path="pallas")) from a tiny pinned_host
-    store (L=B=Hk=1, NB=2, bs=16, D=16, 1 slot) and compare K, V and bias with NumPy. Returns None if
+    store (L=B=Hk=1, NB=2, bs=16, D=16, 1 slot), with a decode token in one of its rows (the form the
+    decode step compiles), and compare K, V and bias with NumPy. Returns None if
     it is bit-exact, else why not (the exception text, or which outputs differ). Runs eagerly even
     when called while a jit is being traced (load_blocks resolves "auto" at trace time): it runs in a
     separate thread."""
@@ -117,13 +118,18 @@ def _zero_copy_works(load_fn=None) -> str | None:
     hv = (-hk.astype(np.float32)).astype(jnp.bfloat16)
     hkv = np.stack([hk, hv], axis=4)  # [1, 1, 1, NB=2, 2, bs, D]
     cis = np.arange(2 * bs, dtype=np.float32).reshape(1, 1, 2 * bs, 1) + 0.5
+    row = 3  # the token's row, inside the block loaded into slot 0
+    tk = (np.arange(D, dtype=np.float32) + 300).reshape(1, 1, D).astype(jnp.bfloat16)
+    tv = (-tk.astype(np.float32)).astype(jnp.bfloat16)
+    tc = np.full((1, 1), 7.25, np.float32)
 
     def run():
         pin = SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
         out = load_fn(jax.device_put(hkv, pin), jnp.asarray(cis),
                       jnp.zeros((1, 1, bs, 1, D), jnp.bfloat16), jnp.zeros((1, 1, bs, 1, D), jnp.bfloat16),
                       jnp.zeros((1, 1, bs, 1), jnp.float32), jnp.int32(0), jnp.ones((1, 1, 1), jnp.int32),
-                      jnp.zeros((1, 1, 1), jnp.int32), block_size=bs)
+                      jnp.zeros((1, 1, 1), jnp.int32), block_size=bs, new_k=jnp.asarray(tk), new_v=jnp.asarray(tv),
+                      new_cis=jnp.asarray(tc), new_row=jnp.full((1, 1), row, jnp.int32))
         return [np.asarray(jax.device_get(o), np.float32) for o in out]
 
     try:
@@ -133,8 +139,10 @@ def _zero_copy_works(load_fn=None) -> str | None:
             got = pool.submit(run).result()
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
         return f"{type(e).__name__}: {e}"
-    want = (hk[0, 0, 0, 1].astype(np.float32)[None, None, :, None, :],
-            hv[0, 0, 0, 1].astype(np.float32)[None, None, :, None, :], cis[:, :, bs:, :])
+    want = [hk[0, 0, 0, 1].astype(np.float32)[None, None, :, None, :],
+            hv[0, 0, 0, 1].astype(np.float32)[None, None, :, None, :], cis[:, :, bs:, :].copy()]
+    for w, t in zip(want, (tk, tv, tc)):
+        w[0, 0, row, 0] = t.astype(np.float32)[0, 0]
     bad = [name for name, g, w in zip(("pool_k", "pool_v", "pool_bias"), got, want)
            if g.shape != w.shape or not np.array_equal(g, w)]
     return f"wrong result in {', '.join(bad)} (compared with NumPy)" if bad else None
