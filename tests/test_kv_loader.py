@@ -170,6 +170,17 @@ def test_load_blocks_writes_the_new_token(path, interpret):
     """With the decode step's token: after the copies, each (b, h) with a row >= 0 gets the token's
     K, V and cis in that row - inside a block copied there this call (b0 h0), in a slot not loaded
     (b0 h1, b1 h0) - and a row of -1 writes nothing (b1 h1)."""
+    _check_token_write(path, interpret)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("load_path", ["pallas", "xla"])
+def test_gpu_load_blocks_writes_the_new_token(load_path):
+    """The same on the GPU: the compiled kernel (copies and token in one call) from pinned_host."""
+    _check_token_write(load_path, False)
+
+
+def _check_token_write(path, interpret):
     d = _data(3)
     rng = np.random.default_rng(3)
     new_k = rng.standard_normal((B, Hk, D)).astype(np.float32).astype(DT)
