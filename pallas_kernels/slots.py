@@ -27,7 +27,7 @@ Integers only, so the result is exactly assign_slots' (tests/test_slots.py). K a
 to powers of two with masked loads (padded ids -1, padded slots held: never chosen, never stored).
 
 Pools of more than MAX_LANES slots (the "fit" pools of long contexts: 1024 slots at 128K) do not
-fit the [S, S] and [K, S] compares in registers; `_slots_kernel_large` keeps [S] rows and [T, S]
+fit the [S, S] and [K, S] compares in registers; the kernel then keeps [S] rows and [T, S]
 tiles of T ids (8192 lanes): each tile finds its ids' slots with one reduction over the row, a loop
 over the misses alone takes the next victim (the lowest (priority, slot): two mins over the row per
 miss), and each tile places its ids with a reduction over its T rows. Steady-state steps have few
@@ -82,8 +82,10 @@ def _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer,
 def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref, loads_ref,
                   table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int, S: int, Kp: int,
                   Sp: int):
-    """One (sequence b, kv head h); table_in / stamp_in and table_ref / stamp_ref are the same
-    buffers (aliased): read the layer's rows, then store the slots that change."""
+    """One (sequence b, kv head h); the *_in refs and their outputs are the same buffers (aliased):
+    read the layer's rows, then store the slots that change. Rows of up to MAX_LANES slots compare
+    all K ids at once and rank the victims with an [S, S] compare; longer rows take the ids in tiles
+    and the victims one miss at a time (module docstring)."""
     b = pl.program_id(0)
     h = pl.program_id(1)
     layer = layer_ref[0]
@@ -96,67 +98,23 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, pre
     ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
     table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
     stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
-
-    valid = ids >= 0
-    s_of = lax.broadcasted_iota(jnp.int32, (Kp, Sp), 1)
-    match = (table[None, :] == ids[:, None]) & valid[:, None]
-    hit_slot = jnp.min(jnp.where(match, s_of, Sp), axis=1)
-    hit = hit_slot < Sp
-    miss = valid & ~hit
-    held = jnp.max(jnp.where(match, 1, 0), axis=0) > 0
-    if s_in is not None:
-        held = held | ~s_in  # padding slots: never chosen
-    prio = jnp.where(held, _BIG, jnp.where(table < 0, -1, stamp))
-    me = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 0)
-    other = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 1)
-    before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (other < me))
-    evict_rank = jnp.sum(jnp.where(before, 1, 0), axis=1)
-    one = jnp.where(miss, 1, 0)
-    miss_rank = jnp.clip(lax.cumsum(one, axis=0) - 1, 0, S - 1)
-    miss_slot = jnp.sum(jnp.where(evict_rank[None, :] == miss_rank[:, None], s_of, 0), axis=1)
-    slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, -1))
-    loads = jnp.where(miss & live, ids, -1)
-    pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
-    pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
-    _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp)
-
-    assign = (slots[:, None] == s_of) & valid[:, None]
-    written = (jnp.max(jnp.where(assign, 1, 0), axis=0) > 0) & live
-    new_id = jnp.max(jnp.where(assign, ids[:, None], -1), axis=0)
-    pltriton.store(table_ref.at[layer, b, h, pl.ds(0, Sp)], new_id, mask=written)
-    pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
-
-
-def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref,
-                        loads_ref, table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int,
-                        S: int, Kp: int, Sp: int):
-    """`_slots_kernel` for long pool rows: no [K, S] or [S, S] intermediates (see the module
-    docstring); the same result."""
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    layer = layer_ref[0]
-    now = now_ref[b]
-    live = live_ref[b] != 0
-    kk = lax.broadcasted_iota(jnp.int32, (Kp,), 0)
-    ss = lax.broadcasted_iota(jnp.int32, (Sp,), 0)
-    k_in = kk < K if K < Kp else None
-    s_in = ss < S if S < Sp else None
-    ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
-    table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
-    stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
-
-    T = _tile_ids(Sp)
+    large = Sp > MAX_LANES
+    T = _tile_ids(Sp) if large else Kp
     jj = lax.broadcasted_iota(jnp.int32, (T,), 0)
 
     def pick(t, row):  # lanes t*T .. t*T + T - 1 of a [Kp] row, as a [T] tile
+        if T == Kp:
+            return row
         return jnp.sum(jnp.where(kk[None, :] == (t * T + jj)[:, None], row[None, :], 0), axis=1)
 
     def spread(t, part):  # a [T] tile's values at their lanes of a [Kp] row (0 elsewhere)
+        if T == Kp:
+            return part
         return jnp.sum(jnp.where(kk[:, None] == (t * T + jj)[None, :], part[None, :], 0), axis=1)
 
     # hits: each tile of T ids against the whole row at once, one reduction over the row per tile
     held = jnp.zeros((Sp,), jnp.int32)
-    hit_slot = jnp.full((Kp,), 0, jnp.int32)
+    hit_slot = jnp.zeros((Kp,), jnp.int32)
     for t in range(Kp // T):
         ids_t = pick(t, ids)
         match = (table[None, :] == ids_t[:, None]) & (ids_t[:, None] >= 0)  # [T, Sp]
@@ -171,15 +129,21 @@ def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_i
     prio = jnp.where(held, _BIG, jnp.where(table < 0, -1, stamp))
     one = jnp.where(miss, 1, 0)
     miss_rank = lax.cumsum(one, axis=0) - 1
-    n_miss = jnp.sum(one)
+    if large:
+        def evict(i, carry):  # miss number i takes the lowest (priority, slot) not yet taken
+            prio, miss_slot = carry
+            low = jnp.min(prio)
+            victim = jnp.min(jnp.where(prio == low, ss, Sp))
+            return jnp.where(ss == victim, _BIG, prio), jnp.where(miss & (miss_rank == i), victim, miss_slot)
 
-    def evict(i, carry):  # miss number i takes the lowest (priority, slot) not yet taken
-        prio, miss_slot = carry
-        low = jnp.min(prio)
-        victim = jnp.min(jnp.where(prio == low, ss, Sp))
-        return jnp.where(ss == victim, _BIG, prio), jnp.where(miss & (miss_rank == i), victim, miss_slot)
-
-    _, miss_slot = lax.fori_loop(0, n_miss, evict, (prio, jnp.full((Kp,), -1, jnp.int32)))
+        _, miss_slot = lax.fori_loop(0, jnp.sum(one), evict, (prio, jnp.full((Kp,), -1, jnp.int32)))
+    else:  # every slot's place in (priority, slot) order; miss number i takes the slot of place i
+        me = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 0)
+        other = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 1)
+        before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (other < me))
+        evict_rank = jnp.sum(jnp.where(before, 1, 0), axis=1)
+        s_of = lax.broadcasted_iota(jnp.int32, (Kp, Sp), 1)
+        miss_slot = jnp.sum(jnp.where(evict_rank[None, :] == jnp.clip(miss_rank, 0, S - 1)[:, None], s_of, 0), axis=1)
     slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, -1))
     loads = jnp.where(miss & live, ids, -1)
     pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
@@ -239,7 +203,7 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
             ids.astype(jnp.int32), *state]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
-        functools.partial(_slots_kernel_large if large else _slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
+        functools.partial(_slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
         grid=(B, Hk),
         in_specs=[any_spec] * len(args),
         out_specs=[any_spec] * 8,
