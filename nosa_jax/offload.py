@@ -344,10 +344,10 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     with jax.named_scope("nosa_slots"):
         if (settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas"
                 and slots_kernel.supported(off.table.shape[-1], ids.shape[-1])):
-            slots, loads, *rows = slots_kernel.update_slots(off.table, off.stamp, off.prev_ids, off.misses, off.reused,
-                                                            off.selected, layer, ids, kv_len, live,
-                                                            interpret=settings.interpret)
-            counted = dict(zip(("table", "stamp", "prev_ids", "misses", "reused", "selected"), rows))
+            slots, loads, *state = slots_kernel.update_slots(off.table, off.stamp, off.prev_ids, off.misses,
+                                                             off.reused, off.selected, layer, ids, kv_len, live,
+                                                             interpret=settings.interpret)
+            counted = dict(zip(("table", "stamp", "prev_ids", "misses", "reused", "selected"), state))
         else:
             slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
             loads = jnp.where(keep, loads, -1)

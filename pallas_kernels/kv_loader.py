@@ -17,13 +17,13 @@ sequence b (K, V, and the cis rows of that block into pool_bias); blocks < 0 ski
 decode step's new token and its pool row, writes it (in the same kernel on the pallas path). The
 pools are updated in place (input_output_aliases / donation-friendly scatter).
 
-Only device-side writes live here (the loads, and the decode token's row in the pool, which
-saves the step three scatters per layer). The offloaded cache writes new tokens to the host store
-in batches of whole blocks with XLA `dynamic_update_slice` (`nosa_jax.offload.flush`), not per step: on the H200 the
-per-step single-token device->host writes cost more than the whole on-device step. A Pallas kernel
-could not write the store anyway without a re-label: a pallas_call may TAKE a pinned_host operand
-but types every output (aliased or not) as device memory (jax 0.11.2 `_pallas_call_abstract_eval`;
-tests/test_kv_loader.py checks this).
+Only device-side writes live here (the loads, and the decode token's row in the pool, which saves
+the step three scatters per layer). The offloaded cache writes new tokens to the host store in
+batches of whole blocks with XLA `dynamic_update_slice` (`nosa_jax.offload.flush`), not per step: on
+the H200 the per-step single-token device->host writes cost more than the whole on-device step. A
+Pallas kernel could not write the store anyway without a re-label: a pallas_call may TAKE a
+pinned_host operand but types every output (aliased or not) as device memory (jax 0.11.2
+`_pallas_call_abstract_eval`; tests/test_kv_loader.py checks this).
 
 Paths (`path=`):
   "pallas": one Triton-backend `pl.pallas_call` per call, every operand `memory_space=pl.ANY`,
