@@ -6,7 +6,8 @@ Methods (`--modes`):
   infllmv2, nosa    the sparse modes with the whole cache on the device
   infllmv2-offload, nosa-offload
                     the host-offloaded cache (`nosa_jax.offload`) with a device pool of `--pools`
-                    times top-k slots per (layer, sequence, kv head) (default: top-k and 2x top-k)
+                    times top-k slots per (layer, sequence, kv head) (default: top-k, 2x top-k and
+                    "fit": at each budget's largest batch, the largest pool that keeps it)
 Random-weight models (`--models`: 8b = the NOSA-8B / MiniCPM4-8B shape, 1b; bf16), contexts
 (`--contexts`, tokens per sequence), batch sizes from 1 up to the largest that fits each GPU memory
 budget (`--budgets-gb`, GiB, "full" = the whole device; 80 emulates the paper's 80 GB card) by
@@ -39,7 +40,7 @@ step responsible), and PNG plots (tokens/s vs context; step split) beside them. 
 FILE.json ...` rebuilds tables and plots from saved records (e.g. of several device calls).
 
     python bench/throughput.py [--quick] [--models 8b 1b] [--contexts 16384 ...] [--modes ...]
-        [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2] [--steps 32] [--repeats 5] [--tag T]
+        [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2 fit] [--steps 32] [--repeats 5] [--tag T]
         [--resume EARLIER.json]      # keep the runs an earlier, stopped call finished
         [--slots-impl xla|pallas]    # the offloaded slot assignment (pallas_kernels/slots.py)
     python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
@@ -774,7 +775,7 @@ def parse_args(argv):
     ap.add_argument("--contexts", type=int, nargs="+", help="tokens per sequence (default 16K 32K 64K 128K)")
     ap.add_argument("--modes", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                     help=f"methods: {' '.join(METHODS)} (default all)")
-    ap.add_argument("--pools", type=lambda x: x if x == "fit" else int(x), nargs="+", default=[1, 2],
+    ap.add_argument("--pools", type=lambda x: x if x == "fit" else int(x), nargs="+", default=[1, 2, "fit"],
                     help='offloaded pool sizes in multiples of top-k; "fit": the largest pool that keeps each '
                          "budget's largest batch (the rest of the device budget goes to the pool)")
     ap.add_argument("--batches", type=lambda x: x if x == "max" else int(x), nargs="+",
