@@ -51,8 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 SLOTS_IMPL = "pallas"
-MAX_LANES = 256  # the all-at-once kernel's rows
-MAX_LANES_LARGE = 8192  # the looping kernel's rows (pools of up to 8192 slots: 512K tokens)
+MAX_LANES = 256  # rows up to this many slots: all ids at once and an [S, S] victim rank
+MAX_LANES_LARGE = 8192  # longer rows, in tiles, up to this many slots (512K tokens)
 _BIG = int(jnp.iinfo(jnp.int32).max)
 
 
