@@ -70,7 +70,7 @@ def test_fit_pool_is_the_largest_the_budget_holds():
             continue
         assert K <= S <= blocks and need(S) <= budget
         assert S == blocks or need(S + 1) > budget
-    # the 8B runs of bench/results/throughput-8b-s8-fit-slots: 1024 of 2048 blocks at 128K
+    # 16 sequences at 16K: 60 GiB holds every block of the context (256), the most a pool can use
     assert fit_pool_slots(cfg, 16, 16384, jnp.bfloat16, "nosa", 60 * 2**30) == 16384 // 64  # the whole context
 
 
