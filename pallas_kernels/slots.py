@@ -55,10 +55,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
-                  stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
-    """One (sequence b, kv head h); table_in / stamp_in and table_ref / stamp_ref are the same
-    buffers (aliased): read the layer's rows, then store the slots that change."""
+def _rows(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, K, S, Kp, Sp):
+    """Both kernels' start: this program's (sequence, head), layer, clock and live flag, the lane
+    indices and masks of the padded rows, and the selected ids, slot table and stamps."""
     b = pl.program_id(0)
     h = pl.program_id(1)
     layer = layer_ref[0]
@@ -71,6 +70,15 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slo
     ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
     table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
     stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
+    return b, h, layer, now, live, kk, ss, k_in, s_in, ids, table, stamp
+
+
+def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
+                  stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
+    """One (sequence b, kv head h); table_in / stamp_in and table_ref / stamp_ref are the same
+    buffers (aliased): read the layer's rows, then store the slots that change."""
+    b, h, layer, now, live, kk, ss, k_in, s_in, ids, table, stamp = _rows(layer_ref, now_ref, live_ref, ids_ref,
+                                                                          table_in, stamp_in, K, S, Kp, Sp)
 
     valid = ids >= 0
     s_of = lax.broadcasted_iota(jnp.int32, (Kp, Sp), 1)
@@ -105,18 +113,8 @@ def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_i
                         stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
     """`_slots_kernel` for long pool rows: no [K, S] or [S, S] intermediates (see the module
     docstring); the same result."""
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    layer = layer_ref[0]
-    now = now_ref[b]
-    live = live_ref[b] != 0
-    kk = lax.broadcasted_iota(jnp.int32, (Kp,), 0)
-    ss = lax.broadcasted_iota(jnp.int32, (Sp,), 0)
-    k_in = kk < K if K < Kp else None
-    s_in = ss < S if S < Sp else None
-    ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
-    table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
-    stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
+    b, h, layer, now, live, kk, ss, k_in, s_in, ids, table, stamp = _rows(layer_ref, now_ref, live_ref, ids_ref,
+                                                                          table_in, stamp_in, K, S, Kp, Sp)
 
     def find(k, carry):  # selected id k: its (lowest) slot in the row, the slots holding it
         held, hit_slot = carry
