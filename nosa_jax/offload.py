@@ -339,30 +339,36 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
             ids = nosa.select_blocks(q, pos[:, None], ktilde[layer], cisw[layer] if mode == "nosa" else None, kv_len,
                                      n_blocks, n, mode)[:, :, 0]
 
-    # 3. slots
+    # 3. slots, and this layer's statistics of the step
     keep = live[:, None, None]
     with jax.named_scope("nosa_slots"):
         if (settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas"
                 and slots_kernel.supported(off.table.shape[-1], ids.shape[-1])):
-            slots, loads, table, stamp = slots_kernel.update_slots(off.table, off.stamp, layer, ids, kv_len, live,
-                                                                   interpret=settings.interpret)
+            slots, loads, *state = slots_kernel.update_slots(off.table, off.stamp, off.prev_ids, off.misses,
+                                                             off.reused, off.selected, layer, ids, kv_len, live,
+                                                             interpret=settings.interpret)
+            counted = dict(zip(("table", "stamp", "prev_ids", "misses", "reused", "selected"), state))
         else:
             slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
-            table = off.table.at[layer].set(jnp.where(keep, table_l, off.table[layer]))
-            stamp = off.stamp.at[layer].set(jnp.where(keep, stamp_l, off.stamp[layer]))
             loads = jnp.where(keep, loads, -1)
+            prev = off.prev_ids[layer]
+            lv = live[:, None].astype(jnp.int32)
+            counted = dict(
+                table=off.table.at[layer].set(jnp.where(keep, table_l, off.table[layer])),
+                stamp=off.stamp.at[layer].set(jnp.where(keep, stamp_l, off.stamp[layer])),
+                prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
+                misses=off.misses.at[layer].set(jnp.sum(loads >= 0, axis=-1).astype(jnp.int32)),
+                reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
+                selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
 
-    # 4. loads, then the new token into its own block's slot
+    # 4. loads, then the new token into its own block's slot (one kernel on the pallas loader path)
     with jax.named_scope("nosa_load"):
-        pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
-                                                loads, jnp.maximum(slots, 0), block_size=bs, path=off.loader,
-                                                interpret=settings.interpret)
         own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
-        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, pool_k.shape[2])  # [B, Hk]
-        h_idx = jnp.arange(k.shape[2])[None, :]
-        pool_k = pool_k.at[layer, b_idx[:, None], rows, h_idx].set(k[:, 0], mode="drop")
-        pool_v = pool_v.at[layer, b_idx[:, None], rows, h_idx].set(v[:, 0], mode="drop")
-        pool_bias = pool_bias.at[layer, b_idx[:, None], rows, h_idx].set(cis[:, 0], mode="drop")
+        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, -1)  # [B, Hk]
+        pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
+                                                loads, jnp.maximum(slots, 0), block_size=bs, new_k=k[:, 0],
+                                                new_v=v[:, 0], new_cis=cis[:, 0], new_row=rows, path=off.loader,
+                                                interpret=settings.interpret)
 
     # 5. attention over the pool
     with jax.named_scope("nosa_attend"):
@@ -375,17 +381,8 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
             kw = {}
         o = attend_fn(q[:, 0], pool_k, pool_v, bias, ids, jnp.maximum(slots, 0), pos, layer, block_size=bs, **kw)
 
-    # statistics of this layer's step
-    prev = off.prev_ids[layer]
-    lv = live[:, None].astype(jnp.int32)
-    off = dataclasses.replace(
-        off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias,
-        table=table, stamp=stamp, ring_k=ring_k,
-        cis=cis_h, ktilde=ktilde, cisw=cisw,
-        prev_ids=off.prev_ids.at[layer].set(jnp.where(keep, ids, prev)),
-        misses=off.misses.at[layer].set(jnp.sum(loads >= 0, axis=-1).astype(jnp.int32)),
-        reused=off.reused.at[layer].set(_count_in(ids, prev).astype(jnp.int32) * lv),
-        selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
+    off = dataclasses.replace(off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias, ring_k=ring_k, cis=cis_h,
+                              ktilde=ktilde, cisw=cisw, **counted)
     return o[:, None], ids[:, :, None], off
 
 

@@ -5,9 +5,11 @@ their slot, misses take the slots that hold no selected block (empty ones first,
 then the least recently selected), and the layer's slot table and LRU stamps are updated. In XLA
 that is eight tiny kernels per layer (compares, an argsort of the S slots, scatters back into the
 stacked table) plus the `live` selects: ~14 us per layer on the H200 at 8B, batch 16 (the "slots"
-part of the offloaded step split, bench/NOTES.md). Here one program per (sequence, kv head) does
-it all in registers, and reads and writes the stacked [L, B, Hk, S] table and stamps in place
-(aliased, the layer index read in-kernel):
+part of the offloaded step split, bench/NOTES.md), and about five more for the step's locality
+statistics (misses, reused, selected, the previous selection; `_store_stats` here). Here one
+program per (sequence, kv head) does it all in registers, and reads and writes the stacked
+[L, B, Hk, S] table and stamps and the [L, B, Hk(, K)] statistics in place (aliased, the layer
+index read in-kernel):
 
   match[k, s]   table[s] == ids[k] for valid ids (>= 0)           [K, S] compare
   hit slot      the lowest matching s (argmax of match)             min over s
@@ -25,11 +27,14 @@ Integers only, so the result is exactly assign_slots' (tests/test_slots.py). K a
 to powers of two with masked loads (padded ids -1, padded slots held: never chosen, never stored).
 
 Pools of more than MAX_LANES slots (the "fit" pools of long contexts: 1024 slots at 128K) do not
-fit the [S, S] and [K, S] compares in registers; `_slots_kernel_large` keeps only [S] rows: a loop
-over the K selected ids finds each one's slot (one compare and min over the row per id), and a loop
+fit the [S, S] and [K, S] compares in registers; the kernel then keeps [S] rows and [T, S]
+tiles of T ids (8192 lanes): each tile finds its ids' slots with one reduction over the row, a loop
 over the misses alone takes the next victim (the lowest (priority, slot): two mins over the row per
-miss). Steady-state steps have few misses, so its cost is ~K row reductions. Rows of up to
-MAX_LANES_LARGE slots; above that, assign_slots in XLA.
+miss), and each tile places its ids with a reduction over its T rows. Steady-state steps have few
+misses. Rows of up to MAX_LANES_LARGE slots; above that, assign_slots in XLA. (The first version
+looped over the K ids one at a time: 18 us per layer at 1024 slots, batch 27, on the H200 - 0.58 ms
+of a 12.8 ms step, bench/results/throughput-8b-s8-fit-slots-2026-12-04; the tiles are not yet
+measured.)
 `SLOTS_IMPL` picks the default: "pallas". Measured in the offloaded step (H200, 8B, batch 16, 16K,
 pool 2x top-k, same misses and gamma; bench/results/throughput-8b-s7-slots-{xla,pallas}-2026-12-04):
 10.04 ms per step (1594 tok/s) against 10.82 ms (1479 tok/s) with the XLA version, 1.08x.
@@ -46,8 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 SLOTS_IMPL = "pallas"
-MAX_LANES = 256  # the all-at-once kernel's rows
-MAX_LANES_LARGE = 8192  # the looping kernel's rows (pools of up to 8192 slots: 512K tokens)
+MAX_LANES = 256  # rows up to this many slots: all ids at once and an [S, S] victim rank
+MAX_LANES_LARGE = 8192  # longer rows, in tiles, up to this many slots (512K tokens)
 _BIG = int(jnp.iinfo(jnp.int32).max)
 
 
@@ -55,9 +60,32 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _rows(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, K, S, Kp, Sp):
-    """Both kernels' start: this program's (sequence, head), layer, clock and live flag, the lane
-    indices and masks of the padded rows, and the selected ids, slot table and stamps."""
+def _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp):
+    """This (sequence, head)'s locality statistics, counted as decode_attend's XLA path does: misses
+    (loads of a live sequence), reused (selected ids the previous step selected too) and selected,
+    both 0 for a stopped sequence; the selection becomes the previous one only while live."""
+    prev = pltriton.load(prev_in.at[layer, b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
+    valid = ids >= 0
+    again = jnp.max(jnp.where((ids[:, None] == prev[None, :]) & valid[:, None], 1, 0), axis=1)
+    at = pl.ds(h, 1)
+
+    def put(ref, count):  # 0 for a stopped sequence
+        pltriton.store(ref.at[layer, b, at], jnp.full((1,), jnp.where(live, count, 0), jnp.int32))
+
+    put(misses_ref, jnp.sum(jnp.where(miss, 1, 0)))
+    put(reused_ref, jnp.sum(again))
+    put(selected_ref, jnp.sum(jnp.where(valid, 1, 0)))
+    keep = jnp.broadcast_to(live, (Kp,))
+    pltriton.store(prev_ref.at[layer, b, h, pl.ds(0, Kp)], ids, mask=keep if k_in is None else keep & k_in)
+
+
+def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref, loads_ref,
+                  table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int, S: int, Kp: int,
+                  Sp: int):
+    """One (sequence b, kv head h); the *_in refs and their outputs are the same buffers (aliased):
+    read the layer's rows, then store the slots that change. Rows of up to MAX_LANES slots compare
+    all K ids at once and rank the victims with an [S, S] compare; longer rows take the ids in tiles
+    and the victims one miss at a time (module docstring)."""
     b = pl.program_id(0)
     h = pl.program_id(1)
     layer = layer_ref[0]
@@ -70,60 +98,28 @@ def _rows(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, K, S, Kp, S
     ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
     table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
     stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
-    return b, h, layer, now, live, kk, ss, k_in, s_in, ids, table, stamp
+    large = Sp > MAX_LANES
+    T = _tile_ids(Sp) if large else Kp
+    jj = lax.broadcasted_iota(jnp.int32, (T,), 0)
 
+    def pick(t, row):  # lanes t*T .. t*T + T - 1 of a [Kp] row, as a [T] tile
+        if T == Kp:
+            return row
+        return jnp.sum(jnp.where(kk[None, :] == (t * T + jj)[:, None], row[None, :], 0), axis=1)
 
-def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
-                  stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
-    """One (sequence b, kv head h); table_in / stamp_in and table_ref / stamp_ref are the same
-    buffers (aliased): read the layer's rows, then store the slots that change."""
-    b, h, layer, now, live, kk, ss, k_in, s_in, ids, table, stamp = _rows(layer_ref, now_ref, live_ref, ids_ref,
-                                                                          table_in, stamp_in, K, S, Kp, Sp)
+    def spread(t, part):  # a [T] tile's values at their lanes of a [Kp] row (0 elsewhere)
+        if T == Kp:
+            return part
+        return jnp.sum(jnp.where(kk[:, None] == (t * T + jj)[None, :], part[None, :], 0), axis=1)
 
-    valid = ids >= 0
-    s_of = lax.broadcasted_iota(jnp.int32, (Kp, Sp), 1)
-    match = (table[None, :] == ids[:, None]) & valid[:, None]
-    hit_slot = jnp.min(jnp.where(match, s_of, Sp), axis=1)
-    hit = hit_slot < Sp
-    miss = valid & ~hit
-    held = jnp.max(jnp.where(match, 1, 0), axis=0) > 0
-    if s_in is not None:
-        held = held | ~s_in  # padding slots: never chosen
-    prio = jnp.where(held, _BIG, jnp.where(table < 0, -1, stamp))
-    me = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 0)
-    other = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 1)
-    before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (other < me))
-    evict_rank = jnp.sum(jnp.where(before, 1, 0), axis=1)
-    one = jnp.where(miss, 1, 0)
-    miss_rank = jnp.clip(lax.cumsum(one, axis=0) - 1, 0, S - 1)
-    miss_slot = jnp.sum(jnp.where(evict_rank[None, :] == miss_rank[:, None], s_of, 0), axis=1)
-    slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, -1))
-    loads = jnp.where(miss & live, ids, -1)
-    pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
-    pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
-
-    assign = (slots[:, None] == s_of) & valid[:, None]
-    written = (jnp.max(jnp.where(assign, 1, 0), axis=0) > 0) & live
-    new_id = jnp.max(jnp.where(assign, ids[:, None], -1), axis=0)
-    pltriton.store(table_ref.at[layer, b, h, pl.ds(0, Sp)], new_id, mask=written)
-    pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
-
-
-def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, slots_ref, loads_ref, table_ref,
-                        stamp_ref, *, K: int, S: int, Kp: int, Sp: int):
-    """`_slots_kernel` for long pool rows: no [K, S] or [S, S] intermediates (see the module
-    docstring); the same result."""
-    b, h, layer, now, live, kk, ss, k_in, s_in, ids, table, stamp = _rows(layer_ref, now_ref, live_ref, ids_ref,
-                                                                          table_in, stamp_in, K, S, Kp, Sp)
-
-    def find(k, carry):  # selected id k: its (lowest) slot in the row, the slots holding it
-        held, hit_slot = carry
-        idk = ids_ref[b, h, k]
-        match = (table == idk) & (idk >= 0)
-        slot = jnp.min(jnp.where(match, ss, Sp))
-        return held | jnp.where(match, 1, 0), jnp.where(kk == k, slot, hit_slot)
-
-    held, hit_slot = lax.fori_loop(0, K, find, (jnp.zeros((Sp,), jnp.int32), jnp.full((Kp,), Sp, jnp.int32)))
+    # hits: each tile of T ids against the whole row at once, one reduction over the row per tile
+    held = jnp.zeros((Sp,), jnp.int32)
+    hit_slot = jnp.zeros((Kp,), jnp.int32)
+    for t in range(Kp // T):
+        ids_t = pick(t, ids)
+        match = (table[None, :] == ids_t[:, None]) & (ids_t[:, None] >= 0)  # [T, Sp]
+        hit_slot += spread(t, jnp.min(jnp.where(match, ss[None, :], Sp), axis=1))
+        held = held | jnp.max(jnp.where(match, 1, 0), axis=0)
     valid = ids >= 0
     hit = hit_slot < Sp
     miss = valid & ~hit
@@ -133,32 +129,43 @@ def _slots_kernel_large(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_i
     prio = jnp.where(held, _BIG, jnp.where(table < 0, -1, stamp))
     one = jnp.where(miss, 1, 0)
     miss_rank = lax.cumsum(one, axis=0) - 1
-    n_miss = jnp.sum(one)
+    if large:
+        def evict(i, carry):  # miss number i takes the lowest (priority, slot) not yet taken
+            prio, miss_slot = carry
+            low = jnp.min(prio)
+            victim = jnp.min(jnp.where(prio == low, ss, Sp))
+            return jnp.where(ss == victim, _BIG, prio), jnp.where(miss & (miss_rank == i), victim, miss_slot)
 
-    def evict(i, carry):  # miss number i takes the lowest (priority, slot) not yet taken
-        prio, miss_slot = carry
-        low = jnp.min(prio)
-        victim = jnp.min(jnp.where(prio == low, ss, Sp))
-        return jnp.where(ss == victim, _BIG, prio), jnp.where(miss & (miss_rank == i), victim, miss_slot)
-
-    _, miss_slot = lax.fori_loop(0, n_miss, evict, (prio, jnp.full((Kp,), -1, jnp.int32)))
+        _, miss_slot = lax.fori_loop(0, jnp.sum(one), evict, (prio, jnp.full((Kp,), -1, jnp.int32)))
+    else:  # every slot's place in (priority, slot) order; miss number i takes the slot of place i
+        me = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 0)
+        other = lax.broadcasted_iota(jnp.int32, (Sp, Sp), 1)
+        before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (other < me))
+        evict_rank = jnp.sum(jnp.where(before, 1, 0), axis=1)
+        s_of = lax.broadcasted_iota(jnp.int32, (Kp, Sp), 1)
+        miss_slot = jnp.sum(jnp.where(evict_rank[None, :] == jnp.clip(miss_rank, 0, S - 1)[:, None], s_of, 0), axis=1)
     slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, -1))
     loads = jnp.where(miss & live, ids, -1)
     pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
     pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
+    _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp)
 
     # every selected id lands in its slot (hits rewrite their own id) with the stamp `now`
-    def place(k, carry):
-        new_id, written = carry
-        slot = jnp.sum(jnp.where(kk == k, slots, 0))
-        idk = ids_ref[b, h, k]
-        at = (ss == slot) & (idk >= 0)
-        return jnp.where(at, idk, new_id), written | jnp.where(at, 1, 0)
-
-    new_id, written = lax.fori_loop(0, K, place, (table, jnp.zeros((Sp,), jnp.int32)))
+    new_id, written = table, jnp.zeros((Sp,), jnp.int32)
+    for t in range(Kp // T):
+        ids_t, slots_t = pick(t, ids), pick(t, slots)
+        assign = (slots_t[:, None] == ss[None, :]) & (ids_t[:, None] >= 0)  # [T, Sp]: at most one per slot
+        put = jnp.max(jnp.where(assign, ids_t[:, None], -1), axis=0)
+        new_id = jnp.where(put >= 0, put, new_id)
+        written = written | jnp.where(put >= 0, 1, 0)
     written = (written > 0) & live
     pltriton.store(table_ref.at[layer, b, h, pl.ds(0, Sp)], new_id, mask=written)
     pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
+
+
+def _tile_ids(Sp: int) -> int:
+    """Ids per tile of the long-row kernel: [T, Sp] compares of 8192 lanes (32 per thread at 8 warps)."""
+    return max(1, min(16, 8192 // Sp))
 
 
 def _lanes(S: int, K: int) -> tuple[int, int]:
@@ -171,15 +178,18 @@ def supported(S: int, K: int) -> bool:
     return Kp <= MAX_LANES and Sp <= MAX_LANES_LARGE
 
 
-def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
+def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses: jax.Array, reused: jax.Array,
+                 selected: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
                  interpret: bool = False):
-    """One layer's slot assignment on the stacked tables, in place.
+    """One layer's slot assignment and locality statistics on the stacked arrays, in place.
 
     table, stamp: [L, B, Hk, S] int32 (block id held by each slot or -1; last selection step);
-    layer: traced int; ids: [B, Hk, K] int32 selected block ids (-1 unused); now: [B] LRU clock;
-    live: [B] bool, sequences still decoding. Returns (slots [B, Hk, K], loads [B, Hk, K], table,
-    stamp) equal to `nosa_jax.offload.assign_slots` on layer `layer`, with loads -1 and the layer's
-    rows unchanged for sequences that are not live.
+    prev_ids: [L, B, Hk, K] the previous step's selection; misses, reused, selected: [L, B, Hk]
+    int32 counts; layer: traced int; ids: [B, Hk, K] int32 selected block ids (-1 unused); now: [B]
+    LRU clock; live: [B] bool, sequences still decoding. Returns (slots [B, Hk, K], loads [B, Hk, K],
+    table, stamp, prev_ids, misses, reused, selected): slots, loads, table and stamp equal to
+    `nosa_jax.offload.assign_slots` on layer `layer`, with loads -1 and the layer's rows unchanged for
+    sequences that are not live; the statistics as `decode_attend` counts them.
     """
     L, B, Hk, S = table.shape
     K = ids.shape[-1]
@@ -188,19 +198,19 @@ def update_slots(table: jax.Array, stamp: jax.Array, layer, ids: jax.Array, now:
         raise ValueError(f"update_slots: K={K} must be <= {MAX_LANES} and S={S} <= {MAX_LANES_LARGE} "
                          f"(use nosa_jax.offload.assign_slots)")
     large = Sp > MAX_LANES
+    state = (table, stamp, prev_ids, misses, reused, selected)
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
-            ids.astype(jnp.int32), table, stamp]
+            ids.astype(jnp.int32), *state]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
-        functools.partial(_slots_kernel_large if large else _slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
+        functools.partial(_slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
         grid=(B, Hk),
         in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * 4,
+        out_specs=[any_spec] * 8,
         out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
-                  + [jax.ShapeDtypeStruct(table.shape, jnp.int32)] * 2,
-        input_output_aliases={4: 2, 5: 3},
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if Sp > 1024 else 4,
-                                                                        num_stages=1),
+                  + [jax.ShapeDtypeStruct(x.shape, jnp.int32) for x in state],
+        input_output_aliases={4 + i: 2 + i for i in range(len(state))},
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if large else 4, num_stages=1),
         interpret=interpret,
         name="nosa_update_slots",
     )(*args)

@@ -166,6 +166,45 @@ def test_load_blocks_exact(path, interpret, unroll_max, host_mem):
 
 
 @pytest.mark.parametrize("path,interpret", PATHS)
+def test_load_blocks_writes_the_new_token(path, interpret):
+    """With the decode step's token: after the copies, each (b, h) with a row >= 0 gets the token's
+    K, V and cis in that row - inside a block copied there this call (b0 h0), in a slot not loaded
+    (b0 h1, b1 h0) - and a row of -1 writes nothing (b1 h1)."""
+    _check_token_write(path, interpret)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("load_path", ["pallas", "xla"])
+def test_gpu_load_blocks_writes_the_new_token(load_path):
+    """The same on the GPU: the compiled kernel (copies and token in one call) from pinned_host."""
+    _check_token_write(load_path, False)
+
+
+def _check_token_write(path, interpret):
+    d = _data(3)
+    rng = np.random.default_rng(3)
+    new_k = rng.standard_normal((B, Hk, D)).astype(np.float32).astype(DT)
+    new_v = rng.standard_normal((B, Hk, D)).astype(np.float32).astype(DT)
+    new_c = rng.standard_normal((B, Hk)).astype(np.float32)
+    loaded = d["slots"][0, 0][d["blocks"][0, 0] >= 0][0]
+    free = lambda b, h: next(s for s in range(S) if s not in set(d["slots"][b, h][d["blocks"][b, h] >= 0].tolist()))
+    rows = np.array([[loaded * BS + 5, free(0, 1) * BS + BS - 1], [free(1, 0) * BS, -1]], np.int32)
+    layer = 1
+    out = load_blocks(jax.device_put(d["hkv"], _pinned()), jnp.asarray(d["cis"]), jnp.asarray(d["pk"]),
+                      jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(layer), jnp.asarray(d["blocks"]),
+                      jnp.asarray(d["slots"]), block_size=BS, new_k=jnp.asarray(new_k), new_v=jnp.asarray(new_v),
+                      new_cis=jnp.asarray(new_c), new_row=jnp.asarray(rows), path=path, interpret=interpret)
+    rk, rv, rb = _ref_load(d, layer)
+    for b in range(B):
+        for h in range(Hk):
+            if rows[b, h] >= 0:
+                rk[layer, b, rows[b, h], h], rv[layer, b, rows[b, h], h] = new_k[b, h], new_v[b, h]
+                rb[layer, b, rows[b, h], h] = new_c[b, h]
+    _assert_same(out, (rk, rv, rb))
+    assert not np.array_equal(_bits(rk), _bits(_ref_load(d, layer)[0]))  # the token rows changed something
+
+
+@pytest.mark.parametrize("path,interpret", PATHS)
 def test_load_blocks_in_jitted_loop_pinned(path, interpret):
     """Traced layer index inside a jitted fori_loop, host stores in pinned_host, pools donated."""
     d = _data(2)
@@ -232,6 +271,31 @@ def test_load_blocks_pallas_cuda_lowering_in_place():
     main = next(ln for ln in txt.splitlines() if "func.func public @main" in ln)
     assert main.count('mhlo.memory_kind = "pinned_host"') == 1
     assert "annotate_device_placement" not in txt
+
+
+def test_load_blocks_with_the_token_lowers_to_one_verified_triton_kernel():
+    """With the token, still one in-place Triton call (one more program per (b, h)), and its module
+    passes the MLIR verifier (cross-lowered for the H200; the 8B decode's block, head and top-k
+    sizes, few layers and blocks: the store is a real pinned array)."""
+    from model_utils import verified_triton_modules
+
+    Lb, Bb, Hb, NBb, Sb, Mb = 2, 4, 2, 16, 32, 64
+    hkv = jax.device_put(jnp.zeros((Lb, Bb, Hb, NBb, 2, 64, 128), DT), _pinned())
+    pk = jnp.zeros((Lb, Bb, Sb * 64, Hb, 128), DT)
+    pb = jnp.zeros((Lb, Bb, Sb * 64, Hb), jnp.float32)
+    cis = jnp.zeros((Lb, Bb, NBb * 64, Hb), jnp.float32)
+    ids = jnp.zeros((Bb, Hb, Mb), jnp.int32)
+    new = jnp.zeros((Bb, Hb, 128), DT)
+
+    def f(pk, pv, pb, hkv, cis, blocks, slots, nk, nv, nc, row):
+        return load_blocks(hkv, cis, pk, pv, pb, jnp.int32(5), blocks, slots, block_size=64, new_k=nk, new_v=nv,
+                           new_cis=nc, new_row=row, path="pallas")
+
+    txt, modules = verified_triton_modules(f, pk, pk, pb, hkv, cis, ids, ids, new, new,
+                                           jnp.zeros((Bb, Hb), jnp.float32), jnp.zeros((Bb, Hb), jnp.int32))
+    calls = [ln for ln in txt.splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert len(calls) == 1 and len(modules) == 1 and calls[0].count("output_operand_alias<") == 3
+    assert f"grid_x = {Bb} : i32, grid_y = {Hb} : i32, grid_z = {Mb + 1} : i32" in calls[0]
 
 
 def test_pallas_call_output_is_device_typed_even_when_aliased_to_pinned_host():

@@ -62,18 +62,51 @@ def _state(rng, L, B, Hk, S, K, n_blocks=300):
     return table, stamp, ids, now, live
 
 
+def _stats_state(rng, ids, L):
+    """Previous selections [L, B, Hk, K] sharing some blocks with `ids` (-1 padding at random
+    places) and count arrays [L, B, Hk] of old values."""
+    B, Hk, K = ids.shape
+    prev = np.full((L, B, Hk, K), -1, np.int32)
+    for l, b, h in np.ndindex(L, B, Hk):
+        cur = ids[b, h][ids[b, h] >= 0]
+        same = rng.choice(cur, rng.integers(0, len(cur) + 1), replace=False) if len(cur) else cur
+        other = rng.integers(0, 10**6, rng.integers(0, K - len(same) + 1)) + 10**6  # never selected now
+        row = rng.permutation(np.concatenate([same, other]).astype(np.int32))
+        prev[l, b, h, np.sort(rng.permutation(K)[:len(row)])] = row
+    counts = [rng.integers(0, 99, (L, B, Hk)).astype(np.int32) for _ in range(3)]
+    return prev, counts
+
+
+def _stats(ids, prev, loads, live):
+    """Plain-Python statistics of one layer's step: (prev_ids, misses, reused, selected) after it."""
+    B, Hk, K = ids.shape
+    new_prev, misses, reused, selected = prev.copy(), np.zeros((B, Hk), np.int32), np.zeros((B, Hk), np.int32), \
+        np.zeros((B, Hk), np.int32)
+    for b, h in np.ndindex(B, Hk):
+        chosen = [int(i) for i in ids[b, h] if i >= 0]
+        misses[b, h] = sum(int(x) >= 0 for x in loads[b, h])  # loads of stopped sequences are -1 already
+        if live[b]:
+            reused[b, h] = sum(i in set(prev[b, h].tolist()) for i in chosen)
+            selected[b, h] = len(chosen)
+            new_prev[b, h] = ids[b, h]
+    return new_prev, misses, reused, selected
+
+
 @pytest.mark.parametrize("S,K", [(16, 16), (128, 64), (12, 5), (40, 33), (300, 64), (1024, 33)])
 def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
-    """Rows of up to 256 slots take the all-at-once kernel, longer ones the looping kernel."""
+    """Rows of up to 256 slots take the all-at-once kernel, longer ones the tiled kernel; both also
+    count the step's statistics in place."""
     rng = np.random.default_rng(S * 100 + K)
     for _ in range(4):
         table, stamp, ids, now, live = _state(rng, 3, 4, 2, S, K, n_blocks=max(300, 2 * S))
+        prev, counts = _stats_state(rng, ids, 3)
         want = _lru(table[1], stamp[1], ids, now, live)
-        got = update_slots(jnp.asarray(table), jnp.asarray(stamp), 1, jnp.asarray(ids), jnp.asarray(now),
+        want_stats = _stats(ids, prev[1], want[1], live)
+        got = update_slots(*map(jnp.asarray, (table, stamp, prev, *counts)), 1, jnp.asarray(ids), jnp.asarray(now),
                            jnp.asarray(live), interpret=True)
         for g, w in zip(got[:2], want[:2]):
             np.testing.assert_array_equal(np.asarray(g), w)
-        for g, w, before in zip(got[2:], want[2:], (table, stamp)):
+        for g, w, before in zip(got[2:], want[2:] + want_stats, (table, stamp, prev, *counts)):
             g = np.asarray(g)
             np.testing.assert_array_equal(g[1], w)
             np.testing.assert_array_equal(np.delete(g, 1, axis=0), np.delete(before, 1, axis=0))  # other layers
@@ -93,43 +126,50 @@ def test_gpu_update_slots_compiled_equals_the_lru_policy(S):
     decode's sizes (K = 64, batch 27) against the plain-Python policy."""
     rng = np.random.default_rng(S)
     table, stamp, ids, now, live = _state(rng, 3, 27, 2, S, 64, n_blocks=2 * S)
+    prev, counts = _stats_state(rng, ids, 3)
     want = _lru(table[1], stamp[1], ids, now, live)
-    got = jax.jit(update_slots)(jnp.asarray(table), jnp.asarray(stamp), 1, jnp.asarray(ids), jnp.asarray(now),
-                                jnp.asarray(live))
+    want = want + _stats(ids, prev[1], want[1], live)
+    got = jax.jit(update_slots)(*map(jnp.asarray, (table, stamp, prev, *counts)), 1, jnp.asarray(ids),
+                                jnp.asarray(now), jnp.asarray(live))
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g)[1] if g.ndim == 4 else np.asarray(g), w)
+        np.testing.assert_array_equal(np.asarray(g)[1] if g.ndim > w.ndim else np.asarray(g), w)
 
 
 def test_update_slots_refuses_rows_over_the_lane_limit():
     table = jnp.full((1, 1, 1, 8193), -1, jnp.int32)
+    prev, count = jnp.full((1, 1, 1, 64), -1, jnp.int32), jnp.zeros((1, 1, 1), jnp.int32)
     with pytest.raises(ValueError, match="assign_slots"):
-        update_slots(table, table, 0, jnp.zeros((1, 1, 64), jnp.int32), jnp.zeros(1, jnp.int32),
-                     jnp.ones(1, bool), interpret=True)
+        update_slots(table, table, prev, count, count, count, 0, jnp.zeros((1, 1, 64), jnp.int32),
+                     jnp.zeros(1, jnp.int32), jnp.ones(1, bool), interpret=True)
 
 
 @pytest.mark.parametrize("S", [128, 1024])
 def test_update_slots_lowers_to_one_in_place_triton_kernel(S):
-    """Cross-lowered for the H200 (no GPU needed): one Triton call, grid (B, Hk), the table and
-    stamps aliased to their outputs, and a Triton module the MLIR verifier accepts (both kernels)."""
+    """Cross-lowered for the H200 (no GPU needed): one Triton call, grid (B, Hk), the table, stamps
+    and the four statistics arrays aliased to their outputs, and a Triton module the MLIR verifier
+    accepts (both kernels)."""
     L, B, Hk, K = 32, 16, 2, 64
     table = jnp.zeros((L, B, Hk, S), jnp.int32)
+    prev, count = jnp.zeros((L, B, Hk, K), jnp.int32), jnp.zeros((L, B, Hk), jnp.int32)
     txt, modules = verified_triton_modules(
-        lambda t, s, layer, ids, now, live: update_slots(t, s, layer, ids, now, live),
-        table, table, jnp.int32(3), jnp.zeros((B, Hk, K), jnp.int32), jnp.zeros(B, jnp.int32), jnp.ones(B, bool))
+        lambda *a: update_slots(*a),
+        table, table, prev, count, count, count, jnp.int32(3), jnp.zeros((B, Hk, K), jnp.int32),
+        jnp.zeros(B, jnp.int32), jnp.ones(B, bool))
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     assert len(calls) == 1 and len(modules) == 1
     assert "grid_x = 16 " in calls[0] and "grid_y = 2 " in calls[0]
-    assert calls[0].count("#stablehlo.output_operand_alias<") == 2
+    assert calls[0].count("#stablehlo.output_operand_alias<") == 6
 
 
-def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
+def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch):
     """The offloaded decode with the Pallas model (interpret mode) gives the same tokens, logits and
-    pool statistics with the slot kernel as with assign_slots, also after a sequence stops."""
+    pool statistics with the slot kernel as with assign_slots, and with the loader kernel (which
+    also writes the new token) as with the XLA loads and scatters, also after a sequence stops."""
     from flax import nnx
 
     from model_utils import random_model, small_config
     from nosa_jax.config import NosaConfig
-    from nosa_jax.generate import generate
+    from nosa_jax.generate import OffloadSettings, generate
     from nosa_jax.model import from_params
     from pallas_kernels import slots as slots_kernel
 
@@ -140,18 +180,20 @@ def test_offloaded_generation_same_with_either_slot_path(monkeypatch):
     prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (70, 30)]
     eos = generate(ref, prompts, max_new_tokens=20, eos_ids=[]).tokens[1][8]  # sequence 1 stops early
     runs = {}
-    for impl in ("xla", "pallas"):
+    for impl, loader in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
         monkeypatch.setattr(slots_kernel, "SLOTS_IMPL", impl)
         traced = []
         kernel = slots_kernel._slots_kernel
         monkeypatch.setattr(slots_kernel, "_slots_kernel",
                             lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
         jax.clear_caches()  # the setting is read at trace time
-        runs[impl] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True, kv_offload=True,
-                              pool_slots=6)
+        runs[impl, loader] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True,
+                                      kv_offload=OffloadSettings(pool_slots=6, loader=loader))
         assert bool(traced) == (impl == "pallas")
-    a, b = runs["xla"], runs["pallas"]
-    assert len(a.tokens[1]) < 20 and a.tokens == b.tokens
-    np.testing.assert_array_equal(b.logits, a.logits)
-    for name in ("misses", "selected", "reused"):
-        np.testing.assert_array_equal(b.offload_stats[name], a.offload_stats[name])
+    a = runs["xla", "xla"]
+    assert len(a.tokens[1]) < 20
+    for b in (runs["pallas", "xla"], runs["pallas", "pallas"]):
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(b.logits, a.logits)
+        for name in ("misses", "selected", "reused"):
+            np.testing.assert_array_equal(b.offload_stats[name], a.offload_stats[name])
