@@ -96,6 +96,31 @@ def test_fit_pool_keeps_the_host_bound_batch():
         assert fit["pool_mult"] == fit["pool_slots"] / K
 
 
+def test_fit_pool_leaves_the_card_room_for_the_benchmarks_prefill_memo():
+    """The benchmark keeps `distinct` prefilled passages on the device during the offloaded runs.
+    They count against the real card: under the full card the fit pool shrinks so that weights,
+    headroom, the memo and the pool's device state fit; under an emulated 80 GiB budget (the card
+    has room for the memo beside it) the pool is the one of a single prefill cache."""
+    from nosa_jax.cache import cache_bytes
+    from nosa_jax.offload import fit_pool_slots, offload_bytes
+
+    cfg = ModelConfig(**tp.MODELS["8b"])
+    card, host, headroom, ctx, distinct = int(132.8 * tp.GiB), 113 * tp.GiB, 2 * tp.GiB, 131072, 4
+    budgets = {"80 GiB": 80 * tp.GiB, "full": card}
+    plan = tp.make_plan(cfg, ["nosa-offload"], [ctx], ["fit"], budgets, host, headroom, ["max"],
+                        distinct=distinct, device_limit=card)
+    by = {next(iter(e["max_batch"])): e for e in plan}
+    one = cache_bytes(cfg, 1, ctx, tp.DTYPE, "nosa")
+    w = tp.weight_bytes(cfg, tp.DTYPE)
+    e80 = by["80 GiB"]
+    assert e80["pool_slots"] == fit_pool_slots(cfg, e80["batches"][0], ctx, tp.DTYPE, "nosa", 80 * tp.GiB - headroom - w)
+    full = by["full"]
+    B, S = full["batches"][0], full["pool_slots"]
+    assert S < fit_pool_slots(cfg, B, ctx, tp.DTYPE, "nosa", card - headroom - w)  # the memo costs slots
+    dev = lambda slots: offload_bytes(cfg, B, ctx, tp.DTYPE, "nosa", slots)[0]  # noqa: E731
+    assert w + headroom + distinct * one + dev(S) <= card < w + headroom + distinct * one + dev(S + 1)
+
+
 @pytest.mark.parametrize("floor_ms,reachable", [(10.25, False), (3.0, True)])
 def test_speedup_target_bound(floor_ms, reachable):
     """The 5x row reports the speedup NOSA offloaded would have at its roofline floor with its batch,
