@@ -717,6 +717,10 @@ def plots(records, stem: str, dirs: list[Path]) -> list[Path]:
                             label=f"{LABELS.get(method, method)}" + (f" ({pool})" if pool != "-" else ""))
                     for p in pts:
                         ax.annotate(f"B={p[2]}", (p[0], p[1]), fontsize=7, textcoords="offset points", xytext=(2, 3))
+            if not ax.lines:  # nothing of this model ran under this budget: say so, no empty axes
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"{model}: no runs under {budget}", ha="center", va="center")
+                continue
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("context (tokens)")
