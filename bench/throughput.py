@@ -366,7 +366,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     cfg = ModelConfig(**MODELS[model_name])
     n_windows = args.repeats + 3  # 2 warm-up, the timed, 1 profiled
     entries = make_plan(cfg, args.modes, args.contexts, args.pools, budget_bytes, host_budget, headroom,
-                        args.batches, args.quick, args.distinct, device_bytes_limit())
+                        args.batches, args.quick, args.distinct,
+                        max(device_bytes_limit(), *budget_bytes.values()))  # a CPU dry run: the budgets
     print_plan(model_name, cfg, entries, args.steps, n_windows, args.distinct)
     records = []
     for label, b in budget_bytes.items():
