@@ -143,3 +143,16 @@ def split_by_scope(events, scopes: dict[str, tuple[str, ...]], op_names: dict[st
         else:
             out["rest"] += d
     return out
+
+
+def device_memory_line(label: str) -> str:
+    """One line of the device allocator's numbers (GiB in use, peak, limit, largest allocation),
+    for finding what holds device memory between a benchmark's steps; '' where the backend keeps
+    no such statistics (the CPU)."""
+    d = jax.devices()[0]
+    stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+    if not stats or "bytes_in_use" not in stats:
+        return ""
+    g = lambda k: stats.get(k, 0) / 2**30  # noqa: E731
+    return (f"  memory {label}: in use {g('bytes_in_use'):.2f} GiB, peak {g('peak_bytes_in_use'):.2f}, "
+            f"limit {g('bytes_limit'):.2f}, largest allocation {g('largest_alloc_size'):.2f}")

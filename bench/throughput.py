@@ -75,7 +75,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import enable_compilation_cache, markdown_table, record, save, split_by_scope  # noqa: E402
+from bench.common import (device_memory_line, enable_compilation_cache, markdown_table, record, save,  # noqa: E402
+                          split_by_scope)
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
@@ -473,9 +474,14 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                     keep([error_record(model_name, e, batch, exc) for e in here])
                     st = logits = gen = None
                     continue
+                if args.verbose and (m := device_memory_line(f"after the start of batch {batch}")):
+                    print(m, flush=True)
                 for e in here:
                     try:
                         st = dataclasses.replace(st, cache=empty_pool(st.cache, e["pool_slots"]))
+                        # what this entry's pool leaves free (the full-card fit pool ran short, session 9)
+                        if args.verbose and (m := device_memory_line(f"with the {e['pool_slots']}-slot pool")):
+                            print(m, flush=True)
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         st, logits = w.st, w.logits
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
