@@ -12,6 +12,7 @@ the CPU (`interpret=True`) for tests.
   cache_write     the decode step's cache writes in one kernel (default off: WRITE_IMPL)
   slots           the offloaded step's slot assignment in one kernel (default on: SLOTS_IMPL)
   kv_loader       host-offloaded blocks -> the device slot pool
+  lanes           the power-of-two padding every kernel file uses
 """
 
 from .cache_write import decode_cache_write

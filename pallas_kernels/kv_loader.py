@@ -69,6 +69,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.lanes import next_pow2
+
 PATHS = ("auto", "pallas", "xla")
 UNROLL_MAX = 256  # the xla path unrolls its per-entry fetches up to this many entries, else fori_loop
 
@@ -231,7 +233,7 @@ def _load_kernel(layer_ref, blocks_ref, slots_ref, kv_ref, cis_ref, *refs, block
 
     @pl.when((m == M) & (row >= 0))
     def _token():
-        Mp = _next_pow2(M)
+        Mp = next_pow2(M)
         mm = lax.broadcasted_iota(jnp.int32, (Mp,), 0)
         inside = mm < M if M < Mp else None
         blks = pltriton.load(blocks_ref.at[b, h, pl.ds(0, Mp)], mask=inside, other=-1 if inside is not None else None)
@@ -245,9 +247,6 @@ def _load_kernel(layer_ref, blocks_ref, slots_ref, kv_ref, cis_ref, *refs, block
             pltriton.store(pv_ref.at[layer, b, at, h, :], pltriton.load(newv_ref.at[b, pl.ds(h, 1), :]))
             pltriton.store(pb_ref.at[layer, b, at, h], pltriton.load(newc_ref.at[b, pl.ds(h, 1)]))
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _load_pallas(host_kv, cis, pool_k, pool_v, pool_bias, layer, blocks, slots, token, *, block_size,

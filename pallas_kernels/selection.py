@@ -53,6 +53,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
+from pallas_kernels.lanes import next_pow2
 from pallas_kernels.topk import two_stage_select_pallas
 
 NEG_INF = float("-inf")
@@ -79,9 +80,6 @@ SCORES_FINISH = "jnp"
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _dot_precision(precision, interpret: bool, dot_dtype=jnp.float32):
@@ -287,7 +285,7 @@ def window_logits(q, ktilde_pool, n_eff, layer, *, interpret: bool = False, bloc
     if not (_is_pow2(block_c) and block_c >= 16):
         raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
     G = Hq // Hk
-    g_pad = max(16, _next_pow2(G))
+    g_pad = max(16, next_pow2(G))
     tpp, n_splits = _plan(C, B, Hk, block_c, tiles_per_program)
     split_len = tpp * block_c
     c_pad = n_splits * split_len
@@ -334,11 +332,11 @@ def pooled_window_scores(logits, m, l, n_eff, *, G: int, n_blocks: int, P: int, 
     kernel's logits and split statistics. P (windows per block step) must be a power of two."""
     B, Hk, rows, g_pad = logits.shape
     n_splits = m.shape[2]
-    s_pad = _next_pow2(n_splits)
+    s_pad = next_pow2(n_splits)
     if s_pad != n_splits:  # the rows past n_splits are masked off in the kernel
         m = jnp.pad(m, ((0, 0), (0, 0), (0, s_pad - n_splits), (0, 0)))
         l = jnp.pad(l, ((0, 0), (0, 0), (0, s_pad - n_splits), (0, 0)))
-    bpp = max(1, min(blocks_per_program, _next_pow2(n_blocks)))
+    bpp = max(1, min(blocks_per_program, next_pow2(n_blocks)))
     n_tiles = -(-n_blocks // bpp)
     kernel = functools.partial(_finish_kernel, G=G, P=P, blocks_per_program=bpp, n_splits=n_splits)
     out = pl.pallas_call(

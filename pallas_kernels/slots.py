@@ -50,14 +50,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.lanes import next_pow2
+
 SLOTS_IMPL = "pallas"
 MAX_LANES = 256  # rows up to this many slots: all ids at once and an [S, S] victim rank
 MAX_LANES_LARGE = 8192  # longer rows, in tiles, up to this many slots (512K tokens)
 _BIG = int(jnp.iinfo(jnp.int32).max)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp):
@@ -169,7 +168,7 @@ def _tile_ids(Sp: int) -> int:
 
 
 def _lanes(S: int, K: int) -> tuple[int, int]:
-    return _next_pow2(max(K, 16)), _next_pow2(max(S, 16))
+    return next_pow2(max(K, 16)), next_pow2(max(S, 16))
 
 
 def supported(S: int, K: int) -> bool:

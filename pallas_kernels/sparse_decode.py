@@ -66,6 +66,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.lanes import next_pow2
+
 NEG_INF = float("-inf")
 DEFAULT_NUM_SMS = 132  # H100/H200
 # How sparse_decode_attention merges the splits by default: "auto" = "kernel" up to
@@ -79,9 +81,6 @@ KERNEL_MERGE_MAX_SPLITS = 8
 PROGRAMS_PER_SM = 2  # split-K target: about this many programs per SM (see default_k_splits)
 MERGE_CHUNK = 8192  # merge="kernel": f32 elements of partial outputs loaded at once (64 regs/thread at 4 warps)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _is_pow2(n: int) -> bool:
@@ -239,7 +238,7 @@ def _merge_if_last(out_ref, o_ref, m_ref, l_ref, cnt_ref, b, h, rows_ok, *, spli
         if gpu:
             pltriton.debug_barrier()  # the acquire (by one thread) covers all threads' loads below
         D = o_ref.shape[-1]
-        Sp = _next_pow2(splits)  # the split axis padded to a power of two (masked)
+        Sp = next_pow2(splits)  # the split axis padded to a power of two (masked)
         C = min(Sp, max(1, MERGE_CHUNK // (Gp * D)))  # splits per [C, Gp, D] chunk of o
 
         def load(ref, start, n, other):  # splits start .. start+n-1 of (b, h): [n, Gp] or [n, Gp, D]
@@ -338,7 +337,7 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'mosaic'")
     B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     G = Hq // Hk
-    Gp = max(16, _next_pow2(G))
+    Gp = max(16, next_pow2(G))
     if not interpret:
         _check_gpu_shapes(block_size, D, Gp)
     if K == 0:

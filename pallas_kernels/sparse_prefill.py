@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nosa_jax import nosa
+from pallas_kernels.lanes import next_pow2
 
 NEG_INF = float("-inf")
 LOG2E = math.log2(math.e)
@@ -59,9 +60,6 @@ LN2 = math.log(2.0)
 MAX_TILE_Q = 32  # membership bits per union entry live in one int32
 TARGET_ROWS = 64  # default tile: about this many (token, head) rows per program (H200 sweep, see bench)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _is_pow2(n: int) -> bool:
@@ -73,12 +71,12 @@ def default_tile_q(G: int, Tc: int | None = None) -> int:
     MAX_TILE_Q tokens, and no more than the chunk needs. G=16 -> 4 (64 rows); G=32 -> 2;
     G=4 -> 16 (64 rows); G=2 -> 32 (64 rows); G=1 -> 32 (32 rows). Fewer tokens per tile means a
     tighter union of their block lists; 64 rows still fill a Hopper warpgroup MMA."""
-    Gp = _next_pow2(G)
+    Gp = next_pow2(G)
     tq = max(1, min(MAX_TILE_Q, TARGET_ROWS // Gp))
     if Tc is not None:
-        tq = min(tq, _next_pow2(Tc))
+        tq = min(tq, next_pow2(Tc))
     tq = max(tq, -(-16 // Gp))  # dot rows >= 16
-    return _next_pow2(tq)
+    return next_pow2(tq)
 
 
 def default_num_warps(rows: int, D: int) -> int:
@@ -227,7 +225,7 @@ def sparse_prefill_attention(q, q_pos, k_pool, v_pool, bias_pool, block_ids, kv_
     if T % block_size:
         raise ValueError(f"pool length {T} must be a multiple of block_size {block_size}")
     G = Hq // Hk
-    Gp = _next_pow2(G)
+    Gp = next_pow2(G)
     tq = default_tile_q(G, Tc) if tile_q is None else int(tile_q)
     if not 1 <= tq <= MAX_TILE_Q:
         raise ValueError(f"tile_q must be in [1, {MAX_TILE_Q}], got {tq}")

@@ -89,6 +89,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nosa_jax.config import NosaConfig
+from pallas_kernels.lanes import next_pow2
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -96,9 +97,6 @@ _INT32_MIN = -(2 ** 31)
 _ABS_MASK = 0x7FFFFFFF
 _MIN_ROW = 32  # rows are padded to at least one warp's width
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- in-kernel pieces
@@ -202,7 +200,7 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     """
     if mode not in ("nosa", "infllmv2"):
         raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
-    n_pad = max(_MIN_ROW, _next_pow2(b_qk.shape[-1]))
+    n_pad = max(_MIN_ROW, next_pow2(b_qk.shape[-1]))
     auto_warps, auto_bits = default_tiling(n_pad)
     num_warps = auto_warps if num_warps is None else num_warps
     radix_bits = auto_bits if radix_bits is None else radix_bits

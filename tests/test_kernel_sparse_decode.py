@@ -32,7 +32,8 @@ import pytest
 from jax import lax
 
 from nosa_jax import nosa
-from pallas_kernels.sparse_decode import (_next_pow2, default_k_splits, sparse_decode_attention,
+from pallas_kernels.lanes import next_pow2
+from pallas_kernels.sparse_decode import (default_k_splits, sparse_decode_attention,
                                           sparse_decode_attention_reference)
 from model_utils import verified_triton_modules
 
@@ -402,7 +403,7 @@ def test_lowers_to_triton_for_cuda(Hk, bias, k_splits, merge):
 
 
 def test_next_pow2():
-    assert [_next_pow2(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+    assert [next_pow2(n) for n in (0, 1, 2, 3, 4, 5, 16, 17)] == [1, 1, 2, 4, 4, 8, 16, 32]
 
 
 # ------------------------------------------------------------------ GPU (compiled Triton kernel)
