@@ -156,3 +156,16 @@ def device_memory_line(label: str) -> str:
     g = lambda k: stats.get(k, 0) / 2**30  # noqa: E731
     return (f"  memory {label}: in use {g('bytes_in_use'):.2f} GiB, peak {g('peak_bytes_in_use'):.2f}, "
             f"limit {g('bytes_limit'):.2f}, largest allocation {g('largest_alloc_size'):.2f}")
+
+
+def compiled_memory_line(compiled, label: str) -> str:
+    """One line of a compiled program's memory analysis (GiB of arguments, outputs, aliased bytes
+    and temporaries on the device), for finding what a program asks for beyond its inputs."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return ""
+    g = lambda k: getattr(ma, k, 0) / 2**30  # noqa: E731
+    return (f"  compiled {label}: arguments {g('argument_size_in_bytes'):.2f} GiB, outputs "
+            f"{g('output_size_in_bytes'):.2f}, aliased {g('alias_size_in_bytes'):.2f}, temporaries "
+            f"{g('temp_size_in_bytes'):.2f}; host arguments {g('host_argument_size_in_bytes'):.2f}, "
+            f"host temporaries {g('host_temp_size_in_bytes'):.2f}")

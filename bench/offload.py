@@ -137,9 +137,9 @@ def timed_windows(gen, st, logits, steps: int, repeats: int, profile: bool = Tru
     return Windows(st, logits, times, compile_s, first_step, events, op_names, recompiled)
 
 
-def print_profile(events, op_names: dict, steps: int) -> None:
+def print_profile(events, op_names: dict, steps: int, top: int = 14) -> None:
     """Where the device time of a profiled window goes: busy time and span per step, the largest
-    idle gaps and what surrounds them, the top kernels with their ops."""
+    idle gaps and what surrounds them, the `top` kernels with their ops."""
     span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
     print(f"  device busy {busy_time(events) / steps / 1e3:.2f} ms/step, span "
           f"{span / steps / 1e3:.2f} ms/step, {len(events) / steps:.0f} kernels/step", flush=True)
@@ -155,7 +155,7 @@ def print_profile(events, op_names: dict, steps: int) -> None:
     for e in events:
         t, c = by.get(e[0], (0.0, 0))
         by[e[0]] = (t + e[2], c + 1)
-    for name, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:14]:
+    for name, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {name[:50]:50s} {t / steps:8.1f} us/step {c / steps:6.1f} calls/step "
               f"op={op_names.get(name, '?')[-90:]}", flush=True)
 

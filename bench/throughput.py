@@ -75,12 +75,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import (device_memory_line, enable_compilation_cache, markdown_table, record, save,  # noqa: E402
-                          split_by_scope)
+from bench.common import (compiled_memory_line, device_memory_line, enable_compilation_cache,  # noqa: E402
+                          markdown_table, record, save, split_by_scope)
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
-from nosa_jax.generate import PINNED_HOST_LIMIT_ENV  # noqa: E402
+from nosa_jax.generate import PINNED_HOST_LIMIT_ENV, decode_loop  # noqa: E402
 from nosa_jax.offload import capacity_plan, fit_pool_slots, num_selected, offload_bytes, weight_bytes  # noqa: E402
 
 # The offloaded stores of the largest batches need more pinned host memory than the GPU client's
@@ -186,8 +186,13 @@ def per_seq_bytes(cfg, method: str, context: int, slots: int | None) -> tuple[in
     return cache_bytes(cfg, 1, context, DTYPE, mode), 0
 
 
+def memo_bytes(cfg, distinct: int, context: int, mode: str) -> int:
+    """Device bytes of the benchmark's prefill memo: the caches of `distinct` passages."""
+    return distinct * cache_bytes(cfg, 1, context, DTYPE, mode)
+
+
 def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_budget: int, headroom: int,
-              explicit_batches=None, quick: bool = False, distinct: int = 1,
+              explicit_batches=None, quick: bool = False, distinct: int = 0,
               device_limit: int | None = None) -> list[dict]:
     """One entry per (context, method, pool): per-sequence memory, the largest batch under each
     budget, and the batches to run. A pool of "fit" (offloaded methods) is, per budget, the largest
@@ -195,10 +200,11 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
     the dense run would spend on K/V goes to the slot pool. It runs at that batch only.
     `distinct`: prefilled passages the benchmark keeps on the device while the offloaded runs of a
     context go (`measure_model`'s memo). `fit_pool_slots` leaves room for one prefill cache (what
-    the generator needs); the memo's other distinct - 1 are the benchmark's own, so they count
-    against the real card (`device_limit`, default the largest budget), not against an emulated
-    smaller budget: at 8B / 128K / 27 sequences under the full card the 31.5x pool did not fit
-    beside the 16 GiB memo (bench/results/throughput-8b-s9-fit-*)."""
+    the generator needs: a prefill group of one, copied from the memo); the memo is the benchmark's
+    own, so it counts against the real card (`device_limit`, default the largest budget), not
+    against an emulated smaller budget: at 8B / 128K / 27 sequences under the full card the 31.5x
+    pool did not fit beside the 16 GiB memo (session 9), and the 27.8x pool not beside the memo and
+    a prefill group of four (session 10)."""
     from nosa_jax.generate import pinned_host_limit_bytes
 
     pinned_pool = pinned_host_limit_bytes()  # the offloaded store must be placed in it (GPU only) ...
@@ -222,7 +228,7 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
                     for label, b in budget_bytes.items():
                         batch = max_batch(b, K)  # a top-k pool's largest batch, then the largest pool for it
                         if batch:
-                            memo = (min(distinct, batch) - 1) * cache_bytes(cfg, 1, ctx, DTYPE, mode)
+                            memo = memo_bytes(cfg, min(distinct, batch), ctx, mode)
                             room = min(b, card - memo) - headroom - weight_bytes(cfg, DTYPE)
                             slots = fit_pool_slots(cfg, batch, ctx, DTYPE, mode, room)
                             dev, host = per_seq_bytes(cfg, method, ctx, slots)
@@ -366,9 +372,9 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
 
     cfg = ModelConfig(**MODELS[model_name])
     n_windows = args.repeats + 3  # 2 warm-up, the timed, 1 profiled
+    card = max(device_bytes_limit(), *budget_bytes.values())  # a CPU dry run: the budgets
     entries = make_plan(cfg, args.modes, args.contexts, args.pools, budget_bytes, host_budget, headroom,
-                        args.batches, args.quick, args.distinct,
-                        max(device_bytes_limit(), *budget_bytes.values()))  # a CPU dry run: the budgets
+                        args.batches, args.quick, args.distinct, card)
     print_plan(model_name, cfg, entries, args.steps, n_windows, args.distinct)
     records = []
     for label, b in budget_bytes.items():
@@ -424,7 +430,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         keep(recs)
                         report_line(recs)
                         if w.events and args.verbose:
-                            print_profile(w.events, w.op_names, args.steps)
+                            print_profile(w.events, w.op_names, args.steps, args.top)
                     except Exception as exc:  # noqa: BLE001 - one failed run (e.g. out of memory) must not end the table
                         print(f"  FAILED {e['method']} ctx {ctx} batch {batch}: {exc!r}"[:400], flush=True)
                         traceback.print_exc(limit=2)
@@ -462,11 +468,13 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                 here = [e for e in off if batch in e["batches"] and todo(e, batch)]
                 w = None
                 try:
+                    # the generator prefills as many sequences at a time as the device holds beside
+                    # the pool; the memo stays on the device meanwhile, so it is not part of the budget
+                    # (a fixed group of `distinct` did not fit beside the full-card fit pool: session 10)
                     gen = TiledPrefill(model, memo, eos_ids=(), offload=OffloadSettings(
-                        pool_slots=here[0]["pool_slots"], loader=args.loader, host_memory_budget=host_budget,
-                        prefill_group=u))
+                        pool_slots=here[0]["pool_slots"], loader=args.loader, host_memory_budget=host_budget))
                     prompts = [distinct[i % u] for i in range(batch)]
-                    kv_budget = max(budget_bytes.values()) - weight_bytes(cfg, DTYPE)
+                    kv_budget = card - weight_bytes(cfg, DTYPE) - memo_bytes(cfg, u, ctx, mode) - headroom
                     st, logits, _ = gen.start(prompts, max_new_tokens=new, prefill_chunk=args.prefill_chunk,
                                               memory_budget=kv_budget)
                 except Exception as exc:  # noqa: BLE001
@@ -482,6 +490,10 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         # what this entry's pool leaves free (the full-card fit pool ran short, session 9)
                         if args.verbose and (m := device_memory_line(f"with the {e['pool_slots']}-slot pool")):
                             print(m, flush=True)
+                        if args.verbose:  # what the loop itself asks for beyond its arguments
+                            print(compiled_memory_line(decode_loop.lower(
+                                gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
+                                n_steps=args.steps).compile(), "decode loop"), flush=True)
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         st, logits = w.st, w.logits
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
@@ -492,7 +504,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         keep(recs)
                         report_line(recs)
                         if w.events and args.verbose:
-                            print_profile(w.events, w.op_names, args.steps)
+                            print_profile(w.events, w.op_names, args.steps, args.top)
                     except Exception as exc:  # noqa: BLE001
                         print(f"  FAILED {e['method']} ctx {ctx} batch {batch}: {exc!r}"[:400], flush=True)
                         traceback.print_exc(limit=2)
@@ -817,6 +829,7 @@ def parse_args(argv):
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="print each run's top kernels and idle gaps")
+    ap.add_argument("--top", type=int, default=14, help="with --verbose: how many kernels to print per run")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (runs, batches, memory) and exit")
     ap.add_argument("--resume", nargs="+", metavar="JSON", default=[],
                     help="records of an earlier, stopped run of the same table (saved after every run): the runs "

@@ -102,6 +102,13 @@ def test_offloaded_generation_with_a_fit_pool():
     for bad in (0, -3, "all", 2.5):
         with pytest.raises(GenerationError, match="pool_slots"):
             OffloadSettings(pool_slots=bad)
+    # a fit pool leaves room for one prefill cache: an explicit group of two is refused up front
+    # (it ran out of memory inside the start on the GPU, 8B / 128K, session 10), one is accepted
+    two = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots="fit", prefill_group=2))
+    with pytest.raises(GenerationError, match="prefill_group=2 needs .* lower prefill_group"):
+        two.start(PROMPTS, max_new_tokens=n_new, memory_budget=budget)
+    one = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots="fit", prefill_group=1))
+    assert one.start(PROMPTS, max_new_tokens=n_new, memory_budget=budget)[0].cache.table.shape[-1] == S
 
 
 def test_offloaded_generation_stops_like_on_device():
