@@ -6,7 +6,7 @@ depend on their values), batch 1 and 16, all three attention modes. Both loops r
 decode step on the same state; tokens/s = batch * steps / median wall time.
 
     python bench/generate.py [--context 16384] [--batches 1 16] [--steps 64] [--modes nosa infllmv2 full]
-        [--xla-variant NAME:KEY=VALUE,...]
+        [--xla-variant 'NAME:KEY=VALUE;...']
 
 `--xla-variant`: both loops again, compiled with extra XLA options (e.g.
 `nocmdbuf:xla_gpu_enable_command_buffer=`), to find what separates the two loops.
@@ -51,13 +51,14 @@ def random_cache(model, batch, context, capacity, key):
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """NAME:KEY=VALUE,KEY=VALUE -> (NAME, {KEY: VALUE})."""
+    """NAME:KEY=VALUE;KEY=VALUE -> (NAME, {KEY: VALUE}) (';' between options: a value may be a
+    comma-separated list, e.g. xla_gpu_enable_command_buffer=FUSION,CUBLAS)."""
     name, _, opts = spec.partition(":")
     options = {}
-    for item in filter(None, opts.split(",")):
+    for item in filter(None, opts.split(";")):
         k, eq, v = item.partition("=")
         if not eq:
-            raise SystemExit(f"--xla-variant {spec!r}: expected NAME:KEY=VALUE,...")
+            raise SystemExit(f"--xla-variant {spec!r}: expected NAME:KEY=VALUE;...")
         options[k] = xla_option_value(v)
     return name, options
 
@@ -82,7 +83,7 @@ def main():
     ap.add_argument("--layer-unroll", type=int, default=1,
                     help="unroll of the scan over layers (0 = fully unrolled straight-line program)")
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
-    ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+    ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
                     help="also run both loops compiled with these extra XLA options")
     ap.add_argument("--tag", default="", help="suffix of the results' file names")
     args = ap.parse_args()

@@ -4,10 +4,12 @@ device kernels by name (per step), plus the device busy time against the wall ti
     python bench/profile_decode.py [--batch 1] [--context 16384] [--steps 16] [--mode nosa]
                                    [--layer-unroll 1] [--impl auto] [--top 30]
                                    [--variant default --variant write=pallas,finish=pallas ...]
+                                   [--xla-variant 'NAME:KEY=VALUE;...' ...]
 
 Each --variant (kernel choices: topk xla|pallas, finish jnp|pallas, write xla|pallas; "default" =
 the modules' defaults) is profiled in the same process on the same model and cache, then a summary
-table compares them.
+table compares them; each --xla-variant runs the default kernels with extra XLA options on the decode
+loop (e.g. 'cmdbuf-while:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,WHILE').
 
 Prints a table; when $OUT is set, writes it there as
 profile-<mode>-b<batch>-u<unroll>-<topk>-<finish>-<cache write>.md with the optimised HLO beside it
@@ -32,7 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bench.common import busy_time, markdown_table, trace_device_events
-from bench.generate import random_cache
+from bench.generate import parse_variant as parse_xla_variant
+from bench.generate import random_cache, with_options
 from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
@@ -71,8 +74,11 @@ def main():
                     help="kernel choices to profile, one process for all: 'default' or e.g. "
                          "'write=pallas,finish=pallas' (topk xla|pallas, finish jnp|pallas, write xla|pallas); "
                          "repeat for several (default: one run with the modules' defaults)")
+    ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                    help="also profile the default kernels with these extra XLA options on the decode loop")
     args = ap.parse_args()
-    variants = [parse_variant(v) for v in (args.variant or ["default"])]
+    variants = [(parse_variant(v), "", {}) for v in (args.variant or ["default"])]
+    variants += [({}, *parse_xla_variant(v)) for v in args.xla_variant]
     defaults = {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
                 for k, (mod, attr) in VARIANT_KEYS.items()}
     shape = SHAPES[args.model]
@@ -83,18 +89,24 @@ def main():
     B, n = args.batch, args.steps
     base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
     summary = []
-    for variant in variants:
+    for variant, xla_name, xla_options in variants:
         choice = {**defaults, **variant}
         for key, (mod, attr) in VARIANT_KEYS.items():
             setattr(importlib.import_module(f"pallas_kernels.{mod}"), attr, choice[key])
         jax.clear_caches()  # the choices are read at trace time
-        summary.append(profile(graphdef, state, cfg, base, args, choice, model.settings.impl))
-    print(markdown_table(["top-k", "scores finish", "cache write", "device busy ms/step", "kernels/step"], summary))
+        try:
+            summary.append(profile(graphdef, state, cfg, base, args, choice, model.settings.impl,
+                                   with_options(decode_loop, xla_options), xla_name))
+        except Exception as e:  # noqa: BLE001 - an option this XLA does not take: report, go on
+            print(f"variant {xla_name or choice} {xla_options}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(markdown_table(["top-k", "scores finish", "cache write", "XLA options", "wall ms/step (untraced)",
+                          "device busy ms/step", "device span ms/step", "kernels/step"], summary))
 
 
-def profile(graphdef, state, cfg, base, args, choice, impl) -> list:
+def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xla_name: str = "") -> list:
     B, n = args.batch, args.steps
     stem = f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['finish']}-{choice['write']}"
+    stem += f"-{xla_name}" if xla_name else ""
 
     def fresh_state(cache):
         return DecodeState(cache=cache, tokens=jnp.full((B, 2 * n), PAD, jnp.int32),
@@ -106,22 +118,24 @@ def profile(graphdef, state, cfg, base, args, choice, impl) -> list:
 
     def run(st):
         t0 = time.perf_counter()
-        st, _ = decode_loop(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
-                            n_steps=n)
+        st, _ = loop(graphdef, state, st, jnp.zeros((B, cfg.vocab_size)), sampler=Sampler(), eos_ids=(),
+                     n_steps=n)
         jax.block_until_ready(st.tokens)
         return time.perf_counter() - t0
 
     run(copied()), run(copied())
+    untraced = sorted(run(copied()) for _ in range(5))[2]  # median wall of 5 loops outside the profiler
     if os.environ.get("OUT"):  # the optimised HLO, to map the fusion names below to their ops
-        hlo = decode_loop.lower(graphdef, state, fresh_state(base), jnp.zeros((B, cfg.vocab_size)),
-                                sampler=Sampler(), eos_ids=(), n_steps=n).compile().as_text()
+        hlo = loop.lower(graphdef, state, fresh_state(base), jnp.zeros((B, cfg.vocab_size)),
+                         sampler=Sampler(), eos_ids=(), n_steps=n).compile().as_text()
         with gzip.open(Path(os.environ["OUT"]) / f"hlo-{stem}.txt.gz", "wt") as f:
             f.write(hlo)
     st = copied()
     wall, events = trace_device_events(lambda: run(st))
     if not events:
         print("no device events in the trace (CPU run?)")
-        return [choice["topk"], choice["finish"], choice["write"], "-", "-"]
+        return [choice["topk"], choice["finish"], choice["write"], xla_name or "-", f"{untraced / n * 1e3:.3f}",
+                "-", "-", "-"]
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for name, _, d, _ in events:
         by_name[name][0] += d
@@ -133,14 +147,16 @@ def profile(graphdef, state, cfg, base, args, choice, impl) -> list:
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
             f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']}, scores finish {choice['finish']}, "
-            f"cache write {choice['write']}: wall {wall / n * 1e3:.3f} ms/step, device span "
+            f"cache write {choice['write']}{', XLA options ' + xla_name if xla_name else ''}: wall "
+            f"{untraced / n * 1e3:.3f} ms/step ({wall / n * 1e3:.3f} traced), device span "
             f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "
             f"{total / n / 1e3:.3f} ms/step, {len(events) / n:.0f} kernels/step\n\n")
     table = head + markdown_table(["kernel", "us/step", "calls/step", "% of kernel time"], rows)
     print(table)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / f"profile-{stem}.md").write_text(table)
-    return [choice["topk"], choice["finish"], choice["write"], f"{busy / n / 1e3:.3f}", f"{len(events) / n:.0f}"]
+    return [choice["topk"], choice["finish"], choice["write"], xla_name or "-", f"{untraced / n * 1e3:.3f}",
+            f"{busy / n / 1e3:.3f}", f"{span / n / 1e3:.3f}", f"{len(events) / n:.0f}"]
 
 
 if __name__ == "__main__":
