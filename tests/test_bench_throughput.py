@@ -141,6 +141,21 @@ def test_speedup_target_bound(floor_ms, reachable):
     assert ("the offloaded batch is too small" in row) == (not reachable)
 
 
+@pytest.mark.parametrize("floor_ms,reachable", [(5.64, False), (4.23, True)])
+def test_tokens_target_bound(floor_ms, reachable):
+    """The 3000 tok/s row reports what batch 16 would give at the run's roofline floor, and says
+    when even that is below the target (the pool's misses over PCIe alone rule it out)."""
+    step = 8.80
+    runs = {("8b", "nosa-offload", "2x top-k", 16384, 16): {"throughput": 16 / step * 1e3, "step_time": step,
+                                                           "floor_time": floor_ms,
+                                                           "measured_over_floor": step / floor_ms}}
+    row = next(ln for ln in tp.anchors(runs, {}, ["80 GiB"]).splitlines()
+               if "NOSA offload tok/s, 8B/16K/batch 16, pool 2x top-k" in ln)
+    assert "MISSED" in row
+    assert f"at its roofline floor ({floor_ms:.2f} ms) this run would give {16e3 / floor_ms:.0f} tok/s" in row
+    assert ("out of reach" in row) == (not reachable)
+
+
 def test_finished_runs_saved_when_stopped_and_resumed(tmp_path, monkeypatch):
     """A process stopped during a later run (a device call's time limit) leaves the finished runs'
     records on disk; --resume with them measures only the rest and keeps both."""
