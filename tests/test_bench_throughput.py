@@ -141,6 +141,22 @@ def test_speedup_target_bound(floor_ms, reachable):
     assert ("the offloaded batch is too small" in row) == (not reachable)
 
 
+def test_report_leaves_out_failures_a_later_run_fixed():
+    """Merged files: a failed run that a later file ran (another pool size, same model, method,
+    context and batch) is not listed as failing; one that only an earlier file ran still is."""
+    def rec(metric, value, pool, batch):
+        s = {"model": "8b", "method": "nosa-offload", "pool": pool, "context": 131072, "batch": batch}
+        return {"name": "throughput/decode", "settings": s, "metric": metric, "value": value}
+
+    fixed = [rec("failed", 1, "31.5x top-k", 27), rec("throughput", 2111.5, "26.6x top-k", 27)]
+    runs, _, fails = tp.collect(fixed)
+    assert fails == [] and runs[("8b", "nosa-offload", "26.6x top-k", 131072, 27)]["throughput"] == 2111.5
+    broke = [rec("throughput", 2111.5, "26.6x top-k", 27), rec("failed", 1, "31.5x top-k", 27),
+             rec("failed", 1, "2x top-k", 55)]
+    _, _, fails = tp.collect(broke)
+    assert [(f["pool"], f["batch"]) for f in fails] == [("31.5x top-k", 27), ("2x top-k", 55)]
+
+
 @pytest.mark.parametrize("floor_ms,reachable", [(5.64, False), (4.23, True)])
 def test_tokens_target_bound(floor_ms, reachable):
     """The 3000 tok/s row reports what batch 16 would give at the run's roofline floor, and says
