@@ -382,18 +382,19 @@ class Generator:
                 f"the offloaded cache needs {dev / 2**30:.2f} GiB on the device (pools of {S} slots, "
                 f"compressed keys, scores) plus {per_seq / 2**30:.2f} GiB to prefill one sequence, but only "
                 f"{budget / 2**30:.2f} GiB is available; lower the batch size, pool_slots or the capacity")
+        fits = None if budget is None else int((budget - dev) // per_seq)  # prefill caches beside the pool
         group = self.offload.prefill_group
         if group is None:
-            group = B if budget is None else int((budget - dev) // per_seq)
+            group = B if fits is None else fits
         group = max(1, min(B, group))
-        if budget is not None and dev + group * per_seq > budget:
+        if fits is not None and group > fits:
             # the prefill caches of a group live beside the pool until moved to the host: at 8B /
             # 128K a fit pool with a group of 4 (16 GiB) ran out of memory (bench/NOTES.md, session 10)
             raise GenerationError(
                 f"prefill_group={group} needs {group * per_seq / 2**30:.2f} GiB on the device to prefill "
                 f"{group} sequences at once beside the offloaded cache's {dev / 2**30:.2f} GiB (pools of {S} "
                 f"slots), but only {budget / 2**30:.2f} GiB is available; lower prefill_group (at most "
-                f"{max(1, int((budget - dev) // per_seq))} here) or leave it None to choose by memory")
+                f"{fits} here) or leave it None to choose by memory")
         return group
 
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, capacity: int | None = None,
