@@ -3,10 +3,11 @@ row length picks) against `nosa_jax.offload.assign_slots` (XLA) with the stacked
 decode step does around it, on random pool states with few misses (steady state).
 
     python bench/probe_slots.py [--batch 27] [--slots 128 1024] [--misses 4] [--iters 200]
-                                [--max-lanes 256 128]
+                                [--rank-max-slots 256 128]
 
-`--max-lanes`: the kernel once per value of `slots.MAX_LANES` (rows of more padded slots take the
-tiled long-row path), to find where the [S, S] victim rank stops paying.
+`--rank-max-slots`: the kernel once per value of `slots.RANK_MAX_SLOTS` (rows of more padded slots
+take the tiled long-row path), to find where the [S, S] victim rank stops paying (session 10 ran it
+as --max-lanes, when one constant set both limits).
 
 Prints a table (median us per layer call over 5 timed loops of `iters` calls after a warm-up) and
 writes JSON records to bench/results/ (and $OUT).
@@ -53,7 +54,7 @@ def main():
     ap.add_argument("--slots", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--misses", type=int, default=4)
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--max-lanes", type=int, nargs="+", default=[slots_kernel.MAX_LANES])
+    ap.add_argument("--rank-max-slots", type=int, nargs="+", default=[slots_kernel.RANK_MAX_SLOTS])
     args = ap.parse_args()
     L, Hk, K, B = 32, 2, 64, args.batch
     rng = np.random.default_rng(0)
@@ -75,9 +76,9 @@ def main():
     for S in args.slots:
         table, stamp, ids = (jnp.asarray(a) for a in state(rng, L, B, Hk, S, K, args.misses))
         res = {}
-        for name, fn, lanes in [(f"pallas{m}", kernel, m) for m in args.max_lanes] + [("xla", xla, None)]:
+        for name, fn, lanes in [(f"pallas{m}", kernel, m) for m in args.rank_max_slots] + [("xla", xla, None)]:
             if lanes is not None:
-                slots_kernel.MAX_LANES = lanes  # read when the kernel is traced (a new jit below)
+                slots_kernel.RANK_MAX_SLOTS = lanes  # read when the kernel is traced (a new jit below)
             @jax.jit
             def loop(t, s, ids, fn=fn):  # layers cycling; fresh ids in the first `misses` entries
                 def body(i, c):
@@ -93,12 +94,12 @@ def main():
             res[name] = statistics.median(times)
             recs.append(record("probe/slots", {"impl": name.rstrip("0123456789"), "slots": S, "batch": B, "kv_heads": Hk,
                                                "topk": K, "misses": args.misses, "iters": args.iters,
-                                               "max_lanes": lanes}, "time", res[name], "us"))
-        for m in args.max_lanes:
+                                               "rank_max_slots": lanes}, "time", res[name], "us"))
+        for m in args.rank_max_slots:
             path = "tiled" if slots_kernel.next_pow2(max(S, 16)) > m else "[S, S] rank"
             rows.append([S, B, args.misses, m, path, f"{res[f'pallas{m}']:.1f}", f"{res['xla']:.1f}",
                          f"{res['xla'] / res[f'pallas{m}']:.2f}x"])
-    print(markdown_table(["slots", "batch", "misses", "MAX_LANES", "kernel path", "kernel us/call", "XLA us/call",
+    print(markdown_table(["slots", "batch", "misses", "rank max slots", "kernel path", "kernel us/call", "XLA us/call",
                           "XLA / kernel"], rows))
     save(recs, "probe-slots", "")
 

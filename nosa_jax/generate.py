@@ -38,7 +38,11 @@ XLA_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_trit
 # 0.72 of 8.99 ms per step (8B, batch 16); q/k/v are now one fused parameter, and the merger still
 # does not win: 1B, 16K, merger on vs off: batch 16 4376 vs 4738 tok/s, batch 1 273.0 vs 272.8
 # (bench/results/generate-s4-qkv-2026-11-28).
-DECODE_XLA_OPTIONS = {**XLA_OPTIONS, "xla_disable_hlo_passes": "dot-merger"}
+# It also turns off the padding of GEMM operands to multiples of 8 rows: at a batch like 27 (8B /
+# 128K, the host-bound offloaded batch) XLA padded the activations before each projection, ~130
+# extra kernels per step; without it cuBLAS takes the 27 rows as they are: 7.774 -> 7.585 ms per
+# step (8B, batch 27, 16K, on the device; bench/results/profile-8b-b27-s10-nopad.log).
+DECODE_XLA_OPTIONS = {**XLA_OPTIONS, "xla_disable_hlo_passes": "dot-merger,cublas-pad-for-gemms"}
 
 
 class GenerationError(ValueError):

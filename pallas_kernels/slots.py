@@ -26,7 +26,7 @@ index read in-kernel):
 Integers only, so the result is exactly assign_slots' (tests/test_slots.py). K and S are padded
 to powers of two with masked loads (padded ids -1, padded slots held: never chosen, never stored).
 
-Pools of more than MAX_LANES slots (the "fit" pools of long contexts: 1024 slots at 128K) do not
+Pools of more than RANK_MAX_SLOTS slots (the "fit" pools of long contexts: 1024 slots at 128K) do not
 fit the [S, S] and [K, S] compares in registers; the kernel then keeps [S] rows and [T, S]
 tiles of T ids (8192 lanes): each tile finds its ids' slots with one reduction over the row, a loop
 over the misses alone takes the next victim (the lowest (priority, slot): two mins over the row per
@@ -53,7 +53,12 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.lanes import next_pow2
 
 SLOTS_IMPL = "pallas"
-MAX_LANES = 256  # rows up to this many slots: all ids at once and an [S, S] victim rank
+MAX_LANES = 256  # at most this many selected ids per row (padded)
+# Rows of up to this many (padded) slots rank the victims with an [S, S] compare; longer rows take
+# the tiled path. On the H200 (batch 248, 4 misses per row, bench/results/probe-slots-s10-*) the
+# [256, 256] rank took 53-60 us per layer call where the tiles took 32-42 (167 and 256 slots); at
+# 128 slots the rank path is the faster one.
+RANK_MAX_SLOTS = 128
 MAX_LANES_LARGE = 8192  # longer rows, in tiles, up to this many slots (512K tokens)
 _BIG = int(jnp.iinfo(jnp.int32).max)
 
@@ -82,7 +87,7 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, pre
                   table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int, S: int, Kp: int,
                   Sp: int):
     """One (sequence b, kv head h); the *_in refs and their outputs are the same buffers (aliased):
-    read the layer's rows, then store the slots that change. Rows of up to MAX_LANES slots compare
+    read the layer's rows, then store the slots that change. Rows of up to RANK_MAX_SLOTS slots compare
     all K ids at once and rank the victims with an [S, S] compare; longer rows take the ids in tiles
     and the victims one miss at a time (module docstring)."""
     b = pl.program_id(0)
@@ -97,7 +102,7 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, pre
     ids = pltriton.load(ids_ref.at[b, h, pl.ds(0, Kp)], mask=k_in, other=-1 if k_in is not None else None)
     table = pltriton.load(table_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=-2 if s_in is not None else None)
     stamp = pltriton.load(stamp_in.at[layer, b, h, pl.ds(0, Sp)], mask=s_in, other=0 if s_in is not None else None)
-    large = Sp > MAX_LANES
+    large = Sp > RANK_MAX_SLOTS
     T = _tile_ids(Sp) if large else Kp
     jj = lax.broadcasted_iota(jnp.int32, (T,), 0)
 
@@ -196,7 +201,7 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
     if not supported(S, K):
         raise ValueError(f"update_slots: K={K} must be <= {MAX_LANES} and S={S} <= {MAX_LANES_LARGE} "
                          f"(use nosa_jax.offload.assign_slots)")
-    large = Sp > MAX_LANES
+    large = Sp > RANK_MAX_SLOTS
     state = (table, stamp, prev_ids, misses, reused, selected)
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
             ids.astype(jnp.int32), *state]

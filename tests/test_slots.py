@@ -92,9 +92,9 @@ def _stats(ids, prev, loads, live):
     return new_prev, misses, reused, selected
 
 
-@pytest.mark.parametrize("S,K", [(16, 16), (128, 64), (12, 5), (40, 33), (300, 64), (1024, 33)])
+@pytest.mark.parametrize("S,K", [(16, 16), (128, 64), (12, 5), (40, 33), (167, 64), (300, 64), (1024, 33)])
 def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
-    """Rows of up to 256 slots take the all-at-once kernel, longer ones the tiled kernel; both also
+    """Rows of up to 128 slots take the all-at-once kernel, longer ones the tiled kernel; both also
     count the step's statistics in place."""
     rng = np.random.default_rng(S * 100 + K)
     for _ in range(4):
@@ -120,9 +120,9 @@ def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("S", [128, 1024, 4096])
+@pytest.mark.parametrize("S", [128, 167, 1024, 4096])
 def test_gpu_update_slots_compiled_equals_the_lru_policy(S):
-    """On the GPU: the compiled kernels (all-at-once at 128 slots, looping above 256) at the 8B
+    """On the GPU: the compiled kernels (all-at-once at 128 slots, tiled above) at the 8B
     decode's sizes (K = 64, batch 27) against the plain-Python policy."""
     rng = np.random.default_rng(S)
     table, stamp, ids, now, live = _state(rng, 3, 27, 2, S, 64, n_blocks=2 * S)
