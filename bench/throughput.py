@@ -199,12 +199,12 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
     pool that keeps that budget's largest batch (the batch the host memory bounds): the device memory
     the dense run would spend on K/V goes to the slot pool. It runs at that batch only.
     `distinct`: prefilled passages the benchmark keeps on the device while the offloaded runs of a
-    context go (`measure_model`'s memo). `fit_pool_slots` leaves room for one prefill cache (what
-    the generator needs: a prefill group of one, copied from the memo); the memo is the benchmark's
-    own, so it counts against the real card (`device_limit`, default the largest budget), not
-    against an emulated smaller budget: at 8B / 128K / 27 sequences under the full card the 31.5x
-    pool did not fit beside the 16 GiB memo (session 9), and the 27.8x pool not beside the memo and
-    a prefill group of four (session 10)."""
+    context go (`measure_model`'s memo). `fit_pool_slots` leaves room for one prefill (what the
+    generator needs: a prefill group of one, copied from the memo, and its staging copies); the
+    memo is the benchmark's own, so it counts against the real card (`device_limit`, default the
+    largest budget), not against an emulated smaller budget: at 8B / 128K / 27 sequences under the
+    full card the 31.5x pool did not fit beside the 16 GiB memo (session 9), and the 27.8x pool not
+    beside the memo and a prefill group of four (session 10)."""
     from nosa_jax.generate import pinned_host_limit_bytes
 
     pinned_pool = pinned_host_limit_bytes()  # the offloaded store must be placed in it (GPU only) ...

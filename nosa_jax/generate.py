@@ -22,7 +22,8 @@ from flax import nnx
 from .cache import KVCache, cache_bytes
 from .model import NosaForCausalLM
 from .offload import (OffloadedKV, OffloadError, fit_pool_slots, flush, flush_interval, init_offloaded,
-                      offload_bytes, pinned_pool_limit_needed, pool_size, store_in_pinned_pool, store_prefill)
+                      offload_bytes, pinned_pool_limit_needed, pool_size, prefill_bytes, store_in_pinned_pool,
+                      store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
 
@@ -380,13 +381,13 @@ class Generator:
                 f"the offloaded KV store for batch {B} x {capacity} tokens needs {pinned / 2**30:.2f} GiB of "
                 f"host memory{grown} but the budget is {host_budget / 2**30:.2f} GiB; lower the batch size or "
                 f"the capacity (prompt length + max_new_tokens)")
-        per_seq = cache_bytes(self.cfg, 1, capacity, self.model_dtype, self.mode)
+        per_seq = prefill_bytes(self.cfg, capacity, self.model_dtype, self.mode)
         if budget is not None and dev + per_seq > budget:
             raise GenerationError(
                 f"the offloaded cache needs {dev / 2**30:.2f} GiB on the device (pools of {S} slots, "
                 f"compressed keys, scores) plus {per_seq / 2**30:.2f} GiB to prefill one sequence, but only "
                 f"{budget / 2**30:.2f} GiB is available; lower the batch size, pool_slots or the capacity")
-        fits = None if budget is None else int((budget - dev) // per_seq)  # prefill caches beside the pool
+        fits = None if budget is None else int((budget - dev) // per_seq)  # prefills beside the pool
         group = self.offload.prefill_group
         if group is None:
             group = B if fits is None else fits

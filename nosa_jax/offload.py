@@ -165,15 +165,25 @@ def offload_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str,
             sum(size(s) for k, s in shapes.items() if k in on_host))
 
 
+def prefill_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str) -> int:
+    """Device bytes to prefill one sequence into the offloaded cache: its on-device cache, and
+    `store_prefill`'s staging copies of its K/V in the host store's block layout, one layer at a
+    time; two layers' worth, so that the copy of one may overlap the staging of the next."""
+    from .cache import allocation, cache_bytes
+
+    T, _ = allocation(cfg, capacity)
+    layer_kv = 2 * T * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return cache_bytes(cfg, 1, capacity, dtype, mode) + 2 * layer_kv
+
+
 def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, budget: int) -> int:
     """The largest pool (slots per (layer, sequence, kv head), from top-k up to every block of the
-    capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill cache
-    fits `budget` bytes: the device memory a dense cache would take goes to the pool, where it
-    turns misses into hits. top-k when not even that fits (the generator's memory check says so)."""
-    from .cache import cache_bytes
-
+    capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill
+    (`prefill_bytes`) fits `budget` bytes: the device memory a dense cache would take goes to the
+    pool, where it turns misses into hits. top-k when not even that fits (the generator's memory
+    check says so)."""
     K = num_selected(cfg, capacity)
-    room = budget - cache_bytes(cfg, 1, capacity, dtype, mode)
+    room = budget - prefill_bytes(cfg, capacity, dtype, mode)
     lo, hi = K, max(K, -(-capacity // cfg.nosa.block_size))
     while lo < hi:  # device bytes grow with the pool: bisect
         mid = (lo + hi + 1) // 2
@@ -221,13 +231,19 @@ def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> Offlo
     bs = n.block_size
     nb = T // bs
 
-    def to_blocks(x):  # [L, g, T, Hk, D] -> [L, g, Hk, nb, bs, D]
-        return jnp.moveaxis(x.reshape(L, g, nb, bs, Hk, D), 4, 2)
+    def to_blocks(x):  # [1, g, T, Hk, D] -> [1, g, Hk, nb, bs, D]
+        return jnp.moveaxis(x.reshape(1, g, nb, bs, Hk, D), 4, 2)
 
     z = jnp.zeros((), jnp.int32)
     b0 = jnp.asarray(b0, jnp.int32)
-    kv = jnp.stack([to_blocks(dev.k), to_blocks(dev.v)], axis=4)  # [L, g, Hk, nb, 2, bs, D]
-    host_kv = lax.dynamic_update_slice(off.host_kv, jax.device_put(kv, jax.memory.Space.Host), (z, b0) + (z,) * 5)
+
+    def store_layer(l, host_kv):  # one layer at a time: the block-layout copy of all layers at once
+        # took as much device memory again as the group's cache (36 GiB at 8B / 128K / 9 sequences)
+        k, v = (lax.dynamic_slice_in_dim(x, l, 1) for x in (dev.k, dev.v))
+        kv = jnp.stack([to_blocks(k), to_blocks(v)], axis=4)  # [1, g, Hk, nb, 2, bs, D]
+        return lax.dynamic_update_slice(host_kv, jax.device_put(kv, jax.memory.Space.Host), (l, b0) + (z,) * 5)
+
+    host_kv = lax.fori_loop(0, L, store_layer, off.host_kv)
 
     def put(dst, src):  # device arrays [L, B, X, ...] <- [L, g, x <= X, ...]
         if dst.shape[2] == 0:
@@ -515,7 +531,7 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
         if kind == "sparse_on_device":
             return cache_bytes(cfg, 1, ctx, dtype, mode), 0, 0
         dev, host = offload_bytes(cfg, 1, ctx, dtype, mode, slots(ctx))
-        return dev, host, cache_bytes(cfg, 1, ctx, dtype, mode)  # + one sequence's prefill cache
+        return dev, host, prefill_bytes(cfg, ctx, dtype, mode)  # + one sequence's prefill
 
     def pinned_fits(b, host):  # the store placed in the pool, its region within the host budget
         taken = store_in_pinned_pool(b * host, pinned_pool)

@@ -99,10 +99,10 @@ def test_fit_pool_keeps_the_host_bound_batch():
 def test_fit_pool_leaves_the_card_room_for_the_benchmarks_prefill_memo():
     """The benchmark keeps `distinct` prefilled passages on the device during the offloaded runs.
     They count against the real card: under the full card the fit pool shrinks so that weights,
-    headroom, the memo, one sequence's prefill cache and the pool's device state fit; under an emulated 80 GiB budget (the card
-    has room for the memo beside it) the pool is the one of a single prefill cache."""
+    headroom, the memo, one sequence's prefill and the pool's device state fit; under an emulated 80 GiB budget (the card
+    has room for the memo beside it) the pool is the one of a single prefill."""
     from nosa_jax.cache import cache_bytes
-    from nosa_jax.offload import fit_pool_slots, offload_bytes
+    from nosa_jax.offload import fit_pool_slots, offload_bytes, prefill_bytes
 
     cfg = ModelConfig(**tp.MODELS["8b"])
     card, host, headroom, ctx, distinct = int(132.8 * tp.GiB), 113 * tp.GiB, 2 * tp.GiB, 131072, 4
@@ -118,8 +118,9 @@ def test_fit_pool_leaves_the_card_room_for_the_benchmarks_prefill_memo():
     B, S = full["batches"][0], full["pool_slots"]
     assert S < fit_pool_slots(cfg, B, ctx, tp.DTYPE, "nosa", card - headroom - w)  # the memo costs slots
     dev = lambda slots: offload_bytes(cfg, B, ctx, tp.DTYPE, "nosa", slots)[0]  # noqa: E731
-    # the memo and the generator's own prefill cache (a group of one) beside the pool
-    assert w + headroom + (distinct + 1) * one + dev(S) <= card < w + headroom + (distinct + 1) * one + dev(S + 1)
+    # the memo and the generator's own prefill (a group of one) beside the pool
+    fixed = w + headroom + distinct * one + prefill_bytes(cfg, ctx, tp.DTYPE, "nosa")
+    assert fixed + dev(S) <= card < fixed + dev(S + 1)
 
 
 @pytest.mark.parametrize("floor_ms,reachable", [(10.25, False), (3.0, True)])

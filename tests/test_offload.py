@@ -50,11 +50,11 @@ def test_offloaded_generation_equals_on_device(mode, pool):
 
 
 def test_fit_pool_is_the_largest_the_budget_holds():
-    """offload.fit_pool_slots: device state + one sequence's prefill cache within the budget, one
-    slot more over it (or every block of the capacity already in the pool); top-k when short."""
-    from nosa_jax.cache import cache_bytes
+    """offload.fit_pool_slots: device state + one sequence's prefill (its cache and two layers'
+    staging copies) within the budget, one slot more over it (or every block of the capacity already
+    in the pool); top-k when short."""
     from nosa_jax.config import SHAPES, ModelConfig
-    from nosa_jax.offload import fit_pool_slots, offload_bytes
+    from nosa_jax.offload import fit_pool_slots, offload_bytes, prefill_bytes
 
     cfg = ModelConfig(**SHAPES["8b"])
     for ctx, batch, budget_gib in ((131072, 27, 62.75), (65536, 55, 62.75), (16384, 16, 62.75), (131072, 27, 1.0)):
@@ -63,8 +63,8 @@ def test_fit_pool_is_the_largest_the_budget_holds():
         S = fit_pool_slots(cfg, batch, ctx, jnp.bfloat16, "nosa", budget)
 
         def need(slots):
-            return offload_bytes(cfg, batch, ctx, jnp.bfloat16, "nosa", slots)[0] + cache_bytes(cfg, 1, ctx, jnp.bfloat16,
-                                                                                                 "nosa")
+            return offload_bytes(cfg, batch, ctx, jnp.bfloat16, "nosa", slots)[0] + prefill_bytes(cfg, ctx, jnp.bfloat16,
+                                                                                                   "nosa")
         if need(K) > budget:
             assert S == K  # nothing fits: the generator's memory check reports it
             continue
@@ -77,18 +77,17 @@ def test_fit_pool_is_the_largest_the_budget_holds():
 def test_offloaded_generation_with_a_fit_pool():
     """pool_slots="fit": the pool takes what the device budget leaves (up to every block), and the
     tokens and logits stay those of the on-device cache; bad pool_slots values are refused."""
-    from nosa_jax.cache import cache_bytes
-    from nosa_jax.offload import fit_pool_slots, offload_bytes
+    from nosa_jax.offload import fit_pool_slots, offload_bytes, prefill_bytes
 
     cfg = small_config()
     model = random_model(cfg, "nosa", seed=6)
     n_new = 200
     cap = max(map(len, PROMPTS)) + n_new
     K = num_selected(cfg, cap)
-    # a budget for about 1.5 x top-k slots (between top-k and every block) and one prefill cache
+    # a budget for about 1.5 x top-k slots (between top-k and every block) and one prefill
     budget = ((offload_bytes(cfg, len(PROMPTS), cap, model.dtype, "nosa", K)[0]
                + offload_bytes(cfg, len(PROMPTS), cap, model.dtype, "nosa", 2 * K)[0]) // 2
-              + cache_bytes(cfg, 1, cap, model.dtype, "nosa"))
+              + prefill_bytes(cfg, cap, model.dtype, "nosa"))
     S = fit_pool_slots(cfg, len(PROMPTS), cap, model.dtype, "nosa", budget)
     assert K < S < -(-cap // cfg.nosa.block_size)
     gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots="fit"))
@@ -102,7 +101,7 @@ def test_offloaded_generation_with_a_fit_pool():
     for bad in (0, -3, "all", 2.5):
         with pytest.raises(GenerationError, match="pool_slots"):
             OffloadSettings(pool_slots=bad)
-    # a fit pool leaves room for one prefill cache: an explicit group of two is refused up front
+    # a fit pool leaves room for one prefill: an explicit group of two is refused up front
     # (it ran out of memory inside the start on the GPU, 8B / 128K, session 10), one is accepted
     two = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots="fit", prefill_group=2))
     with pytest.raises(GenerationError, match="prefill_group=2 needs .* lower prefill_group"):
@@ -390,6 +389,43 @@ def test_offloaded_equals_on_device_gpu_1b():
     print(f"offloaded == on-device over 48 steps; logits relative difference {rel:.2e}; "
           f"gamma {off.offload_stats['gamma_mean']:.3f}, misses/(layer,head,seq,step) "
           f"{off.offload_stats['misses_per_layer_head_seq']:.2f}")
+
+
+@pytest.mark.gpu
+def test_store_prefill_stages_one_layer_at_a_time_gpu():
+    """Moving a prefill group to the host store needs device memory for one layer's block-layout
+    copy, not the group's whole K/V: the copy of all layers at once took 36 GiB beside a 9-sequence
+    group at 8B / 128K and ran out of memory (bench/NOTES.md, session 11). Checked on XLA's memory
+    analysis of the compiled store at the 8B shape (4 sequences of 8K tokens: 1 GiB of K/V), against
+    `prefill_bytes`' staging allowance (two layers), which the generator's group size counts."""
+    from nosa_jax.cache import cache_bytes, init_cache
+    from nosa_jax.config import SHAPES, ModelConfig
+    from nosa_jax.offload import init_offloaded, prefill_bytes, store_prefill
+
+    cfg = ModelConfig(**SHAPES["8b"])
+    g, cap = 4, 8192
+    off = init_offloaded(cfg, g, cap, jnp.bfloat16, "nosa", 128)
+    dev = jax.eval_shape(lambda: init_cache(cfg, g, cap, jnp.bfloat16, "nosa"))
+    temp = store_prefill.lower(off, dev, 0, n=cfg.nosa).compile().memory_analysis().temp_size_in_bytes
+    staging = g * (prefill_bytes(cfg, cap, jnp.bfloat16, "nosa") - cache_bytes(cfg, 1, cap, jnp.bfloat16, "nosa"))
+    kv = 2 * np.prod(dev.k.shape) * 2
+    print(f"store_prefill temporaries {temp / 2**20:.1f} MiB; staging allowance {staging / 2**20:.1f} MiB; "
+          f"group K/V {kv / 2**20:.1f} MiB")
+    assert temp <= staging < kv / 8
+
+
+def test_prefill_bytes_is_the_cache_and_two_layers_kv():
+    """The device memory the generator counts per prefilled sequence: its cache (init_cache) and
+    two layers' K and V (the store's staging copies)."""
+    from nosa_jax.cache import init_cache
+    from nosa_jax.offload import prefill_bytes
+
+    cfg = small_config()
+    for cap in (100, 512):
+        shapes = jax.eval_shape(lambda: init_cache(cfg, 1, cap, jnp.float32, "nosa"))
+        whole = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+        layer_kv = 2 * int(np.prod(shapes.k.shape[1:])) * 4
+        assert prefill_bytes(cfg, cap, jnp.float32, "nosa") == whole + 2 * layer_kv
 
 
 @pytest.mark.parametrize("offload", [False, True])
