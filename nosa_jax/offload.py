@@ -222,28 +222,42 @@ def init_offloaded(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
 
 
 # ------------------------------------------------------------------------------- prefill handoff
-@partial(jax.jit, static_argnames=("n",), donate_argnames=("off",))
 def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> OffloadedKV:
     """Move a prefilled on-device cache of sequences b0 .. b0 + g - 1 into the offloaded cache:
     keys/values to the host store (block layout), the small arrays to the device, the last R keys
-    to the ring. Both caches must come from the same model config."""
-    L, g, T, Hk, D = dev.k.shape
-    bs = n.block_size
-    nb = T // bs
+    to the ring. Both caches must come from the same model config.
 
-    def to_blocks(x):  # [1, g, T, Hk, D] -> [1, g, Hk, nb, bs, D]
-        return jnp.moveaxis(x.reshape(1, g, nb, bs, Hk, D), 4, 2)
+    The K/V go one layer per call (`_store_layer`): the block-layout copy of every layer at once
+    took as much device memory again as the group's cache (36 GiB at 8B / 128K / 9 sequences), and
+    a loop over the layers inside one program did too (XLA copied the whole cache into the loop's
+    layout: 1 GiB of temporaries for a 1 GiB group, measured on the H200, session 11)."""
+    host_kv = off.host_kv
+    b0 = jnp.asarray(b0, jnp.int32)
+    for layer in range(dev.k.shape[0]):
+        host_kv = _store_layer(host_kv, dev.k, dev.v, jnp.int32(layer), b0)
+    return _store_rest(dataclasses.replace(off, host_kv=host_kv), dev, b0, n=n)
+
+
+@partial(jax.jit, donate_argnames=("host_kv",))
+def _store_layer(host_kv: jax.Array, k: jax.Array, v: jax.Array, layer, b0) -> jax.Array:
+    """Write layer `layer` of K/V [L, g, T, Hk, D] into the host store [L, B, Hk, NB + F, 2, bs, D]
+    at sequence b0; the device holds only this layer's block-layout copy meanwhile."""
+    _, g, T, Hk, D = k.shape
+    bs = host_kv.shape[-2]
+
+    def to_blocks(x):  # [g, T, Hk, D] -> [g, Hk, nb, bs, D]
+        return jnp.moveaxis(lax.dynamic_index_in_dim(x, layer, keepdims=False).reshape(g, T // bs, bs, Hk, D), 3, 1)
 
     z = jnp.zeros((), jnp.int32)
-    b0 = jnp.asarray(b0, jnp.int32)
+    kv = jnp.stack([to_blocks(k), to_blocks(v)], axis=3)[None]  # [1, g, Hk, nb, 2, bs, D]
+    return lax.dynamic_update_slice(host_kv, jax.device_put(kv, jax.memory.Space.Host), (layer, b0) + (z,) * 5)
 
-    def store_layer(l, host_kv):  # one layer at a time: the block-layout copy of all layers at once
-        # took as much device memory again as the group's cache (36 GiB at 8B / 128K / 9 sequences)
-        k, v = (lax.dynamic_slice_in_dim(x, l, 1) for x in (dev.k, dev.v))
-        kv = jnp.stack([to_blocks(k), to_blocks(v)], axis=4)  # [1, g, Hk, nb, 2, bs, D]
-        return lax.dynamic_update_slice(host_kv, jax.device_put(kv, jax.memory.Space.Host), (l, b0) + (z,) * 5)
 
-    host_kv = lax.fori_loop(0, L, store_layer, off.host_kv)
+@partial(jax.jit, static_argnames=("n",), donate_argnames=("off",))
+def _store_rest(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> OffloadedKV:
+    """store_prefill's device part: compressed keys, scores, the ring, lengths (host_kv passes)."""
+    T = dev.k.shape[2]
+    z = jnp.zeros((), jnp.int32)
 
     def put(dst, src):  # device arrays [L, B, X, ...] <- [L, g, x <= X, ...]
         if dst.shape[2] == 0:
@@ -258,7 +272,7 @@ def store_prefill(off: OffloadedKV, dev: KVCache, b0, *, n: NosaConfig) -> Offlo
     ring_k = lax.dynamic_update_slice(off.ring_k, ring, (z, b0, z, z, z))
     length = lax.dynamic_update_slice(off.length, dev.length, (b0,))
     flushed = lax.dynamic_update_slice(off.flushed, dev.length, (b0,))
-    return dataclasses.replace(off, host_kv=host_kv, cis=put(off.cis, dev.cis),
+    return dataclasses.replace(off, cis=put(off.cis, dev.cis),
                                ktilde=put(off.ktilde, dev.ktilde), cisw=put(off.cisw, dev.cisw),
                                ring_k=ring_k, length=length, flushed=flushed)
 

@@ -1,6 +1,8 @@
 """Host-offloaded KV cache: offloaded decode equals on-device decode, the pool's invariants hold
 after every step, loads are exactly the newly needed blocks, no per-step copies, clear errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -394,24 +396,36 @@ def test_offloaded_equals_on_device_gpu_1b():
 @pytest.mark.gpu
 def test_store_prefill_stages_one_layer_at_a_time_gpu():
     """Moving a prefill group to the host store needs device memory for one layer's block-layout
-    copy, not the group's whole K/V: the copy of all layers at once took 36 GiB beside a 9-sequence
-    group at 8B / 128K and ran out of memory (bench/NOTES.md, session 11). Checked on XLA's memory
-    analysis of the compiled store at the 8B shape (4 sequences of 8K tokens: 1 GiB of K/V), against
-    `prefill_bytes`' staging allowance (two layers), which the generator's group size counts."""
+    copy at a time, not the group's whole K/V: the copy of all layers at once took 36 GiB beside a
+    9-sequence group at 8B / 128K and ran out of memory, and so did a loop over the layers in one
+    program (bench/NOTES.md, session 11). Checked on XLA's memory analysis of the compiled per-layer
+    write at the 8B shape (4 sequences of 8K tokens: 1 GiB of K/V), against `prefill_bytes`'
+    staging allowance (two layers), which the generator's group size counts; and the store it
+    writes equals the cache."""
     from nosa_jax.cache import cache_bytes, init_cache
     from nosa_jax.config import SHAPES, ModelConfig
-    from nosa_jax.offload import init_offloaded, prefill_bytes, store_prefill
+    from nosa_jax.offload import _store_layer, init_offloaded, prefill_bytes, store_prefill
 
     cfg = ModelConfig(**SHAPES["8b"])
     g, cap = 4, 8192
     off = init_offloaded(cfg, g, cap, jnp.bfloat16, "nosa", 128)
-    dev = jax.eval_shape(lambda: init_cache(cfg, g, cap, jnp.bfloat16, "nosa"))
-    temp = store_prefill.lower(off, dev, 0, n=cfg.nosa).compile().memory_analysis().temp_size_in_bytes
+    dev = init_cache(cfg, g, cap, jnp.bfloat16, "nosa")
+    dev = dataclasses.replace(dev, k=jax.random.normal(jax.random.key(0), dev.k.shape, dev.k.dtype),
+                              v=jax.random.normal(jax.random.key(1), dev.v.shape, dev.v.dtype),
+                              length=jnp.full((g,), cap - 100, jnp.int32))
+    i = jnp.int32(0)
+    temp = _store_layer.lower(off.host_kv, dev.k, dev.v, i, i).compile().memory_analysis().temp_size_in_bytes
     staging = g * (prefill_bytes(cfg, cap, jnp.bfloat16, "nosa") - cache_bytes(cfg, 1, cap, jnp.bfloat16, "nosa"))
-    kv = 2 * np.prod(dev.k.shape) * 2
-    print(f"store_prefill temporaries {temp / 2**20:.1f} MiB; staging allowance {staging / 2**20:.1f} MiB; "
+    kv = dev.k.nbytes + dev.v.nbytes
+    print(f"per-layer store temporaries {temp / 2**20:.1f} MiB; staging allowance {staging / 2**20:.1f} MiB; "
           f"group K/V {kv / 2**20:.1f} MiB")
     assert temp <= staging < kv / 8
+    host = np.asarray(jax.device_put(store_prefill(off, dev, 0, n=cfg.nosa).host_kv, jax.memory.Space.Device))
+    bs, T = cfg.nosa.block_size, dev.k.shape[2]
+    for i, x in enumerate((dev.k, dev.v)):
+        want = np.asarray(x[:, :, :, :, :8].astype(jnp.float32))  # [L, g, T, Hk, 8]: the first 8 dims
+        got = host[:, :, :, : T // bs, i, :, :8].astype(np.float32)  # [L, g, Hk, nb, bs, 8]
+        np.testing.assert_array_equal(got.transpose(0, 1, 3, 4, 2, 5).reshape(want.shape), want)
 
 
 def test_prefill_bytes_is_the_cache_and_two_layers_kv():
@@ -426,6 +440,40 @@ def test_prefill_bytes_is_the_cache_and_two_layers_kv():
         whole = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
         layer_kv = 2 * int(np.prod(shapes.k.shape[1:])) * 4
         assert prefill_bytes(cfg, cap, jnp.float32, "nosa") == whole + 2 * layer_kv
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [(4000, 4000, 4000), (4000, 2500, 3100)])
+def test_decode_loop_flush_gpu_1b(lengths):
+    """1B shape, bf16, on the GPU: after a decode loop call of 70 steps, every block the decode
+    wrote (two blocks and a part per sequence) is in the host store exactly as in its pool slot,
+    with prompts of one length (their flush windows start at the same block) and ragged ones."""
+    from nosa_jax.config import SHAPES, ModelConfig
+    from nosa_jax.model import NosaForCausalLM
+
+    cfg = ModelConfig(**SHAPES["1b"])
+    model = NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
+    st, logits, _ = gen.start(prompts, max_new_tokens=80, prefill_chunk=2048)
+    st, _ = decode_loop(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(), n_steps=70)
+    c = st.cache
+    host = np.asarray(jax.device_put(c.host_kv, jax.memory.Space.Device))  # [L, B, Hk, NB + F, 2, bs, D]
+    table, length = np.asarray(c.table), np.asarray(c.length)
+    pools = np.asarray(c.pool_k), np.asarray(c.pool_v)  # [L, B, S * bs, Hk, D]
+    assert list(length) == [n + 70 for n in lengths] and list(np.asarray(c.flushed)) == list(length)
+    bs = cfg.nosa.block_size
+    for l in range(cfg.num_hidden_layers):
+        for b, n0 in enumerate(lengths):
+            n = length[b]
+            for h in range(cfg.num_key_value_heads):
+                for blk in range(n0 // bs, (n - 1) // bs + 1):
+                    slot = list(table[l, b, h]).index(blk)  # decode blocks are local, hence resident
+                    rows = slice(0, min(bs, n - blk * bs))
+                    for i, pool in enumerate(pools):
+                        np.testing.assert_array_equal(host[l, b, h, blk, i, rows],
+                                                      pool[l, b, slot * bs:(slot + 1) * bs, h][rows])
 
 
 @pytest.mark.parametrize("offload", [False, True])
