@@ -194,6 +194,37 @@ def test_pool_invariants_every_step(slots_factor):
                        for l in range(L) for b in range(B) for h in range(Hk))
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_decode_loop_flush_writes_every_token_to_the_host_store(aligned):
+    """After a decode loop call (its flush at the end covers 70 steps: two blocks and a part), the
+    host store holds every token of every sequence as the on-device cache does. Prompts of one
+    length give every sequence's flush window the same first block (one host write for the batch);
+    ragged prompts do not (one write per sequence)."""
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=9)
+    rng = np.random.default_rng(3)
+    lengths = (45, 45, 45) if aligned else (45, 9, 30)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+    n_new, steps = 80, 70
+    dev_gen, dev_st = _step_device(model, prompts, n_new)
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
+    st, logits, _ = gen.start(prompts, max_new_tokens=n_new)
+    dev_st, _ = decode_loop(dev_gen.graphdef, dev_gen.state, dev_st, logits, sampler=Sampler(), eos_ids=(),
+                            n_steps=steps)
+    st, _ = decode_loop(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(), n_steps=steps)
+    np.testing.assert_array_equal(np.asarray(st.tokens), np.asarray(dev_st.tokens))
+    host = np.asarray(st.cache.host_kv)  # [L, B, Hk, NB + F, 2, bs, D]
+    length = np.asarray(st.cache.length)
+    assert list(length) == [n + steps for n in lengths]
+    assert list(np.asarray(st.cache.flushed)) == list(length)
+    Hk, D = cfg.num_key_value_heads, cfg.head_dim
+    for i, ref in enumerate((np.asarray(dev_st.cache.k), np.asarray(dev_st.cache.v))):
+        for b, n in enumerate(length):
+            got = host[:, b, :, :, i].reshape(cfg.num_hidden_layers, Hk, -1, D)[:, :, :n]
+            want = np.moveaxis(ref[:, b, :n], 2, 1)  # [L, Hk, n, D]
+            np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
 def test_selection_matches_on_device():
     """The offloaded cache selects exactly the blocks the on-device cache selects, step by step."""
     cfg = small_config()
