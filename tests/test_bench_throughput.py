@@ -99,8 +99,9 @@ def test_fit_pool_keeps_the_host_bound_batch():
 def test_fit_pool_leaves_the_card_room_for_the_benchmarks_prefill_memo():
     """The benchmark keeps `distinct` prefilled passages on the device during the offloaded runs.
     They count against the real card: under the full card the fit pool shrinks so that weights,
-    headroom, the memo, one sequence's prefill and the pool's device state fit; under an emulated 80 GiB budget (the card
-    has room for the memo beside it) the pool is the one of a single prefill."""
+    headroom, the memo, one sequence's prefill and the pool's device state fit; under an emulated
+    80 GiB budget (the card has room for the memo beside it) the pool is the one of a single
+    prefill."""
     from nosa_jax.cache import cache_bytes
     from nosa_jax.offload import fit_pool_slots, offload_bytes, prefill_bytes
 

@@ -194,6 +194,18 @@ def test_pool_invariants_every_step(slots_factor):
                        for l in range(L) for b in range(B) for h in range(Hk))
 
 
+def _offloaded_decode(model, prompts, n_new: int, steps: int, **start_kw):
+    """Start offloaded, run one decode loop call of `steps` steps; check that every sequence grew by
+    `steps` and that the call's closing flush covered it. Returns (state, the start's logits)."""
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
+    st, logits, _ = gen.start(prompts, max_new_tokens=n_new, **start_kw)
+    st, _ = decode_loop(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(), n_steps=steps)
+    length = np.asarray(st.cache.length)
+    assert list(length) == [len(p) + steps for p in prompts]
+    assert list(np.asarray(st.cache.flushed)) == list(length)
+    return st, logits
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 def test_decode_loop_flush_writes_every_token_to_the_host_store(aligned):
     """After a decode loop call (its flush at the end covers 70 steps: two blocks and a part), the
@@ -207,16 +219,12 @@ def test_decode_loop_flush_writes_every_token_to_the_host_store(aligned):
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
     n_new, steps = 80, 70
     dev_gen, dev_st = _step_device(model, prompts, n_new)
-    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
-    st, logits, _ = gen.start(prompts, max_new_tokens=n_new)
+    st, logits = _offloaded_decode(model, prompts, n_new, steps)
     dev_st, _ = decode_loop(dev_gen.graphdef, dev_gen.state, dev_st, logits, sampler=Sampler(), eos_ids=(),
                             n_steps=steps)
-    st, _ = decode_loop(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(), n_steps=steps)
     np.testing.assert_array_equal(np.asarray(st.tokens), np.asarray(dev_st.tokens))
     host = np.asarray(st.cache.host_kv)  # [L, B, Hk, NB + F, 2, bs, D]
     length = np.asarray(st.cache.length)
-    assert list(length) == [n + steps for n in lengths]
-    assert list(np.asarray(st.cache.flushed)) == list(length)
     Hk, D = cfg.num_key_value_heads, cfg.head_dim
     for i, ref in enumerate((np.asarray(dev_st.cache.k), np.asarray(dev_st.cache.v))):
         for b, n in enumerate(length):
@@ -486,14 +494,10 @@ def test_decode_loop_flush_gpu_1b(lengths):
     model = NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
-    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
-    st, logits, _ = gen.start(prompts, max_new_tokens=80, prefill_chunk=2048)
-    st, _ = decode_loop(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(), n_steps=70)
-    c = st.cache
+    c = _offloaded_decode(model, prompts, 80, 70, prefill_chunk=2048)[0].cache
     host = np.asarray(jax.device_put(c.host_kv, jax.memory.Space.Device))  # [L, B, Hk, NB + F, 2, bs, D]
     table, length = np.asarray(c.table), np.asarray(c.length)
     pools = np.asarray(c.pool_k), np.asarray(c.pool_v)  # [L, B, S * bs, Hk, D]
-    assert list(length) == [n + 70 for n in lengths] and list(np.asarray(c.flushed)) == list(length)
     bs = cfg.nosa.block_size
     for l in range(cfg.num_hidden_layers):
         for b, n0 in enumerate(lengths):
