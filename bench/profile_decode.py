@@ -6,13 +6,14 @@ device kernels by name (per step), plus the device busy time against the wall ti
                                    [--variant default --variant write=pallas,finish=pallas ...]
                                    [--xla-variant 'NAME:KEY=VALUE;...' ...]
 
-Each --variant (kernel choices: topk xla|pallas, finish jnp|pallas, write xla|pallas; "default" =
+Each --variant (kernel choices: topk xla|pallas, search early|full (the Pallas top-k's radix search),
+finish jnp|pallas, write xla|pallas; "default" =
 the modules' defaults) is profiled in the same process on the same model and cache, then a summary
 table compares them; each --xla-variant runs the default kernels with extra XLA options on the decode
 loop (e.g. 'cmdbuf-while:xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,WHILE').
 
 Prints a table; when $OUT is set, writes it there as
-profile-<mode>-b<batch>-u<unroll>-<topk>-<finish>-<cache write>.md with the optimised HLO beside it
+profile-<mode>-b<batch>-u<unroll>-<topk>-<search>-<finish>-<cache write>.md with the optimised HLO beside it
 (hlo-<the same>.txt.gz).
 """
 
@@ -41,12 +42,13 @@ from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
 
 
-VARIANT_KEYS = {"topk": ("selection", "TOPK_IMPL"), "finish": ("selection", "SCORES_FINISH"),
-                "write": ("cache_write", "WRITE_IMPL")}
+VARIANT_KEYS = {"topk": ("selection", "TOPK_IMPL"), "search": ("topk", "RADIX_SEARCH"),
+                "finish": ("selection", "SCORES_FINISH"), "write": ("cache_write", "WRITE_IMPL")}
 
 
 def parse_variant(text: str) -> dict:
-    """"default" or "key=value,..." with keys topk (xla|pallas), finish (jnp|pallas), write (xla|pallas)."""
+    """"default" or "key=value,..." with keys topk (xla|pallas), search (early|full), finish (jnp|pallas),
+    write (xla|pallas)."""
     if text == "default":
         return {}
     out = {}
@@ -72,7 +74,8 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--variant", action="append", default=None,
                     help="kernel choices to profile, one process for all: 'default' or e.g. "
-                         "'write=pallas,finish=pallas' (topk xla|pallas, finish jnp|pallas, write xla|pallas); "
+                         "'write=pallas,finish=pallas' (topk xla|pallas, search early|full, finish jnp|pallas, "
+                         "write xla|pallas); "
                          "repeat for several (default: one run with the modules' defaults)")
     ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
                     help="also profile the default kernels with these extra XLA options on the decode loop")
@@ -99,13 +102,13 @@ def main():
                                    with_options(decode_loop, xla_options), xla_name))
         except Exception as e:  # noqa: BLE001 - an option this XLA does not take: report, go on
             print(f"variant {xla_name or choice} {xla_options}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    print(markdown_table(["top-k", "scores finish", "cache write", "XLA options", "wall ms/step (untraced)",
+    print(markdown_table(["top-k", "search", "scores finish", "cache write", "XLA options", "wall ms/step (untraced)",
                           "device busy ms/step", "device span ms/step", "kernels/step"], summary))
 
 
 def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xla_name: str = "") -> list:
     B, n = args.batch, args.steps
-    stem = f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['finish']}-{choice['write']}"
+    stem = f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['search']}-{choice['finish']}-{choice['write']}"
     stem += f"-{xla_name}" if xla_name else ""
 
     def fresh_state(cache):
@@ -134,7 +137,8 @@ def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xl
     wall, events = trace_device_events(lambda: run(st))
     if not events:
         print("no device events in the trace (CPU run?)")
-        return [choice["topk"], choice["finish"], choice["write"], xla_name or "-", f"{untraced / n * 1e3:.3f}",
+        return [choice["topk"], choice["search"], choice["finish"], choice["write"], xla_name or "-",
+                f"{untraced / n * 1e3:.3f}",
                 "-", "-", "-"]
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for name, _, d, _ in events:
@@ -146,7 +150,7 @@ def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xl
     rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
-            f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']}, scores finish {choice['finish']}, "
+            f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']} ({choice['search']} search), scores finish {choice['finish']}, "
             f"cache write {choice['write']}{', XLA options ' + xla_name if xla_name else ''}: wall "
             f"{untraced / n * 1e3:.3f} ms/step ({wall / n * 1e3:.3f} traced), device span "
             f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "
@@ -155,7 +159,8 @@ def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xl
     print(table)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / f"profile-{stem}.md").write_text(table)
-    return [choice["topk"], choice["finish"], choice["write"], xla_name or "-", f"{untraced / n * 1e3:.3f}",
+    return [choice["topk"], choice["search"], choice["finish"], choice["write"], xla_name or "-",
+            f"{untraced / n * 1e3:.3f}",
             f"{busy / n / 1e3:.3f}", f"{span / n / 1e3:.3f}", f"{len(events) / n:.0f}"]
 
 

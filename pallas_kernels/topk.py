@@ -26,9 +26,12 @@ happens in registers, with no sort:
              taken as unsigned (key ^ INT32_MIN), `radix_bits` bits per step: 2**radix_bits
              candidate thresholds are tested at once as one [2**radix_bits, n_pad] compare + row
              sum (counts of keys >= each threshold), and the largest candidate whose count is
-             still >= k extends the prefix. 32 / radix_bits steps (default 4 bits: 8 steps of a
-             [16, n_pad] compare), each ending in two small reductions; no data-dependent control
-             flow. The result is the exact k-th largest key, i.e. the value lax.top_k reports.
+             still >= k extends the prefix. At most 32 / radix_bits steps (4 bits: 8 steps of a
+             [16, n_pad] compare), each ending in two small reductions, in a while loop that stops
+             as soon as exactly k keys are >= the prefix found so far (lower bits zero): those are
+             the top k, and the prefix serves as kth below. On random pooled scores the k-th and
+             (k+1)-th keys part after about 16 of the 32 bits, so about half the steps run.
+             Otherwise the result is the exact k-th largest key, the value lax.top_k reports.
   mask       key > kth | (key == kth & inclusive_cumsum(key == kth) <= k - #(key > kth)): the
              lowest-index-first tie break of nosa.top_k_mask, exactly.
   "nosa"     stage 1 on b_qk with k1 = min(qk_select, n); then b_cis with blocks > qb set to -inf and
@@ -61,7 +64,8 @@ Ops in the kernel and the rule in jax/_src/pallas/triton/lowering.py (jax 0.11.2
                                             cmpi slt/sge...), iota_p, select_n_p, convert_element_type_p.
   program_id                                primitives.program_id_p.
 Every tensor is [n_pad], [2**radix_bits], [2**radix_bits, n_pad] or a scalar: all powers of two.
-The radix loop is unrolled in Python (static shifts), so there is no scf.for either. The CPU test
+The radix loop is a lax.while_loop (while_p -> _while_lowering_rule, scf.while), its shift computed
+from the step count. The CPU test
 suite cross-lowers the kernel for an abstract H200 and runs the MLIR verifier on the Triton module
 (tests/test_kernel_topk.py), which checks every op and shape above reaches valid Triton IR; what it
 cannot check is the Triton -> PTX compile (the GPU-marked test does).
@@ -96,6 +100,10 @@ POS_INF = float("inf")
 _INT32_MIN = -(2 ** 31)
 _ABS_MASK = 0x7FFFFFFF
 _MIN_ROW = 32  # rows are padded to at least one warp's width
+# The radix search: "early" stops once exactly k keys are above the prefix found so far (about half
+# the steps on random scores), "full" runs all 32 / radix_bits steps (the kernel before the early
+# stop; bench/kernels_selection.py and bench/profile_decode.py time it as the baseline).
+RADIX_SEARCH = "early"
 
 
 
@@ -113,26 +121,41 @@ def _order_keys(x, valid):
     return jnp.where(valid, key, _INT32_MIN)
 
 
-def _kth_largest(key, k: int, radix_bits: int):
-    """The k-th largest of the int32 keys [n_pad] (1 <= k <= number of lanes): the largest t with
-    #(key >= t) >= k, built digit by digit from the top in the unsigned order (key ^ INT32_MIN)."""
+def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
+    """A threshold t whose lanes key >= t are the k largest keys, or else the k-th largest key [n_pad]
+    (1 <= k <= number of lanes): the largest t with #(key >= t) >= k, built digit by digit from the
+    top in the unsigned order (key ^ INT32_MIN). The search stops early once #(key >= t) == k for t
+    the prefix found so far with its lower bits zero: then exactly k keys are >= t, which are the
+    k largest (the (k+1)-th is below t, so no tie is left to break) -- typically after the bits that
+    separate the k-th and (k+1)-th keys, about half of the 32 on random pooled scores. early_exit
+    False: all 32 / radix_bits steps, always the k-th largest (the kernel before the early stop, kept
+    as the benchmark's baseline)."""
     n_cand = 1 << radix_bits
+    steps = 32 // radix_bits
     cand = lax.broadcasted_iota(jnp.int32, (n_cand,), 0)
-    prefix = jnp.int32(0)  # unsigned-order bits found so far (as int32 bits)
-    for shift in range(32 - radix_bits, -1, -radix_bits):
-        # thresholds of the candidates, back in the signed order of `key`
-        thr = (prefix | (cand << shift)) ^ _INT32_MIN  # [n_cand]
+
+    def more(carry):
+        i, _, done = carry
+        return (i < steps) & (done == 0)
+
+    def step(carry):
+        i, prefix, _ = carry  # prefix: the unsigned-order bits found so far (as int32 bits)
+        shift = 32 - radix_bits * (i + 1)
+        thr = (prefix | (cand << shift)) ^ _INT32_MIN  # the candidates' thresholds, signed order
         counts = jnp.sum(jnp.where(key[None, :] >= thr[:, None], 1, 0), axis=1)  # [n_cand]
         # counts fall with the candidate and counts[0] >= k holds by construction: the number of
         # candidates still at >= k, minus one, is the largest such candidate
         best = jnp.sum(jnp.where(counts >= k, 1, 0)) - 1
-        prefix = prefix | (best << shift)
+        exact = jnp.sum(jnp.where((cand == best) & (counts == k), 1, 0)) if early_exit else jnp.int32(0)
+        return i + 1, prefix | (best << shift), exact
+
+    _, prefix, _ = lax.while_loop(more, step, (jnp.int32(0), jnp.int32(0), jnp.int32(0)))
     return prefix ^ _INT32_MIN
 
 
-def _top_k_lanes(key, k: int, radix_bits: int):
+def _top_k_lanes(key, k: int, radix_bits: int, early_exit: bool):
     """bool [n_pad]: the k largest keys, ties lowest-index-first (nosa.top_k_mask)."""
-    kth = _kth_largest(key, k, radix_bits)
+    kth = _kth_threshold(key, k, radix_bits, early_exit)  # with key >= kth the top k, or the k-th largest
     above = key > kth
     tied = key == kth
     room = k - jnp.sum(jnp.where(above, 1, 0))
@@ -141,7 +164,7 @@ def _top_k_lanes(key, k: int, radix_bits: int):
 
 
 def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,
-                 radix_bits: int):
+                 radix_bits: int, early_exit: bool):
     """One row r. qb_ref [R] i32; qk_ref (and cis_ref for "nosa") [R, n] f32 (whole arrays, read at
     row r); o_ref [k] i32, this row's output."""
     if mode == "nosa":
@@ -158,12 +181,12 @@ def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mod
     x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
     key = _order_keys(x, valid)
     if mode == "nosa":
-        picked = _top_k_lanes(key, k1, radix_bits)
+        picked = _top_k_lanes(key, k1, radix_bits, early_exit)
         c = pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
         c = jnp.where(j > qb, NEG_INF, c)
         c = jnp.where(picked, POS_INF, c)
         key = _order_keys(c, valid)
-    chosen = _top_k_lanes(key, k, radix_bits)
+    chosen = _top_k_lanes(key, k, radix_bits, early_exit)
     one = jnp.where(chosen, 1, 0)
     slot = lax.cumsum(one, axis=0) - one  # rank among the chosen lanes: ascending ids
     ids = jnp.where(j > qb, -1, j)
@@ -188,7 +211,7 @@ def default_tiling(n_pad: int) -> tuple[int, int]:
 
 def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Array, cfg: NosaConfig,
                             mode: str, *, interpret: bool = False, num_warps: int | None = None,
-                            radix_bits: int | None = None) -> jax.Array:
+                            radix_bits: int | None = None, search: str | None = None) -> jax.Array:
     """nosa.two_stage_select in one Pallas kernel: same arguments, same result, bit for bit.
 
     b_qk: [..., n] pooled stage-1 scores; b_cis: [..., n] pooled cis scores (mode "nosa"; ignored,
@@ -197,6 +220,8 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     then -1 for ids > qb; ties lowest index first.
     interpret: run the kernel in Pallas interpret mode (CPU). num_warps: Triton warps per row
     program. radix_bits: bits resolved per search step (1, 2, 4 or 8). None: `default_tiling`.
+    search: "early" stops each radix search once the top k are separated, "full" runs every step
+    (the benchmark's baseline); same result either way. None: `RADIX_SEARCH`.
     """
     if mode not in ("nosa", "infllmv2"):
         raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
@@ -204,6 +229,9 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     auto_warps, auto_bits = default_tiling(n_pad)
     num_warps = auto_warps if num_warps is None else num_warps
     radix_bits = auto_bits if radix_bits is None else radix_bits
+    search = RADIX_SEARCH if search is None else search
+    if search not in ("early", "full"):
+        raise ValueError(f"search must be 'early' or 'full', got {search!r}")
     if radix_bits not in (1, 2, 4, 8):
         raise ValueError(f"radix_bits must be 1, 2, 4 or 8, got {radix_bits!r}")
     n = b_qk.shape[-1]
@@ -231,7 +259,7 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
         args.append(jnp.broadcast_to(b_cis.astype(jnp.float32), lead + (n,)).reshape(rows, n))
 
     kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=k1, k=k_final, mode=mode,
-                               radix_bits=radix_bits)
+                               radix_bits=radix_bits, early_exit=search == "early")
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         kernel,

@@ -27,6 +27,7 @@ import pytest
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
+from pallas_kernels import topk
 from pallas_kernels.topk import two_stage_select_pallas
 from model_utils import verified_triton_modules
 
@@ -94,9 +95,9 @@ def make_qb(seed: int, shape: tuple, n: int, k: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- runners
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mode", "radix_bits"))
-def _pallas(b_qk, b_cis, qb, cfg, mode, radix_bits=4):
-    return two_stage_select_pallas(b_qk, b_cis, qb, cfg, mode, interpret=True, radix_bits=radix_bits)
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "radix_bits", "search"))
+def _pallas(b_qk, b_cis, qb, cfg, mode, radix_bits=4, search="early"):
+    return two_stage_select_pallas(b_qk, b_cis, qb, cfg, mode, interpret=True, radix_bits=radix_bits, search=search)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mode"))
@@ -139,10 +140,11 @@ def flush_subnormals(x):
     return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0.0), x)
 
 
-def check(b_qk, b_cis, qb, cfg, mode, radix_bits=4):
+def check(b_qk, b_cis, qb, cfg, mode, radix_bits=4, search="early"):
     b_cis_in = None if mode == "infllmv2" else jnp.asarray(b_cis)
     b_cis_np = None if mode == "infllmv2" else b_cis
-    got = np.asarray(_pallas(jnp.asarray(b_qk), b_cis_in, jnp.asarray(qb), cfg, mode, radix_bits=radix_bits))
+    got = np.asarray(_pallas(jnp.asarray(b_qk), b_cis_in, jnp.asarray(qb), cfg, mode, radix_bits=radix_bits,
+                             search=search))
     want = reference_ieee(b_qk, b_cis_np, qb, cfg, mode)
     host = np.asarray(_reference(jnp.asarray(b_qk), b_cis_in, jnp.asarray(qb), cfg, mode))
     assert got.dtype == np.int32
@@ -197,6 +199,39 @@ def test_decode_size_row(mode):
     b_qk[0, 1] = np.random.default_rng(3).standard_normal(n).astype(np.float32)  # the usual case
     qb = np.array([[[2047], [40], [1000]]], np.int32)
     check(b_qk, b_cis, qb, UPSTREAM, mode)
+
+
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_full_search_baseline(mode):
+    # search="full" (the benchmark's baseline: every radix step) gives the same ids.
+    n = 100
+    for seed in range(2):
+        qb = make_qb(seed + 40, (3, 1, 1), n, UPSTREAM.topk)
+        check(make_scores(seed + 41, (3, 4), n), make_scores(seed + 42, (3, 4), n), qb, UPSTREAM, mode,
+              search="full")
+
+
+@pytest.mark.parametrize("radix_bits", [2, 4])
+def test_threshold_stops_early_and_separates_the_top_k(radix_bits):
+    # _kth_threshold (plain jnp outside a kernel) against numpy: on distinct random keys it stops
+    # before the last bit with exactly k keys >= its threshold; with a tie across the k-th place it
+    # cannot stop early and returns the k-th largest key itself; without the early stop always that.
+    rng = np.random.default_rng(radix_bits)
+    k, n = 33, 2048
+    early = 0
+    for _ in range(8):
+        x = rng.standard_normal(n).astype(np.float32)
+        key = topk._order_keys(jnp.asarray(x), jnp.ones(n, bool))
+        kth = np.sort(np.asarray(key))[n - k]
+        t = int(topk._kth_threshold(key, k, radix_bits))
+        assert np.sum(np.asarray(key) >= t) == k
+        early += t != kth
+        assert int(topk._kth_threshold(key, k, radix_bits, early_exit=False)) == kth
+    assert early >= 6  # a float32's low bits almost never decide between neighbouring normals
+    x = rng.standard_normal(n).astype(np.float32)
+    x[np.argsort(-x)[k]] = x[np.argsort(-x)[k - 1]]  # the (k+1)-th equals the k-th
+    key = topk._order_keys(jnp.asarray(x), jnp.ones(n, bool))
+    assert int(topk._kth_threshold(key, k, radix_bits)) == np.sort(np.asarray(key))[n - k]
 
 
 @pytest.mark.parametrize("radix_bits", [1, 2, 8])
@@ -296,6 +331,8 @@ def test_bad_arguments_raise():
         two_stage_select_pallas(x, None, jnp.zeros((2, 1), jnp.int32), SMALL, "nosa", interpret=True)
     with pytest.raises(ValueError, match="radix_bits"):
         two_stage_select_pallas(x, x, jnp.zeros((2, 1), jnp.int32), SMALL, "nosa", interpret=True, radix_bits=3)
+    with pytest.raises(ValueError, match="search"):
+        two_stage_select_pallas(x, x, jnp.zeros((2, 1), jnp.int32), SMALL, "nosa", interpret=True, search="fast")
 
 
 @pytest.mark.parametrize("mode,lead,n,cfg", [
@@ -317,6 +354,7 @@ def test_lowers_to_triton_for_cuda(mode, lead, n, cfg):
     assert "sort" not in txt  # no XLA sort left
     (ir,) = modules
     assert ir.count("\"tt.scan\"(") == (3 if mode == "nosa" else 2)  # tie ranks per stage + output slots
+    assert ir.count("scf.while") == (2 if mode == "nosa" else 1)  # one radix search per stage
     assert "tt.store" in ir
 
 
