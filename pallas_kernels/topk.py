@@ -33,7 +33,8 @@ happens in registers, with no sort:
              (k+1)-th keys part after about 16 of the 32 bits, so about half the steps run.
              Otherwise the result is the exact k-th largest key, the value lax.top_k reports.
   mask       key > kth | (key == kth & inclusive_cumsum(key == kth) <= k - #(key > kth)): the
-             lowest-index-first tie break of nosa.top_k_mask, exactly.
+             lowest-index-first tie break of nosa.top_k_mask, exactly; after an early stop simply
+             key >= the prefix (a lax.cond: the tie ranks' reduction and scan are skipped).
   "nosa"     stage 1 on b_qk with k1 = min(qk_select, n); then b_cis with blocks > qb set to -inf and
              the stage-1 picks set to +inf (the order nosa.two_stage_select uses), stage 2 with
              K = min(topk, n). "infllmv2": one stage on b_qk.
@@ -122,7 +123,8 @@ def _order_keys(x, valid):
 
 
 def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
-    """A threshold t whose lanes key >= t are the k largest keys, or else the k-th largest key [n_pad]
+    """(t, exact): a threshold t whose lanes key >= t are exactly the k largest keys (exact 1), or
+    else (exact 0) the k-th largest key of key [n_pad]
     (1 <= k <= number of lanes): the largest t with #(key >= t) >= k, built digit by digit from the
     top in the unsigned order (key ^ INT32_MIN). The search stops early once #(key >= t) == k for t
     the prefix found so far with its lower bits zero: then exactly k keys are >= t, which are the
@@ -149,18 +151,26 @@ def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
         exact = jnp.sum(jnp.where((cand == best) & (counts == k), 1, 0)) if early_exit else jnp.int32(0)
         return i + 1, prefix | (best << shift), exact
 
-    _, prefix, _ = lax.while_loop(more, step, (jnp.int32(0), jnp.int32(0), jnp.int32(0)))
-    return prefix ^ _INT32_MIN
+    _, prefix, exact = lax.while_loop(more, step, (jnp.int32(0), jnp.int32(0), jnp.int32(0)))
+    return prefix ^ _INT32_MIN, exact
 
 
 def _top_k_lanes(key, k: int, radix_bits: int, early_exit: bool):
-    """bool [n_pad]: the k largest keys, ties lowest-index-first (nosa.top_k_mask)."""
-    kth = _kth_threshold(key, k, radix_bits, early_exit)  # with key >= kth the top k, or the k-th largest
-    above = key > kth
-    tied = key == kth
-    room = k - jnp.sum(jnp.where(above, 1, 0))
-    rank = lax.cumsum(jnp.where(tied, 1, 0), axis=0)  # inclusive: 1 for the first tied lane
-    return above | (tied & (rank <= room))
+    """bool [n_pad]: the k largest keys, ties lowest-index-first (nosa.top_k_mask). When the search
+    stopped early (exact) the keys >= its threshold are the answer and the tie ranks (a reduction
+    and a scan across the row) are skipped."""
+    kth, exact = _kth_threshold(key, k, radix_bits, early_exit)
+
+    def tie_broken():
+        above = key > kth
+        tied = key == kth
+        room = k - jnp.sum(jnp.where(above, 1, 0))
+        rank = lax.cumsum(jnp.where(tied, 1, 0), axis=0)  # inclusive: 1 for the first tied lane
+        return above | (tied & (rank <= room))
+
+    if not early_exit:
+        return tie_broken()
+    return lax.cond(exact != 0, lambda: key >= kth, tie_broken)
 
 
 def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,

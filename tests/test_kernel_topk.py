@@ -214,8 +214,8 @@ def test_full_search_baseline(mode):
 @pytest.mark.parametrize("radix_bits", [2, 4])
 def test_threshold_stops_early_and_separates_the_top_k(radix_bits):
     # _kth_threshold (plain jnp outside a kernel) against numpy: on distinct random keys it stops
-    # before the last bit with exactly k keys >= its threshold; with a tie across the k-th place it
-    # cannot stop early and returns the k-th largest key itself; without the early stop always that.
+    # early (exact) with exactly k keys >= its threshold; with a tie across the k-th place it cannot
+    # stop early and returns the k-th largest key itself; without the early stop always that.
     rng = np.random.default_rng(radix_bits)
     k, n = 33, 2048
     early = 0
@@ -223,15 +223,17 @@ def test_threshold_stops_early_and_separates_the_top_k(radix_bits):
         x = rng.standard_normal(n).astype(np.float32)
         key = topk._order_keys(jnp.asarray(x), jnp.ones(n, bool))
         kth = np.sort(np.asarray(key))[n - k]
-        t = int(topk._kth_threshold(key, k, radix_bits))
+        t, exact = map(int, topk._kth_threshold(key, k, radix_bits))
         assert np.sum(np.asarray(key) >= t) == k
-        early += t != kth
-        assert int(topk._kth_threshold(key, k, radix_bits, early_exit=False)) == kth
+        assert exact or t == kth  # no early stop: the full search's k-th largest
+        early += exact
+        assert int(topk._kth_threshold(key, k, radix_bits, early_exit=False)[0]) == kth
     assert early >= 6  # a float32's low bits almost never decide between neighbouring normals
     x = rng.standard_normal(n).astype(np.float32)
     x[np.argsort(-x)[k]] = x[np.argsort(-x)[k - 1]]  # the (k+1)-th equals the k-th
     key = topk._order_keys(jnp.asarray(x), jnp.ones(n, bool))
-    assert int(topk._kth_threshold(key, k, radix_bits)) == np.sort(np.asarray(key))[n - k]
+    t, exact = map(int, topk._kth_threshold(key, k, radix_bits))
+    assert (t, exact) == (np.sort(np.asarray(key))[n - k], 0)
 
 
 @pytest.mark.parametrize("radix_bits", [1, 2, 8])
