@@ -26,6 +26,11 @@ from .offload import (OffloadedKV, OffloadError, fit_pool_slots, flush, flush_in
                       store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
+# Prompt tokens per prefill call when the caller gives no prefill_chunk. A chunk's activations grow
+# with its length (at 8B the MLP alone holds 3 x 14336 values per token: 86 KB in bf16, 11 GiB for
+# one 128K-token prompt in one call); 4096 bounds them at 0.35 GiB per sequence, and its GEMMs are
+# still compute-bound. Shorter prompts are prefilled in one call.
+DEFAULT_PREFILL_CHUNK = 4096
 
 # XLA options for the prefill and decode programs (GPU options; other backends ignore them). The
 # layers' weights are stacked [L, ...] and sliced per layer inside the scan over layers; by default
@@ -405,16 +410,20 @@ class Generator:
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, capacity: int | None = None,
               prefill_chunk: int | None = None, seed: int = 0,
               memory_budget: int | None = None) -> tuple[DecodeState, jax.Array, float]:
-        """Validate, allocate, prefill. Returns (decode state, first logits, prefill seconds)."""
+        """Validate, allocate, prefill (prefill_chunk prompt tokens per call, None:
+        DEFAULT_PREFILL_CHUNK). Returns (decode state, first logits, prefill seconds)."""
         if not prompts:
             raise GenerationError("no prompts given")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be a positive number of tokens (or None: "
+                                  f"{DEFAULT_PREFILL_CHUNK}), got {prefill_chunk}")
         capacity = capacity or (max(len(p) for p in prompts) + max_new_tokens)
         budget = memory_budget if memory_budget is not None else available_memory_bytes()
         group = self.validate(prompts, max_new_tokens, capacity, budget)
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         Tp = int(lengths.max())
-        chunk = Tp if not prefill_chunk else min(prefill_chunk, Tp)
+        chunk = min(prefill_chunk or DEFAULT_PREFILL_CHUNK, Tp)
         n_chunks = -(-Tp // chunk)
         ids = np.zeros((B, n_chunks * chunk), np.int32)
         for i, p in enumerate(prompts):

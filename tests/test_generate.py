@@ -123,6 +123,26 @@ def test_chunked_prefill_equals_one_shot(mode):
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-4 * np.abs(a.logits).max())
 
 
+def test_prefill_chunks_by_default(monkeypatch):
+    # Without prefill_chunk the prompt goes in DEFAULT_PREFILL_CHUNK tokens per call (here 16: a
+    # 70-token prompt takes 5 calls), with the logits of a one-shot prefill; a bad chunk is refused.
+    import nosa_jax.generate as gen_mod
+
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=3)
+    prompts = [np.random.default_rng(3).integers(0, cfg.vocab_size, 70).tolist()]
+    _, one, _ = Generator(model, eos_ids=[]).start(prompts, max_new_tokens=4, prefill_chunk=70)
+    monkeypatch.setattr(gen_mod, "DEFAULT_PREFILL_CHUNK", 16)
+    calls = []
+    real = gen_mod._prefill_chunk
+    monkeypatch.setattr(gen_mod, "_prefill_chunk", lambda *a: calls.append(a[2].shape) or real(*a))
+    _, lg, _ = Generator(model, eos_ids=[]).start(prompts, max_new_tokens=4)
+    assert calls == [(1, 16)] * 5
+    np.testing.assert_allclose(np.asarray(lg), np.asarray(one), atol=1e-4 * np.abs(np.asarray(one)).max())
+    with pytest.raises(GenerationError, match="prefill_chunk"):
+        Generator(model, eos_ids=[]).start(prompts, max_new_tokens=4, prefill_chunk=0)
+
+
 def test_eos_stops_each_sequence():
     cfg = small_config()
     model = random_model(cfg, "nosa", seed=11)
