@@ -1,11 +1,11 @@
 """How much device memory does one prefill chunk take beyond the cache, per sequence of a group?
 
 `Generator.start` sizes the offloaded prefill group by `offload.prefill_bytes` per sequence: its
-cache and the store's staging copies. The chunk's own temporaries (activations, the selection's
-scores) are not counted; the benchmark's starts copy from a memo and need none, so no run has
-measured them. This compiles `generate._prefill_chunk` for groups of g sequences at the last chunk
-of a long prompt (shapes only: nothing is allocated or run) and prints XLA's memory analysis:
-temporaries per group and per sequence, against `prefill_bytes`.
+cache, the store's staging copies and the estimate `cache.prefill_activation_bytes` of the chunk's
+own temporaries (activations, the selection's scores). The benchmark's starts copy from a memo and
+need none. This compiles `generate._prefill_chunk` for groups of g sequences at the last chunk of a
+long prompt (shapes only: nothing is allocated or run) and prints XLA's memory analysis:
+temporaries per group and per sequence, against the estimate.
 
     python bench/probe_prefill_memory.py [--model 8b] [--context 131072] [--chunk 4096] [--groups 1 2 4 9]
     python bench/probe_prefill_memory.py --model 1b --layers 2 --context 4096 --chunk 1024 --groups 1 2   # CPU smoke test
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nosa_jax.cache import cache_bytes  # noqa: E402
+from nosa_jax.cache import cache_bytes, prefill_activation_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig  # noqa: E402
 from nosa_jax.generate import _prefill_chunk  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
@@ -48,14 +48,16 @@ def main():
     model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode=args.mode, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     capacity = args.context + 256
-    per_seq = prefill_bytes(cfg, capacity, dtype, args.mode)
+    per_seq = prefill_bytes(cfg, capacity, dtype, args.mode, args.chunk)
+    est = prefill_activation_bytes(cfg, capacity, dtype, args.mode, args.chunk)
     cache_seq = cache_bytes(cfg, 1, capacity, dtype, args.mode)
     sd = jax.ShapeDtypeStruct
     print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  {args.model} {args.mode} "
           f"context {args.context} chunk {args.chunk} impl {model.settings.impl}")
-    print(f"per sequence: cache {cache_seq / 2**30:.3f} GiB, prefill_bytes {per_seq / 2**30:.3f} GiB")
-    print("| group | temporaries GiB | per sequence GiB |")
-    print("|---|---|---|")
+    print(f"per sequence: cache {cache_seq / 2**30:.3f} GiB, prefill_bytes {per_seq / 2**30:.3f} GiB, of which "
+          f"the activation estimate {est / 2**30:.3f} GiB")
+    print("| group | temporaries GiB | per sequence GiB | per sequence / estimate |")
+    print("|---|---|---|---|")
     for g in args.groups:
         cache = jax.eval_shape(lambda: model.init_cache(g, capacity))
         ids = sd((g, args.chunk), jnp.int32)
@@ -63,7 +65,7 @@ def main():
         logits = sd((g, cfg.vocab_size), jnp.float32)
         ma = _prefill_chunk.lower(graphdef, state, ids, pos, pos, cache, logits).compile().memory_analysis()
         temp = ma.temp_size_in_bytes
-        print(f"| {g} | {temp / 2**30:.3f} | {temp / g / 2**30:.3f} |", flush=True)
+        print(f"| {g} | {temp / 2**30:.3f} | {temp / g / 2**30:.3f} | {temp / g / est:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

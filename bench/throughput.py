@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 from bench.common import (compiled_memory_line, device_memory_line, enable_compilation_cache,  # noqa: E402
                           markdown_table, record, save, split_by_scope)
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
-from nosa_jax.cache import cache_bytes  # noqa: E402
+from nosa_jax.cache import DEFAULT_PREFILL_CHUNK, cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
 from nosa_jax.generate import PINNED_HOST_LIMIT_ENV, decode_loop  # noqa: E402
 from nosa_jax.offload import capacity_plan, fit_pool_slots, num_selected, offload_bytes, weight_bytes  # noqa: E402
@@ -193,14 +193,15 @@ def memo_bytes(cfg, distinct: int, context: int, mode: str) -> int:
 
 def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_budget: int, headroom: int,
               explicit_batches=None, quick: bool = False, distinct: int = 0,
-              device_limit: int | None = None) -> list[dict]:
+              device_limit: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[dict]:
     """One entry per (context, method, pool): per-sequence memory, the largest batch under each
     budget, and the batches to run. A pool of "fit" (offloaded methods) is, per budget, the largest
     pool that keeps that budget's largest batch (the batch the host memory bounds): the device memory
     the dense run would spend on K/V goes to the slot pool. It runs at that batch only.
     `distinct`: prefilled passages the benchmark keeps on the device while the offloaded runs of a
     context go (`measure_model`'s memo). `fit_pool_slots` leaves room for one prefill (what the
-    generator needs: a prefill group of one, copied from the memo, and its staging copies); the
+    generator counts: a prefill group of one in calls of `prefill_chunk` tokens, and its staging
+    copies; here the group is copied from the memo); the
     memo is the benchmark's own, so it counts against the real card (`device_limit`, default the
     largest budget), not against an emulated smaller budget: at 8B / 128K / 27 sequences under the
     full card the 31.5x pool did not fit beside the 16 GiB memo (session 9), and the 27.8x pool not
@@ -221,7 +222,7 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
             def max_batch(b, slots):
                 return capacity_plan(cfg, DTYPE, context=ctx, gpu_budget=b - headroom, host_budget=host_budget,
                                      mode=mode if mode != "full" else "nosa", pool_slots=slots,
-                                     pinned_pool=pinned_pool)[kind]["max_batch"]
+                                     pinned_pool=pinned_pool, prefill_chunk=prefill_chunk)[kind]["max_batch"]
 
             for mult in (pools if off else [None]):
                 if mult == "fit":
@@ -230,7 +231,7 @@ def make_plan(cfg, methods, contexts, pools, budget_bytes: dict[str, int], host_
                         if batch:
                             memo = memo_bytes(cfg, min(distinct, batch), ctx, mode)
                             room = min(b, card - memo) - headroom - weight_bytes(cfg, DTYPE)
-                            slots = fit_pool_slots(cfg, batch, ctx, DTYPE, mode, room)
+                            slots = fit_pool_slots(cfg, batch, ctx, DTYPE, mode, room, prefill_chunk)
                             dev, host = per_seq_bytes(cfg, method, ctx, slots)
                             entries.append(dict(context=ctx, method=method, pool_mult=slots / K, pool_slots=slots,
                                                 topk=K, max_batch={label: batch}, batches=[batch],
@@ -374,7 +375,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     n_windows = args.repeats + 3  # 2 warm-up, the timed, 1 profiled
     card = max(device_bytes_limit(), *budget_bytes.values())  # a CPU dry run: the budgets
     entries = make_plan(cfg, args.modes, args.contexts, args.pools, budget_bytes, host_budget, headroom,
-                        args.batches, args.quick, args.distinct, card)
+                        args.batches, args.quick, args.distinct, card, args.prefill_chunk)
     print_plan(model_name, cfg, entries, args.steps, n_windows, args.distinct)
     records = []
     for label, b in budget_bytes.items():

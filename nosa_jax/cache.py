@@ -83,6 +83,33 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -
     return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
+# Prompt tokens per prefill call when the caller gives no prefill_chunk (`Generator.start`). A call's
+# activations grow with its length (at 8B the MLP alone holds 3 x 14336 values per token: 86 KB in
+# bf16, 11 GiB for one 128K-token prompt in one call); 4096 bounds them near 1 GiB per sequence
+# (`prefill_activation_bytes`), and its GEMMs are still compute-bound. Shorter prompts go in one call.
+DEFAULT_PREFILL_CHUNK = 4096
+
+
+def prefill_activation_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str,
+                             chunk: int = DEFAULT_PREFILL_CHUNK, q_chunk: int = 256) -> int:
+    """Estimated device bytes one sequence's prefill call of `chunk` tokens holds beside its cache
+    (the GPU path's temporaries): the larger of the MLP's values (gate, up and their product,
+    [chunk, intermediate] each) and one query chunk's selection (`q_chunk` queries, the model's
+    AttentionSettings default: [Hq, q_chunk, windows] float32 logits and their exponentials, the
+    group sum and the [Hk, q_chunk, blocks] pooled, bias and top-k rows), plus the chunk's q/k/v
+    (and their rotated copies), float32 hidden states and the last logits. An estimate: the GPU
+    test and bench/probe_prefill_memory.py hold it against XLA's memory analysis."""
+    it = jnp.dtype(dtype).itemsize
+    T, C = allocation(cfg, capacity)
+    tc = min(chunk, T)
+    qc = min(q_chunk, tc)
+    hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    mlp = 3 * tc * cfg.intermediate_size * it
+    select = 0 if mode == "full" else qc * (2 * hq * C + hk * C + 8 * hk * (T // cfg.nosa.block_size)) * 4
+    rest = tc * (2 * (hq + 2 * hk) * d * it + 4 * cfg.hidden_size * 4) + 2 * cfg.vocab_size * 4
+    return max(mlp, select) + rest
+
+
 def new_windows(x: jax.Array, new: jax.Array, start: jax.Array, n_windows: int,
                 n: NosaConfig) -> tuple[jax.Array, jax.Array]:
     """Window means of the `n_windows` windows from the first one a chunk at `start` can complete,

@@ -19,18 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cache import KVCache, cache_bytes
+from .cache import DEFAULT_PREFILL_CHUNK, KVCache, cache_bytes
 from .model import NosaForCausalLM
 from .offload import (OffloadedKV, OffloadError, fit_pool_slots, flush, flush_interval, init_offloaded,
                       offload_bytes, pinned_pool_limit_needed, pool_size, prefill_bytes, store_in_pinned_pool,
                       store_prefill)
 
 PAD = -1  # token id written after a sequence has stopped
-# Prompt tokens per prefill call when the caller gives no prefill_chunk. A chunk's activations grow
-# with its length (at 8B the MLP alone holds 3 x 14336 values per token: 86 KB in bf16, 11 GiB for
-# one 128K-token prompt in one call); 4096 bounds them at 0.35 GiB per sequence, and its GEMMs are
-# still compute-bound. Shorter prompts are prefilled in one call.
-DEFAULT_PREFILL_CHUNK = 4096
 
 # XLA options for the prefill and decode programs (GPU options; other backends ignore them). The
 # layers' weights are stacked [L, ...] and sliced per layer inside the scan over layers; by default
@@ -264,13 +259,15 @@ class OffloadSettings:
             raise GenerationError(f"pool_slots must be a positive number of slots, None (2 x top-k) or 'fit', "
                                   f"not {self.pool_slots!r}")
 
-    def slots(self, cfg, capacity: int, batch: int, budget: int | None, dtype, mode: str) -> int:
+    def slots(self, cfg, capacity: int, batch: int, budget: int | None, dtype, mode: str,
+              prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
         """The pool's slots for `batch` sequences of `capacity` tokens under a device memory
-        `budget` (bytes; None: unknown, then "fit" means the default)."""
+        `budget` (bytes; None: unknown, then "fit" means the default), prefilled in calls of
+        `prefill_chunk` prompt tokens."""
         if self.pool_slots == "fit":
             if budget is None:
                 return pool_size(cfg, capacity)
-            return fit_pool_slots(cfg, batch, capacity, dtype, mode, budget)
+            return fit_pool_slots(cfg, batch, capacity, dtype, mode, budget, prefill_chunk)
         return pool_size(cfg, capacity, self.pool_slots)
 
 
@@ -328,9 +325,9 @@ class Generator:
 
     # ---- host-side driver -----------------------------------------------------------------
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, capacity: int,
-                 memory_budget: int | None) -> int | None:
+                 memory_budget: int | None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> int | None:
         """Check the prompts and the memory; with the offloaded cache, return how many sequences to
-        prefill on the device at a time."""
+        prefill on the device at a time (calls of `prefill_chunk` prompt tokens)."""
         if not prompts:
             raise GenerationError("no prompts given")
         if max_new_tokens < 1:
@@ -350,7 +347,7 @@ class Generator:
                 f"max_new_tokens or raise the capacity (--capacity / max_position_embeddings)")
         budget = memory_budget if memory_budget is not None else available_memory_bytes()
         if self.offload is not None:
-            return self._prefill_group(len(prompts), capacity, budget)  # raises when nothing fits
+            return self._prefill_group(len(prompts), capacity, budget, prefill_chunk)  # raises when nothing fits
         nbytes = cache_bytes(self.cfg, len(prompts), capacity, self.model_dtype, self.mode)
         if budget is not None and nbytes > budget:
             raise GenerationError(
@@ -358,10 +355,10 @@ class Generator:
                 f"but only {budget / 2**30:.2f} GiB is available; lower the batch size, the prompt "
                 f"length or max_new_tokens (capacity), or use the offloaded cache")
 
-    def _prefill_group(self, B: int, capacity: int, budget: int | None) -> int:
+    def _prefill_group(self, B: int, capacity: int, budget: int | None, chunk: int) -> int:
         """Check the offloaded run's device and host memory; return how many sequences to prefill
         on the device at a time."""
-        S = self.offload.slots(self.cfg, capacity, B, budget, self.model_dtype, self.mode)
+        S = self.offload.slots(self.cfg, capacity, B, budget, self.model_dtype, self.mode, chunk)
         try:
             dev, host = offload_bytes(self.cfg, B, capacity, self.model_dtype, self.mode, S)
         except OffloadError as e:
@@ -386,7 +383,7 @@ class Generator:
                 f"the offloaded KV store for batch {B} x {capacity} tokens needs {pinned / 2**30:.2f} GiB of "
                 f"host memory{grown} but the budget is {host_budget / 2**30:.2f} GiB; lower the batch size or "
                 f"the capacity (prompt length + max_new_tokens)")
-        per_seq = prefill_bytes(self.cfg, capacity, self.model_dtype, self.mode)
+        per_seq = prefill_bytes(self.cfg, capacity, self.model_dtype, self.mode, chunk)
         if budget is not None and dev + per_seq > budget:
             raise GenerationError(
                 f"the offloaded cache needs {dev / 2**30:.2f} GiB on the device (pools of {S} slots, "
@@ -419,11 +416,11 @@ class Generator:
                                   f"{DEFAULT_PREFILL_CHUNK}), got {prefill_chunk}")
         capacity = capacity or (max(len(p) for p in prompts) + max_new_tokens)
         budget = memory_budget if memory_budget is not None else available_memory_bytes()
-        group = self.validate(prompts, max_new_tokens, capacity, budget)
-        B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         Tp = int(lengths.max())
         chunk = min(prefill_chunk or DEFAULT_PREFILL_CHUNK, Tp)
+        group = self.validate(prompts, max_new_tokens, capacity, budget, chunk)
+        B = len(prompts)
         n_chunks = -(-Tp // chunk)
         ids = np.zeros((B, n_chunks * chunk), np.int32)
         for i, p in enumerate(prompts):
@@ -433,7 +430,7 @@ class Generator:
         if self.offload is None:
             cache, logits = self._prefill(ids, lengths, capacity, rope_len, chunk)
         else:
-            S = self.offload.slots(self.cfg, capacity, B, budget, self.model_dtype, self.mode)
+            S = self.offload.slots(self.cfg, capacity, B, budget, self.model_dtype, self.mode, chunk)
             cache = init_offloaded(self.cfg, B, capacity, self.model_dtype, self.mode, S, rope_len=rope_len,
                                    loader=self.offload.loader)
             parts = []

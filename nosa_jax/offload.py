@@ -57,7 +57,7 @@ from jax import lax
 from jax.experimental.compute_on import compute_on
 
 from . import nosa
-from .cache import KVCache, allocation, new_windows
+from .cache import DEFAULT_PREFILL_CHUNK, KVCache, allocation, new_windows, prefill_activation_bytes
 from .config import ModelConfig, NosaConfig
 
 @dataclasses.dataclass
@@ -165,25 +165,28 @@ def offload_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str,
             sum(size(s) for k, s in shapes.items() if k in on_host))
 
 
-def prefill_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str) -> int:
-    """Device bytes to prefill one sequence into the offloaded cache: its on-device cache, and
+def prefill_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str, chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
+    """Device bytes to prefill one sequence into the offloaded cache in calls of `chunk` prompt
+    tokens: its on-device cache, the calls' activations (`cache.prefill_activation_bytes`), and
     `store_prefill`'s staging copies of its K/V in the host store's block layout, one layer at a
     time; two layers' worth, so that the copy of one may overlap the staging of the next."""
-    from .cache import allocation, cache_bytes
+    from .cache import cache_bytes
 
     T, _ = allocation(cfg, capacity)
     layer_kv = 2 * T * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return cache_bytes(cfg, 1, capacity, dtype, mode) + 2 * layer_kv
+    return (cache_bytes(cfg, 1, capacity, dtype, mode) + prefill_activation_bytes(cfg, capacity, dtype, mode, chunk)
+            + 2 * layer_kv)
 
 
-def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, budget: int) -> int:
+def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, budget: int,
+                   chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
     """The largest pool (slots per (layer, sequence, kv head), from top-k up to every block of the
-    capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill
-    (`prefill_bytes`) fits `budget` bytes: the device memory a dense cache would take goes to the
+    capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill in
+    calls of `chunk` tokens (`prefill_bytes`) fits `budget` bytes: the device memory a dense cache would take goes to the
     pool, where it turns misses into hits. top-k when not even that fits (the generator's memory
     check says so)."""
     K = num_selected(cfg, capacity)
-    room = budget - prefill_bytes(cfg, capacity, dtype, mode)
+    room = budget - prefill_bytes(cfg, capacity, dtype, mode, chunk)
     lo, hi = K, max(K, -(-capacity // cfg.nosa.block_size))
     while lo < hi:  # device bytes grow with the pool: bisect
         mid = (lo + hi + 1) // 2
@@ -530,14 +533,15 @@ def weight_bytes(cfg: ModelConfig, dtype) -> int:
 
 def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, host_budget: int,
                   mode: str = "nosa", pool_slots: int | None = None, batch: int | None = None,
-                  pinned_pool: int | None = None) -> dict:
+                  pinned_pool: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> dict:
     """Largest batch at `context` tokens per sequence (and, given `batch`, the largest context) for
     the three ways of holding the KV cache, counting the weights and the KV state (not the
     activations of a step):
       dense             full attention, every token's K/V on the device
       sparse_on_device  `mode` (nosa/infllmv2) with the whole cache on the device
       offloaded         `mode` with K/V in host memory and a device pool of `pool_slots` slots
-                        (default 2 x top-k), plus room to prefill one sequence on the device;
+                        (default 2 x top-k), plus room to prefill one sequence on the device
+                        in calls of `prefill_chunk` tokens;
                         with `pinned_pool` (the GPU client's pinned pool limit, growing) the store
                         must also be placed in it, and the host budget counts the regions it takes
                         (pinned_pool_reservation).
@@ -556,7 +560,7 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
         if kind == "sparse_on_device":
             return cache_bytes(cfg, 1, ctx, dtype, mode), 0, 0
         dev, host = offload_bytes(cfg, 1, ctx, dtype, mode, slots(ctx))
-        return dev, host, prefill_bytes(cfg, ctx, dtype, mode)  # + one sequence's prefill
+        return dev, host, prefill_bytes(cfg, ctx, dtype, mode, prefill_chunk)  # + one sequence's prefill
 
     def pinned_fits(b, host):  # the store placed in the pool, its region within the host budget
         taken = store_in_pinned_pool(b * host, pinned_pool)

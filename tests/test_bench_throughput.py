@@ -43,7 +43,7 @@ def test_roofline_8b_by_hand():
 def test_tiny_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))  # bench.common.save also writes here
     argv = ["--models", "tiny", "--contexts", "256", "--modes", "full", "nosa", "nosa-offload", "--pools", "1",
-            "--budgets-gb", "0.0006", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
+            "--budgets-gb", "0.002", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
             "--distinct", "2", "--prefill-chunk", "128", "--tag", "pytest"]
     assert tp.main(argv + ["--batches", "2"]) == 0
     jsons = sorted(tmp_path.glob("throughput-tiny-pytest-*.json"))
@@ -188,7 +188,7 @@ def test_finished_runs_saved_when_stopped_and_resumed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tp, "timed_windows", stop_on_second)
     argv = ["--models", "tiny", "--contexts", "256", "--modes", "full", "nosa-offload", "--pools", "1",
-            "--budgets-gb", "0.0006", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
+            "--budgets-gb", "0.002", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
             "--distinct", "2", "--prefill-chunk", "128", "--batches", "1", "2", "--no-profile", "--no-plots",
             "--tag", "stopped"]
     with pytest.raises(KeyboardInterrupt):

@@ -86,11 +86,12 @@ def test_offloaded_generation_with_a_fit_pool():
     n_new = 200
     cap = max(map(len, PROMPTS)) + n_new
     K = num_selected(cfg, cap)
+    chunk = max(map(len, PROMPTS))  # the prompts are prefilled in one call each
     # a budget for about 1.5 x top-k slots (between top-k and every block) and one prefill
     budget = ((offload_bytes(cfg, len(PROMPTS), cap, model.dtype, "nosa", K)[0]
                + offload_bytes(cfg, len(PROMPTS), cap, model.dtype, "nosa", 2 * K)[0]) // 2
-              + prefill_bytes(cfg, cap, model.dtype, "nosa"))
-    S = fit_pool_slots(cfg, len(PROMPTS), cap, model.dtype, "nosa", budget)
+              + prefill_bytes(cfg, cap, model.dtype, "nosa", chunk))
+    S = fit_pool_slots(cfg, len(PROMPTS), cap, model.dtype, "nosa", budget, chunk)
     assert K < S < -(-cap // cfg.nosa.block_size)
     gen = Generator(model, eos_ids=(), offload=OffloadSettings(pool_slots="fit"))
     st, _, _ = gen.start(PROMPTS, max_new_tokens=n_new, memory_budget=budget)
@@ -433,6 +434,39 @@ def test_offloaded_equals_on_device_gpu_1b():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("model_name,context", [("1b", 16384), ("8b", 131072)])
+def test_prefill_activation_estimate_covers_xla_temporaries_gpu(model_name, context):
+    """The prefill group size counts `cache.prefill_activation_bytes` per sequence for a call's own
+    temporaries (before, nothing: a nine-sequence group at 8B / 128K would have met its activations
+    only on the device). XLA's memory analysis of the compiled prefill call (the last 4096-token
+    chunk of the prompt; shapes only, nothing allocated) must stay within the estimate times the
+    group, for groups of 1, 2 and 4, and the estimate must not exceed it more than twice (an estimate
+    that large would shrink the fit pool for nothing)."""
+    from flax import nnx as _nnx
+
+    from nosa_jax.cache import prefill_activation_bytes
+    from nosa_jax.config import SHAPES, ModelConfig
+    from nosa_jax.generate import _prefill_chunk
+    from nosa_jax.model import NosaForCausalLM
+
+    cfg = ModelConfig(**SHAPES[model_name])
+    model = _nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=_nnx.Rngs(0)))
+    graphdef, state = _nnx.split(model)
+    capacity, chunk = context + 256, 4096
+    est = prefill_activation_bytes(cfg, capacity, jnp.bfloat16, "nosa", chunk)
+    sd = jax.ShapeDtypeStruct
+    for g in (1, 2, 4):
+        cache = jax.eval_shape(lambda: model.init_cache(g, capacity))
+        pos = sd((g,), jnp.int32)
+        temp = _prefill_chunk.lower(graphdef, state, sd((g, chunk), jnp.int32), pos, pos, cache,
+                                    sd((g, cfg.vocab_size), jnp.float32)).compile().memory_analysis().temp_size_in_bytes
+        print(f"{model_name} {context} group {g}: XLA temporaries {temp / 2**30:.3f} GiB, estimate x group "
+              f"{g * est / 2**30:.3f} GiB")
+        assert temp <= g * est, (g, temp, est)
+        assert g * est <= 2 * temp, (g, temp, est)
+
+
+@pytest.mark.gpu
 def test_store_prefill_stages_one_layer_at_a_time_gpu():
     """Moving a prefill group to the host store needs device memory for one layer's block-layout
     copy at a time, not the group's whole K/V: the copy of all layers at once took 36 GiB beside a
@@ -467,18 +501,22 @@ def test_store_prefill_stages_one_layer_at_a_time_gpu():
         np.testing.assert_array_equal(got.transpose(0, 1, 3, 4, 2, 5).reshape(want.shape), want)
 
 
-def test_prefill_bytes_is_the_cache_and_two_layers_kv():
-    """The device memory the generator counts per prefilled sequence: its cache (init_cache) and
+def test_prefill_bytes_is_the_cache_activations_and_two_layers_kv():
+    """The device memory the generator counts per prefilled sequence: its cache (init_cache), the
+    prefill calls' activations (estimated; the GPU test below holds the estimate against XLA) and
     two layers' K and V (the store's staging copies)."""
-    from nosa_jax.cache import init_cache
+    from nosa_jax.cache import init_cache, prefill_activation_bytes
     from nosa_jax.offload import prefill_bytes
 
     cfg = small_config()
-    for cap in (100, 512):
+    for cap, chunk in ((100, 4096), (512, 4096), (512, 64)):
         shapes = jax.eval_shape(lambda: init_cache(cfg, 1, cap, jnp.float32, "nosa"))
         whole = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
         layer_kv = 2 * int(np.prod(shapes.k.shape[1:])) * 4
-        assert prefill_bytes(cfg, cap, jnp.float32, "nosa") == whole + 2 * layer_kv
+        act = prefill_activation_bytes(cfg, cap, jnp.float32, "nosa", chunk)
+        assert prefill_bytes(cfg, cap, jnp.float32, "nosa", chunk) == whole + act + 2 * layer_kv
+        # the MLP's three [chunk, intermediate] float32 values at least (chunks past the cache clipped)
+        assert act >= 3 * min(chunk, shapes.k.shape[2]) * cfg.intermediate_size * 4
 
 
 @pytest.mark.gpu
