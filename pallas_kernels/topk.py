@@ -148,7 +148,7 @@ def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
         # counts fall with the candidate and counts[0] >= k holds by construction: the number of
         # candidates still at >= k, minus one, is the largest such candidate
         best = jnp.sum(jnp.where(counts >= k, 1, 0)) - 1
-        exact = jnp.sum(jnp.where((cand == best) & (counts == k), 1, 0)) if early_exit else jnp.int32(0)
+        exact = jnp.sum(jnp.where((cand == best) & (counts == k), 1, 0)) * int(early_exit)  # a traced 0 when off
         return i + 1, prefix | (best << shift), exact
 
     _, prefix, exact = lax.while_loop(more, step, (jnp.int32(0), jnp.int32(0), jnp.int32(0)))

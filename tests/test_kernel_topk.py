@@ -344,12 +344,13 @@ def test_bad_arguments_raise():
     ("nosa", (2, 2), 100, UPSTREAM),        # padded row
     ("infllmv2", (3,), 17, SMALL),          # padded row, K = 6 output slots (not a power of two)
 ])
-def test_lowers_to_triton_for_cuda(mode, lead, n, cfg):
+@pytest.mark.parametrize("search", ["early", "full"])
+def test_lowers_to_triton_for_cuda(mode, lead, n, cfg, search):
     sd = jax.ShapeDtypeStruct
     rows = int(np.prod(lead))
     qb_shape = lead[:1] + (1,) * (len(lead) - 1) + (1,)
     txt, modules = verified_triton_modules(
-        lambda a, b, q: two_stage_select_pallas(a, b, q, cfg, mode),
+        lambda a, b, q: two_stage_select_pallas(a, b, q, cfg, mode, search=search),
         sd(lead + (n,), jnp.float32), sd(lead + (n,), jnp.float32), sd(qb_shape, jnp.int32))
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     assert len(calls) == 1 and f"grid_x = {rows} " in calls[0]
