@@ -95,17 +95,20 @@ def prefill_activation_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str,
     """Estimated device bytes one sequence's prefill call of `chunk` tokens holds beside its cache
     (the GPU path's temporaries): the larger of the MLP's values (gate, up and their product,
     [chunk, intermediate] each) and one query chunk's selection (`q_chunk` queries, the model's
-    AttentionSettings default: [Hq, q_chunk, windows] float32 logits and their exponentials, the
-    group sum and the [Hk, q_chunk, blocks] pooled, bias and top-k rows), plus the chunk's q/k/v
-    (and their rotated copies), float32 hidden states and the last logits. An estimate: the GPU
-    test and bench/probe_prefill_memory.py hold it against XLA's memory analysis."""
+    AttentionSettings default: [Hq, q_chunk, windows] float32 logits - XLA fuses their exponentials
+    into the reductions -, the group sum and the [Hk, q_chunk, blocks] pooled, bias and top-k rows),
+    plus the chunk's q/k/v (and their rotated copies), float32 hidden states and the last logits.
+    An estimate, held against XLA's memory analysis by a GPU test and bench/probe_prefill_memory.py:
+    on the H100 at 8B / 128K, chunks of 4096, XLA's temporaries are 0.41 GiB for one sequence and
+    0.48 GiB per sequence for groups of 2 to 9, against 0.70 here; 1B / 16K: 0.14 and 0.12 against
+    0.22 (bench/results/probe-prefill-memory-s13-*)."""
     it = jnp.dtype(dtype).itemsize
     T, C = allocation(cfg, capacity)
     tc = min(chunk, T)
     qc = min(q_chunk, tc)
     hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     mlp = 3 * tc * cfg.intermediate_size * it
-    select = 0 if mode == "full" else qc * (2 * hq * C + hk * C + 8 * hk * (T // cfg.nosa.block_size)) * 4
+    select = 0 if mode == "full" else qc * (hq * C + hk * C + 8 * hk * (T // cfg.nosa.block_size)) * 4
     rest = tc * (2 * (hq + 2 * hk) * d * it + 4 * cfg.hidden_size * 4) + 2 * cfg.vocab_size * 4
     return max(mlp, select) + rest
 
