@@ -76,8 +76,8 @@ SWEEP_F32 = [
 # default's 16 rounds on 4 warps cost 20 us per layer in the 8B decode step (bench/NOTES.md).
 TOPK_BLOCKS = (257, 513, 2049)
 TOPK_VARIANTS = [("default", {}), ("full-search", dict(search="full")), ("w4-r4", dict(num_warps=4, radix_bits=4)),
-                 ("w8-r4", dict(num_warps=8, radix_bits=4)), ("w4-r2", dict(num_warps=4, radix_bits=2)), ("w1-r2", dict(num_warps=1, radix_bits=2)),
-                 ("w2-r2", dict(num_warps=2, radix_bits=2))]
+                 ("w8-r4", dict(num_warps=8, radix_bits=4)), ("w4-r2", dict(num_warps=4, radix_bits=2)),
+                 ("w1-r2", dict(num_warps=1, radix_bits=2)), ("w2-r2", dict(num_warps=2, radix_bits=2))]
 TOPK_SWEEP = [("w8-r2", dict(num_warps=8, radix_bits=2)), ("w16-r4", dict(num_warps=16, radix_bits=4)),
               ("w4-r1", dict(num_warps=4, radix_bits=1))]  # (r8 = a [256, n] tensor: too big for n = 2048)
 

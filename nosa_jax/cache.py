@@ -84,9 +84,10 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -
 
 
 # Prompt tokens per prefill call when the caller gives no prefill_chunk (`Generator.start`). A call's
-# activations grow with its length (at 8B the MLP alone holds 3 x 14336 values per token: 86 KB in
-# bf16, 11 GiB for one 128K-token prompt in one call); 4096 bounds them near 1 GiB per sequence
-# (`prefill_activation_bytes`), and its GEMMs are still compute-bound. Shorter prompts go in one call.
+# activations grow with its length (at 8B the MLP alone holds 3 x 16384 values per token: 96 KB in
+# bf16, 12 GiB for one 128K-token prompt in one call); at 4096 XLA's temporaries are under 0.5 GiB
+# per sequence (`prefill_activation_bytes`), and the GEMMs are still compute-bound. Shorter prompts
+# go in one call.
 DEFAULT_PREFILL_CHUNK = 4096
 
 

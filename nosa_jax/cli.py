@@ -305,7 +305,8 @@ def _gen_args(p):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capacity", type=int, default=None, help="tokens per sequence (default prompt + new)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill call (default 4096: bounds the prefill's activations)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per prefill call (default 4096: bounds the prefill's activations)")
     p.add_argument("--stream-chunk", type=int, default=64,
                    help="decode steps per jitted call between progress updates")
     p.add_argument("--save-logits", action="store_true", help="with --out: also save each step's logits")

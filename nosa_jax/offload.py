@@ -182,8 +182,8 @@ def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
                    chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
     """The largest pool (slots per (layer, sequence, kv head), from top-k up to every block of the
     capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill in
-    calls of `chunk` tokens (`prefill_bytes`) fits `budget` bytes: the device memory a dense cache would take goes to the
-    pool, where it turns misses into hits. top-k when not even that fits (the generator's memory
+    calls of `chunk` tokens (`prefill_bytes`) fits `budget` bytes: the device memory a dense cache
+    would take goes to the pool, where it turns misses into hits. top-k when not even that fits (the generator's memory
     check says so)."""
     K = num_selected(cfg, capacity)
     room = budget - prefill_bytes(cfg, capacity, dtype, mode, chunk)

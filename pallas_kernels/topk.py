@@ -123,10 +123,9 @@ def _order_keys(x, valid):
 
 
 def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
-    """(t, exact): a threshold t whose lanes key >= t are exactly the k largest keys (exact 1), or
-    else (exact 0) the k-th largest key of key [n_pad]
-    (1 <= k <= number of lanes): the largest t with #(key >= t) >= k, built digit by digit from the
-    top in the unsigned order (key ^ INT32_MIN). The search stops early once #(key >= t) == k for t
+    """(t, exact) for the int32 keys [n_pad] and 1 <= k <= number of lanes: with exact 1, the keys
+    >= t are exactly the k largest; with exact 0, t is the k-th largest key, the largest t with
+    #(key >= t) >= k. Built digit by digit from the top in the unsigned order (key ^ INT32_MIN). The search stops early once #(key >= t) == k for t
     the prefix found so far with its lower bits zero: then exactly k keys are >= t, which are the
     k largest (the (k+1)-th is below t, so no tie is left to break) -- typically after the bits that
     separate the k-th and (k+1)-th keys, about half of the 32 on random pooled scores. early_exit
@@ -148,7 +147,8 @@ def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
         # counts fall with the candidate and counts[0] >= k holds by construction: the number of
         # candidates still at >= k, minus one, is the largest such candidate
         best = jnp.sum(jnp.where(counts >= k, 1, 0)) - 1
-        exact = jnp.sum(jnp.where((cand == best) & (counts == k), 1, 0)) * int(early_exit)  # a traced 0 when off
+        # a traced 0 when off: a Python 0 yielded from the loop body does not lower to Triton
+        exact = jnp.sum(jnp.where((cand == best) & (counts == k), 1, 0)) * int(early_exit)
         return i + 1, prefix | (best << shift), exact
 
     _, prefix, exact = lax.while_loop(more, step, (jnp.int32(0), jnp.int32(0), jnp.int32(0)))
