@@ -30,6 +30,18 @@ from nosa_jax.model import NosaForCausalLM  # noqa: E402
 from nosa_jax.offload import prefill_bytes  # noqa: E402
 
 
+def prefill_temporaries(model: NosaForCausalLM, group: int, capacity: int, chunk: int) -> int:
+    """XLA's temporaries (bytes) of the compiled prefill call of `group` sequences and `chunk` tokens
+    into a cache of `capacity` tokens (shapes only: `model` may come from nnx.eval_shape)."""
+    graphdef, state = nnx.split(model)
+    sd = jax.ShapeDtypeStruct
+    cache = jax.eval_shape(lambda: model.init_cache(group, capacity))
+    pos = sd((group,), jnp.int32)
+    compiled = _prefill_chunk.lower(graphdef, state, sd((group, chunk), jnp.int32), pos, pos, cache,
+                                    sd((group, model.cfg.vocab_size), jnp.float32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="8b", choices=sorted(SHAPES))
@@ -46,12 +58,10 @@ def main():
     cfg = ModelConfig(**shape)
     dtype = jnp.bfloat16
     model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode=args.mode, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
     capacity = args.context + 256
     per_seq = prefill_bytes(cfg, capacity, dtype, args.mode, args.chunk)
     est = prefill_activation_bytes(cfg, capacity, dtype, args.mode, args.chunk)
     cache_seq = cache_bytes(cfg, 1, capacity, dtype, args.mode)
-    sd = jax.ShapeDtypeStruct
     print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  {args.model} {args.mode} "
           f"context {args.context} chunk {args.chunk} impl {model.settings.impl}")
     print(f"per sequence: cache {cache_seq / 2**30:.3f} GiB, prefill_bytes {per_seq / 2**30:.3f} GiB, of which "
@@ -59,12 +69,7 @@ def main():
     print("| group | temporaries GiB | per sequence GiB | per sequence / estimate |")
     print("|---|---|---|---|")
     for g in args.groups:
-        cache = jax.eval_shape(lambda: model.init_cache(g, capacity))
-        ids = sd((g, args.chunk), jnp.int32)
-        pos = sd((g,), jnp.int32)
-        logits = sd((g, cfg.vocab_size), jnp.float32)
-        ma = _prefill_chunk.lower(graphdef, state, ids, pos, pos, cache, logits).compile().memory_analysis()
-        temp = ma.temp_size_in_bytes
+        temp = prefill_temporaries(model, g, capacity, args.chunk)
         print(f"| {g} | {temp / 2**30:.3f} | {temp / g / 2**30:.3f} | {temp / g / est:.2f} |", flush=True)
 
 

@@ -108,7 +108,8 @@ def main():
 
 def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xla_name: str = "") -> list:
     B, n = args.batch, args.steps
-    stem = f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['search']}-{choice['finish']}-{choice['write']}"
+    stem = (f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['search']}-{choice['finish']}-"
+            f"{choice['write']}")
     stem += f"-{xla_name}" if xla_name else ""
 
     def fresh_state(cache):
@@ -150,7 +151,8 @@ def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xl
     rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
-            f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']} ({choice['search']} search), scores finish {choice['finish']}, "
+            f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']} ({choice['search']} search), "
+            f"scores finish {choice['finish']}, "
             f"cache write {choice['write']}{', XLA options ' + xla_name if xla_name else ''}: wall "
             f"{untraced / n * 1e3:.3f} ms/step ({wall / n * 1e3:.3f} traced), device span "
             f"{span / n / 1e3:.3f} ms/step, device busy {busy / n / 1e3:.3f} ms/step, kernel sum "

@@ -57,7 +57,8 @@ from jax import lax
 from jax.experimental.compute_on import compute_on
 
 from . import nosa
-from .cache import DEFAULT_PREFILL_CHUNK, KVCache, allocation, new_windows, prefill_activation_bytes
+from .cache import (DEFAULT_PREFILL_CHUNK, KVCache, allocation, cache_bytes, new_windows,
+                    prefill_activation_bytes)
 from .config import ModelConfig, NosaConfig
 
 @dataclasses.dataclass
@@ -170,12 +171,10 @@ def prefill_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str, chunk: int 
     tokens: its on-device cache, the calls' activations (`cache.prefill_activation_bytes`), and
     `store_prefill`'s staging copies of its K/V in the host store's block layout, one layer at a
     time; two layers' worth, so that the copy of one may overlap the staging of the next."""
-    from .cache import cache_bytes
-
     T, _ = allocation(cfg, capacity)
     layer_kv = 2 * T * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return (cache_bytes(cfg, 1, capacity, dtype, mode) + prefill_activation_bytes(cfg, capacity, dtype, mode, chunk)
-            + 2 * layer_kv)
+    return (cache_bytes(cfg, 1, capacity, dtype, mode)
+            + prefill_activation_bytes(cfg, capacity, dtype, mode, chunk) + 2 * layer_kv)
 
 
 def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, budget: int,
@@ -183,8 +182,8 @@ def fit_pool_slots(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
     """The largest pool (slots per (layer, sequence, kv head), from top-k up to every block of the
     capacity) whose offloaded device state for `batch` sequences plus one sequence's prefill in
     calls of `chunk` tokens (`prefill_bytes`) fits `budget` bytes: the device memory a dense cache
-    would take goes to the pool, where it turns misses into hits. top-k when not even that fits (the generator's memory
-    check says so)."""
+    would take goes to the pool, where it turns misses into hits. top-k when not even that fits
+    (the generator's memory check says so)."""
     K = num_selected(cfg, capacity)
     room = budget - prefill_bytes(cfg, capacity, dtype, mode, chunk)
     lo, hi = K, max(K, -(-capacity // cfg.nosa.block_size))
@@ -546,8 +545,6 @@ def capacity_plan(cfg: ModelConfig, dtype, *, context: int, gpu_budget: int, hos
                         must also be placed in it, and the host budget counts the regions it takes
                         (pinned_pool_reservation).
     Bytes are per sequence; budgets in bytes."""
-    from .cache import cache_bytes
-
     w = weight_bytes(cfg, dtype)
     free = gpu_budget - w
 

@@ -2,6 +2,8 @@
 after every step, loads are exactly the newly needed blocks, no per-step copies, clear errors."""
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,8 @@ from nosa_jax.generate import (GenerationError, Generator, OffloadSettings, Samp
                                decode_step, generate)
 from nosa_jax.offload import assign_slots, num_selected
 from pallas_kernels.kv_loader import loader_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ (the prefill probe)
 
 PROMPTS = [list(range(3, 8)), [int(x) for x in np.random.default_rng(1).integers(0, 61, 37)],
            [int(x) for x in np.random.default_rng(2).integers(0, 61, 20)]]
@@ -442,24 +446,17 @@ def test_prefill_activation_estimate_covers_xla_temporaries_gpu(model_name, cont
     chunk of the prompt; shapes only, nothing allocated) must stay within the estimate times the
     group, for groups of 1, 2 and 4, and the estimate must not exceed it more than twice (an estimate
     that large would shrink the fit pool for nothing)."""
-    from flax import nnx as _nnx
-
+    from bench.probe_prefill_memory import prefill_temporaries
     from nosa_jax.cache import prefill_activation_bytes
     from nosa_jax.config import SHAPES, ModelConfig
-    from nosa_jax.generate import _prefill_chunk
     from nosa_jax.model import NosaForCausalLM
 
     cfg = ModelConfig(**SHAPES[model_name])
-    model = _nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=_nnx.Rngs(0)))
-    graphdef, state = _nnx.split(model)
+    model = nnx.eval_shape(lambda: NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     capacity, chunk = context + 256, 4096
     est = prefill_activation_bytes(cfg, capacity, jnp.bfloat16, "nosa", chunk)
-    sd = jax.ShapeDtypeStruct
     for g in (1, 2, 4):
-        cache = jax.eval_shape(lambda: model.init_cache(g, capacity))
-        pos = sd((g,), jnp.int32)
-        temp = _prefill_chunk.lower(graphdef, state, sd((g, chunk), jnp.int32), pos, pos, cache,
-                                    sd((g, cfg.vocab_size), jnp.float32)).compile().memory_analysis().temp_size_in_bytes
+        temp = prefill_temporaries(model, g, capacity, chunk)
         print(f"{model_name} {context} group {g}: XLA temporaries {temp / 2**30:.3f} GiB, estimate x group "
               f"{g * est / 2**30:.3f} GiB")
         assert temp <= g * est, (g, temp, est)
