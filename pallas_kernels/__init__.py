@@ -5,7 +5,8 @@ place with a traced layer index, so they can run inside the scan over layers wit
 layer per step. They lower with the Pallas Triton backend on the GPU and run in interpret mode on
 the CPU (`interpret=True`) for tests.
 
-  sparse_decode   block-sparse decode attention with the eviction bias (split-K, slot table)
+  sparse_decode   block-sparse decode attention with the eviction bias (split-K, slot table), and
+                  its fetching variant that also loads the offloaded step's misses from the host
   sparse_prefill  block-sparse prefill attention with the bias (query tiles over the union of picks)
   selection       decode selection: stage-1 window scores, block pooling, two-stage top-k
   topk            the fused two-stage top-k

@@ -49,6 +49,14 @@ Structure (flash-decoding / split-K):
     it). Both barriers are left out in interpret mode, where `debug_barrier` has no CPU lowering and
     the programs run one after another anyway (the atomic is an ordinary read-modify-write there).
 
+Fetching variant (`sparse_decode_attention_fetch`, the offloaded step's loads + attention): the
+same programs also take a `Fetch` (the pinned host store, the cis history, the step's load list and
+the new token). An entry that is a miss reads its block from the host store in place (Triton reads
+pinned memory over PCIe) instead of the pool and stores it into its slot on the way; the entry
+whose slot holds the new token's row takes the token there. The pools are outputs aliased to their
+operands, so they are updated in place exactly as `kv_loader.load_blocks` would update them, and
+the PCIe reads of one program overlap the HBM reads and math of the others.
+
 Triton constraints (interpret mode does not check them): every array the kernel materialises must
 have power-of-two sizes and each dot dimension must be >= 16. The G query rows are padded to
 Gp = max(16, next_pow2(G)); block_size and D must be powers of two >= 16 on the GPU (64 and 128 in
@@ -59,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,15 +153,22 @@ def _rows(h, group: int, Gp: int):
 
 def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
                    block_size: int, per_split: int, num_entries: int, scale: float, has_bias: bool,
-                   group: int, Gp: int, normalize: bool, merge_splits_here: int, gpu: bool):
-    """One program (b, h, s); see the module docstring. Refs after v_ref: [bias_ref] and, if
-    merge_splits_here (= k_splits > 1, merge="kernel"), the counter's input (aliased, unused); then
-    the outputs: [o] if normalize; else [out [B, Hq, D] if merge_splits_here] + partial o, m, l
-    [+ counter [B, Hk] int32 if merge_splits_here]."""
+                   add_bias: bool, fetch: bool, group: int, Gp: int, normalize: bool, merge_splits_here: int,
+                   gpu: bool):
+    """One program (b, h, s); see the module docstring. Refs after v_ref: [bias_ref] (has_bias);
+    with `fetch`, loads, row, new_k, new_v, new_cis, host_kv, cis (see `sparse_decode_attention_fetch`);
+    and, if merge_splits_here (= k_splits > 1, merge="kernel"), the counter's input (aliased,
+    unused); then the outputs: [o] if normalize; else [out [B, Hq, D] if merge_splits_here] +
+    partial o, m, l [+ counter [B, Hk] int32 if merge_splits_here]; with `fetch`, then the pools
+    k, v, bias (aliased to k_ref, v_ref, bias_ref). add_bias: the bias enters the logits (has_bias
+    alone: the pool is only written, as the infllmv2 mode's fetch does)."""
     if has_bias:
         bias_ref, *rest = rest
     else:
         bias_ref = None
+    if fetch:
+        loads_ref, row_ref, newk_ref, newv_ref, newc_ref, host_ref, cis_ref, *rest = rest
+        *rest, pk_out, pv_out, pb_out = rest
     outs = rest[1:] if merge_splits_here else rest
     b = pl.program_id(0)
     h = pl.program_id(1)
@@ -165,6 +181,11 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
     if group < Gp:
         q = jnp.where(rows_ok[:, None], q, jnp.zeros_like(q))
     offs = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+    if fetch:  # this (b, h)'s new token: its pool row (-1: none) and values
+        row = row_ref[b, h]
+        new_k = pltriton.load(newk_ref.at[b, h, :])[None, :]  # [1, D]
+        new_v = pltriton.load(newv_ref.at[b, h, :])[None, :]
+        new_c = newc_ref[b, h]
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
@@ -173,20 +194,27 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
             e_in = jnp.minimum(e, num_entries - 1)
             blk = jnp.where(e < num_entries, ids_ref[b, h, e_in], -1)
             slot = slots_ref[b, h, e_in]
+            ld = jnp.where(e < num_entries, loads_ref[b, h, e_in], -1) if fetch else None
         else:
             blk = ids_ref[b, h, e]
             slot = slots_ref[b, h, e]
+            ld = loads_ref[b, h, e] if fetch else None
         visible = (blk >= 0) & (offs + blk * block_size <= q_pos)  # [bs]
         slot = jnp.where(blk >= 0, slot, 0)  # keep even the masked addresses inside the pool
         start = pl.multiple_of(slot * block_size, block_size)
         tok = pl.ds(start, block_size)
         kv_mask = jnp.broadcast_to(visible[:, None], (block_size, D))
-        k = pltriton.load(k_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)  # [bs, D]
-        v = pltriton.load(v_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)
+        if fetch:
+            k, v, bias = _fetch_block(k_ref, v_ref, bias_ref, host_ref, cis_ref, pk_out, pv_out, pb_out, layer, b, h,
+                                      blk, ld, tok, visible, offs, row - start, new_k, new_v, new_c,
+                                      block_size=block_size, D=D)
+        else:
+            k = pltriton.load(k_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)  # [bs, D]
+            v = pltriton.load(v_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)
+            bias = pltriton.load(bias_ref.at[layer, b, tok, h], mask=visible, other=0.0) if add_bias else None
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         sc = sc * scale  # [Gp, bs]
-        if has_bias:
-            bias = pltriton.load(bias_ref.at[layer, b, tok, h], mask=visible, other=0.0)
+        if add_bias:
             sc = sc + bias.astype(jnp.float32)[None, :]
         sc = jnp.where(visible[None, :], sc, NEG_INF)
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))  # running max includes the bias
@@ -222,6 +250,39 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
     if merge_splits_here:
         _merge_if_last(out_ref, o_all, m_all, l_all, cnt_ref, b, h, rows_ok, splits=merge_splits_here,
                        group=group, Gp=Gp, gpu=gpu)
+
+
+def _fetch_block(k_ref, v_ref, bias_ref, host_ref, cis_ref, pk_out, pv_out, pb_out, layer, b, h, blk, ld, tok,
+                 visible, offs, token_off, new_k, new_v, new_c, *, block_size: int, D: int):
+    """One table entry's K, V [bs, D] and bias [bs] for the fetching kernel, with the pool updated:
+    a miss (ld >= 0) reads its whole block from the host store (and the bias rows from the cis
+    history) and writes it into its slot; a hit reads the pool. The entry whose slot holds the new
+    token's row (row - slot * bs = token_off in [0, bs)) takes the token there and writes that row
+    (or carries it in the block a miss writes). Rows the query does not see are zeroed (a missed
+    block may hold anything past the sequence's end)."""
+    miss = ld >= 0
+    src = jnp.maximum(ld, 0)  # (the K / V index below is typed: a Python int fails in interpret mode)
+    whole = jnp.broadcast_to(miss, (block_size, D))
+    from_pool = jnp.broadcast_to((visible & ~miss)[:, None], (block_size, D))
+    k = jnp.where(miss, pltriton.load(host_ref.at[layer, b, h, src, jnp.int32(0), :, :], mask=whole, other=0),
+                  pltriton.load(k_ref.at[layer, b, tok, h, :], mask=from_pool, other=0))
+    v = jnp.where(miss, pltriton.load(host_ref.at[layer, b, h, src, jnp.int32(1), :, :], mask=whole, other=0),
+                  pltriton.load(v_ref.at[layer, b, tok, h, :], mask=from_pool, other=0))
+    rows = pl.ds(pl.multiple_of(src * block_size, block_size), block_size)
+    bias = jnp.where(miss, pltriton.load(cis_ref.at[layer, b, rows, h], mask=jnp.broadcast_to(miss, (block_size,)),
+                                         other=0.0),
+                     pltriton.load(bias_ref.at[layer, b, tok, h], mask=visible & ~miss, other=0.0))
+    here = (blk >= 0) & (offs == token_off)  # [bs]: the new token's row
+    k = jnp.where(here[:, None], new_k, k)
+    v = jnp.where(here[:, None], new_v, v)
+    bias = jnp.where(here, new_c, bias)
+    write = miss | here  # the whole block on a miss, else at most the token's row
+    wmask = jnp.broadcast_to(write[:, None], (block_size, D))
+    pltriton.store(pk_out.at[layer, b, tok, h, :], k, mask=wmask)
+    pltriton.store(pv_out.at[layer, b, tok, h, :], v, mask=wmask)
+    pltriton.store(pb_out.at[layer, b, tok, h], bias, mask=write)
+    kv_mask = jnp.broadcast_to(visible[:, None], (block_size, D))
+    return k, jnp.where(kv_mask, v, jnp.zeros_like(v)), jnp.where(visible, bias, 0.0)
 
 
 def _merge_if_last(out_ref, o_ref, m_ref, l_ref, cnt_ref, b, h, rows_ok, *, splits: int, group: int, Gp: int,
@@ -265,6 +326,11 @@ def _merge_if_last(out_ref, o_ref, m_ref, l_ref, cnt_ref, b, h, rows_ok, *, spli
             pltriton.store(dst, out, mask=jnp.broadcast_to(rows_ok[:, None], out.shape))
         else:
             pltriton.store(dst, out)
+
+
+def _check_merge(merge) -> None:
+    if merge not in (None, "auto", "jnp", "kernel"):
+        raise ValueError(f"unknown merge {merge!r}: expected 'auto', 'jnp' or 'kernel'")
 
 
 def check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size: int):
@@ -324,8 +390,7 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
     KERNEL_MERGE_MAX_SPLITS splits, measured faster there, else "jnp"); None -> DEFAULT_MERGE. The
     Mosaic backend always merges in jnp ("auto" included).
     """
-    if merge not in (None, "auto", "jnp", "kernel"):
-        raise ValueError(f"unknown merge {merge!r}: expected 'auto', 'jnp' or 'kernel'")
+    _check_merge(merge)
     if backend == "mosaic":
         if merge == "kernel":
             raise ValueError("merge='kernel' is only implemented for backend='triton' (the Mosaic backend "
@@ -335,13 +400,76 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
                                             block_size=block_size, k_splits=k_splits, interpret=interpret)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'mosaic'")
+    check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
+    if block_ids.shape[-1] == 0:
+        return jnp.zeros_like(q)
+    return _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, None,
+                          add_bias=bias_pool is not None, block_size=block_size, k_splits=k_splits,
+                          num_warps=num_warps, num_stages=num_stages, interpret=interpret, merge=merge)[0]
+
+
+class Fetch(NamedTuple):
+    """What `sparse_decode_attention_fetch` loads and writes besides attending (the offloaded
+    cache's step 4, `nosa_jax.offload.decode_attend`): host_kv [L, B, Hk, NB, 2, bs, D] (K and V of
+    each block; normally pinned_host memory, read in place), cis [L, B, T, Hk] float32 (the eviction
+    score history: a loaded block's bias rows), loads [B, Hk, K] int32 (the block entry k of
+    block_ids must load into its slot, or -1: a hit or unused; a load's id equals the entry's), and
+    the new token: new_k, new_v [B, Hk, D], new_cis [B, Hk], new_row [B, Hk] int32 (its pool row,
+    inside the slot of one entry, or -1: none)."""
+    host_kv: jax.Array
+    cis: jax.Array
+    loads: jax.Array
+    new_k: jax.Array
+    new_v: jax.Array
+    new_cis: jax.Array
+    new_row: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "use_bias", "k_splits", "num_warps", "num_stages",
+                                             "interpret", "merge"))
+def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch, *,
+                                  block_size: int, use_bias: bool = True, k_splits: int | None = None,
+                                  num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
+                                  merge: str | None = None):
+    """`kv_loader.load_blocks` (the misses host -> pool, the new token into its row) and
+    `sparse_decode_attention` over the result, in ONE kernel: each entry's block comes from the
+    host store if it is a miss (written into its slot on the way) and from the pool otherwise, so
+    the PCIe reads of the misses overlap the attention over the hits instead of preceding it.
+    Returns (out [B, Hq, D], k_pool, v_pool, bias_pool), the pools updated in place (aliased) exactly
+    as load_blocks updates them. bias_pool is always written; use_bias: whether it enters the logits
+    (False: the infllmv2 mode). Triton backend only; arguments as `sparse_decode_attention`."""
+    _check_merge(merge)
+    check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
+    B, Hk, K = block_ids.shape
+    hkv = fetch.host_kv
+    want = (k_pool.shape[0], B, Hk, "NB", 2, block_size, q.shape[-1])
+    if (hkv.ndim != 7 or hkv.shape[:3] != want[:3] or hkv.shape[4:] != want[4:]
+            or hkv.dtype != k_pool.dtype):
+        raise ValueError(f"host_kv {hkv.shape} {hkv.dtype} must be {list(want)} {k_pool.dtype}")
+    if fetch.cis.ndim != 4 or fetch.cis.shape[:2] != want[:2] or fetch.cis.shape[3] != Hk:
+        raise ValueError(f"cis {fetch.cis.shape} must be [{want[0]}, {B}, T, {Hk}]")
+    if fetch.loads.shape != (B, Hk, K) or fetch.new_row.shape != (B, Hk) or fetch.new_cis.shape != (B, Hk):
+        raise ValueError(f"loads {fetch.loads.shape} / new_row {fetch.new_row.shape} / new_cis {fetch.new_cis.shape} "
+                         f"must be {(B, Hk, K)} / {(B, Hk)} / {(B, Hk)}")
+    if bias_pool is None or K == 0:
+        raise ValueError("the fetching kernel needs the bias pool (it writes the loaded blocks' scores) and K > 0")
+    f = fetch._replace(loads=fetch.loads.astype(jnp.int32), new_row=fetch.new_row.astype(jnp.int32),
+                       new_k=fetch.new_k.astype(k_pool.dtype), new_v=fetch.new_v.astype(v_pool.dtype),
+                       new_cis=fetch.new_cis.astype(bias_pool.dtype))
+    return _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, f, add_bias=use_bias,
+                          block_size=block_size, k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
+                          interpret=interpret, merge=merge)
+
+
+def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch | None, *,
+                   add_bias: bool, block_size: int, k_splits, num_warps: int, num_stages: int, interpret: bool,
+                   merge: str | None) -> list:
+    """The Triton kernel's call; returns [out] or, with `fetch`, [out, k_pool, v_pool, bias_pool]."""
     B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     G = Hq // Hk
     Gp = max(16, next_pow2(G))
     if not interpret:
         _check_gpu_shapes(block_size, D, Gp)
-    if K == 0:
-        return jnp.zeros_like(q)
 
     ks, per = plan_splits(B, Hk, K, k_splits)
     ids = block_ids.astype(jnp.int32)
@@ -356,11 +484,14 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
         merge = "kernel" if ks <= KERNEL_MERGE_MAX_SPLITS else "jnp"
     in_kernel = not normalize and merge == "kernel"
     kernel = functools.partial(_decode_kernel, block_size=block_size, per_split=per, num_entries=K,
-                               scale=1.0 / math.sqrt(D), has_bias=has_bias, group=G, Gp=Gp, normalize=normalize,
-                               merge_splits_here=ks if in_kernel else 0, gpu=not interpret)
+                               scale=1.0 / math.sqrt(D), has_bias=has_bias, add_bias=add_bias, fetch=fetch is not None,
+                               group=G, Gp=Gp, normalize=normalize, merge_splits_here=ks if in_kernel else 0,
+                               gpu=not interpret)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     args = [layer_arr, qpos, ids, sl, q, k_pool, v_pool] + ([bias_pool] if has_bias else [])
+    if fetch is not None:
+        args += [fetch.loads, fetch.new_row, fetch.new_k, fetch.new_v, fetch.new_cis, fetch.host_kv, fetch.cis]
     partial_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
                      jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
                      jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
@@ -379,6 +510,11 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
         out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
                      pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
                      pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
+    n_main = len(out_shape)
+    if fetch is not None:  # the pools, written in place: outputs aliased to operands 5, 6, 7
+        aliases.update({5: n_main, 6: n_main + 1, 7: n_main + 2})
+        out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k_pool, v_pool, bias_pool)]
+        out_specs += [any_spec] * 3
     res = pl.pallas_call(
         kernel,
         grid=(B, Hk, ks),
@@ -388,15 +524,17 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
         input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
-        name="nosa_sparse_decode",
+        name="nosa_sparse_decode_fetch" if fetch is not None else "nosa_sparse_decode",
     )(*args)
+    main, pools = res[:n_main], list(res[n_main:])
 
     if normalize:
-        return res[0][:, :, :G].reshape(B, Hq, D)
-    if in_kernel:
-        return res[0]
-    # Merge the splits (only the G real rows; the padding rows were never written).
-    return merge_splits(*res, G, q.dtype)
+        out = main[0][:, :, :G].reshape(B, Hq, D)
+    elif in_kernel:
+        out = main[0]
+    else:  # merge the splits (only the G real rows; the padding rows were never written)
+        out = merge_splits(*main, G, q.dtype)
+    return [out] + pools
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
