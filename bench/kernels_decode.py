@@ -61,8 +61,10 @@ HEADER = ["Hq/Hk", "B", "method", "settings", "us/call", "TB/s", "% of 4.3", "ws
 _CUPTI_OK = [True]
 
 
-def device_time(fn, args, calls: int, repeats: int, kernel_substr: str | None = None):
-    """(seconds per call, kernel-only seconds per call or None, how) for the jitted `fn(*args)`."""
+def device_time(fn, args, calls: int, repeats: int, kernel_substr: str | tuple[str, ...] | None = None):
+    """(seconds per call, kernel-only seconds per call or None, how) for the jitted `fn(*args)`;
+    kernel-only: the kernels whose names contain `kernel_substr` (or one of them)."""
+    subs = (kernel_substr,) if isinstance(kernel_substr, str) else kernel_substr
     jax.block_until_ready(fn(*args))  # compile + warm up
     if _CUPTI_OK[0]:
         try:
@@ -72,7 +74,7 @@ def device_time(fn, args, calls: int, repeats: int, kernel_substr: str | None = 
                 totals = [sum(t for _, t in it) for it in per_iter]
                 kern = None
                 if kernel_substr:
-                    ks = [sum(t for n, t in it if kernel_substr in n) for it in per_iter]
+                    ks = [sum(t for n, t in it if any(x in n for x in subs)) for it in per_iter]
                     kern = statistics.median(ks) / 1e3 / calls if any(ks) else None
                 return statistics.median(totals) / 1e3 / calls, kern, "cupti"
         except Exception as e:  # noqa: BLE001

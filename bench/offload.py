@@ -40,6 +40,8 @@ from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_s
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
 from pallas_kernels.kv_loader import loader_path  # noqa: E402
 
+# With offload.LOADS == "fused" the misses are read inside the attention kernel (scope
+# "nosa_attend_fetch"): "loads" is then 0 and "attention" holds both.
 SCOPES = {"flush": ("nosa_flush",), "append": ("nosa_append",), "selection": ("nosa_select", "nosa_decode_stage1"),
           "slots": ("nosa_slots",), "loads": ("nosa_load", "nosa_kv_load"),
           "attention": ("nosa_attend", "nosa_sparse_decode")}

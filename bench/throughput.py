@@ -80,6 +80,7 @@ from bench.common import (compiled_memory_line, device_memory_line, enable_compi
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import DEFAULT_PREFILL_CHUNK, cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
+from nosa_jax import offload  # noqa: E402
 from nosa_jax.generate import PINNED_HOST_LIMIT_ENV, decode_loop  # noqa: E402
 from nosa_jax.offload import capacity_plan, fit_pool_slots, num_selected, offload_bytes, weight_bytes  # noqa: E402
 
@@ -400,6 +401,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     from pallas_kernels import slots as slots_kernel
 
     slots_kernel.SLOTS_IMPL = args.slots_impl or slots_kernel.SLOTS_IMPL
+    offload.LOADS = args.loads or offload.LOADS
 
     def keep(new: list[dict]) -> None:
         """Add a run's records and save all so far: a process stopped later (a device call's time
@@ -500,7 +502,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
-                                               "loader": loader, "slots_impl": slots_kernel.SLOTS_IMPL},
+                                               "loader": loader, "slots_impl": slots_kernel.SLOTS_IMPL,
+                                               "loads": offload.LOADS},
                                               stats=stats, prefill_s=prefill_s)
                         keep(recs)
                         report_line(recs)
@@ -627,7 +630,7 @@ def build_report(records) -> str:
     out.append("## Same batch: all methods at one batch (tok/s)\n\n"
                + markdown_table(["model", "context", "batch"] + [f"{LABELS.get(m, m)} {p}".replace(" -", "")
                                                                  for m, p in methods], rows))
-    out.append(anchors(runs, plans, budgets_seen))
+    out.append(anchors(runs, plans, budgets_seen, sorted({r.get("device", "?") for r in records})))
     if fails:
         out.append("## Failed runs\n\n" + markdown_table(["model", "method", "pool", "context", "batch", "error"],
                                                          [[s.get("model"), s.get("method"), s.get("pool"), s.get("context"),
@@ -635,7 +638,7 @@ def build_report(records) -> str:
     return "\n".join(out)
 
 
-def anchors(runs, plans, budgets_seen) -> str:
+def anchors(runs, plans, budgets_seen, devices: list[str]) -> str:
     rows = []
 
     def verdict(value, target):
@@ -710,8 +713,8 @@ def anchors(runs, plans, budgets_seen) -> str:
                      ("met" if ok == len(nosa) else f"MISSED by {w['measured_over_floor'] / TARGETS['floor_ratio']:.2f}x; "
                       f"{responsible(w)}")])
     return ("## Paper anchors and issue targets\n\nPaper numbers: shared/notes/perf-anchors.md (5.04x: A100, "
-            "PCIe 4, 80 GB, 96K, equivalent batch 64; 2551.66 tok/s: H100, PCIe 5). Ours: the H200, "
-            "random-weight models of the same shape, bf16.\n\n"
+            "PCIe 4, 80 GB, 96K, equivalent batch 64; 2551.66 tok/s: H100, PCIe 5). Ours: "
+            f"{', '.join(devices)}, random-weight models of the same shape, bf16.\n\n"
             + markdown_table(["quantity", "paper", "target", "ours", "verdict"], rows))
 
 
@@ -838,6 +841,9 @@ def parse_args(argv):
     ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
     ap.add_argument("--slots-impl", choices=["xla", "pallas"], default=None,
                     help="offloaded slot assignment (default: pallas_kernels.slots.SLOTS_IMPL)")
+    ap.add_argument("--loads", choices=["fused", "separate"], default=None,
+                    help="offloaded misses read in the attention kernel or loaded before it "
+                         "(default: nosa_jax.offload.LOADS)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
     ap.add_argument("--no-plots", action="store_true")

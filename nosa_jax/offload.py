@@ -31,6 +31,9 @@ One decode step, per layer (all inside the jitted decode loop, no host round tri
   4. the misses are copied host -> pool (`pallas_kernels.kv_loader.load_blocks`), and the new
      token is written into its block's slot (so the current token always sees its own block);
   5. attention over the pool through the slot table (the same decode kernel / reference).
+     With the Pallas model on the zero-copy loader path, 4 and 5 are one kernel
+     (`sparse_decode.sparse_decode_attention_fetch`, chosen by LOADS): each miss is read from the
+     pinned store by the program that attends to it, so the PCIe reads overlap the attention.
 A pool of exactly top-k slots is upstream's behaviour; more slots keep blocks that drop out of
 the selection resident (a victim cache), so they come back without a load.
 
@@ -86,6 +89,13 @@ class OffloadedKV:
 
 _DATA = [f.name for f in dataclasses.fields(OffloadedKV) if f.name not in ("capacity", "loader")]
 jax.tree_util.register_dataclass(OffloadedKV, data_fields=_DATA, meta_fields=["capacity", "loader"])
+
+
+# How the Pallas model's offloaded step loads its misses: "fused" = in the attention kernel
+# (`sparse_decode.sparse_decode_attention_fetch`: each miss is read from the pinned store by the
+# program that attends to it, so the PCIe reads overlap the attention over the hits), on the
+# zero-copy loader path only; "separate" = `kv_loader.load_blocks`, then the attention.
+LOADS = "fused"
 
 
 class OffloadError(ValueError):
@@ -325,7 +335,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
     Returns (o [B, 1, Hq, D], block_ids [B, Hk, 1, K], updated cache).
     """
     from pallas_kernels import slots as slots_kernel
-    from pallas_kernels.kv_loader import load_blocks
+    from pallas_kernels.kv_loader import load_blocks, loader_path
 
     if q.shape[1] != 1:
         raise ValueError("the offloaded cache decodes one token per step; prefill runs on the device "
@@ -394,24 +404,35 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
                 selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
 
     # 4. loads, then the new token into its own block's slot (one kernel on the pallas loader path)
-    with jax.named_scope("nosa_load"):
-        own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
-        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, -1)  # [B, Hk]
-        pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias, layer,
-                                                loads, jnp.maximum(slots, 0), block_size=bs, new_k=k[:, 0],
-                                                new_v=v[:, 0], new_cis=cis[:, 0], new_row=rows, path=off.loader,
-                                                interpret=settings.interpret)
+    own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
+    rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, -1)  # [B, Hk]
+    if settings.impl == "pallas" and LOADS == "fused" and loader_path(off.loader) == "pallas":
+        # 4 + 5 in one kernel: the misses' PCIe reads overlap the attention over the hits
+        from pallas_kernels.sparse_decode import Fetch, sparse_decode_attention_fetch
 
-    # 5. attention over the pool
-    with jax.named_scope("nosa_attend"):
-        bias = pool_bias if mode == "nosa" else None
-        if settings.impl == "pallas":
-            from pallas_kernels import sparse_decode_attention as attend_fn
-            kw = dict(interpret=settings.interpret)
-        else:
-            from pallas_kernels.sparse_decode import sparse_decode_attention_reference as attend_fn
-            kw = {}
-        o = attend_fn(q[:, 0], pool_k, pool_v, bias, ids, jnp.maximum(slots, 0), pos, layer, block_size=bs, **kw)
+        with jax.named_scope("nosa_attend_fetch"):  # the step split counts it as attention
+            fetch = Fetch(off.host_kv, cis_h, loads, k[:, 0], v[:, 0], cis[:, 0], rows)
+            o, pool_k, pool_v, pool_bias = sparse_decode_attention_fetch(
+                q[:, 0], off.pool_k, off.pool_v, off.pool_bias, ids, jnp.maximum(slots, 0), pos, layer, fetch,
+                block_size=bs, use_bias=mode == "nosa", interpret=settings.interpret)
+    else:
+        with jax.named_scope("nosa_load"):
+            pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias,
+                                                    layer, loads, jnp.maximum(slots, 0), block_size=bs,
+                                                    new_k=k[:, 0], new_v=v[:, 0], new_cis=cis[:, 0], new_row=rows,
+                                                    path=off.loader, interpret=settings.interpret)
+
+        # 5. attention over the pool
+        with jax.named_scope("nosa_attend"):
+            bias = pool_bias if mode == "nosa" else None
+            if settings.impl == "pallas":
+                from pallas_kernels import sparse_decode_attention as attend_fn
+                kw = dict(interpret=settings.interpret)
+            else:
+                from pallas_kernels.sparse_decode import sparse_decode_attention_reference as attend_fn
+                kw = {}
+            o = attend_fn(q[:, 0], pool_k, pool_v, bias, ids, jnp.maximum(slots, 0), pos, layer, block_size=bs,
+                          **kw)
 
     off = dataclasses.replace(off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias, ring_k=ring_k, cis=cis_h,
                               ktilde=ktilde, cisw=cisw, **counted)

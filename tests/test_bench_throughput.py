@@ -135,7 +135,7 @@ def test_speedup_target_bound(floor_ms, reachable):
     runs = {("8b", "nosa-offload", "2x top-k", ctx, 23): run(23 / 17.31e-3, 17.31, floor_ms),
             ("8b", "full", "-", ctx, 15): run(15 / 21.87e-3, 21.87, 18.65)}
     plans = {("8b", "nosa-offload", "2x top-k", ctx, budget): 23, ("8b", "full", "-", ctx, budget): 15}
-    row = next(ln for ln in tp.anchors(runs, plans, [budget]).splitlines() if "vs FullAttn" in ln)
+    row = next(ln for ln in tp.anchors(runs, plans, [budget], ["gpu:NVIDIA H200"]).splitlines() if "vs FullAttn" in ln)
     speedup = (23 / 17.31) / (15 / 21.87)
     bound = (23 / floor_ms) / (15 / 21.87)
     assert f"{speedup:.2f}x at {ctx} (batch 23 vs 15" in row and "MISSED" in row
@@ -167,7 +167,7 @@ def test_tokens_target_bound(floor_ms, reachable):
     runs = {("8b", "nosa-offload", "2x top-k", 16384, 16): {"throughput": 16 / step * 1e3, "step_time": step,
                                                            "floor_time": floor_ms,
                                                            "measured_over_floor": step / floor_ms}}
-    row = next(ln for ln in tp.anchors(runs, {}, ["80 GiB"]).splitlines()
+    row = next(ln for ln in tp.anchors(runs, {}, ["80 GiB"], ["gpu:NVIDIA H200"]).splitlines()
                if "NOSA offload tok/s, 8B/16K/batch 16, pool 2x top-k" in ln)
     assert "MISSED" in row
     assert f"at its roofline floor ({floor_ms:.2f} ms) this run would give {16e3 / floor_ms:.0f} tok/s" in row

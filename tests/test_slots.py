@@ -163,15 +163,18 @@ def test_update_slots_lowers_to_one_in_place_triton_kernel(S):
 
 def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch):
     """The offloaded decode with the Pallas model (interpret mode) gives the same tokens, logits and
-    pool statistics with the slot kernel as with assign_slots, and with the loader kernel (which
-    also writes the new token) as with the XLA loads and scatters, also after a sequence stops."""
+    pool statistics with the slot kernel as with assign_slots, with the loader kernel (which also
+    writes the new token) as with the XLA loads and scatters, and with the loads inside the
+    attention kernel (offload.LOADS "fused") as with either, also after a sequence stops."""
     from flax import nnx
 
     from model_utils import random_model, small_config
     from nosa_jax.config import NosaConfig
     from nosa_jax.generate import OffloadSettings, generate
+    from nosa_jax import offload
     from nosa_jax.model import from_params
     from pallas_kernels import slots as slots_kernel
+    from pallas_kernels import sparse_decode
 
     cfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
                                                     local_blocks=1, topk=4, qk_select=3))
@@ -180,19 +183,25 @@ def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch)
     prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (70, 30)]
     eos = generate(ref, prompts, max_new_tokens=20, eos_ids=[]).tokens[1][8]  # sequence 1 stops early
     runs = {}
-    for impl, loader in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
+    fetch_kernel = sparse_decode.sparse_decode_attention_fetch
+    for impl, loader, loads in (("xla", "xla", "fused"), ("pallas", "xla", "fused"), ("pallas", "pallas", "separate"),
+                                ("pallas", "pallas", "fused")):
         monkeypatch.setattr(slots_kernel, "SLOTS_IMPL", impl)
-        traced = []
+        monkeypatch.setattr(offload, "LOADS", loads)
+        traced, fetched = [], []
         kernel = slots_kernel._slots_kernel
         monkeypatch.setattr(slots_kernel, "_slots_kernel",
                             lambda *a, k=kernel, t=traced, **kw: (t.append(1), k(*a, **kw))[1])
-        jax.clear_caches()  # the setting is read at trace time
-        runs[impl, loader] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True,
-                                      kv_offload=OffloadSettings(pool_slots=6, loader=loader))
+        monkeypatch.setattr(sparse_decode, "sparse_decode_attention_fetch",
+                            lambda *a, t=fetched, **kw: (t.append(1), fetch_kernel(*a, **kw))[1])
+        jax.clear_caches()  # the settings are read at trace time
+        runs[impl, loader, loads] = generate(model, prompts, max_new_tokens=20, eos_ids=[eos], save_logits=True,
+                                             kv_offload=OffloadSettings(pool_slots=6, loader=loader))
         assert bool(traced) == (impl == "pallas")
-    a = runs["xla", "xla"]
+        assert bool(fetched) == (loader == "pallas" and loads == "fused")  # only on the zero-copy loader path
+    a = runs["xla", "xla", "fused"]
     assert len(a.tokens[1]) < 20
-    for b in (runs["pallas", "xla"], runs["pallas", "pallas"]):
+    for b in (runs["pallas", "xla", "fused"], runs["pallas", "pallas", "separate"], runs["pallas", "pallas", "fused"]):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(b.logits, a.logits)
         for name in ("misses", "selected", "reused"):
