@@ -10,7 +10,7 @@ split's second entry, round robin) or "poisson" (random entries, a Poisson(m) co
   separate  kv_loader.load_blocks(path="pallas") (copies the misses host -> pool and writes the
             token), then sparse_decode_attention over the pool (what offload.LOADS="separate" runs)
   fused     sparse_decode.sparse_decode_attention_fetch (what offload.LOADS="fused" runs), at
-            several (k_splits, num_warps, num_stages, miss_programs); merge in the kernel
+            several (k_splits, num_warps, num_stages); merge in the kernel
 Timing: one jit makes R calls in a row, call r on layer r % L, each call's output the next call's
 query and the pools carried; device time = the CUPTI time of the methods' own kernels (not the
 one-off copy of the pools into the timed program), median over repeats, / R.
@@ -42,8 +42,8 @@ from pallas_kernels.sparse_decode import (Fetch, plan_splits, sparse_decode_atte
 B, HQ, HK, D, BS, K, S, NB, L, R = 16, 32, 2, 128, 64, 64, 128, 256, 4, 8
 HBM, PCIE = 4.3e12, 53e9
 HEADER = ["misses/row", "order", "method", "settings", "us/call", "vs separate", "HBM floor us", "PCIe floor us", "rel_err"]
-# (k_splits, num_warps, num_stages, miss_programs)
-SETTINGS = [(None, 4, 2, 0), (None, 4, 2, 4), (None, 4, 2, 8), (None, 4, 1, 0), (None, 4, 1, 8)]
+# (k_splits, num_warps, num_stages)
+SETTINGS = [(None, 4, 2), (None, 4, 1), (16, 4, 2), (None, 4, 3), (None, 8, 2)]
 
 
 ORDERS = ("random", "last", "spread", "poisson")
@@ -92,10 +92,9 @@ def _separate(q, pools, host, cis, ids, slots, loads, q_pos, rows, new, layer):
     return sparse_decode_attention(q, pk, pv, pb, ids, slots, q_pos, layer, block_size=BS), (pk, pv, pb)
 
 
-def _fused(q, pools, host, cis, ids, slots, loads, q_pos, rows, new, layer, ks, nw, ns, mp):
+def _fused(q, pools, host, cis, ids, slots, loads, q_pos, rows, new, layer, ks, nw, ns):
     o, *p = sparse_decode_attention_fetch(q, *pools, ids, slots, q_pos, layer, Fetch(host, cis, loads, *new, rows),
-                                          block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns, merge="kernel",
-                                          miss_programs=mp)
+                                          block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns, merge="kernel")
     return o, tuple(p)
 
 
@@ -126,9 +125,9 @@ def run(records: list, quick: bool = False) -> list:
         base = None
         variants = [("separate", "default", _separate, ("nosa_kv_load_blocks", "nosa_sparse_decode"))]
         sweep = SETTINGS[:3] if quick else SETTINGS
-        for ks, nw, ns, mp in sweep:
-            variants.append(("fused", f"ks={ks or 'auto'} warps={nw} stages={ns} miss_programs={mp}",
-                             functools.partial(_fused, ks=ks, nw=nw, ns=ns, mp=mp), ("nosa_sparse_decode_fetch",)))
+        for ks, nw, ns in sweep:
+            variants.append(("fused", f"ks={ks or 'auto'} warps={nw} stages={ns}",
+                             functools.partial(_fused, ks=ks, nw=nw, ns=ns), ("nosa_sparse_decode_fetch",)))
         for method, settings, fn, names in variants:
             try:
                 o, p = fn(q, fresh(), host, cis, ids, slots, loads, q_pos, rows, new, jnp.int32(1))

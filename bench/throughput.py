@@ -402,10 +402,6 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
 
     slots_kernel.SLOTS_IMPL = args.slots_impl or slots_kernel.SLOTS_IMPL
     offload.LOADS = args.loads or offload.LOADS
-    from pallas_kernels import sparse_decode
-
-    if args.miss_programs is not None:
-        sparse_decode.MISS_PROGRAMS = args.miss_programs
 
     def keep(new: list[dict]) -> None:
         """Add a run's records and save all so far: a process stopped later (a device call's time
@@ -507,8 +503,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
                                                "loader": loader, "slots_impl": slots_kernel.SLOTS_IMPL,
-                                               "loads": offload.LOADS,
-                                               "miss_programs": sparse_decode.MISS_PROGRAMS},
+                                               "loads": offload.LOADS},
                                               stats=stats, prefill_s=prefill_s)
                         keep(recs)
                         report_line(recs)
@@ -849,9 +844,6 @@ def parse_args(argv):
     ap.add_argument("--loads", choices=["fused", "separate"], default=None,
                     help="offloaded misses read in the attention kernel or loaded before it "
                          "(default: nosa_jax.offload.LOADS)")
-    ap.add_argument("--miss-programs", type=int, default=None,
-                    help="with --loads fused: programs per (sequence, kv head) that read only the misses "
-                         "(default: pallas_kernels.sparse_decode.MISS_PROGRAMS)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
     ap.add_argument("--no-plots", action="store_true")

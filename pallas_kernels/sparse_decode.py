@@ -87,9 +87,6 @@ DEFAULT_NUM_SMS = 132  # H100/H200
 # 28.4 vs 27.0 (32/2, B=16, 16 splits) and 58.5 vs 35.9 (64 splits).
 DEFAULT_MERGE = "auto"
 KERNEL_MERGE_MAX_SPLITS = 8
-# sparse_decode_attention_fetch's miss programs per (b, kv head) by default (0: none, every program
-# reads its own entries' misses); see its docstring and bench/kernels_fetch.py.
-MISS_PROGRAMS = 0
 PROGRAMS_PER_SM = 2  # split-K target: about this many programs per SM (see default_k_splits)
 MERGE_CHUNK = 8192  # merge="kernel": f32 elements of partial outputs loaded at once (64 regs/thread at 4 warps)
 
@@ -157,16 +154,14 @@ def _rows(h, group: int, Gp: int):
 def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref, *rest,
                    block_size: int, per_split: int, num_entries: int, scale: float, has_bias: bool,
                    add_bias: bool, fetch: bool, group: int, Gp: int, normalize: bool, merge_splits_here: int,
-                   gpu: bool, miss_programs: int = 0):
+                   gpu: bool):
     """One program (b, h, s); see the module docstring. Refs after v_ref: [bias_ref] (has_bias);
     with `fetch`, loads, row, new_k, new_v, new_cis, host_kv, cis (see `sparse_decode_attention_fetch`);
     and, if merge_splits_here (= k_splits > 1, merge="kernel"), the counter's input (aliased,
     unused); then the outputs: [o] if normalize; else [out [B, Hq, D] if merge_splits_here] +
     partial o, m, l [+ counter [B, Hk] int32 if merge_splits_here]; with `fetch`, then the pools
     k, v, bias (aliased to k_ref, v_ref, bias_ref). add_bias: the bias enters the logits (has_bias
-    alone: the pool is only written, as the infllmv2 mode's fetch does). miss_programs (with
-    `fetch`): 0 = every program reads its own entries' misses; P > 0 = programs s < P read only
-    misses (see `sparse_decode_attention_fetch`) and program s >= P is hit split s - P."""
+    alone: the pool is only written, as the infllmv2 mode's fetch does)."""
     if has_bias:
         bias_ref, *rest = rest
     else:
@@ -193,6 +188,7 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
         new_c = newc_ref[b, h]
 
     def body(i, carry):
+        acc, m_prev, l_prev = carry
         e = s * per_split + i
         if num_entries % per_split:  # the last split runs past the table: those entries are unused
             e_in = jnp.minimum(e, num_entries - 1)
@@ -216,17 +212,23 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
             k = pltriton.load(k_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)  # [bs, D]
             v = pltriton.load(v_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)
             bias = pltriton.load(bias_ref.at[layer, b, tok, h], mask=visible, other=0.0) if add_bias else None
-        return _online_step(carry, q, k, v, bias if add_bias else None, visible, scale)
+        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        sc = sc * scale  # [Gp, bs]
+        if add_bias:
+            sc = sc + bias.astype(jnp.float32)[None, :]
+        sc = jnp.where(visible[None, :], sc, NEG_INF)
+        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))  # running max includes the bias
+        m_use = _finite(m_new)  # all-masked rows: no (-inf) - (-inf)
+        alpha = jnp.exp(m_prev - m_use)
+        p = jnp.exp(sc - m_use[:, None])  # masked keys: exp(-inf) = 0
+        l_new = alpha * l_prev + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return alpha[:, None] * acc + pv, m_new, l_new
 
     init = (jnp.zeros((Gp, D), jnp.float32), jnp.full((Gp,), NEG_INF, jnp.float32),
             jnp.zeros((Gp,), jnp.float32))
-    if fetch and miss_programs:
-        acc, m, l = _miss_and_hit_loops(
-            init, q, layer, b, h, s, q_pos, row, new_k, new_v, new_c, ids_ref, slots_ref, loads_ref, k_ref, v_ref,
-            bias_ref, host_ref, cis_ref, pk_out, pv_out, pb_out, block_size=block_size, per_split=per_split,
-            num_entries=num_entries, scale=scale, add_bias=add_bias, programs=miss_programs)
-    else:
-        acc, m, l = lax.fori_loop(0, per_split, body, init)
+    acc, m, l = lax.fori_loop(0, per_split, body, init)
     # Plain stores (`ref[...] = x` lowers to a swap, which would also load the old contents).
     if normalize:  # k_splits == 1: the final output [Gp, D]
         (o_ref,) = outs
@@ -248,91 +250,6 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
     if merge_splits_here:
         _merge_if_last(out_ref, o_all, m_all, l_all, cnt_ref, b, h, rows_ok, splits=merge_splits_here,
                        group=group, Gp=Gp, gpu=gpu)
-
-
-def _online_step(carry, q, k, v, bias, visible, scale: float):
-    """One block of the online softmax: carry (acc [Gp, D], running max, running sum [Gp]) updated
-    with keys k, values v [bs, D], bias [bs] (None: none) and the visible mask [bs]."""
-    acc, m_prev, l_prev = carry
-    sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    sc = sc * scale  # [Gp, bs]
-    if bias is not None:
-        sc = sc + bias.astype(jnp.float32)[None, :]
-    sc = jnp.where(visible[None, :], sc, NEG_INF)
-    m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))  # running max includes the bias
-    m_use = _finite(m_new)  # all-masked rows: no (-inf) - (-inf)
-    alpha = jnp.exp(m_prev - m_use)
-    p = jnp.exp(sc - m_use[:, None])  # masked keys: exp(-inf) = 0
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return alpha[:, None] * acc + pv, m_new, l_new
-
-
-def _miss_and_hit_loops(init, q, layer, b, h, s, q_pos, row, new_k, new_v, new_c, ids_ref, slots_ref, loads_ref,
-                        k_ref, v_ref, bias_ref, host_ref, cis_ref, pk_out, pv_out, pb_out, *, block_size: int,
-                        per_split: int, num_entries: int, scale: float, add_bias: bool, programs: int):
-    """The fetching kernel with `programs` miss programs: program s < programs takes the misses of
-    rank s, s + programs, ... among its row's (rank = the count of misses before the entry), reads
-    each from the host store, writes it (with the new token's row if that falls in it) into its
-    slot and attends to it; program s >= programs walks hit split s - programs exactly as the plain
-    kernel does, from the pool alone, skipping the misses (and writes the token's row if its slot is
-    one of its entries). Each loop holds one kind of load, so a program stalled on PCIe holds no
-    pool buffers, and the miss programs, first in launch order, start their PCIe reads at once."""
-    Kp = loads_ref.shape[-1]  # the load list, padded to a power of two by the wrapper
-    D = q.shape[-1]
-    offs = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
-    miss = pltriton.load(loads_ref.at[b, h, :]) >= 0  # [Kp]
-    total = jnp.sum(miss.astype(jnp.int32))
-    mine = jnp.where(s < programs, jnp.maximum(0, (total - s + programs - 1) // programs), 0)
-
-    def miss_body(i, carry):  # (the ranks are counted here: a miss program without misses skips it)
-        before = lax.broadcasted_iota(jnp.int32, (Kp, Kp), 1) < lax.broadcasted_iota(jnp.int32, (Kp, Kp), 0)
-        rank = jnp.sum(jnp.where(before & miss[None, :], 1, 0), axis=1)  # [Kp]: misses before each entry
-        lanes = lax.broadcasted_iota(jnp.int32, (Kp,), 0)
-        e = jnp.sum(jnp.where(miss & (rank == s + i * programs), lanes, 0))
-        blk = ids_ref[b, h, e]  # = its load's id
-        start = pl.multiple_of(slots_ref[b, h, e] * block_size, block_size)
-        tok = pl.ds(start, block_size)
-        k = pltriton.load(host_ref.at[layer, b, h, blk, jnp.int32(0), :, :])  # [bs, D], over PCIe
-        v = pltriton.load(host_ref.at[layer, b, h, blk, jnp.int32(1), :, :])
-        bias = pltriton.load(cis_ref.at[layer, b, pl.ds(pl.multiple_of(blk * block_size, block_size), block_size), h])
-        here = offs == row - start  # the new token's row, if it is in this block
-        k = jnp.where(here[:, None], new_k, k)
-        v = jnp.where(here[:, None], new_v, v)
-        bias = jnp.where(here, new_c, bias)
-        pltriton.store(pk_out.at[layer, b, tok, h, :], k)  # the whole block into its slot
-        pltriton.store(pv_out.at[layer, b, tok, h, :], v)
-        pltriton.store(pb_out.at[layer, b, tok, h], bias)
-        visible = offs + blk * block_size <= q_pos  # rows past the sequence's end may hold anything
-        v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
-        return _online_step(carry, q, k, v, jnp.where(visible, bias, 0.0) if add_bias else None, visible, scale)
-
-    def hit_body(i, carry):
-        e = (s - programs) * per_split + i
-        e_in = jnp.minimum(e, num_entries - 1)  # the last split may run past the table
-        blk = jnp.where(e < num_entries, ids_ref[b, h, e_in], -1)
-        hit = (blk >= 0) & (loads_ref[b, h, e_in] < 0)
-        visible = hit & (offs + blk * block_size <= q_pos)  # [bs]
-        start = pl.multiple_of(jnp.where(blk >= 0, slots_ref[b, h, e_in], 0) * block_size, block_size)
-        tok = pl.ds(start, block_size)
-        kv_mask = jnp.broadcast_to(visible[:, None], (block_size, D))
-        k = pltriton.load(k_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)
-        v = pltriton.load(v_ref.at[layer, b, tok, h, :], mask=kv_mask, other=0)
-        bias = (pltriton.load(bias_ref.at[layer, b, tok, h], mask=visible, other=0.0) if add_bias
-                else jnp.zeros((block_size,), jnp.float32))
-        here = hit & (offs == row - start)  # the new token's row: into the block and the pool
-        here_kv = jnp.broadcast_to(here[:, None], (block_size, D))
-        k = jnp.where(here_kv, new_k, k)
-        v = jnp.where(here_kv, new_v, v)
-        bias = jnp.where(here, new_c, bias)
-        pltriton.store(pk_out.at[layer, b, tok, h, :], k, mask=here_kv)
-        pltriton.store(pv_out.at[layer, b, tok, h, :], v, mask=here_kv)
-        pltriton.store(pb_out.at[layer, b, tok, h], bias, mask=here)
-        return _online_step(carry, q, k, v, bias if add_bias else None, visible, scale)
-
-    zero = jnp.int32(0)  # (scf.for needs both bounds of one type)
-    carry = lax.fori_loop(zero, mine.astype(jnp.int32), miss_body, init)
-    return lax.fori_loop(zero, jnp.where(s < programs, zero, jnp.int32(per_split)), hit_body, carry)
 
 
 def _fetch_block(k_ref, v_ref, bias_ref, host_ref, cis_ref, pk_out, pv_out, pb_out, layer, b, h, blk, ld, tok,
@@ -509,24 +426,18 @@ class Fetch(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "use_bias", "k_splits", "num_warps", "num_stages",
-                                             "interpret", "merge", "miss_programs"))
+                                             "interpret", "merge"))
 def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch, *,
                                   block_size: int, use_bias: bool = True, k_splits: int | None = None,
                                   num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
-                                  merge: str | None = None, miss_programs: int | None = None):
+                                  merge: str | None = None):
     """`kv_loader.load_blocks` (the misses host -> pool, the new token into its row) and
     `sparse_decode_attention` over the result, in ONE kernel: each entry's block comes from the
     host store if it is a miss (written into its slot on the way) and from the pool otherwise, so
     the PCIe reads of the misses overlap the attention over the hits instead of preceding it.
     Returns (out [B, Hq, D], k_pool, v_pool, bias_pool), the pools updated in place (aliased) exactly
     as load_blocks updates them. bias_pool is always written; use_bias: whether it enters the logits
-    (False: the infllmv2 mode). Triton backend only; arguments as `sparse_decode_attention`.
-
-    miss_programs (None -> MISS_PROGRAMS): 0 = each program reads the misses among its own entries
-    (a program that waits on PCIe holds the pool buffers of its hits meanwhile); P > 0 = P extra
-    programs per (b, h), launched first, read only the misses (ranked in entry order, miss r to
-    program r mod P), and the k_splits programs after them attend only to hits, from the pool.
-    """
+    (False: the infllmv2 mode). Triton backend only; arguments as `sparse_decode_attention`."""
     _check_merge(merge)
     check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     B, Hk, K = block_ids.shape
@@ -545,22 +456,15 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
     f = fetch._replace(loads=fetch.loads.astype(jnp.int32), new_row=fetch.new_row.astype(jnp.int32),
                        new_k=fetch.new_k.astype(k_pool.dtype), new_v=fetch.new_v.astype(v_pool.dtype),
                        new_cis=fetch.new_cis.astype(bias_pool.dtype))
-    P = MISS_PROGRAMS if miss_programs is None else int(miss_programs)
-    if P < 0:
-        raise ValueError(f"miss_programs must be >= 0, got {P}")
-    if P and next_pow2(K) != K:  # the miss programs rank the load list as one power-of-two vector
-        f = f._replace(loads=jnp.pad(f.loads, ((0, 0), (0, 0), (0, next_pow2(K) - K)), constant_values=-1))
     return _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, f, add_bias=use_bias,
                           block_size=block_size, k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
-                          interpret=interpret, merge=merge, miss_programs=P)
+                          interpret=interpret, merge=merge)
 
 
 def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch | None, *,
                    add_bias: bool, block_size: int, k_splits, num_warps: int, num_stages: int, interpret: bool,
-                   merge: str | None, miss_programs: int = 0) -> list:
-    """The Triton kernel's call; returns [out] or, with `fetch`, [out, k_pool, v_pool, bias_pool].
-    The grid's last axis holds miss_programs miss programs (fetch only) and then the k_splits hit
-    splits; the partials and the merge count them all."""
+                   merge: str | None) -> list:
+    """The Triton kernel's call; returns [out] or, with `fetch`, [out, k_pool, v_pool, bias_pool]."""
     B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     G = Hq // Hk
     Gp = max(16, next_pow2(G))
@@ -568,30 +472,29 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
         _check_gpu_shapes(block_size, D, Gp)
 
     ks, per = plan_splits(B, Hk, K, k_splits)
-    P = miss_programs if fetch is not None else 0
     ids = block_ids.astype(jnp.int32)
     sl = slots.astype(jnp.int32)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     qpos = jnp.asarray(q_pos, jnp.int32).reshape(B)
 
     has_bias = bias_pool is not None
-    normalize = ks + P == 1
+    normalize = ks == 1
     merge = merge or DEFAULT_MERGE
-    if merge == "auto":  # by the hit splits (the P miss programs' partials are merged after them)
+    if merge == "auto":
         merge = "kernel" if ks <= KERNEL_MERGE_MAX_SPLITS else "jnp"
     in_kernel = not normalize and merge == "kernel"
     kernel = functools.partial(_decode_kernel, block_size=block_size, per_split=per, num_entries=K,
                                scale=1.0 / math.sqrt(D), has_bias=has_bias, add_bias=add_bias, fetch=fetch is not None,
-                               group=G, Gp=Gp, normalize=normalize, merge_splits_here=ks + P if in_kernel else 0,
-                               gpu=not interpret, miss_programs=P)
+                               group=G, Gp=Gp, normalize=normalize, merge_splits_here=ks if in_kernel else 0,
+                               gpu=not interpret)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     args = [layer_arr, qpos, ids, sl, q, k_pool, v_pool] + ([bias_pool] if has_bias else [])
     if fetch is not None:
         args += [fetch.loads, fetch.new_row, fetch.new_k, fetch.new_v, fetch.new_cis, fetch.host_kv, fetch.cis]
-    partial_shape = [jax.ShapeDtypeStruct((B, Hk, ks + P, Gp, D), jnp.float32),
-                     jax.ShapeDtypeStruct((B, Hk, ks + P, Gp), jnp.float32),
-                     jax.ShapeDtypeStruct((B, Hk, ks + P, Gp), jnp.float32)]
+    partial_shape = [jax.ShapeDtypeStruct((B, Hk, ks, Gp, D), jnp.float32),
+                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32),
+                     jax.ShapeDtypeStruct((B, Hk, ks, Gp), jnp.float32)]
     aliases = {}
     if normalize:
         out_shape = [jax.ShapeDtypeStruct((B, Hk, Gp, D), q.dtype)]
@@ -614,7 +517,7 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
         out_specs += [any_spec] * 3
     res = pl.pallas_call(
         kernel,
-        grid=(B, Hk, ks + P),
+        grid=(B, Hk, ks),
         in_specs=[any_spec] * len(args),
         out_specs=out_specs,
         out_shape=out_shape,

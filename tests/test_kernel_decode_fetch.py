@@ -151,39 +151,31 @@ def check_fetch(c, got, use_bias=True, atol=2e-5, rtol=2e-5):
 @pytest.mark.parametrize("merge", ["jnp", "kernel"])
 @pytest.mark.parametrize("k_splits", [1, 2, 4])
 @pytest.mark.parametrize("host_kind", ["device", "pinned_host"])
-@pytest.mark.parametrize("miss_programs", [0, 2])
-def test_fetch_matches_numpy(k_splits, merge, host_kind, miss_programs):
+def test_fetch_matches_numpy(k_splits, merge, host_kind):
     c = make_fetch_case(np.random.default_rng())
-    check_fetch(c, run_fetch(c, host_kind=host_kind, k_splits=k_splits, merge=merge, miss_programs=miss_programs,
-                             interpret=True))
+    check_fetch(c, run_fetch(c, host_kind=host_kind, k_splits=k_splits, merge=merge, interpret=True))
 
 
 @pytest.mark.parametrize("G", [1, 16])
-@pytest.mark.parametrize("miss_programs", [0, 3])
-def test_fetch_without_bias_in_the_logits(G, miss_programs):
+def test_fetch_without_bias_in_the_logits(G):
     """The infllmv2 mode: the bias pool is still written (the same pool state) but not attended with."""
     c = make_fetch_case(np.random.default_rng(), G=G)
-    check_fetch(c, run_fetch(c, use_bias=False, k_splits=2, miss_programs=miss_programs, interpret=True),
-                use_bias=False)
+    check_fetch(c, run_fetch(c, use_bias=False, k_splits=2, interpret=True), use_bias=False)
 
 
 @pytest.mark.parametrize("miss_rate", [0.0, 1.0])
-@pytest.mark.parametrize("miss_programs", [0, 1, 4])
-def test_fetch_all_hits_and_all_misses(miss_rate, miss_programs):
-    """K=7: the last split is partial, and the miss programs rank a load list padded to 8 entries;
-    all misses with one miss program: it reads every block of its row in turn."""
-    c = make_fetch_case(np.random.default_rng(), miss_rate=miss_rate, K=7)
+def test_fetch_all_hits_and_all_misses(miss_rate):
+    c = make_fetch_case(np.random.default_rng(), miss_rate=miss_rate, K=7)  # K=7: the last split is partial
     if miss_rate == 0.0:
         assert (c["loads"][1:] < 0).all()
-    check_fetch(c, run_fetch(c, k_splits=3, miss_programs=miss_programs, interpret=True))
+    check_fetch(c, run_fetch(c, k_splits=3, interpret=True))
 
 
-@pytest.mark.parametrize("miss_programs", [0, 2])
-def test_fetch_bf16_same_pools_as_load_blocks(miss_programs):
+def test_fetch_bf16_same_pools_as_load_blocks():
     """bf16 (the model's dtype): the pools equal kv_loader.load_blocks' (xla path) bit for bit, and
     the output the reference attention over them."""
     c = make_fetch_case(np.random.default_rng(), dtype=jnp.bfloat16, G=16, D=64, bs=16)
-    got = run_fetch(c, miss_programs=miss_programs, interpret=True)
+    got = run_fetch(c, interpret=True)
     check_fetch(c, got, atol=2e-2, rtol=2e-2)
     jd = jnp.bfloat16
     pools = load_blocks(jnp.asarray(c["host"], jd), jnp.asarray(c["cis"]), jnp.asarray(c["pk"], jd),
@@ -200,12 +192,9 @@ def test_fetch_argument_checks():
     c["host"] = c["host"][:, :, :, :, :, :4]  # blocks of 4 rows in the store, 8 in the pool
     with pytest.raises(ValueError, match="host_kv"):
         run_fetch(c, interpret=True)
-    with pytest.raises(ValueError, match="miss_programs"):
-        run_fetch(make_fetch_case(np.random.default_rng(0)), miss_programs=-1, interpret=True)
 
 
-@pytest.mark.parametrize("miss_programs", [0, 4])
-def test_fetch_lowers_to_one_verified_triton_kernel(miss_programs):
+def test_fetch_lowers_to_one_verified_triton_kernel():
     """At the 8B decode's sizes (B=16, 32/2 heads, D=128, blocks of 64, K=64, 8 splits, merge in the
     kernel), cross-lowered for CUDA: one Triton call with the three pools aliased to its outputs
     (plus the merge counter), the pinned_host store passed straight in, and the module passes the
@@ -218,7 +207,7 @@ def test_fetch_lowers_to_one_verified_triton_kernel(miss_programs):
     def f(q, pk, pv, pb, ids, slots, pos, cis, loads, nk, nv, nc, row):
         return sparse_decode_attention_fetch(q, pk, pv, pb, ids, slots, pos, jnp.int32(1),
                                              Fetch(host, cis, loads, nk, nv, nc, row), block_size=bs, k_splits=8,
-                                             merge="kernel", miss_programs=miss_programs)
+                                             merge="kernel")
 
     txt, modules = verified_triton_modules(
         f, sd((B, Hq, D), jnp.bfloat16), sd((L, B, S * bs, Hk, D), jnp.bfloat16),
@@ -236,14 +225,13 @@ def test_fetch_lowers_to_one_verified_triton_kernel(miss_programs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_bias", [True, False])
-@pytest.mark.parametrize("miss_programs", [0, 4])
-def test_gpu_fetch_pinned_store(use_bias, miss_programs):
+def test_gpu_fetch_pinned_store(use_bias):
     """8B decode sizes, the store in pinned_host memory (read in place over PCIe): pools bit-exact
     against load_blocks (its pallas path), output against the reference attention over them."""
     rng = np.random.default_rng(5 + use_bias)
     L, B, Hk, G, D, bs, NB, S, K = 2, 16, 2, 16, 128, 64, 64, 128, 64
     c = make_fetch_case(rng, L=L, B=B, Hk=Hk, G=G, D=D, bs=bs, NB=NB, S=S, K=K, dtype=jnp.bfloat16, miss_rate=0.1)
-    out, *pools = run_fetch(c, host_kind="pinned_host", use_bias=use_bias, miss_programs=miss_programs)
+    out, *pools = run_fetch(c, host_kind="pinned_host", use_bias=use_bias)
     jd = jnp.bfloat16
     host = jax.device_put(jnp.asarray(c["host"], jd), SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
     want = load_blocks(host, jnp.asarray(c["cis"]), jnp.asarray(c["pk"], jd), jnp.asarray(c["pv"], jd),
