@@ -107,3 +107,25 @@ def copies_of(hlo: str, shapes) -> list[str]:
     result has one of `shapes` (e.g. "bf16[4,16,128]")."""
     return [ln for ty, op, ln in hlo_instructions(hlo)
             if op in ("copy", "copy-start") and any(s + "{" in ty for s in shapes)]
+
+
+def np_load_blocks(pools, host_kv, cis, layer: int, loads, slots, block_size: int, new=None):
+    """NumPy replay of `kv_loader.load_blocks` on copies of pools = (k, v, bias) [L, B, T, Hk(, D)]:
+    every entry with loads[b, h, e] = j >= 0 copies block j of the store host_kv [L, B, Hk, NB, 2,
+    bs, D] (and its cis [L, B, T, Hk] rows) into slot slots[b, h, e] of `layer`; then, if
+    new = (new_k, new_v, new_cis, new_row), each (b, h) with new_row >= 0 gets the token at that row."""
+    rk, rv, rb = (np.array(p, copy=True) for p in pools)
+    bs = block_size
+    B, Hk, K = loads.shape
+    for b in range(B):
+        for h in range(Hk):
+            for e in range(K):
+                j, s = loads[b, h, e], slots[b, h, e]
+                if j >= 0:
+                    rk[layer, b, s * bs:(s + 1) * bs, h] = host_kv[layer, b, h, j, 0]
+                    rv[layer, b, s * bs:(s + 1) * bs, h] = host_kv[layer, b, h, j, 1]
+                    rb[layer, b, s * bs:(s + 1) * bs, h] = cis[layer, b, j * bs:(j + 1) * bs, h]
+            if new is not None and new[3][b, h] >= 0:
+                r = new[3][b, h]
+                rk[layer, b, r, h], rv[layer, b, r, h], rb[layer, b, r, h] = new[0][b, h], new[1][b, h], new[2][b, h]
+    return rk, rv, rb

@@ -32,7 +32,7 @@ from jax.sharding import SingleDeviceSharding
 from pallas_kernels.kv_loader import load_blocks
 from pallas_kernels.sparse_decode import (Fetch, sparse_decode_attention_fetch,
                                           sparse_decode_attention_reference)
-from model_utils import verified_triton_modules
+from model_utils import np_load_blocks, verified_triton_modules
 from test_kernel_sparse_decode import np_sparse_decode
 
 NAN = float("nan")
@@ -102,22 +102,8 @@ def make_fetch_case(rng, *, L=3, layer=1, B=4, Hk=2, G=4, D=32, bs=8, NB=10, S=1
 
 def np_fetch(c):
     """NumPy replay of the loads and the token write: the expected pools."""
-    rk, rv, rb = c["pk"].copy(), c["pv"].copy(), c["pb"].copy()
-    bs, lyr = c["bs"], c["layer"]
-    B, Hk, K = c["ids"].shape
-    for b in range(B):
-        for h in range(Hk):
-            for e in range(K):
-                j, s = c["loads"][b, h, e], c["slots"][b, h, e]
-                if j < 0:
-                    continue
-                rk[lyr, b, s * bs:(s + 1) * bs, h] = c["host"][lyr, b, h, j, 0]
-                rv[lyr, b, s * bs:(s + 1) * bs, h] = c["host"][lyr, b, h, j, 1]
-                rb[lyr, b, s * bs:(s + 1) * bs, h] = c["cis"][lyr, b, j * bs:(j + 1) * bs, h]
-            r = c["rows"][b, h]
-            if r >= 0:
-                rk[lyr, b, r, h], rv[lyr, b, r, h], rb[lyr, b, r, h] = c["new_k"][b, h], c["new_v"][b, h], c["new_c"][b, h]
-    return rk, rv, rb
+    return np_load_blocks((c["pk"], c["pv"], c["pb"]), c["host"], c["cis"], c["layer"], c["loads"], c["slots"],
+                          c["bs"], new=(c["new_k"], c["new_v"], c["new_c"], c["rows"]))
 
 
 def run_fetch(c, *, host_kind="device", use_bias=True, **kw):

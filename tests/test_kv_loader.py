@@ -19,7 +19,7 @@ from jax.sharding import SingleDeviceSharding
 
 from pallas_kernels import kv_loader
 from pallas_kernels.kv_loader import load_blocks, loader_path
-from model_utils import copies_of, h200_lowering_text
+from model_utils import copies_of, h200_lowering_text, np_load_blocks
 
 L, B, Hk, NB, BS, D, S, M = 3, 2, 2, 6, 16, 16, 5, 3
 DT = jnp.bfloat16
@@ -53,21 +53,11 @@ def _data(seed=0):
     blocks[1, 1, :] = -1  # a head with nothing to load
     slots[1, 1, :] = -1   # ... and garbage slots for it
     hkv = np.stack([hk, hv], axis=4)  # the store: K and V of each block side by side
-    return dict(hk=hk, hv=hv, hkv=hkv, cis=cis, pk=pk, pv=pv, pb=pb, blocks=blocks, slots=slots)
+    return dict(hkv=hkv, cis=cis, pk=pk, pv=pv, pb=pb, blocks=blocks, slots=slots)
 
 
-def _ref_load(d, layer):
-    rk, rv, rb = d["pk"].copy(), d["pv"].copy(), d["pb"].copy()
-    for b in range(B):
-        for h in range(Hk):
-            for m in range(M):
-                blk, s = d["blocks"][b, h, m], d["slots"][b, h, m]
-                if blk < 0:
-                    continue
-                rk[layer, b, s * BS:(s + 1) * BS, h] = d["hk"][layer, b, h, blk]
-                rv[layer, b, s * BS:(s + 1) * BS, h] = d["hv"][layer, b, h, blk]
-                rb[layer, b, s * BS:(s + 1) * BS, h] = d["cis"][layer, b, blk * BS:(blk + 1) * BS, h]
-    return rk, rv, rb
+def _ref_load(d, layer, new=None):
+    return np_load_blocks((d["pk"], d["pv"], d["pb"]), d["hkv"], d["cis"], layer, d["blocks"], d["slots"], BS, new=new)
 
 
 def _assert_same(got, want):
@@ -194,12 +184,7 @@ def _check_token_write(path, interpret):
                       jnp.asarray(d["pv"]), jnp.asarray(d["pb"]), jnp.int32(layer), jnp.asarray(d["blocks"]),
                       jnp.asarray(d["slots"]), block_size=BS, new_k=jnp.asarray(new_k), new_v=jnp.asarray(new_v),
                       new_cis=jnp.asarray(new_c), new_row=jnp.asarray(rows), path=path, interpret=interpret)
-    rk, rv, rb = _ref_load(d, layer)
-    for b in range(B):
-        for h in range(Hk):
-            if rows[b, h] >= 0:
-                rk[layer, b, rows[b, h], h], rv[layer, b, rows[b, h], h] = new_k[b, h], new_v[b, h]
-                rb[layer, b, rows[b, h], h] = new_c[b, h]
+    rk, rv, rb = _ref_load(d, layer, new=(new_k, new_v, new_c, rows))
     _assert_same(out, (rk, rv, rb))
     assert not np.array_equal(_bits(rk), _bits(_ref_load(d, layer)[0]))  # the token rows changed something
 
