@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import importlib
 import json
 import re
 import tempfile
@@ -13,6 +14,38 @@ from pathlib import Path
 import jax
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# kernel choices a benchmark may switch per run: key -> (module in pallas_kernels, attribute, values);
+# each attribute is read at trace time
+KERNEL_CHOICES = {"topk": ("selection", "TOPK_IMPL", ("xla", "pallas")),
+                  "search": ("topk", "RADIX_SEARCH", ("early", "full")),
+                  "finish": ("selection", "SCORES_FINISH", ("jnp", "pallas")),
+                  "write": ("cache_write", "WRITE_IMPL", ("xla", "pallas"))}
+KERNEL_CHOICES_HELP = ", ".join(f"{k} {'|'.join(v)}" for k, (_, _, v) in KERNEL_CHOICES.items())
+
+
+def parse_kernels(text: str) -> dict:
+    """"default" or "key=value,..." over KERNEL_CHOICES (e.g. "write=pallas,finish=pallas")."""
+    if text == "default":
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in KERNEL_CHOICES or value not in KERNEL_CHOICES[key][2]:
+            raise SystemExit(f"kernel choice {text!r}: expected 'default' or key=value pairs from "
+                             f"{KERNEL_CHOICES_HELP}")
+        out[key] = value
+    return out
+
+
+def kernel_choices(overrides: dict | None = None) -> dict:
+    """The modules' current kernel choices, with `overrides` set on the modules first."""
+    for key, value in (overrides or {}).items():
+        mod, attr, _ = KERNEL_CHOICES[key]
+        setattr(importlib.import_module(f"pallas_kernels.{mod}"), attr, value)
+    return {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
+            for k, (mod, attr, _) in KERNEL_CHOICES.items()}
 
 
 def device_name() -> str:

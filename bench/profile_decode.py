@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
-import importlib
 import os
 import sys
 import time
@@ -34,31 +33,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import busy_time, markdown_table, trace_device_events
+from bench.common import KERNEL_CHOICES_HELP, busy_time, kernel_choices, markdown_table, parse_kernels, trace_device_events
 from bench.generate import parse_variant as parse_xla_variant
 from bench.generate import random_cache, with_options
 from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import PAD, DecodeState, Sampler, decode_loop
 from nosa_jax.model import NosaForCausalLM
-
-
-VARIANT_KEYS = {"topk": ("selection", "TOPK_IMPL"), "search": ("topk", "RADIX_SEARCH"),
-                "finish": ("selection", "SCORES_FINISH"), "write": ("cache_write", "WRITE_IMPL")}
-
-
-def parse_variant(text: str) -> dict:
-    """"default" or "key=value,..." with keys topk (xla|pallas), search (early|full), finish (jnp|pallas),
-    write (xla|pallas)."""
-    if text == "default":
-        return {}
-    out = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in VARIANT_KEYS or not value:
-            raise SystemExit(f"--variant {text!r}: expected 'default' or key=value pairs with keys "
-                             f"{sorted(VARIANT_KEYS)}")
-        out[key] = value
-    return out
 
 
 def main():
@@ -74,16 +54,14 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--variant", action="append", default=None,
                     help="kernel choices to profile, one process for all: 'default' or e.g. "
-                         "'write=pallas,finish=pallas' (topk xla|pallas, search early|full, finish jnp|pallas, "
-                         "write xla|pallas); "
+                         f"'write=pallas,finish=pallas' ({KERNEL_CHOICES_HELP}); "
                          "repeat for several (default: one run with the modules' defaults)")
     ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
                     help="also profile the default kernels with these extra XLA options on the decode loop")
     args = ap.parse_args()
-    variants = [(parse_variant(v), "", {}) for v in (args.variant or ["default"])]
+    variants = [(parse_kernels(v), "", {}) for v in (args.variant or ["default"])]
     variants += [({}, *parse_xla_variant(v)) for v in args.xla_variant]
-    defaults = {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
-                for k, (mod, attr) in VARIANT_KEYS.items()}
+    defaults = kernel_choices()
     shape = SHAPES[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
@@ -93,9 +71,7 @@ def main():
     base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
     summary = []
     for variant, xla_name, xla_options in variants:
-        choice = {**defaults, **variant}
-        for key, (mod, attr) in VARIANT_KEYS.items():
-            setattr(importlib.import_module(f"pallas_kernels.{mod}"), attr, choice[key])
+        choice = kernel_choices({**defaults, **variant})
         jax.clear_caches()  # the choices are read at trace time
         try:
             summary.append(profile(graphdef, state, cfg, base, args, choice, model.settings.impl,

@@ -43,6 +43,7 @@ FILE.json ...` rebuilds tables and plots from saved records (e.g. of several dev
         [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2 fit] [--steps 32] [--repeats 5] [--tag T]
         [--resume EARLIER.json]      # keep the runs an earlier, stopped call finished
         [--slots-impl xla|pallas]    # the offloaded slot assignment (pallas_kernels/slots.py)
+        [--kernels write=pallas,finish=pallas]   # kernel choices for every run (bench/common.KERNEL_CHOICES)
     python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
     python bench/throughput.py --report bench/results/throughput-*.json [--out-dir DIR]
     nosa-jax bench [the same arguments]
@@ -75,8 +76,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import (compiled_memory_line, device_memory_line, enable_compilation_cache,  # noqa: E402
-                          markdown_table, record, save, split_by_scope)
+from bench.common import (KERNEL_CHOICES_HELP, compiled_memory_line, device_memory_line,  # noqa: E402
+                          enable_compilation_cache, kernel_choices, markdown_table, parse_kernels, record, save,
+                          split_by_scope)
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import DEFAULT_PREFILL_CHUNK, cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
@@ -402,6 +404,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
 
     slots_kernel.SLOTS_IMPL = args.slots_impl or slots_kernel.SLOTS_IMPL
     offload.LOADS = args.loads or offload.LOADS
+    kernels = kernel_choices(parse_kernels(args.kernels))
 
     def keep(new: list[dict]) -> None:
         """Add a run's records and save all so far: a process stopped later (a device call's time
@@ -429,7 +432,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         st, logits = device_state(model, cfg, batch, ctx, length, n_windows * args.steps + 2)
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
-                                              {"fill": "random cache (decode cost does not depend on the values)"})
+                                              {"fill": "random cache (decode cost does not depend on the values)",
+                                               "kernels": kernels})
                         keep(recs)
                         report_line(recs)
                         if w.events and args.verbose:
@@ -503,7 +507,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
                                                "loader": loader, "slots_impl": slots_kernel.SLOTS_IMPL,
-                                               "loads": offload.LOADS},
+                                               "loads": offload.LOADS, "kernels": kernels},
                                               stats=stats, prefill_s=prefill_s)
                         keep(recs)
                         report_line(recs)
@@ -844,6 +848,8 @@ def parse_args(argv):
     ap.add_argument("--loads", choices=["fused", "separate"], default=None,
                     help="offloaded misses read in the attention kernel or loaded before it "
                          "(default: nosa_jax.offload.LOADS)")
+    ap.add_argument("--kernels", default="default", metavar="KEY=VALUE,...",
+                    help=f"kernel choices for every run ({KERNEL_CHOICES_HELP}; default: the modules' defaults)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
     ap.add_argument("--no-plots", action="store_true")
@@ -863,6 +869,7 @@ def parse_args(argv):
     bad = [m for m in args.models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from 8b 1b")
+    parse_kernels(args.kernels)  # a bad choice fails here, before any model is built
     args.kept = []  # the --resume records
     for f in args.resume:
         try:
