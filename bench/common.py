@@ -17,7 +17,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # kernel choices a benchmark may switch per run: key -> (module in pallas_kernels, attribute, values);
-# each attribute is read at trace time
+# each attribute is read at trace time. "write" is the on-device cache's decode write; the offloaded
+# cache appends in nosa_jax.offload.decode_attend and does not read it.
 KERNEL_CHOICES = {"topk": ("selection", "TOPK_IMPL", ("xla", "pallas")),
                   "search": ("topk", "RADIX_SEARCH", ("early", "full")),
                   "finish": ("selection", "SCORES_FINISH", ("jnp", "pallas")),
