@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import KERNEL_CHOICES_HELP, busy_time, kernel_choices, markdown_table, parse_kernels, trace_device_events
+from bench.common import (KERNEL_CHOICES_HELP, busy_time, kernel_choices, markdown_table, parse_kernels,
+                          trace_device_events)
 from bench.generate import parse_variant as parse_xla_variant
 from bench.generate import random_cache, with_options
 from nosa_jax.config import SHAPES, ModelConfig
