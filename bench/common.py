@@ -41,12 +41,21 @@ def parse_kernels(text: str) -> dict:
 
 
 def kernel_choices(overrides: dict | None = None) -> dict:
-    """The modules' current kernel choices, with `overrides` set on the modules first."""
+    """The modules' current kernel choices, with `overrides` set on the modules first. The choices
+    are read at trace time and are not part of jit's cache keys: when one changes, every cached
+    trace is dropped, so the next call traces with the new choices."""
+    def current():
+        return {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
+                for k, (mod, attr, _) in KERNEL_CHOICES.items()}
+
+    before = current()
     for key, value in (overrides or {}).items():
         mod, attr, _ = KERNEL_CHOICES[key]
         setattr(importlib.import_module(f"pallas_kernels.{mod}"), attr, value)
-    return {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
-            for k, (mod, attr, _) in KERNEL_CHOICES.items()}
+    after = current()
+    if after != before:
+        jax.clear_caches()
+    return after
 
 
 def device_name() -> str:

@@ -72,8 +72,7 @@ def main():
     base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
     summary = []
     for variant, xla_name, xla_options in variants:
-        choice = kernel_choices({**defaults, **variant})
-        jax.clear_caches()  # the choices are read at trace time
+        choice = kernel_choices({**defaults, **variant})  # drops the cached traces when a choice changes
         try:
             summary.append(profile(graphdef, state, cfg, base, args, choice, model.settings.impl,
                                    with_options(decode_loop, xla_options), xla_name))

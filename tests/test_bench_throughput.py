@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,3 +245,18 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
     for r in runs:
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
                                             "finish": "pallas", "write": "pallas"}
+
+
+def test_kernel_choices_retrace_after_a_change(monkeypatch):
+    """A jitted function that reads a kernel choice at trace time sees a new choice on its next call
+    (jit's cache key does not hold the choice; bench.common.kernel_choices drops the stale traces)."""
+    from bench.common import kernel_choices
+    from pallas_kernels import selection
+
+    monkeypatch.setattr(selection, "SCORES_FINISH", "jnp")  # restored after the test
+    f = jax.jit(lambda x: x + (1 if selection.SCORES_FINISH == "pallas" else 0))
+    assert int(f(0)) == 0
+    kernel_choices({"finish": "pallas"})
+    assert int(f(0)) == 1
+    kernel_choices({"finish": "pallas"})  # no change: nothing to drop
+    assert int(f(0)) == 1
