@@ -42,7 +42,8 @@ from pallas_kernels.sparse_decode import (Fetch, plan_splits, sparse_decode_atte
 
 B, HQ, HK, D, BS, K, S, NB, L, R = 16, 32, 2, 128, 64, 64, 128, 256, 4, 8
 HBM, PCIE = 4.3e12, 53e9
-HEADER = ["misses/row", "order", "method", "settings", "us/call", "vs separate", "HBM floor us", "PCIe floor us", "rel_err"]
+HEADER = ["misses/row", "order", "method", "settings", "us/call", "vs separate", "HBM floor us", "PCIe floor us",
+          "rel_err"]
 # (k_splits, num_warps, num_stages)
 SETTINGS = [(None, 4, 2), (None, 4, 1), (16, 4, 2), (None, 4, 3), (None, 8, 2)]
 ORDERS = ("random", "last", "spread", "poisson")
