@@ -8,9 +8,10 @@ The target layout is `nosa_jax.model.abstract_params(cfg, dtype)`; every HF name
                                           stacked over i)
   layers.<module>.{bias,weight,A}     <- model.layers.{i}.<module>.{bias,weight,A} (stacked)
   layers.self_attn.qkv_proj.{kernel,bias} <- model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias},
-                                          each into its column range (`model.qkv_widths`)
-so o, delta, gate/up/down, the norms and A (and the biases the config asks for) follow the model
-without a hand-written table; q/k/v, fused into one parameter, are the one special case (`_hf_parts`).
+  layers.mlp.gate_up_proj.{kernel,bias}   <- model.layers.{i}.mlp.{gate,up}_proj.{weight,bias},
+                                          each into its column range (`model.FUSED_PARAMS`)
+so o, delta, down, the norms and A (and the biases the config asks for) follow the model without a
+hand-written table; the fused parameters (`model.FUSED_PARAMS`) are the one special case (`_hf_parts`).
 `load_hf_checkpoint` is the one implementation used both by `convert_checkpoint` (which writes a
 converted directory) and by `nosa_jax.checkpoint.load_params` (which loads a HF directory in memory).
 """
@@ -71,14 +72,14 @@ _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "weight": "weight", "b
 
 def _hf_parts(cfg: ModelConfig, mods: list[str]) -> list[tuple[list[str], tuple[int, int] | None]]:
     """The HF name part(s) that fill a model parameter (`mods`: its path with the HF leaf name),
-    each with its column range (None: all of it). Only the fused q/k/v parameter has several."""
-    if mods[-2] != "qkv_proj":
-        return [(mods, None)]
-    from nosa_jax.model import qkv_widths
+    each with its column range (None: all of it). Only the fused parameters have several."""
+    from nosa_jax.model import FUSED_PARAMS
 
-    edges = np.cumsum((0,) + qkv_widths(cfg)).tolist()
-    return [(mods[:-2] + [hf, mods[-1]], (a, b))
-            for hf, a, b in zip(("q_proj", "k_proj", "v_proj"), edges[:-1], edges[1:])]
+    if tuple(mods[-3:-1]) not in FUSED_PARAMS:
+        return [(mods, None)]
+    names, widths = FUSED_PARAMS[tuple(mods[-3:-1])]
+    edges = np.cumsum((0,) + widths(cfg)).tolist()
+    return [(mods[:-2] + [hf, mods[-1]], (a, b)) for hf, a, b in zip(names, edges[:-1], edges[1:])]
 
 
 def hf_layout(cfg: ModelConfig, dtype=jnp.float32) -> tuple[dict[tuple, Any], dict[str, Slot]]:

@@ -30,7 +30,9 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 
 FORMAT_NAME = "nosa-jax-params"
-FORMAT_VERSION = 2  # 2: q/k/v fused into layers.self_attn.qkv_proj (version 1 is fused on load)
+# 2: q/k/v fused into layers.self_attn.qkv_proj; 3: gate/up fused into layers.mlp.gate_up_proj
+# (older versions are fused on load, `_fuse_params`)
+FORMAT_VERSION = 3
 METADATA_FILE = "nosa_jax.json"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -241,17 +243,22 @@ def unflatten_params(flat: dict[tuple, Any]) -> dict:
     return tree
 
 
-def _fuse_qkv(tree: dict) -> dict:
-    """A parameter tree saved in format version 1, with separate layers.self_attn.{q,k,v}_proj, in
-    the current layout: their kernels (and biases) joined along the last axis into qkv_proj, in the
-    order q | k | v. Other trees are returned unchanged. Works on arrays and under jax.eval_shape."""
-    attn = tree.get("layers", {}).get("self_attn", {})
-    names = ("q_proj", "k_proj", "v_proj")
-    if not all(n in attn for n in names):
-        return tree
-    fused = {leaf: jnp.concatenate([attn[n][leaf] for n in names], axis=-1) for leaf in attn["q_proj"]}
-    attn = {k: v for k, v in attn.items() if k not in names} | {"qkv_proj": fused}
-    return {**tree, "layers": {**tree["layers"], "self_attn": attn}}
+def _fuse_params(tree: dict) -> dict:
+    """A parameter tree saved by an older format version, with separate projections where the model
+    now has a fused parameter (`model.FUSED_PARAMS`: format 1 had layers.self_attn.{q,k,v}_proj,
+    formats 1 and 2 layers.mlp.{gate,up}_proj), in the current layout: their kernels (and biases)
+    joined along the last axis in the fused parameter's column order. Other trees are returned
+    unchanged. Works on arrays and under jax.eval_shape."""
+    from .model import FUSED_PARAMS
+
+    layers = tree.get("layers", {})
+    for (module, fused_name), (names, _) in FUSED_PARAMS.items():
+        mod = layers.get(module, {})
+        if not all(n in mod for n in names):
+            continue
+        fused = {leaf: jnp.concatenate([mod[n][leaf] for n in names], axis=-1) for leaf in mod[names[0]]}
+        layers = {**layers, module: {k: v for k, v in mod.items() if k not in names} | {fused_name: fused}}
+    return {**tree, "layers": layers} if "layers" in tree else tree
 
 
 def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
@@ -278,7 +285,7 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
         # restored as stored (orbax matches the tree exactly), then brought to the current layout
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype, sharding=sharding), dict(tree))
-        found = {k: tuple(v.shape) for k, v in flatten_params(jax.eval_shape(_fuse_qkv, saved)).items()}
+        found = {k: tuple(v.shape) for k, v in flatten_params(jax.eval_shape(_fuse_params, saved)).items()}
         want = {k: tuple(v.shape) for k, v in target.items()}
         if found != want:
             problems = [f"missing {_dotted(k)}" for k in sorted(set(want) - set(found))]
@@ -292,7 +299,7 @@ def _load_converted(path: Path, dtype) -> tuple[ModelConfig, dict]:
         except Exception as e:
             raise CheckpointError(f"cannot restore {path / PARAMS_DIR} ({type(e).__name__}: {e}); "
                                   f"the checkpoint is damaged: re-run the conversion") from e
-    return cfg, _fuse_qkv(params)
+    return cfg, _fuse_params(params)
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -1,8 +1,8 @@
 """Checkpoint converter (convert/) and loader (nosa_jax/checkpoint.py) on small random HF checkpoints.
 
 The expected parameter layout is written out by hand here (HF [out, in] -> kernel [in, out], layers
-stacked on axis 0, q/k/v side by side in one qkv_proj), independently of the converter's own
-derivation from `abstract_params`.
+stacked on axis 0, q/k/v side by side in one qkv_proj, gate/up in one gate_up_proj), independently
+of the converter's own derivation from `abstract_params`.
 """
 
 from __future__ import annotations
@@ -106,10 +106,13 @@ def expected_params(sd: dict, cfg: dict) -> dict:
     if "model.layers.0.self_attn.q_proj.bias" in sd:
         layers["self_attn"]["qkv_proj"]["bias"] = np.concatenate([stack(f"self_attn.{m}.bias") for m in qkv],
                                                                  axis=-1)
-    for m in ("gate_proj", "up_proj", "down_proj"):
-        layers["mlp"][m] = {"kernel": stack(f"mlp.{m}.weight", True)}
-        if f"model.layers.0.mlp.{m}.bias" in sd:
-            layers["mlp"][m]["bias"] = stack(f"mlp.{m}.bias")
+    gate_up = ("gate_proj", "up_proj")  # columns gate | up
+    layers["mlp"]["gate_up_proj"] = {"kernel": np.concatenate([stack(f"mlp.{m}.weight", True) for m in gate_up],
+                                                              axis=-1)}
+    layers["mlp"]["down_proj"] = {"kernel": stack("mlp.down_proj.weight", True)}
+    if "model.layers.0.mlp.gate_proj.bias" in sd:
+        layers["mlp"]["gate_up_proj"]["bias"] = np.concatenate([stack(f"mlp.{m}.bias") for m in gate_up], axis=-1)
+        layers["mlp"]["down_proj"]["bias"] = stack("mlp.down_proj.bias")
     p = {"embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
          "norm": {"weight": sd["model.norm.weight"]}, "layers": layers}
     if not cfg["tie_word_embeddings"]:
@@ -622,8 +625,8 @@ def test_loader_errors(hf, tmp_path):
         load_params(out, dtype="float64")
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=I + 8)))
-    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.kernel: config expects \[2, 32, 56\], "
-                                              r"stored \[2, 32, 48\].*re-run the conversion"):
+    with pytest.raises(CheckpointError, match=r"mlp.gate_up_proj.kernel: config expects \[2, 32, 112\], "
+                                              r"stored \[2, 32, 96\].*re-run the conversion"):
         load_params(out)
     (out / "config.json").write_text(json.dumps(cfg))
     meta = json.loads((out / "nosa_jax.json").read_text())
@@ -638,39 +641,47 @@ def test_loader_errors(hf, tmp_path):
         load_params(out)
 
 
-def test_format_1_directory_is_fused_on_load(tmp_path):
-    """A directory converted before q/k/v were fused (format_version 1: separate
-    layers.self_attn.{q,k,v}_proj) loads in the fused layout; a damaged one is still reported."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_directory_is_fused_on_load(tmp_path, version):
+    """A directory converted before projections were fused loads in the fused layout: format 1 has
+    separate layers.self_attn.{q,k,v}_proj and layers.mlp.{gate,up}_proj, format 2 the fused
+    qkv_proj but separate gate/up. A damaged one is still reported."""
     import shutil
 
     import orbax.checkpoint as ocp
 
-    cfg = tiny_config(attention_bias=True)
+    cfg = tiny_config(attention_bias=True, mlp_bias=True)
     sd = tiny_state_dict(cfg, seed=31)
     out = convert_checkpoint(write_hf(tmp_path / "hf", cfg, sd), tmp_path / "conv", progress=False)
 
-    def write_format_1(drop=()):
+    def separate(module, names):
+        return {m: {leaf: np.stack([sd[f"model.layers.{i}.{module}.{m}.{hf}"].T for i in range(L)])
+                    for leaf, hf in (("kernel", "weight"), ("bias", "bias"))} for m in names}
+
+    def write_old(drop=()):
         old = expected_params(sd, cfg)
-        attn = old["layers"]["self_attn"]
-        del attn["qkv_proj"]
-        for m in {"q_proj", "k_proj", "v_proj"} - set(drop):
-            attn[m] = {leaf: np.stack([sd[f"model.layers.{i}.self_attn.{m}.{hf}"].T for i in range(L)])
-                       for leaf, hf in (("kernel", "weight"), ("bias", "bias"))}
+        split = [("mlp", "gate_up_proj", ("gate_proj", "up_proj"))]
+        if version == 1:
+            split.append(("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")))
+        for module, fused, names in split:
+            mod = old["layers"][module]
+            del mod[fused]
+            mod.update(separate(module, [m for m in names if m not in drop]))
         shutil.rmtree(out / "params")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(out / "params", old)
             ckptr.wait_until_finished()
         meta = json.loads((out / "nosa_jax.json").read_text())
-        (out / "nosa_jax.json").write_text(json.dumps(dict(meta, format_version=1)))
+        (out / "nosa_jax.json").write_text(json.dumps(dict(meta, format_version=version)))
 
-    write_format_1()
+    write_old()
     assert_tree_equal(load_params(out)[1], expected_params(sd, cfg), np.float32)
     want16 = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16), expected_params(sd, cfg))
     assert_tree_equal(load_params(out, dtype="bfloat16")[1], want16, jnp.bfloat16)
     load_model(out, mode="full")  # builds
-    write_format_1(drop=("v_proj",))
-    with pytest.raises(CheckpointError, match=r"missing layers.self_attn.qkv_proj.bias.*unexpected "
-                                              r"layers.self_attn.k_proj.bias.*re-run the conversion"):
+    write_old(drop=("up_proj",))
+    with pytest.raises(CheckpointError, match=r"missing layers.mlp.gate_up_proj.bias.*unexpected "
+                                              r"layers.mlp.gate_proj.bias.*re-run the conversion"):
         load_params(out)
 
 

@@ -45,7 +45,7 @@ def random_params(cfg, seed=0):
         "layers": {
             "input_layernorm": {"weight": 1 + n(L, H, std=0.1)},
             "post_attention_layernorm": {"weight": 1 + n(L, H, std=0.1)},
-            "mlp": {"gate_proj": {"kernel": n(L, H, I, std=0.15)}, "up_proj": {"kernel": n(L, H, I, std=0.15)},
+            "mlp": {"gate_up_proj": {"kernel": np.concatenate([n(L, H, I, std=0.15), n(L, H, I, std=0.15)], axis=-1)},
                     "down_proj": {"kernel": n(L, I, H, std=0.1)}},
             "self_attn": {
                 "qkv_proj": {"kernel": np.concatenate([n(L, H, Hq * D, std=0.3), n(L, H, Hk * D, std=0.3),
@@ -124,11 +124,12 @@ def layer_params(l):
     a, m = PARAMS["layers"]["self_attn"], PARAMS["layers"]["mlp"]
     wq, wk, _ = qkv_widths(CFG)
     qkv = a["qkv_proj"]["kernel"][l]  # columns q | k | v
+    gate_up, I = m["gate_up_proj"]["kernel"][l], CFG.intermediate_size  # columns gate | up
     return dict(wq=qkv[:, :wq], wk=qkv[:, wq:wq + wk], wv=qkv[:, wq + wk:],
                 wo=a["o_proj"]["kernel"][l], A=a["A"][l], wdelta=a["delta"]["kernel"][l],
                 ln1=PARAMS["layers"]["input_layernorm"]["weight"][l],
                 ln2=PARAMS["layers"]["post_attention_layernorm"]["weight"][l],
-                wg=m["gate_proj"]["kernel"][l], wu=m["up_proj"]["kernel"][l], wd=m["down_proj"]["kernel"][l])
+                wg=gate_up[:, :I], wu=gate_up[:, I:], wd=m["down_proj"]["kernel"][l])
 
 
 @functools.lru_cache(maxsize=None)
