@@ -8,6 +8,8 @@ At M = 1 the 1B decode step showed the projections rewritten as multiply + reduc
 (a duplicate row) so XLA keeps a GEMM. Device time per call from CUPTI; prints the kernels run.
 
     python bench/probe_gemv.py [KEY=VALUE ...]   # extra XLA options, e.g. xla_gpu_gemm_rewrite_size_threshold=0
+    python bench/probe_gemv.py --grid            # M = 1 only, plain and padded to 2 rows, over a grid of
+                                                 # (H, N): which one-row products XLA keeps as a GEMM
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from nosa_jax.generate import XLA_OPTIONS
 
 SHAPES = {"1b_qkv": (1536, 2048), "1b_gate_up": (1536, 8192), "1b_down": (4096, 1536),
           "8b_gate_up": (4096, 32768), "8b_down": (16384, 4096)}
+GRID = [(h, n) for h in (1024, 1536, 2048, 4096) for n in (1536, 2048, 3072, 4096, 6144, 8192)]
 
 
 def pad_rows(x, m):
@@ -35,14 +38,17 @@ def pad_rows(x, m):
 def main():
     from jax.experimental.mosaic.gpu import profiler
     extra = {}
-    for kv in sys.argv[1:]:
+    grid = "--grid" in sys.argv
+    for kv in (a for a in sys.argv[1:] if a != "--grid"):
         k, _, v = kv.partition("=")
         extra[k] = xla_option_value(v)
     print("XLA options:", {**XLA_OPTIONS, **extra})
-    for name, (H, N) in SHAPES.items():
+    shapes = {f"{h}x{n}": (h, n) for h, n in GRID} if grid else SHAPES
+    cases = ((1, None), (1, 2)) if grid else ((1, None), (1, 2), (1, 8), (2, None), (4, None), (16, None))
+    for name, (H, N) in shapes.items():
         w = jax.random.normal(jax.random.key(0), (H, N), jnp.bfloat16)
         nbytes = H * N * 2
-        for M, pad in ((1, None), (1, 2), (1, 8), (2, None), (4, None), (16, None)):
+        for M, pad in cases:
             x = jax.random.normal(jax.random.key(1), (M, H), jnp.bfloat16)
 
             def f(x, w, pad=pad):

@@ -83,11 +83,14 @@ def _fused_linear(din, widths, bias, dtype, rngs, std=0.02):
 
 
 def _dense(linear: nnx.Linear, x):
-    """linear(x), with a single row computed as two (itself twice). XLA on the GPU turns a one-row
-    product with at most 2048 outputs into multiply + reduce fusions running at ~0.5 TB/s instead
-    of a GEMM (bench/probe_gemv.py: the 1B model's q/k/v/o/down projections at batch 1 took 2-3.5x
-    the cuBLAS time of two rows); wider outputs already get a GEMM, where a second row costs up to
-    15 %, so they are left alone."""
+    """linear(x), with a single row computed as two (itself twice). XLA on the GPU rewrites a one-row
+    product whose weight has fewer than ~12.6M elements into reduce fusions instead of a GEMM
+    (`bench/probe_gemv.py --grid`, H100, `probe-gemv-grid-s17-h100.log`): with at most 2048 outputs
+    as multiply + reduce at ~0.5 TB/s (the 1B model's q/k/v/o/down projections at batch 1 took 2-3.5x
+    the cuBLAS time of two rows), with 3072-6144 outputs as one reduce fusion within about 20 % of
+    the two-row GEMM either way. So only products of at most 2048 outputs get the second row; where
+    a wider product is slow, fuse it with its neighbours instead (the 1B gate/up: two 4096-wide
+    reduce fusions, one 8192-wide GEMM)."""
     if math.prod(x.shape[:-1]) != 1 or linear.out_features > 2048:
         return linear(x)
     return linear(jnp.concatenate([x, x], axis=0))[:1]
