@@ -295,12 +295,10 @@ class MLP(nnx.Module):
         self.gate_up_proj = _fused_linear(H, gate_up_widths(cfg), b, dtype, rngs)  # one GEMM for gate and up
         self.down_proj = _linear(I, H, b, dtype, rngs)
         self.act = cfg.hidden_act
-        self.intermediate = I
 
     def __call__(self, x):
-        h = _dense(self.gate_up_proj, x)
-        I = self.intermediate
-        return _dense(self.down_proj, _ACT[self.act](h[..., :I]) * h[..., I:])
+        gate, up = jnp.split(_dense(self.gate_up_proj, x), 2, axis=-1)  # columns gate | up, equal widths
+        return _dense(self.down_proj, _ACT[self.act](gate) * up)
 
 
 class DecoderLayer(nnx.Module):
