@@ -16,14 +16,28 @@ import jax
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# kernel choices a benchmark may switch per run: key -> (module in pallas_kernels, attribute, values);
-# each attribute is read at trace time. "write" is the on-device cache's decode write; the offloaded
-# cache appends in nosa_jax.offload.decode_attend and does not read it.
-KERNEL_CHOICES = {"topk": ("selection", "TOPK_IMPL", ("xla", "pallas")),
-                  "search": ("topk", "RADIX_SEARCH", ("early", "full")),
-                  "finish": ("selection", "SCORES_FINISH", ("jnp", "pallas")),
-                  "write": ("cache_write", "WRITE_IMPL", ("xla", "pallas"))}
+# kernel choices a benchmark may switch per run: key -> (module, attribute, values); each attribute
+# is read at trace time. "write" is the on-device cache's decode write; the offloaded cache appends
+# in nosa_jax.offload.decode_attend and does not read it. "slots" and "loads" are the offloaded
+# cache's slot assignment and whether the misses are read inside the attention kernel ("fused").
+KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pallas")),
+                  "search": ("pallas_kernels.topk", "RADIX_SEARCH", ("early", "full")),
+                  "finish": ("pallas_kernels.selection", "SCORES_FINISH", ("jnp", "pallas")),
+                  "write": ("pallas_kernels.cache_write", "WRITE_IMPL", ("xla", "pallas")),
+                  "slots": ("pallas_kernels.slots", "SLOTS_IMPL", ("xla", "pallas")),
+                  "loads": ("nosa_jax.offload", "LOADS", ("fused", "separate"))}
 KERNEL_CHOICES_HELP = ", ".join(f"{k} {'|'.join(v)}" for k, (_, _, v) in KERNEL_CHOICES.items())
+
+
+def add_layer_unroll_arg(ap) -> None:
+    ap.add_argument("--layer-unroll", type=int, default=None,
+                    help="unroll of the scan over layers (0: a straight-line program; default: the model's "
+                         "'auto', straight-line for the offloaded decode step only)")
+
+
+def layer_unroll(args):
+    """The model's layer_unroll for --layer-unroll (None: "auto"; 0: a straight-line program)."""
+    return "auto" if args.layer_unroll is None else (args.layer_unroll or True)
 
 
 def parse_kernels(text: str) -> dict:
@@ -45,13 +59,13 @@ def kernel_choices(overrides: dict | None = None) -> dict:
     are read at trace time and are not part of jit's cache keys: when one changes, every cached
     trace is dropped, so the next call traces with the new choices."""
     def current():
-        return {k: getattr(importlib.import_module(f"pallas_kernels.{mod}"), attr)
+        return {k: getattr(importlib.import_module(mod), attr)
                 for k, (mod, attr, _) in KERNEL_CHOICES.items()}
 
     before = current()
     for key, value in (overrides or {}).items():
         mod, attr, _ = KERNEL_CHOICES[key]
-        setattr(importlib.import_module(f"pallas_kernels.{mod}"), attr, value)
+        setattr(importlib.import_module(mod), attr, value)
     after = current()
     if after != before:
         jax.clear_caches()

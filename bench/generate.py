@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import markdown_table, record, save, xla_option_value
+from bench.common import add_layer_unroll_arg, layer_unroll, markdown_table, record, save, xla_option_value
 from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import DECODE_XLA_OPTIONS, PAD, DecodeState, Sampler, decode_loop, decode_step
 from nosa_jax.model import NosaForCausalLM
@@ -80,8 +80,7 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["nosa", "infllmv2", "full"])
     ap.add_argument("--layers", type=int, default=SHAPES["1b"]["num_hidden_layers"])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--layer-unroll", type=int, default=1,
-                    help="unroll of the scan over layers (0 = fully unrolled straight-line program)")
+    add_layer_unroll_arg(ap)
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
     ap.add_argument("--xla-variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
                     help="also run both loops compiled with these extra XLA options")
@@ -92,7 +91,7 @@ def main():
     records, rows = [], []
     for mode in args.modes:
         model = NosaForCausalLM(cfg, mode=mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
-                                layer_unroll=args.layer_unroll or True)
+                                layer_unroll=layer_unroll(args))
         graphdef, state = nnx.split(model)
         sampler, eos = Sampler(), ()
         for B in args.batches:
@@ -159,7 +158,7 @@ def main():
             settings = {"mode": mode, "batch": B, "context": args.context, "steps": args.steps,
                         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
                         "attention_impl": model.settings.impl, "repeats": args.repeats,
-                        "layer_unroll": args.layer_unroll}
+                        "layer_unroll": layer_unroll(args)}
             res = {}
             for name, tag, _ in variants:
                 ts = sorted(times[name])

@@ -2,7 +2,7 @@
 device kernels by name (per step), plus the device busy time against the wall time of the loop.
 
     python bench/profile_decode.py [--batch 1] [--context 16384] [--steps 16] [--mode nosa]
-                                   [--layer-unroll 1] [--impl auto] [--top 30]
+                                   [--layer-unroll 0] [--impl auto] [--top 30]
                                    [--variant default --variant write=pallas,finish=pallas ...]
                                    [--xla-variant 'NAME:KEY=VALUE;...' ...]
 
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import (KERNEL_CHOICES_HELP, busy_time, kernel_choices, markdown_table, parse_kernels,
-                          trace_device_events)
+from bench.common import (KERNEL_CHOICES_HELP, add_layer_unroll_arg, busy_time, kernel_choices, layer_unroll,
+                          markdown_table, parse_kernels, trace_device_events)
 from bench.generate import parse_variant as parse_xla_variant
 from bench.generate import random_cache, with_options
 from nosa_jax.config import SHAPES, ModelConfig
@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--mode", default="nosa")
     ap.add_argument("--model", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--layer-unroll", type=int, default=1)
+    add_layer_unroll_arg(ap)
     ap.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--variant", action="append", default=None,
@@ -66,7 +66,7 @@ def main():
     shape = SHAPES[args.model]
     cfg = ModelConfig(**{**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]})
     model = NosaForCausalLM(cfg, mode=args.mode, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=args.impl,
-                            layer_unroll=args.layer_unroll or True)
+                            layer_unroll=layer_unroll(args))
     graphdef, state = nnx.split(model)
     B, n = args.batch, args.steps
     base = random_cache(model, B, args.context, args.context + 4 * n + 8, jax.random.key(0))
@@ -84,7 +84,7 @@ def main():
 
 def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xla_name: str = "") -> list:
     B, n = args.batch, args.steps
-    stem = (f"{args.mode}-b{B}-u{args.layer_unroll}-{choice['topk']}-{choice['search']}-{choice['finish']}-"
+    stem = (f"{args.mode}-b{B}-u{layer_unroll(args)}-{choice['topk']}-{choice['search']}-{choice['finish']}-"
             f"{choice['write']}")
     stem += f"-{xla_name}" if xla_name else ""
 
@@ -127,7 +127,7 @@ def profile(graphdef, state, cfg, base, args, choice, impl, loop=decode_loop, xl
     rows = [[name[:90], f"{t / n:.1f}", f"{c / n:.1f}", f"{100 * t / total:.1f}"]
             for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]]
     head = (f"mode {args.mode}, batch {B}, context {args.context}, {cfg.num_hidden_layers} layers, impl "
-            f"{impl}, layer_unroll {args.layer_unroll}, top-k {choice['topk']} ({choice['search']} search), "
+            f"{impl}, layer_unroll {layer_unroll(args)}, top-k {choice['topk']} ({choice['search']} search), "
             f"scores finish {choice['finish']}, "
             f"cache write {choice['write']}{', XLA options ' + xla_name if xla_name else ''}: wall "
             f"{untraced / n * 1e3:.3f} ms/step ({wall / n * 1e3:.3f} traced), device span "

@@ -42,8 +42,8 @@ FILE.json ...` rebuilds tables and plots from saved records (e.g. of several dev
     python bench/throughput.py [--quick] [--models 8b 1b] [--contexts 16384 ...] [--modes ...]
         [--batches 1 16 ...] [--budgets-gb 80 full] [--pools 1 2 fit] [--steps 32] [--repeats 5] [--tag T]
         [--resume EARLIER.json]      # keep the runs an earlier, stopped call finished
-        [--slots-impl xla|pallas]    # the offloaded slot assignment (pallas_kernels/slots.py)
-        [--kernels write=pallas,finish=pallas]   # kernel choices for every run (bench/common.KERNEL_CHOICES)
+        [--kernels slots=xla,loads=separate]   # kernel choices for every run (bench/common.KERNEL_CHOICES)
+        [--layer-unroll 0]           # the layers as a straight-line program instead of a scan
     python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
     python bench/throughput.py --report bench/results/throughput-*.json [--out-dir DIR]
     nosa-jax bench [the same arguments]
@@ -76,9 +76,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import (KERNEL_CHOICES_HELP, compiled_memory_line, device_memory_line,  # noqa: E402
-                          enable_compilation_cache, kernel_choices, markdown_table, parse_kernels, record, save,
-                          split_by_scope)
+from bench.common import (KERNEL_CHOICES_HELP, add_layer_unroll_arg, compiled_memory_line,  # noqa: E402
+                          device_memory_line, enable_compilation_cache, kernel_choices, layer_unroll,
+                          markdown_table, parse_kernels, record, save, split_by_scope)
 from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import DEFAULT_PREFILL_CHUNK, cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
@@ -400,10 +400,6 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
         return (e["method"], pool_label(e["pool_mult"]), e["context"], batch) not in done
 
     loader = loader_path(args.loader)
-    from pallas_kernels import slots as slots_kernel
-
-    slots_kernel.SLOTS_IMPL = args.slots_impl or slots_kernel.SLOTS_IMPL
-    offload.LOADS = args.loads or offload.LOADS
     kernels = kernel_choices(parse_kernels(args.kernels))
 
     def keep(new: list[dict]) -> None:
@@ -417,7 +413,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
         if not mine:
             continue
         t0 = time.perf_counter()
-        model = NosaForCausalLM(cfg, mode=mode, dtype=DTYPE, rngs=nnx.Rngs(0))
+        model = NosaForCausalLM(cfg, mode=mode, dtype=DTYPE, rngs=nnx.Rngs(0), layer_unroll=layer_unroll(args))
         print(f"[{model_name} {mode}] model built in {time.perf_counter() - t0:.1f} s", flush=True)
         for ctx in args.contexts:
             # the same number of new tokens for every run at this context: one prefill serves all
@@ -433,7 +429,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": "random cache (decode cost does not depend on the values)",
-                                               "kernels": kernels})
+                                               "kernels": kernels, "layer_unroll": layer_unroll(args)})
                         keep(recs)
                         report_line(recs)
                         if w.events and args.verbose:
@@ -506,8 +502,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
-                                               "loader": loader, "slots_impl": slots_kernel.SLOTS_IMPL,
-                                               "loads": offload.LOADS, "kernels": kernels},
+                                               "loader": loader, "kernels": kernels,
+                                               "layer_unroll": layer_unroll(args)},
                                               stats=stats, prefill_s=prefill_s)
                         keep(recs)
                         report_line(recs)
@@ -843,13 +839,9 @@ def parse_args(argv):
     ap.add_argument("--distinct", type=int, default=4, help="distinct text passages of the offloaded runs")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
-    ap.add_argument("--slots-impl", choices=["xla", "pallas"], default=None,
-                    help="offloaded slot assignment (default: pallas_kernels.slots.SLOTS_IMPL)")
-    ap.add_argument("--loads", choices=["fused", "separate"], default=None,
-                    help="offloaded misses read in the attention kernel or loaded before it "
-                         "(default: nosa_jax.offload.LOADS)")
     ap.add_argument("--kernels", default="default", metavar="KEY=VALUE,...",
                     help=f"kernel choices for every run ({KERNEL_CHOICES_HELP}; default: the modules' defaults)")
+    add_layer_unroll_arg(ap)
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
     ap.add_argument("--no-plots", action="store_true")

@@ -225,26 +225,32 @@ def test_resume_needs_readable_records(tmp_path):
 def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
     """--kernels sets the kernel modules' choices for the runs and each run's records name them; a
     choice that is not one of the listed values stops before any model is built."""
-    from pallas_kernels import cache_write, selection, topk
+    from nosa_jax import offload
+    from pallas_kernels import cache_write, selection, slots, topk
 
-    for mod, attr in ((cache_write, "WRITE_IMPL"), (selection, "SCORES_FINISH")):
+    for mod, attr in ((cache_write, "WRITE_IMPL"), (selection, "SCORES_FINISH"), (slots, "SLOTS_IMPL"),
+                      (offload, "LOADS")):
         monkeypatch.setattr(mod, attr, getattr(mod, attr))  # restored after the test
     monkeypatch.setenv("OUT", str(tmp_path))
     argv = ["--models", "tiny", "--contexts", "256", "--modes", "nosa", "nosa-offload", "--pools", "1",
             "--budgets-gb", "0.002", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "1",
             "--distinct", "1", "--prefill-chunk", "128", "--batches", "1", "--no-profile", "--no-plots",
             "--tag", "kernels"]
-    for bad in ("write=triton", "finish=pallas,sort=xla", "write"):
+    for bad in ("write=triton", "finish=pallas,sort=xla", "write", "loads=pallas"):
         with pytest.raises(SystemExit, match="kernel choice"):
             tp.parse_args(argv + ["--kernels", bad])
-    assert tp.main(argv + ["--kernels", "write=pallas,finish=pallas"]) == 0
-    assert (cache_write.WRITE_IMPL, selection.SCORES_FINISH) == ("pallas", "pallas")
+    assert tp.main(argv + ["--kernels", "write=pallas,finish=pallas,slots=xla,loads=separate",
+                           "--layer-unroll", "0"]) == 0
+    assert (cache_write.WRITE_IMPL, selection.SCORES_FINISH, slots.SLOTS_IMPL, offload.LOADS) == (
+        "pallas", "pallas", "xla", "separate")
     records = json.loads(next(tmp_path.glob("throughput-tiny-kernels-*.json")).read_text())
     runs = [r for r in records if r["name"] == "throughput/decode"]
     assert {r["settings"]["method"] for r in runs} == {"nosa", "nosa-offload"}
     for r in runs:
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
-                                            "finish": "pallas", "write": "pallas"}
+                                            "finish": "pallas", "write": "pallas", "slots": "xla",
+                                            "loads": "separate"}
+        assert r["settings"]["layer_unroll"] is True
 
 
 def test_kernel_choices_retrace_after_a_change(monkeypatch):

@@ -290,6 +290,58 @@ def test_decode_loop_does_not_copy_the_store_or_pool():
 
 
 
+def _scan_unrolls(fn, *args) -> list[int]:
+    """The `unroll` of every scan in fn's jaxpr (sub-jaxprs included), outer scans first."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "scan":
+                found.append(e.params["unroll"])
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_layer_unroll_auto_unrolls_only_the_offloaded_decode():
+    """layer_unroll "auto" (the default): a decode step against the offloaded cache runs the layers
+    as a straight-line program (faster on the GPU, bench/NOTES.md session 18); the on-device cache's
+    decode and prefill keep the scan (unrolled, each layer copied the whole on-device cache); an
+    explicit setting applies everywhere; a bad one is refused."""
+    from nosa_jax.model import from_params
+
+    cfg = small_config()
+    model = random_model(cfg, "nosa", seed=7)
+    L = cfg.num_hidden_layers
+    assert L > 1
+    st, _, _ = Generator(model, eos_ids=(), offload=OffloadSettings()).start(PROMPTS, max_new_tokens=16)
+    B = len(PROMPTS)
+    one = jnp.ones((B,), jnp.int32)
+
+    def unrolls(m, cache, n_tokens):
+        gd, state = nnx.split(m)
+        ids = jnp.zeros((B, n_tokens), jnp.int32)
+        return _scan_unrolls(lambda s, c: nnx.merge(gd, s).extend(ids, c.length, one * n_tokens, c).h, state, cache)
+
+    dev = model.init_cache(B, 128)
+    assert unrolls(model, st.cache, 1) == [L]
+    assert unrolls(model, dev, 1) == [1]
+    assert unrolls(model, dev, 8)[0] == 1  # the layers' scan (the query chunks' scan is inside it)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for setting, want in ((1, 1), (True, L)):
+        fixed = from_params(cfg, params, mode="nosa", layer_unroll=setting)
+        assert unrolls(fixed, st.cache, 1) == [want] and unrolls(fixed, dev, 1) == [want]
+    for bad in ("full", 0, False, 1.5):
+        with pytest.raises(ValueError, match="layer_unroll"):
+            from_params(cfg, params, mode="nosa", layer_unroll=bad)
+
+
 def test_host_store_is_filled_by_host_compute():
     """The pinned store is created by host compute, not built on the device and moved there: the
     compiled program computes the fill in host memory and moves nothing between the two (a device
