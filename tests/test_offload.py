@@ -524,7 +524,7 @@ def test_store_prefill_stages_one_layer_at_a_time_gpu():
     write at the 8B shape (4 sequences of 8K tokens: 1 GiB of K/V), against `prefill_bytes`'
     staging allowance (two layers), which the generator's group size counts; and the store it
     writes equals the cache."""
-    from nosa_jax.cache import cache_bytes, init_cache
+    from nosa_jax.cache import cache_bytes, init_cache, prefill_activation_bytes
     from nosa_jax.config import SHAPES, ModelConfig
     from nosa_jax.offload import _store_layer, init_offloaded, prefill_bytes, store_prefill
 
@@ -537,7 +537,8 @@ def test_store_prefill_stages_one_layer_at_a_time_gpu():
                               length=jnp.full((g,), cap - 100, jnp.int32))
     i = jnp.int32(0)
     temp = _store_layer.lower(off.host_kv, dev.k, dev.v, i, i).compile().memory_analysis().temp_size_in_bytes
-    staging = g * (prefill_bytes(cfg, cap, jnp.bfloat16, "nosa") - cache_bytes(cfg, 1, cap, jnp.bfloat16, "nosa"))
+    staging = g * (prefill_bytes(cfg, cap, jnp.bfloat16, "nosa") - cache_bytes(cfg, 1, cap, jnp.bfloat16, "nosa")
+                   - prefill_activation_bytes(cfg, cap, jnp.bfloat16, "nosa"))  # what is left: the staging
     kv = dev.k.nbytes + dev.v.nbytes
     print(f"per-layer store temporaries {temp / 2**20:.1f} MiB; staging allowance {staging / 2**20:.1f} MiB; "
           f"group K/V {kv / 2**20:.1f} MiB")
