@@ -166,6 +166,24 @@ def near_tie(scores, k: int, rel: float) -> bool:
     return False
 
 
+def boundary_fragile(scores, k: int, rel: float) -> bool:
+    """True if an in-set and an out-of-set value of the top-k differ by less than rel (relative to
+    themselves) but are not exactly equal: float32 rounding could then reorder them. Exact ties come
+    from a window shared by two blocks: every implementation sees the same float32 value there and
+    breaks the tie by index, so they are not fragile. (`near_tie` measures the gap against the
+    row's largest score instead.)"""
+    if k >= len(scores):
+        return False
+    s = np.sort(f64(scores))[::-1]
+    inside = np.unique(s[:k])
+    outside = np.unique(s[k:])
+    for u in inside[:3]:  # smallest in-set values
+        for v in outside[-3:]:  # largest out-of-set values
+            if np.isfinite(u) and np.isfinite(v) and u != v and abs(u - v) <= rel * max(abs(u), abs(v), 1e-30):
+                return True
+    return False
+
+
 def finish(ids, qb: int) -> np.ndarray:
     """Sort ascending, then ids > qb become -1 (they are the largest, so the -1s end up last)."""
     ids = np.sort(np.asarray(ids, np.int64))

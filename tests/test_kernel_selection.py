@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from np_reference import boundary_fragile
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
@@ -76,28 +77,11 @@ def np_topk(scores, k):
     return order[:k]
 
 
-def boundary_fragile(scores, k, rel=REL):
-    """True if an in-set and an out-of-set value differ by less than rel (relative) but are not
-    exactly equal. Exact ties come from a window shared by two blocks: both implementations see the
-    same float32 value there and break the tie by index, so they are not fragile."""
-    n = len(scores)
-    if k >= n:
-        return False
-    s = np.sort(np.asarray(scores, np.float64))[::-1]
-    inside = np.unique(s[:k])
-    outside = np.unique(s[k:])
-    for u in inside[:3]:  # smallest in-set values
-        for v in outside[-3:]:  # largest out-of-set values
-            if np.isfinite(u) and np.isfinite(v) and u != v and abs(u - v) <= rel * max(abs(u), abs(v), 1e-30):
-                return True
-    return False
-
-
 def fragile_rows(scores64, cfg, n_blocks, mode):
     """[B, Hk] bool: rows whose query-aware top-k (stage 1) has a near tie in float64."""
     k = min(cfg.qk_select if mode == "nosa" else cfg.topk, n_blocks)
     B, Hk, _ = scores64.shape
-    return np.array([[boundary_fragile(scores64[b, h], k) for h in range(Hk)] for b in range(B)])
+    return np.array([[boundary_fragile(scores64[b, h], k, REL) for h in range(Hk)] for b in range(B)])
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -139,31 +139,92 @@ def test_pallas_model_logits_gpu_1b(mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-def test_pallas_model_selections_gpu_1b(mode):
-    """Identical selections, layer by layer: the reference model's 28 layer inputs (8K prefill and
-    8 decode steps) are fed to a one-layer model of that layer under each implementation, so both
-    paths see the same inputs and only the kernels differ. q/k projections are scaled x4: with the
-    std 0.02 init the stage-1 scores of a row are nearly all tied (first GPU run of the untied
-    whole-model comparison: 56 % of rows agreed), and a tie broken by the last float32 bit tests
-    nothing."""
+def test_pallas_model_selections_gpu_1b(mode, monkeypatch):
+    """Decode selections, layer by layer, against float64: the reference model's 28 layer inputs
+    (8K prefill, 8 decode steps) are fed to a one-layer model of that layer under each
+    implementation. Every decode call's selection inputs (q, the layer's compressed keys and cis
+    window means, lengths) are captured inside both programs and must be bit-identical; the ids each
+    program's selection returned (and passed on as the model's block ids) must equal the NumPy
+    float64 selection of those inputs on every row without a near tie at a top-k boundary
+    (np_reference.boundary_fragile, REL). Near ties are excluded because two XLA programs of the
+    same float32 jnp code break them differently: session 18 found 8-10 of 448 decode rows in which
+    the reference and Pallas runs differed with bit-identical inputs, while the two selections agree
+    when run on their own. Prefill selects with the same jnp code on both paths (the Pallas prefill
+    kernel only attends), so only decode is compared. q/k projections are scaled x4: with the std
+    0.02 init the stage-1 scores of a row are nearly all tied."""
+    import np_reference as npr
+    import pallas_kernels
+    from nosa_jax import nosa
+
+    rel = 1e-5
+    caps = {"reference": [], "pallas": []}
+    record = {"on": None}
+
+    def capture(q, kt, cw, kv_len, ids):  # one decode call: [B, Hq, D], [B, C, Hk, D], [B, C, Hk], [B], [B, Hk, K]
+        if record["on"]:
+            caps[record["on"]].append([np.asarray(x) for x in (q, kt, cw, kv_len, ids)])
+
+    decode_select, select_blocks = pallas_kernels.decode_select, nosa.select_blocks
+
+    def pallas_select(q, kt, cw, n_win, kv_len, layer, **kw):
+        ids = decode_select(q, kt, cw, n_win, kv_len, layer, **kw)
+        jax.debug.callback(capture, q, kt[layer], jnp.zeros(kt.shape[1:4]) if cw is None else cw[layer], kv_len, ids)
+        return ids
+
+    def reference_select(q, q_pos, kt, cw, kv_len, n_blocks, cfg, mode):
+        ids = select_blocks(q, q_pos, kt, cw, kv_len, n_blocks, cfg, mode)
+        if q.shape[1] == 1:
+            jax.debug.callback(capture, q[:, 0], kt, jnp.zeros(kt.shape[:3]) if cw is None else cw, kv_len,
+                               ids[:, :, 0])
+        return ids
+
+    monkeypatch.setattr(pallas_kernels, "decode_select", pallas_select)
+    monkeypatch.setattr(nosa, "select_blocks", reference_select)
+    jax.clear_caches()  # no trace from before the capture
     prompt, fed = _tokens()
     pure, ref = _gpu_model(mode, scale_qk=4.0)
     _, _, hidden = _gpu_run(ref, prompt, fed, all_rows=True)  # hidden[i]: [L, 1, T_i, H] layer inputs
     cfg1 = dataclasses.replace(ref.cfg, num_hidden_layers=1)
-    rows, differ = 0, []
+    n = ref.cfg.nosa
+    k_stage1 = n.qk_select if mode == "nosa" else n.topk
+    rows = fragile = 0
+    differ, split = [], []
     for layer in range(ref.cfg.num_hidden_layers):
         one = {**pure, "layers": jax.tree.map(lambda a: a[layer:layer + 1], pure["layers"])}
         embeds = [h[layer] for h in hidden]
-        _, ba, _ = _gpu_run(from_params(cfg1, one, mode=mode, impl="reference"), prompt, fed, embeds=embeds)
-        _, bb, _ = _gpu_run(from_params(cfg1, one, mode=mode, impl="pallas"), prompt, fed, embeds=embeds)
-        for call, (x, y) in enumerate(zip(ba, bb)):
-            for r, (r1, r2) in enumerate(zip(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))):
+        blocks = {}
+        for impl in ("reference", "pallas"):
+            caps[impl].clear()
+            record["on"] = impl
+            _, blocks[impl], _ = _gpu_run(from_params(cfg1, one, mode=mode, impl=impl), prompt, fed, embeds=embeds)
+            jax.effects_barrier()
+            record["on"] = None
+            assert len(caps[impl]) == len(fed), (impl, len(caps[impl]))
+        for step, (a, b) in enumerate(zip(caps["reference"], caps["pallas"])):
+            for name, x, y in zip(("q", "ktilde", "cisw", "kv_len"), a[:4], b[:4]):
+                assert np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32)), (layer, step, name)
+            q, kt, cw, kv_len = a[:4]
+            pos = int(kv_len[0]) - 1
+            c = int(nosa.num_windows(jnp.asarray(kv_len), n)[0])
+            s1 = npr.stage1(q[0][None], [pos], kt[0, :c], n)  # [Hk, 1, C]
+            nb = -(-int(kv_len[0]) // n.block_size)
+            for h in range(kt.shape[2]):
                 rows += 1
-                a, b = set(r1[r1 >= 0].tolist()), set(r2[r2 >= 0].tolist())
-                if a != b:  # where: the prefill (call 0) or decode step `call`, and which blocks
-                    phase = "prefill" if call == 0 else f"decode {call}"
-                    differ.append((layer, phase, r, sorted(a - b), sorted(b - a)))
-    print(f"\nrows with identical selections: {rows - len(differ)} / {rows}")
+                want = npr.select_row(s1[h, 0], cw[0, :c, h], pos, nb, n, mode)["ids"]
+                if npr.boundary_fragile(npr.pool_row(s1[h, 0], pos // n.block_size, nb, n), min(k_stage1, nb), rel):
+                    fragile += 1
+                    continue
+                want = set(want[want >= 0].tolist())
+                for impl, got, out in (("reference", a[4], blocks["reference"]), ("pallas", b[4], blocks["pallas"])):
+                    ids = set(got[0, h][got[0, h] >= 0].tolist())
+                    # the captured ids are the ones the model passed on as its block ids
+                    assert np.array_equal(got[0, h], out[step + 1][0, 0, h, 0]), (impl, layer, step, h)
+                    if ids != want:
+                        differ.append((impl, layer, step, h, sorted(want - ids), sorted(ids - want)))
+            if not np.array_equal(a[4], b[4]):
+                split.append((layer, step))
+    print(f"\ndecode rows {rows}, near-tie rows {fragile}; calls where the two programs' ids differ: {split}")
     for d in differ[:20]:
-        print("  layer {}, {}, row {}: reference only {}, pallas only {}".format(*d))
+        print("  {}: layer {}, decode step {}, head {}: float64 only {}, {} only {}".format(*d[:5], d[0], d[5]))
     assert not differ
+    assert fragile <= rows // 10, (fragile, rows)  # the comparison still covers most rows
