@@ -11,7 +11,8 @@ pooled stage-1 scores (`decode_block_scores`, computed a second time in the same
 computes the scores and ids again eagerly, jitted on their own, and in float64 (tests/np_reference),
 and prints per call which of them differ and by how much, and whether the stage-1 kernel's own
 outputs (logits, split max and sum) in the model equal the eager ones bit for bit. Calls whose in-model ids differ are saved
-(npz, with every intermediate) under --save for CPU analysis.
+(npz, with every intermediate) under --save for CPU analysis. The extra kernels change the program;
+if the in-model ids then agree with float64, that is itself the finding (a context-dependent fault).
 
     python bench/probe_select_context.py [--mode infllmv2] [--layers 0 6 13] [--save $OUT]
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python bench/probe_select_context.py ...   # no CUDA graphs
@@ -64,7 +65,7 @@ def main() -> int:
         return ids
 
     pallas_kernels.decode_select = capturing_select
-    mode, n = args.mode, None
+    mode = args.mode
     prompt, fed = t._tokens()
     pure, ref = t._gpu_model(mode, scale_qk=4.0)
     _, _, hidden = t._gpu_run(ref, prompt, fed, all_rows=True)

@@ -106,9 +106,9 @@ class AttentionSettings:
     interpret: bool = False  # run the pallas kernels in interpret mode (CPU tests)
     # Unroll of the scan over layers (True: a straight-line program). "auto": straight-line for a
     # decode step against the offloaded cache, the scan otherwise. Measured on an H100 (same call,
-    # bench/NOTES.md session 18): the offloaded step is 5 % faster straight-line at 8B / 16K /
-    # batch 16 (10.38 -> 9.87 ms) and 10 % at 1B; the on-device cache's step is 25x slower (each
-    # layer copies the whole stacked cache).
+    # bench/NOTES.md session 18), 16K, batch 16: the 1B offloaded step 4.38 -> 3.97 ms, the 8B one
+    # within the spread between processes; the 1B on-device step 3.37 -> 89.9 ms (unrolled, each
+    # layer copied the whole stacked cache).
     layer_unroll: int | bool | str = "auto"
 
     def unroll_for(self, cache, n_tokens: int) -> int | bool:
