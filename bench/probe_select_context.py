@@ -9,8 +9,10 @@ captured inputs agreed with the jnp reference on every row. This probe repeats t
 for every decode call, captures inside the model's program the selection's inputs, its ids and the
 pooled stage-1 scores (`decode_block_scores`, computed a second time in the same program); then it
 computes the scores and ids again eagerly, jitted on their own, and in float64 (tests/np_reference),
-and prints per call which of them differ and by how much, and whether the stage-1 kernel's own
-outputs (logits, split max and sum) in the model equal the eager ones bit for bit. Calls whose in-model ids differ are saved
+and prints per call which of them differ and by how much, whether the stage-1 kernel's own outputs
+(logits, split max and sum) in the model equal the eager ones bit for bit, and how many structural
+ties (adjacent blocks whose pooled score is one shared window's, equal in the eager scores) the
+model's scores break. Calls whose in-model ids differ are saved
 (npz, with every intermediate) under --save for CPU analysis. The extra kernels change the program;
 if the in-model ids then agree with float64, that is itself the finding (a context-dependent fault).
 
@@ -112,12 +114,17 @@ def main() -> int:
                     return float(np.max(np.abs(x[0, h, :nb][fin] - f64[fin]) / np.maximum(np.abs(f64[fin]), 1e-30)))
 
                 differs = {k: (sorted(want - v), sorted(v - want)) for k, v in got.items() if v != want}
+                # structural ties: adjacent blocks equal in the eager scores (a shared window), finite
+                e, mdl = eager_scores[0, h, :nb], scores[0, h, :nb]
+                tied = np.isfinite(e[:-1]) & (e[:-1] == e[1:])
+                broken = int(np.sum(tied & (mdl[:-1] != mdl[1:])))
                 line = (f"layer {layer} step {step} head {h}: scores vs float64 rel, in model {rel(scores):.2e}, "
                         f"eager {rel(eager_scores):.2e}, jit {rel(jit_scores):.2e}; "
-                        f"stage-1 kernel outputs in model == eager: {kernel_same}; "
+                        f"stage-1 kernel outputs in model == eager: {kernel_same}; structural ties "
+                        f"{int(tied.sum())}, unequal in the model's scores {broken}; "
                         f"fragile {npr.boundary_fragile(f64, min(k1, nb), 1e-5)}; ids differing from float64 "
                         f"(float64 only, own only): {differs or 'none'}")
-                if differs or rel(scores) > 1e-5:
+                if differs or broken or rel(scores) > 1e-5:
                     print(line, flush=True)
                 if "model" in differs:
                     bad += 1

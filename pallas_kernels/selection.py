@@ -430,6 +430,12 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     if finish not in ("pallas", "jnp"):
         raise ValueError(f"finish must be 'pallas' or 'jnp', got {finish!r}")
     S = _window_scores(logits, m, l, n_eff, G, n_blocks * cfg.pool_stride)
+    # One stored copy of the window scores. A window shared by two blocks must give both blocks the
+    # same bits: that exact tie is structural and upstream breaks it lowest-index-first. Fused, XLA
+    # may compute a window's score once per use, on two code paths here (the group's max and the
+    # previous group's last window), whose last bits can differ and flip the tie. Suspected cause of
+    # the GPU selection test's failure in session 18 (bench/NOTES.md; not yet run on a GPU).
+    S = lax.optimization_barrier(S)
     return _pool_windows(S, q_pos, n_blocks, cfg)
 
 
