@@ -289,7 +289,6 @@ def test_decode_loop_does_not_copy_the_store_or_pool():
         assert not copies, (name, copies[:3])
 
 
-
 def _scan_unrolls(fn, *args) -> list[int]:
     """The `unroll` of every scan in fn's jaxpr (sub-jaxprs included), outer scans first."""
     found = []
