@@ -138,8 +138,9 @@ def test_pallas_model_logits_gpu_1b(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-def test_pallas_model_selections_gpu_1b(mode, monkeypatch):
+@pytest.mark.parametrize("mode,cache_write", [("nosa", "xla"), ("infllmv2", "xla"), ("nosa", "pallas"),
+                                              ("infllmv2", "pallas")])
+def test_pallas_model_selections_gpu_1b(mode, cache_write, monkeypatch):
     """Decode selections, layer by layer, against float64: the reference model's 28 layer inputs
     (8K prefill, 8 decode steps) are fed to a one-layer model of that layer under each
     implementation. Every decode call's selection inputs (q, the layer's compressed keys and cis
@@ -152,10 +153,15 @@ def test_pallas_model_selections_gpu_1b(mode, monkeypatch):
     with no near tie, one block apart, while the reference program's agreed everywhere
     (bench/NOTES.md). Prefill selects with the same jnp code on both paths (the Pallas prefill
     kernel only attends), so only decode is compared. q/k projections are scaled x4: with the std
-    0.02 init the stage-1 scores of a row are nearly all tied."""
+    0.02 init the stage-1 scores of a row are nearly all tied. cache_write: the Pallas program's
+    decode cache write (pallas_kernels.cache_write.WRITE_IMPL); the compressed keys and window
+    means it stores must be the reference program's bits."""
     import np_reference as npr
     import pallas_kernels
     from nosa_jax import nosa
+    from pallas_kernels import cache_write as cw
+
+    monkeypatch.setattr(cw, "WRITE_IMPL", cache_write)
 
     rel = 1e-5
     caps = {"reference": [], "pallas": []}
