@@ -105,9 +105,12 @@ class AttentionSettings:
     impl: str = "reference"  # "reference" (plain jnp) or "pallas" (GPU kernels)
     interpret: bool = False  # run the pallas kernels in interpret mode (CPU tests)
     # Unroll of the scan over layers (True: a straight-line program). "auto": straight-line for a
-    # decode step against the offloaded cache, the scan otherwise. Measured on an H100 (same call,
-    # bench/NOTES.md session 18), 16K, batch 16: the 1B offloaded step 4.38 -> 3.97 ms, the 8B one
-    # within the spread between processes; the 1B on-device step 3.37 -> 89.9 ms (unrolled, each
+    # decode step against the offloaded cache, or against the on-device cache where the Pallas
+    # cache write updates it in place; the scan otherwise. Measured (same call, bench/NOTES.md
+    # sessions 18-19), 16K, batch 16: the 1B offloaded step 4.38 -> 3.97 ms (H100), the 8B one
+    # within the spread between processes; on the device, the Pallas write and unrolled layers
+    # against XLA's scatters and the scan: 1B 3.39 -> 3.30 ms (H100; batch 1 2.80 -> 2.51), 8B
+    # 6.72 -> 6.50 ms (H200); with XLA's scatters the unrolled 1B on-device step took 89.9 ms (each
     # layer copied the whole stacked cache).
     layer_unroll: int | bool | str = "auto"
 
@@ -115,7 +118,15 @@ class AttentionSettings:
         """The scan's unroll for `n_tokens` new tokens per sequence against `cache`."""
         if self.layer_unroll != "auto":
             return self.layer_unroll
-        return True if isinstance(cache, OffloadedKV) and n_tokens == 1 else 1
+        if n_tokens != 1:
+            return 1
+        if isinstance(cache, OffloadedKV):
+            return True
+        if self.impl == "pallas":
+            from pallas_kernels import cache_write as cw
+
+            return True if cw.WRITE_IMPL == "pallas" else 1
+        return 1
 
 
 def qkv_widths(cfg: ModelConfig) -> tuple[int, int, int]:

@@ -10,7 +10,7 @@ the CPU (`interpret=True`) for tests.
   sparse_prefill  block-sparse prefill attention with the bias (query tiles over the union of picks)
   selection       decode selection: stage-1 window scores, block pooling, two-stage top-k
   topk            the fused two-stage top-k
-  cache_write     the decode step's cache writes in one kernel (default off: WRITE_IMPL)
+  cache_write     the decode step's cache writes in one kernel (default on: WRITE_IMPL)
   slots           the offloaded step's slot assignment in one kernel (default on: SLOTS_IMPL)
   kv_loader       host-offloaded blocks -> the device slot pool
   lanes           the power-of-two padding every kernel file uses

@@ -12,14 +12,16 @@ aliased to its output, the layer index read in-kernel, so no layer is sliced out
 cache. Rows past the allocation (padding) and windows past it are skipped, as the scatters'
 mode="drop" does.
 
-`WRITE_IMPL` picks the default: "xla" (cache_write). On the H200 (8B, batch 16, 16K;
+`WRITE_IMPL` picks the default: "pallas" ("xla": cache_write). On the H200 (8B, batch 16, 16K;
 `bench/profile_decode.py --variant default --variant write=pallas`) the kernel takes 2 us per layer
 where the five scatters took ~10, and the step went from 7.50 to 7.30 ms (wall; device busy 7.33 ->
-7.22 ms), and given the same inputs it stores the same bits as cache_write (GPU test). But with it on,
-the whole-model GPU test's teacher-forced selections matched the reference model in 4022 / 4032
-(nosa) and 4023 / 4032 (infllmv2) rows, against 4032 / 4032 with cache_write - probably the
-changed program fuses the k / rope arithmetic differently, so near-tied block scores flip. Until
-that is isolated the default stays on the path that gives identical selections. Chunks of more than
+7.22 ms); given the same inputs it stores the same bits as cache_write (GPU test). Session 5 saw
+the whole model's decode selections differ from the reference in 10 of 4032 rows with it on, most
+likely the structural tie that the decode finish broke along two code paths (mended in session 18,
+`selection.decode_block_scores`); since then the GPU selection test passes with either write
+(session 19, H200).
+Because the kernel updates the stacked cache in place, the model's decode step may run its layers
+as a straight-line program on the device too (`AttentionSettings.unroll_for`). Chunks of more than
 one token (prefill) always take cache_write.
 """
 
@@ -36,7 +38,7 @@ from jax.experimental.pallas import triton as pltriton
 from nosa_jax.cache import KVCache, cache_write, window_rows
 from nosa_jax.config import NosaConfig
 
-WRITE_IMPL = "xla"
+WRITE_IMPL = "pallas"
 
 
 def _write_kernel(layer_ref, pos_ref, win_ref, k_ref, v_ref, cis_ref, *refs, T: int, n_kt: int, n_cw: int):

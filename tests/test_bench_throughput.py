@@ -239,16 +239,16 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
     for bad in ("write=triton", "finish=pallas,sort=xla", "write", "loads=pallas"):
         with pytest.raises(SystemExit, match="kernel choice"):
             tp.parse_args(argv + ["--kernels", bad])
-    assert tp.main(argv + ["--kernels", "write=pallas,finish=pallas,slots=xla,loads=separate",
+    assert tp.main(argv + ["--kernels", "write=xla,finish=pallas,slots=xla,loads=separate",
                            "--layer-unroll", "0"]) == 0
     assert (cache_write.WRITE_IMPL, selection.SCORES_FINISH, slots.SLOTS_IMPL, offload.LOADS) == (
-        "pallas", "pallas", "xla", "separate")
+        "xla", "pallas", "xla", "separate")
     records = json.loads(next(tmp_path.glob("throughput-tiny-kernels-*.json")).read_text())
     runs = [r for r in records if r["name"] == "throughput/decode"]
     assert {r["settings"]["method"] for r in runs} == {"nosa", "nosa-offload"}
     for r in runs:
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
-                                            "finish": "pallas", "write": "pallas", "slots": "xla",
+                                            "finish": "pallas", "write": "xla", "slots": "xla",
                                             "loads": "separate"}
         assert r["settings"]["layer_unroll"] is True
 

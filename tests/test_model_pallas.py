@@ -235,3 +235,28 @@ def test_pallas_model_selections_gpu_1b(mode, cache_write, monkeypatch):
         print("  {}: layer {}, decode step {}, head {}: float64 only {}, {} only {}".format(*d[:5], d[0], d[5]))
     assert not differ
     assert fragile <= rows // 10, (fragile, rows)  # the comparison still covers most rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("write,unroll,copied", [("pallas", "auto", False), ("xla", True, True)])
+def test_device_decode_loop_cache_copies_gpu(write, unroll, copied, monkeypatch):
+    """The compiled on-device decode loop (1B shape, 4 layers, 16K): with the defaults (Pallas
+    kernels, the Pallas cache write, layers unrolled by layer_unroll "auto") it updates the
+    donated stacked cache in place; XLA's scatters in an unrolled program copy it (the 89.9 ms 1B
+    step of bench/NOTES.md session 18), which is why "auto" keeps the scan with them."""
+    from model_utils import copies_of, hlo_shape
+    from nosa_jax.generate import Generator, Sampler, decode_loop
+    from pallas_kernels import cache_write as cw
+
+    monkeypatch.setattr(cw, "WRITE_IMPL", write)
+    jax.clear_caches()  # the write is read at trace time, not part of the jit cache key
+    cfg = ModelConfig(**{**SHAPES["1b"], "num_hidden_layers": 4})
+    model = NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="pallas",
+                            layer_unroll=unroll)
+    gen = Generator(model, eos_ids=())
+    prompts = [list(np.random.default_rng(b).integers(0, cfg.vocab_size, 16384 - 64)) for b in range(2)]
+    st, logits, _ = gen.start(prompts, max_new_tokens=32)
+    hlo = decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(),
+                            n_steps=8).compile().as_text()
+    copies = copies_of(hlo, [hlo_shape(st.cache.k), hlo_shape(st.cache.v)])
+    assert bool(copies) == copied, copies[:3]

@@ -308,12 +308,16 @@ def _scan_unrolls(fn, *args) -> list[int]:
     return found
 
 
-def test_layer_unroll_auto_unrolls_only_the_offloaded_decode():
+def test_layer_unroll_auto_unrolls_only_the_offloaded_decode(monkeypatch):
     """layer_unroll "auto" (the default): a decode step against the offloaded cache runs the layers
-    as a straight-line program (faster on the GPU, bench/NOTES.md session 18); the on-device cache's
-    decode and prefill keep the scan (unrolled, each layer copied the whole on-device cache); an
+    as a straight-line program (faster on the GPU, bench/NOTES.md session 18), and so does the
+    on-device cache's decode with the Pallas kernels and their in-place cache write (session 19);
+    with XLA's scatters (the reference path, or WRITE_IMPL "xla") the on-device decode keeps the
+    scan (unrolled, each layer copied the whole on-device cache), and prefill always does; an
     explicit setting applies everywhere; a bad one is refused."""
+    from nosa_jax.config import NosaConfig
     from nosa_jax.model import from_params
+    from pallas_kernels import cache_write as cw
 
     cfg = small_config()
     model = random_model(cfg, "nosa", seed=7)
@@ -333,6 +337,16 @@ def test_layer_unroll_auto_unrolls_only_the_offloaded_decode():
     assert unrolls(model, dev, 1) == [1]
     assert unrolls(model, dev, 8)[0] == 1  # the layers' scan (the query chunks' scan is inside it)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # shapes the Triton kernels accept (head_dim 16, block 16)
+    tcfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
+                                                     local_blocks=1, topk=4, qk_select=3))
+    tparams = nnx.to_pure_dict(nnx.state(random_model(tcfg, "nosa", seed=7), nnx.Param))
+    pallas = from_params(tcfg, tparams, mode="nosa", impl="pallas", interpret=True)
+    tdev = pallas.init_cache(B, 128)
+    for write, want in (("pallas", tcfg.num_hidden_layers), ("xla", 1)):
+        monkeypatch.setattr(cw, "WRITE_IMPL", write)
+        assert unrolls(pallas, tdev, 1)[0] == want, write  # the layers (scans inside them follow)
+        assert unrolls(pallas, tdev, 8)[0] == 1, write
     for setting, want in ((1, 1), (True, L)):
         fixed = from_params(cfg, params, mode="nosa", layer_unroll=setting)
         assert unrolls(fixed, st.cache, 1) == [want] and unrolls(fixed, dev, 1) == [want]
