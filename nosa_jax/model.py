@@ -109,9 +109,9 @@ class AttentionSettings:
     # cache write updates it in place; the scan otherwise. Measured (same call, bench/NOTES.md
     # sessions 18-19), 16K, batch 16: the 1B offloaded step 4.38 -> 3.97 ms (H100), the 8B one
     # within the spread between processes; on the device, the Pallas write and unrolled layers
-    # against XLA's scatters and the scan: 1B 3.39 -> 3.30 ms (H100; batch 1 2.80 -> 2.51), 8B
-    # 6.72 -> 6.50 ms (H200); with XLA's scatters the unrolled 1B on-device step took 89.9 ms (each
-    # layer copied the whole stacked cache).
+    # against XLA's scatters and the scan: 1B 3.40 -> 3.30 ms (H100; batch 1 2.79 -> 2.53), 8B
+    # 8.44 -> 8.17 ms (H100), 6.72 -> 6.50 ms (H200); with XLA's scatters the unrolled 1B on-device
+    # step took 89.9 ms (each layer copied the whole stacked cache).
     layer_unroll: int | bool | str = "auto"
 
     def unroll_for(self, cache, n_tokens: int) -> int | bool:

@@ -19,10 +19,9 @@ where the five scatters took ~10, and the step went from 7.50 to 7.30 ms (wall; 
 the whole model's decode selections differ from the reference in 10 of 4032 rows with it on, most
 likely the structural tie that the decode finish broke along two code paths (mended in session 18,
 `selection.decode_block_scores`); since then the GPU selection test passes with either write
-(session 19, H200).
-Because the kernel updates the stacked cache in place, the model's decode step may run its layers
-as a straight-line program on the device too (`AttentionSettings.unroll_for`). Chunks of more than
-one token (prefill) always take cache_write.
+(session 19, H200). Because the kernel updates the stacked cache in place, the model's decode step
+runs its layers as a straight-line program on the device too (`AttentionSettings.unroll_for`).
+Chunks of more than one token (prefill) always take cache_write.
 """
 
 from __future__ import annotations

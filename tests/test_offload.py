@@ -308,7 +308,7 @@ def _scan_unrolls(fn, *args) -> list[int]:
     return found
 
 
-def test_layer_unroll_auto_unrolls_only_the_offloaded_decode(monkeypatch):
+def test_layer_unroll_auto_unrolls_the_decode_that_updates_in_place(monkeypatch):
     """layer_unroll "auto" (the default): a decode step against the offloaded cache runs the layers
     as a straight-line program (faster on the GPU, bench/NOTES.md session 18), and so does the
     on-device cache's decode with the Pallas kernels and their in-place cache write (session 19);
