@@ -32,7 +32,8 @@ KERNEL_CHOICES_HELP = ", ".join(f"{k} {'|'.join(v)}" for k, (_, _, v) in KERNEL_
 def add_layer_unroll_arg(ap) -> None:
     ap.add_argument("--layer-unroll", type=int, default=None,
                     help="unroll of the scan over layers (0: a straight-line program; default: the model's "
-                         "'auto', straight-line for the offloaded decode step only)")
+                         "'auto', straight-line for a decode step whose cache is updated in place: the offloaded "
+                         "cache, or the on-device one with the Pallas cache write)")
 
 
 def layer_unroll(args):
