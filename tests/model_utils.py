@@ -22,6 +22,12 @@ def small_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def triton_small_config(**kw) -> ModelConfig:
+    """small_config at shapes the Pallas Triton kernels accept (head_dim 16, block 16)."""
+    return small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
+                                                     local_blocks=1, topk=4, qk_select=3), **kw)
+
+
 def random_model(cfg: ModelConfig, mode: str, seed: int = 0, std: float = 0.35) -> NosaForCausalLM:
     """Random weights with a non-trivial eviction head (A of both signs) in the given mode."""
     model = NosaForCausalLM(cfg, mode=mode, rngs=nnx.Rngs(seed))

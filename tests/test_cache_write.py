@@ -8,14 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model_utils import copies_of, hlo_instructions, hlo_shape, small_config, verified_triton_modules
+from model_utils import copies_of, hlo_instructions, hlo_shape, triton_small_config, verified_triton_modules
 from nosa_jax.cache import cache_write, init_cache
-from nosa_jax.config import NosaConfig
 from pallas_kernels.cache_write import decode_cache_write
 
 FIELDS = ("k", "v", "cis", "ktilde", "cisw")
-SMALL = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
-                                                  local_blocks=1, topk=4, qk_select=3))
+SMALL = triton_small_config()
 
 
 def _random_cache(cfg, batch, capacity, dtype, mode, seed):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model_utils import random_model, small_config
+from model_utils import random_model, triton_small_config
 from nosa_jax.config import SHAPES, ModelConfig
 from nosa_jax.generate import generate
 from nosa_jax.model import NosaForCausalLM, from_params, qkv_widths
@@ -32,7 +32,6 @@ def _sets(ids):
 def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, monkeypatch):
     """Small shapes that the Triton rules allow (head_dim 16, block 16, G = 2 padded in-kernel);
     cache_write: the decode cache write's implementation (pallas_kernels.cache_write.WRITE_IMPL)."""
-    from nosa_jax.config import NosaConfig
     from pallas_kernels import cache_write as cw
 
     monkeypatch.setattr(cw, "WRITE_IMPL", cache_write)
@@ -41,8 +40,7 @@ def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, monkeypa
     monkeypatch.setattr(cw, "_write_kernel", lambda *a, **kw: (traced.append(1), kernel(*a, **kw))[1])
     jax.clear_caches()  # the setting is not part of the jit cache key
 
-    cfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
-                                                    local_blocks=1, topk=4, qk_select=3))
+    cfg = triton_small_config()
     ref = random_model(cfg, mode, seed=4)
     pal = _with_impl(ref, "pallas", interpret=True)
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 90).tolist()

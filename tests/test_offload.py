@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model_utils import copies_of, hlo_shape, random_model, small_config
+from model_utils import copies_of, hlo_shape, random_model, small_config, triton_small_config
 from nosa_jax.generate import (GenerationError, Generator, OffloadSettings, Sampler, decode_loop,
                                decode_step, generate)
 from nosa_jax.offload import assign_slots, num_selected
@@ -315,7 +315,6 @@ def test_layer_unroll_auto_unrolls_the_decode_that_updates_in_place(monkeypatch)
     with XLA's scatters (the reference path, or WRITE_IMPL "xla") the on-device decode keeps the
     scan (unrolled, each layer copied the whole on-device cache), and prefill always does; an
     explicit setting applies everywhere; a bad one is refused."""
-    from nosa_jax.config import NosaConfig
     from nosa_jax.model import from_params
     from pallas_kernels import cache_write as cw
 
@@ -337,9 +336,7 @@ def test_layer_unroll_auto_unrolls_the_decode_that_updates_in_place(monkeypatch)
     assert unrolls(model, dev, 1) == [1]
     assert unrolls(model, dev, 8)[0] == 1  # the layers' scan (the query chunks' scan is inside it)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    # shapes the Triton kernels accept (head_dim 16, block 16)
-    tcfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
-                                                     local_blocks=1, topk=4, qk_select=3))
+    tcfg = triton_small_config()
     tparams = nnx.to_pure_dict(nnx.state(random_model(tcfg, "nosa", seed=7), nnx.Param))
     pallas = from_params(tcfg, tparams, mode="nosa", impl="pallas", interpret=True)
     tdev = pallas.init_cache(B, 128)

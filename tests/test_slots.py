@@ -168,16 +168,14 @@ def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch)
     attention kernel (offload.LOADS "fused") as with either, also after a sequence stops."""
     from flax import nnx
 
-    from model_utils import random_model, small_config
-    from nosa_jax.config import NosaConfig
+    from model_utils import random_model, triton_small_config
     from nosa_jax.generate import OffloadSettings, generate
     from nosa_jax import offload
     from nosa_jax.model import from_params
     from pallas_kernels import slots as slots_kernel
     from pallas_kernels import sparse_decode
 
-    cfg = small_config(head_dim=16, nosa=NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
-                                                    local_blocks=1, topk=4, qk_select=3))
+    cfg = triton_small_config()
     ref = random_model(cfg, "nosa", seed=5)
     model = from_params(cfg, nnx.to_pure_dict(nnx.state(ref, nnx.Param)), mode="nosa", impl="pallas", interpret=True)
     prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (70, 30)]
