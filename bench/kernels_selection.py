@@ -6,12 +6,15 @@ are in the ktilde dtype of the row: bfloat16 (the model's case since ktilde is s
 dtype: one native bf16 dot pass) and float32 (the float32-accurate 3-pass TF32 dot, for
 comparison with the earlier numbers). Timed:
   decode_block_scores  (kernel + jnp finish)   vs  nosa.stage1_scores + nosa.pool_blocks
-  decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks; also with
-                       topk_impl="pallas" (the fused top-k kernel of pallas_kernels/topk.py)
+  decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks; the default top-k is
+                       the fused Pallas kernel (pallas_kernels/topk.py); also with topk_impl="xla"
   two-stage top-k alone on decode rows (B=16 x Hk=2 rows of 512 / 2048 blocks, mode nosa):
     pallas_kernels.topk.two_stage_select_pallas vs nosa.two_stage_select (XLA: three sorts)
 Each timing runs `iters` calls inside one jitted fori_loop (the query is perturbed per iteration so
-nothing is hoisted) and reports the median over repeats of wall time / iters, after a warm-up call.
+nothing is hoisted) and reports the median over repeats of wall time / iters, after a warm-up call;
+the default kernel path also gets a row of device time (CUPTI: the sum of the loop's kernel times /
+iters, the measure bench/kernels_decode.py uses, so the two compare; it includes the loop's own
+perturbation and sum kernels, so it is an upper bound).
 Effective bandwidth = compressed-key bytes of the valid windows (B * Hk * n_win * D * itemsize:
 2 bytes for bfloat16, 4 for float32) / time.
 
@@ -102,8 +105,8 @@ def _score_sum(x):
     return jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
 
 
-def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
-    """Seconds per call of fn(q, *rest), `iters` calls inside one jitted loop."""
+def _loop(fn, iters: int):
+    """One jitted program making `iters` calls of fn(q, *rest) in a loop."""
 
     @jax.jit
     def loop(q, *rest):
@@ -114,6 +117,12 @@ def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
 
         return lax.fori_loop(0, iters, body, jnp.float32(0))
 
+    return loop
+
+
+def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
+    """Wall seconds per call of fn(q, *rest), `iters` calls inside one jitted loop."""
+    loop = _loop(fn, iters)
     jax.block_until_ready(loop(q, *rest))  # compile + warm-up
     jax.block_until_ready(loop(q, *rest))
     times = []
@@ -122,6 +131,22 @@ def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
         jax.block_until_ready(loop(q, *rest))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / iters
+
+
+def _device_loop(fn, q, rest, iters: int, repeats: int) -> float | None:
+    """Device seconds per call of the same loop as `_time_loop`: the sum of its GPU kernels' times
+    (CUPTI, median over repeats) / iters, as bench/kernels_decode.py times the decode attention (no
+    launch gaps). Includes the loop's own per-iteration kernels (the query's perturbation and the
+    score sum: a few us), so it is an upper bound. None where CUPTI is unavailable."""
+    loop = _loop(fn, iters)
+    jax.block_until_ready(loop(q, *rest))
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+        _, per_iter = profiler.measure(loop, aggregate=False, iterations=repeats)(q, *rest)
+    except Exception as e:  # noqa: BLE001
+        print(f"  CUPTI timing unavailable ({type(e).__name__}: {e})", flush=True)
+        return None
+    return statistics.median(sum(t for _, t in it) for it in per_iter) / 1e3 / iters if per_iter else None
 
 
 def _fns(cfg, n_blocks, kw):
@@ -267,27 +292,34 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                         sp = f"{ref_times[what] / t:.2f}" if what in ref_times else "-"
                         rows.append([context, tag, what, f"pallas {label}", f"{t * 1e6:.1f}",
                                      f"{key_bytes / t / 1e12:.2f}", sp])
+                        dev = _device_loop(fn, q, rest, iters, repeats) if label == "default" else None
+                        if dev:  # the decode attention's measure (kernels_decode.py), for issue 4's comparison
+                            records.append(record(f"{NAME}/{what}/pallas", s, "device_time", dev * 1e6, "us"))
+                            records.append(record(f"{NAME}/{what}/pallas", s, "device_effective_bandwidth",
+                                                  key_bytes / dev / 1e12, "TB/s"))
+                            rows.append([context, tag, what, f"pallas {label}, device time (CUPTI, upper bound)",
+                                         f"{dev * 1e6:.1f}", f"{key_bytes / dev / 1e12:.2f}", "-"])
                     except Exception as e:  # noqa: BLE001
                         rows.append([context, tag, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
                                      "-", "-"])
                         traceback.print_exc()
-            if main:  # decode_select with the fused Pallas top-k instead of XLA's sorts
-                label = "default+pallas-topk"
+            if main:  # decode_select with XLA's sorts instead of the default fused Pallas top-k
+                label = "default+xla-topk"
                 try:
-                    def select_pallas_topk(q, kt, cw, n_win, kv_len):
+                    def select_xla_topk(q, kt, cw, n_win, kv_len):
                         return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg, n_blocks=n_blocks,
-                                                 mode="nosa", topk_impl="pallas")
+                                                 mode="nosa", topk_impl="xla")
 
-                    ids_a = np.asarray(jax.jit(select_pallas_topk)(q, *rest))
+                    ids_a = np.asarray(jax.jit(select_xla_topk)(q, *rest))
                     same = float(np.mean(np.all(ids_a == np.asarray(jax.jit(_fns(cfg, n_blocks, {})[2])(q, *rest)),
                                                 axis=-1)))
-                    t = _time_loop(select_pallas_topk, q, rest, iters, repeats)
-                    s = dict(settings, variant=label, topk_impl="pallas")
+                    t = _time_loop(select_xla_topk, q, rest, iters, repeats)
+                    s = dict(settings, variant=label, topk_impl="xla")
                     records.append(record(f"{NAME}/select/pallas", s, "time", t * 1e6, "us"))
-                    records.append(record(f"{NAME}/select/check_pallas_topk", s, "identical_rows_vs_xla_topk", same,
+                    records.append(record(f"{NAME}/select/check_xla_topk", s, "identical_rows_vs_pallas_topk", same,
                                           "1"))
                     sp = f"{ref_times['select'] / t:.2f}" if "select" in ref_times else "-"
-                    rows.append([context, tag, "select", f"pallas {label} (rows = xla top-k: {same:.3f})",
+                    rows.append([context, tag, "select", f"pallas {label} (rows = pallas top-k: {same:.3f})",
                                  f"{t * 1e6:.1f}", f"{key_bytes / t / 1e12:.2f}", sp])
                 except Exception as e:  # noqa: BLE001
                     rows.append([context, tag, "select", f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
