@@ -40,12 +40,17 @@ from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_s
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
 from pallas_kernels.kv_loader import loader_path  # noqa: E402
 
+# Device time by part: a kernel belongs to the first part whose marker is in its name or op_name.
+# The profiler gives custom calls (the Pallas kernels, cuBLAS) no op_name, so they are matched by
+# kernel name: each Pallas kernel's pallas_call name beside its scope, and "gemm" for the matrix
+# products (the weights' reads: cuBLAS's nvjet_* / *gemm* / *gemv*, XLA's triton_gemm_* fusions).
 # With offload.LOADS == "fused" the misses are read inside the attention kernel (scope
 # "nosa_attend_fetch"): "loads" is then 0 and "attention" holds both.
-SCOPES = {"flush": ("nosa_flush",), "append": ("nosa_append",), "selection": ("nosa_select", "nosa_decode_stage1"),
-          "slots": ("nosa_slots",), "loads": ("nosa_load", "nosa_kv_load"),
-          "attention": ("nosa_attend", "nosa_sparse_decode")}
-PARTS = ("flush", "append", "selection", "slots", "loads", "attention", "rest")
+SCOPES = {"flush": ("nosa_flush",), "append": ("nosa_append", "nosa_decode_cache_write"),
+          "selection": ("nosa_select", "nosa_decode_stage1", "nosa_two_stage_topk"),
+          "slots": ("nosa_slots", "nosa_update_slots"), "loads": ("nosa_load", "nosa_kv_load"),
+          "attention": ("nosa_attend", "nosa_sparse_decode"), "gemm": ("nvjet", "gemm", "gemv")}
+PARTS = ("flush", "append", "selection", "slots", "loads", "attention", "gemm", "rest")
 
 
 def text_corpus(min_bytes: int) -> bytes:

@@ -105,7 +105,10 @@ PCIE_BPS = 53e9  # measured bulk pinned host -> device on the H200
 GiB = 2**30
 PINNED_MARGIN = 2 * GiB  # of the pinned pool, kept free of the offloaded store for transfer buffers
 DTYPE = jnp.bfloat16
-PARTS4 = ("selection", "loads", "attention", "rest")
+# The step split of the table: the named scopes of bench/offload.SCOPES, with flush, append and slots
+# counted in "rest" (with the small kernels: norms, rope, residuals, cache writes, slot update);
+# "gemm" (the weights' reads) is split out so that "rest" is what the weight floor does not cover.
+STEP_PARTS = ("selection", "loads", "attention", "gemm", "rest")
 FULL_DEFAULTS = dict(models=["8b", "1b"], contexts=[16384, 32768, 65536, 131072], budgets_gb=["80", "full"],
                      repeats=5)
 QUICK_DEFAULTS = dict(models=["8b"], contexts=[16384], budgets_gb=["80"], repeats=3)
@@ -323,17 +326,16 @@ def run_records(cfg, model_name, entry, batch, w, steps, extra_settings, stats=N
 
     mode, off = method_mode(entry["method"])
     step_s = statistics.median(w.times) / steps
-    split7 = {k: v / steps for k, v in split_by_scope(w.events, SCOPES, w.op_names).items()}  # us/step
-    split4 = {"selection": split7["selection"], "loads": split7["loads"], "attention": split7["attention"],
-              "rest": split7["rest"] + split7["flush"] + split7["append"] + split7["slots"]}
+    scopes = {k: v / steps for k, v in split_by_scope(w.events, SCOPES, w.op_names).items()}  # us/step
+    parts = {k: scopes[k] for k in STEP_PARTS} | {"rest": sum(scopes[k] for k in ("rest", "flush", "append", "slots"))}
     res = {"throughput": (batch / step_s, "tokens/s"), "step_time": (step_s * 1e3, "ms"),
            "step_time_spread": (max(w.times) / min(w.times), "max/min"),
            "compile_and_first_window": (w.compile_s, "s"),
-           "device_time_per_step": (sum(split7.values()), "us"),
+           "device_time_per_step": (sum(scopes.values()), "us"),
            "device_bytes_per_seq": (entry["device_bytes_per_seq"], "bytes"),
            "host_bytes_per_seq": (entry["host_bytes_per_seq"], "bytes")}
-    res |= {f"split_{k}": (v, "us") for k, v in split4.items()}
-    res |= {f"device_time_{k}": (v, "us") for k, v in split7.items()}
+    res |= {f"split_{k}": (v, "us") for k, v in parts.items()}
+    res |= {f"device_time_{k}": (v, "us") for k, v in scopes.items()}
     pcie = 0.0
     if off:
         s = offload_statistics(stats, cfg, DTYPE, mode, batch)
@@ -525,8 +527,8 @@ def report_line(recs):
     s = recs[0]["settings"]
     print(f"  {s['method']:17s} pool {s['pool']:9s} ctx {s['context']:6d} batch {s['batch']:4d}: "
           f"{v['throughput']:9.1f} tok/s  {v['step_time']:7.2f} ms/step  floor {v['floor_time']:6.2f} ms "
-          f"(x{v['measured_over_floor']:.2f})  sel/loads/attn/rest "
-          + "/".join(f"{v['split_' + k] / 1e3:.2f}" for k in PARTS4)
+          f"(x{v['measured_over_floor']:.2f})  sel/loads/attn/gemm/rest "
+          + "/".join(f"{v['split_' + k] / 1e3:.2f}" for k in STEP_PARTS)
           + (f"  gamma {v['gamma']:.3f} misses {v['misses_per_layer_head_seq_step']:.2f}" if "gamma" in v else ""),
           flush=True)
 
@@ -567,10 +569,16 @@ def responsible(v: dict) -> str:
     if not has_split(v):
         return "no step split (run without the profiler)"
     floor = {"selection": v.get("floor_compressed_time", 0), "loads": v.get("floor_pcie_time", 0),
-             "attention": v.get("floor_kv_time", 0), "rest": v.get("floor_weights_time", 0)}
-    ex = {k: v.get(f"split_{k}", 0) / 1e3 - floor[k] for k in PARTS4}
-    idle = v["step_time"] - v.get("device_time_per_step", 0) / 1e3
-    ex["idle (host/launch gaps)"] = idle
+             "attention": v.get("floor_kv_time", 0), "gemm": v.get("floor_weights_time", 0), "rest": 0.0}
+    label = {"gemm": "GEMMs", "rest": "rest (the small kernels: slot update, cache writes, norms, rope, residuals)"}
+    if "split_gemm" not in v:  # records from before session 20: the GEMMs are inside "rest"
+        floor["rest"] = floor.pop("gemm")
+        label["rest"] = "rest (GEMMs and the small kernels)"
+    if not v.get("split_loads"):  # the misses are read inside the attention kernel (offload.LOADS "fused")
+        floor["attention"] += floor.pop("loads")
+        label["attention"] = "attention (with the misses' PCIe reads)"
+    ex = {label.get(k, k): v.get(f"split_{k}", 0) / 1e3 - f for k, f in floor.items()}
+    ex["idle (host/launch gaps)"] = v["step_time"] - v.get("device_time_per_step", 0) / 1e3
     k = max(ex, key=ex.get)
     return f"{k} +{ex[k]:.2f} ms over its floor"
 
@@ -585,18 +593,20 @@ def build_report(records) -> str:
     runs, plans, fails = collect(records)
     out = []
     header = ["model", "context", "method", "pool", "batch", "tok/s", "ms/step", "sel ms", "loads ms", "attn ms",
-              "rest ms", "idle ms", "dev MiB/seq", "host MiB/seq", "gamma", "misses", "floor ms", "meas/floor"]
+              "GEMM ms", "rest ms", "idle ms", "dev MiB/seq", "host MiB/seq", "gamma", "misses", "floor ms", "meas/floor"]
     rows = []
     for k in sorted(runs, key=lambda k: (k[0], k[3], method_key(k[1:3]), k[4])):
         v = runs[k]
         split = has_split(v)  # else "—": a run without the profiled window has no split
         idle = v["step_time"] - v["device_time_per_step"] / 1e3 if split else None
         rows.append([k[0], k[3], LABELS.get(k[1], k[1]), k[2], k[4], _f(v["throughput"]), _f(v["step_time"], "{:.2f}")]
-                    + [_f(v[f"split_{p}"] / 1e3 if split else None, "{:.2f}") for p in PARTS4] + [_f(idle, "{:.2f}"),
+                    + [_f(v[f"split_{p}"] / 1e3 if split and f"split_{p}" in v else None, "{:.2f}")
+                       for p in STEP_PARTS] + [_f(idle, "{:.2f}"),
                        _f(v["device_bytes_per_seq"] / 2**20, "{:.1f}"), _f(v["host_bytes_per_seq"] / 2**20, "{:.1f}"),
                        _f(v.get("gamma"), "{:.3f}"), _f(v.get("misses_per_layer_head_seq_step"), "{:.2f}"),
                        _f(v["floor_time"], "{:.2f}"), _f(v["measured_over_floor"], "{:.2f}")])
-    out.append("## All runs\n\nSplit: device time per step by named scope (profiler); idle = step time - device "
+    out.append("## All runs\n\nSplit: device time per step by named scope (profiler); GEMM: the matrix products "
+               "(by kernel name; records before session 20 have them in rest); idle = step time - device "
                "time. Floor: HBM bytes at 4.3 TB/s + missed blocks at 53 GB/s. misses: per (layer, kv head, "
                "sequence, step).\n\n" + markdown_table(header, rows))
     # equivalent batch
@@ -782,14 +792,14 @@ def plots(records, stem: str, dirs: list[Path]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 5))
         x = np.arange(len(bars))
         bottom = np.zeros(len(bars))
-        parts = list(PARTS4) + ["idle", "not profiled"]
+        parts = list(STEP_PARTS) + ["idle", "not profiled"]
 
         def part_ms(r, p):  # a run without the profiled window is one "not profiled" bar
             if not has_split(r):
                 return r["step_time"] if p == "not profiled" else 0.0
             if p == "idle":
                 return r["step_time"] - r["device_time_per_step"] / 1e3
-            return 0.0 if p == "not profiled" else r[f"split_{p}"] / 1e3
+            return 0.0 if p == "not profiled" else r.get(f"split_{p}", 0.0) / 1e3  # no "gemm" before session 20
 
         for p in parts:
             vals = np.array([part_ms(r, p) for _, r in bars])

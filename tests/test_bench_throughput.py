@@ -266,3 +266,40 @@ def test_kernel_choices_retrace_after_a_change(monkeypatch):
     assert int(f(0)) == 1
     kernel_choices({"finish": "pallas"})  # no change: nothing to drop
     assert int(f(0)) == 1
+
+
+def test_step_split_names_each_kernel_and_the_part_over_its_floor():
+    """The profiler's events go to their part by kernel name or op_name: the Pallas kernels (no
+    op_name) by their pallas_call names, cuBLAS's GEMMs to "gemm"; the verdict then names the part
+    furthest above its share of the floor: the GEMMs against the weight floor, "rest" against none,
+    and the attention against the selected KV plus, where it reads the misses itself, their PCIe time."""
+    from bench.common import split_by_scope
+    from bench.offload import SCOPES
+
+    ev = lambda name, us: (name, 0.0, us, {})  # noqa: E731  (name, start, duration, args)
+    events = [ev("nvjet_sm90_tst_256x16_64x6_2x1_v_bz_NNT", 4000.0), ev("sm90_xmma_gemm_bf16bf16_f32", 100.0),
+              ev("nosa_sparse_decode_fetch", 2000.0), ev("nosa_two_stage_topk", 300.0),
+              ev("nosa_decode_stage1_logits", 200.0), ev("input_reduce_fusion_131", 50.0),
+              ev("nosa_update_slots", 30.0), ev("loop_multiply_fusion", 7.0), ev("input_scatter_fusion_127", 3.0)]
+    op_names = {"input_reduce_fusion_131": "jit(decode_loop)/while/body/nosa_select/reduce_sum",
+                "input_scatter_fusion_127": "jit(decode_loop)/while/body/nosa_append/scatter"}
+    split = split_by_scope(events, SCOPES, op_names)
+    assert split == {"flush": 0.0, "append": 3.0, "selection": 550.0, "slots": 30.0, "loads": 0.0,
+                     "attention": 2000.0, "gemm": 4100.0, "rest": 7.0}
+
+    v = {"step_time": 8.6, "device_time_per_step": 8200.0, "floor_compressed_time": 0.1, "floor_pcie_time": 1.5,
+         "floor_kv_time": 0.5, "floor_weights_time": 3.7, "split_selection": 600.0, "split_loads": 0.0,
+         "split_attention": 2100.0, "split_gemm": 4000.0, "split_rest": 1500.0}
+    assert tp.responsible(v) == ("rest (the small kernels: slot update, cache writes, norms, rope, residuals) "
+                                 "+1.50 ms over its floor")
+    v["split_gemm"] = 5600.0  # GEMMs 1.9 ms over the weight floor: now they are the part to blame
+    assert tp.responsible(v).startswith("GEMMs +1.90 ms")
+    v |= {"split_gemm": 4000.0, "split_attention": 3700.0}  # 3.7 ms against 0.5 (KV) + 1.5 (PCIe)
+    assert tp.responsible(v) == "attention (with the misses' PCIe reads) +1.70 ms over its floor"
+    v |= {"split_attention": 1500.0, "split_loads": 1800.0}  # loads before the attention: each its own floor
+    assert tp.responsible(v).startswith("rest (the small kernels")
+    v["split_loads"] = 3200.0
+    assert tp.responsible(v) == "loads +1.70 ms over its floor"
+    v |= {"split_attention": 2100.0, "split_loads": 0.0}
+    old = {k: x for k, x in v.items() if k != "split_gemm"} | {"split_rest": 5500.0}  # a record from before the split
+    assert tp.responsible(old) == "rest (GEMMs and the small kernels) +1.80 ms over its floor"
