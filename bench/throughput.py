@@ -574,7 +574,7 @@ def responsible(v: dict) -> str:
     if "split_gemm" not in v:  # records from before session 20: the GEMMs are inside "rest"
         floor["rest"] = floor.pop("gemm")
         label["rest"] = "rest (GEMMs and the small kernels)"
-    if not v.get("split_loads"):  # the misses are read inside the attention kernel (offload.LOADS "fused")
+    if floor["loads"] and not v.get("split_loads"):  # misses read inside the attention kernel (LOADS "fused")
         floor["attention"] += floor.pop("loads")
         label["attention"] = "attention (with the misses' PCIe reads)"
     ex = {label.get(k, k): v.get(f"split_{k}", 0) / 1e3 - f for k, f in floor.items()}

@@ -301,5 +301,7 @@ def test_step_split_names_each_kernel_and_the_part_over_its_floor():
     v["split_loads"] = 3200.0
     assert tp.responsible(v) == "loads +1.70 ms over its floor"
     v |= {"split_attention": 2100.0, "split_loads": 0.0}
+    on_device = v | {"floor_pcie_time": 0.0, "split_attention": 2200.0}  # no misses: the KV floor alone
+    assert tp.responsible(on_device) == "attention +1.70 ms over its floor"
     old = {k: x for k, x in v.items() if k != "split_gemm"} | {"split_rest": 5500.0}  # a record from before the split
     assert tp.responsible(old) == "rest (GEMMs and the small kernels) +1.80 ms over its floor"
