@@ -118,14 +118,12 @@ class AttentionSettings:
         """The scan's unroll for `n_tokens` new tokens per sequence against `cache`."""
         if self.layer_unroll != "auto":
             return self.layer_unroll
-        if n_tokens != 1:
-            return 1
-        if isinstance(cache, OffloadedKV):
+        if n_tokens == 1 and isinstance(cache, OffloadedKV):
             return True
-        if self.impl == "pallas":
+        if self.impl == "pallas":  # the on-device cache: straight-line where its write is in place
             from pallas_kernels import cache_write as cw
 
-            return True if cw.WRITE_IMPL == "pallas" else 1
+            return True if cw.in_place(n_tokens) else 1
         return 1
 
 

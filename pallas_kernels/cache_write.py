@@ -70,15 +70,22 @@ def _write_kernel(layer_ref, pos_ref, win_ref, k_ref, v_ref, cis_ref, *refs, T: 
             pltriton.store(outs[-1].at[layer, b, pl.ds(win, 1), h], pltriton.load(rows[-1].at[b, pl.ds(h, 1)]))
 
 
-def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
-                       n: NosaConfig, *, impl: str | None = None, interpret: bool = False) -> KVCache:
-    """`cache_write(cache, layer, start, k, v, cis, n)`, the same cache bit for bit; with impl
-    "pallas" (None: WRITE_IMPL) and one token per sequence (k: [B, 1, Hk, D]) the rows are
-    stored by one kernel. interpret: Pallas interpret mode (CPU tests)."""
+def in_place(n_tokens: int, impl: str | None = None) -> bool:
+    """Whether `decode_cache_write` stores `n_tokens` new tokens per sequence with the kernel, which
+    updates the stacked cache in place (impl "pallas", None: WRITE_IMPL, and one token), rather than
+    with cache_write's scatters."""
     impl = WRITE_IMPL if impl is None else impl
     if impl not in ("xla", "pallas"):
         raise ValueError(f"cache write impl must be 'xla' or 'pallas', got {impl!r}")
-    if impl == "xla" or k.shape[1] != 1:
+    return impl == "pallas" and n_tokens == 1
+
+
+def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
+                       n: NosaConfig, *, impl: str | None = None, interpret: bool = False) -> KVCache:
+    """`cache_write(cache, layer, start, k, v, cis, n)`, the same cache bit for bit; where
+    `in_place(k.shape[1], impl)` the rows are stored by one kernel. interpret: Pallas interpret
+    mode (CPU tests)."""
+    if not in_place(k.shape[1], impl):
         return cache_write(cache, layer, start, k, v, cis, n)
     B, _, Hk, D = k.shape
     T, n_kt, n_cw = cache.k.shape[2], cache.ktilde.shape[2], cache.cisw.shape[2]
