@@ -41,6 +41,7 @@ import numpy as np
 from jax import lax
 
 from bench.common import record, standalone
+from bench.kernels_decode import device_time
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
@@ -134,19 +135,12 @@ def _time_loop(fn, q, rest, iters: int, repeats: int) -> float:
 
 
 def _device_loop(fn, q, rest, iters: int, repeats: int) -> float | None:
-    """Device seconds per call of the same loop as `_time_loop`: the sum of its GPU kernels' times
-    (CUPTI, median over repeats) / iters, as bench/kernels_decode.py times the decode attention (no
-    launch gaps). Includes the loop's own per-iteration kernels (the query's perturbation and the
-    score sum: a few us), so it is an upper bound. None where CUPTI is unavailable."""
-    loop = _loop(fn, iters)
-    jax.block_until_ready(loop(q, *rest))
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-        _, per_iter = profiler.measure(loop, aggregate=False, iterations=repeats)(q, *rest)
-    except Exception as e:  # noqa: BLE001
-        print(f"  CUPTI timing unavailable ({type(e).__name__}: {e})", flush=True)
-        return None
-    return statistics.median(sum(t for _, t in it) for it in per_iter) / 1e3 / iters if per_iter else None
+    """Device seconds per call of the same loop as `_time_loop`, timed as bench/kernels_decode.py
+    times the decode attention (`device_time`: the sum of the GPU kernels' times, CUPTI, no launch
+    gaps). Includes the loop's own per-iteration kernels (the query's perturbation and the score
+    sum: a few us), so it is an upper bound. None where CUPTI is unavailable."""
+    secs, _, how = device_time(_loop(fn, iters), (q, *rest), iters, repeats)
+    return secs if how == "cupti" else None
 
 
 def _fns(cfg, n_blocks, kw):
