@@ -8,6 +8,7 @@ comparison with the earlier numbers). Timed:
   decode_block_scores  (kernel + jnp finish)   vs  nosa.stage1_scores + nosa.pool_blocks
   decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks; the default top-k is
                        the fused Pallas kernel (pallas_kernels/topk.py); also with topk_impl="xla"
+                       and with each scores finish (SELECT_VARIANTS; "topk": in the top-k's kernel)
   two-stage top-k alone on decode rows (B=16 x Hk=2 rows of 512 / 2048 blocks, mode nosa):
     pallas_kernels.topk.two_stage_select_pallas vs nosa.two_stage_select (XLA: three sorts)
 Each timing runs `iters` calls inside one jitted fori_loop (the query is perturbed per iteration so
@@ -79,6 +80,10 @@ SWEEP_F32 = [
 # 1 and 2 warps: the radix rounds reduce within a warp (no shared-memory round trip) - at 16K the
 # default's 16 rounds on 4 warps cost 20 us per layer in the 8B decode step (bench/NOTES.md).
 TOPK_BLOCKS = (257, 513, 2049)
+# decode_select rows beside the default path: XLA's top-k, and each scores finish (selection.SCORES_FINISH;
+# "topk" finishes inside the top-k's kernel). The one equal to the defaults is timed twice (harmless).
+SELECT_VARIANTS = [("xla-topk", dict(topk_impl="xla")), ("finish=jnp", dict(finish="jnp")),
+                   ("finish=topk", dict(finish="topk"))]
 TOPK_VARIANTS = [("default", {}), ("full-search", dict(search="full")), ("w4-r4", dict(num_warps=4, radix_bits=4)),
                  ("w8-r4", dict(num_warps=8, radix_bits=4)), ("w4-r2", dict(num_warps=4, radix_bits=2)),
                  ("w1-r2", dict(num_warps=1, radix_bits=2)), ("w2-r2", dict(num_warps=2, radix_bits=2))]
@@ -297,24 +302,29 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                         rows.append([context, tag, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
                                      "-", "-"])
                         traceback.print_exc()
-            if main:  # decode_select with XLA's sorts instead of the default fused Pallas top-k
-                label = "default+xla-topk"
+            for label, extra in (SELECT_VARIANTS if main else ()):
+                # decode_select with another top-k or finish than the defaults: time, device time, and
+                # whether its ids equal the default path's
                 try:
-                    def select_xla_topk(q, kt, cw, n_win, kv_len):
+                    def select_variant(q, kt, cw, n_win, kv_len, extra=extra):
                         return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg, n_blocks=n_blocks,
-                                                 mode="nosa", topk_impl="xla")
+                                                 mode="nosa", **extra)
 
-                    ids_a = np.asarray(jax.jit(select_xla_topk)(q, *rest))
+                    ids_a = np.asarray(jax.jit(select_variant)(q, *rest))
                     same = float(np.mean(np.all(ids_a == np.asarray(jax.jit(_fns(cfg, n_blocks, {})[2])(q, *rest)),
                                                 axis=-1)))
-                    t = _time_loop(select_xla_topk, q, rest, iters, repeats)
-                    s = dict(settings, variant=label, topk_impl="xla")
+                    t = _time_loop(select_variant, q, rest, iters, repeats)
+                    s = dict(settings, variant=label, **extra)
                     records.append(record(f"{NAME}/select/pallas", s, "time", t * 1e6, "us"))
-                    records.append(record(f"{NAME}/select/check_xla_topk", s, "identical_rows_vs_pallas_topk", same,
-                                          "1"))
+                    records.append(record(f"{NAME}/select/check_variant", s, "identical_rows_vs_default", same, "1"))
                     sp = f"{ref_times['select'] / t:.2f}" if "select" in ref_times else "-"
-                    rows.append([context, tag, "select", f"pallas {label} (rows = pallas top-k: {same:.3f})",
+                    rows.append([context, tag, "select", f"pallas {label} (rows = default: {same:.3f})",
                                  f"{t * 1e6:.1f}", f"{key_bytes / t / 1e12:.2f}", sp])
+                    dev = _device_loop(select_variant, q, rest, iters, repeats)
+                    if dev:
+                        records.append(record(f"{NAME}/select/pallas", s, "device_time", dev * 1e6, "us"))
+                        rows.append([context, tag, "select", f"pallas {label}, device time (CUPTI, upper bound)",
+                                     f"{dev * 1e6:.1f}", f"{key_bytes / dev / 1e12:.2f}", "-"])
                 except Exception as e:  # noqa: BLE001
                     rows.append([context, tag, "select", f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
                                  "-", "-"])

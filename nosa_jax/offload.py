@@ -365,7 +365,10 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
             new_k = jax.vmap(one)(ring_k[layer], c0)[:, 0]
             ktilde = ktilde.at[layer, b_idx, w_idx].set(new_k.astype(ktilde.dtype), mode="drop")
         if cisw.shape[2]:
-            _, new_c = new_windows(off.cis[layer], cis, pos, 1, n)
+            # from cis_h, not off.cis: no reader of the history's old buffer may follow its in-place
+            # update, or XLA copies the whole [L, B, T, Hk] history each layer to keep it (67 MB at 8B /
+            # 16K / batch 16: 30 us per layer on the H200, seen in session 21 when the schedule moved)
+            _, new_c = new_windows(cis_h[layer], cis, pos, 1, n)
             cisw = cisw.at[layer, b_idx, w_idx].set(new_c[:, 0], mode="drop")
 
     # 2. selection (the same code and data as the on-device cache)

@@ -416,17 +416,14 @@ def _select_kernel(layer_ref, nwin_ref, qpos_ref, m_ref, l_ref, s_ref, *refs, G:
             best = jnp.maximum(best, scores(P * j + p))
         return jnp.where(forced, POS_INF, best)
 
-    def cis_row():
+    def cis_scores(w):
         layer, C = layer_ref[0], cisw_ref.shape[2]
+        ok = valid & (w >= 0) & (w < n)
+        x = pltriton.load(cisw_ref.at[layer, b, jnp.clip(w, 0, C - 1), h], mask=ok, other=NEG_INF)
+        return jnp.where(ok, x.astype(jnp.float32), NEG_INF)
 
-        def scores(w):
-            ok = valid & (w >= 0) & (w < n)
-            x = pltriton.load(cisw_ref.at[layer, b, jnp.clip(w, 0, C - 1), h], mask=ok, other=NEG_INF)
-            return jnp.where(ok, x.astype(jnp.float32), NEG_INF)
-
-        return pooled(scores)
-
-    two_stage_ids(pooled(window_scores), cis_row, qb, j, valid, o_ref, k1=k1, k=k, mode=mode,
+    cis = pooled(cis_scores) if mode == "nosa" else None
+    two_stage_ids(pooled(window_scores), cis, qb, j, valid, o_ref, k1=k1, k=k, mode=mode,
                   radix_bits=radix_bits, early_exit=early_exit)
 
 
@@ -438,16 +435,15 @@ def finish_and_select(logits, m, l, n_eff, q_pos, cisw_pool, layer, *, G: int, n
     two-stage top-k of pallas_kernels.topk. The same ids as the jnp finish + the Pallas top-k, up to
     the float32 rounding of the summed softmax (ties in float64 excepted, as between any two finishes).
     g_chunk: columns of the group summed per logits tile (a power of two; None: as many as keep the
-    [n_pad, g_chunk] tile at 64 values per thread, all G_pad up to 32K context at G_pad 16)."""
+    [n_pad, g_chunk] tile at 32 values per thread: each value's gather also holds a 64-bit pointer)."""
     if mode not in ("nosa", "infllmv2"):
         raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
     B, Hk, rows, g_pad = logits.shape
     n_splits = m.shape[2]
     n_pad = topk_kernel.row_lanes(n_blocks)
     num_warps, radix_bits = topk_kernel.default_tiling(n_pad)
-    # the [n_pad, g_chunk] logits tile kept at <= 64 values per thread, as the top-k's compare tensor
     if g_chunk is None:
-        g_chunk = max(1, min(g_pad, (64 * 32 * num_warps) // n_pad))
+        g_chunk = max(1, min(g_pad, (32 * 32 * num_warps) // n_pad))
     if not (_is_pow2(g_chunk) and g_chunk <= g_pad):
         raise ValueError(f"g_chunk must be a power of two <= {g_pad}, got {g_chunk}")
     k = min(cfg.topk, n_blocks)
