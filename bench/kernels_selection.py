@@ -81,9 +81,9 @@ SWEEP_F32 = [
 # default's 16 rounds on 4 warps cost 20 us per layer in the 8B decode step (bench/NOTES.md).
 TOPK_BLOCKS = (257, 513, 2049)
 # decode_select rows beside the default path: XLA's top-k, and each scores finish (selection.SCORES_FINISH;
-# "topk" finishes inside the top-k's kernel). The one equal to the defaults is timed twice (harmless).
+# "topk" finishes inside the top-k's kernel); the one that is the current default is skipped.
 SELECT_VARIANTS = [("xla-topk", dict(topk_impl="xla")), ("finish=jnp", dict(finish="jnp")),
-                   ("finish=topk", dict(finish="topk"))]
+                   ("finish=pallas", dict(finish="pallas")), ("finish=topk", dict(finish="topk"))]
 TOPK_VARIANTS = [("default", {}), ("full-search", dict(search="full")), ("w4-r4", dict(num_warps=4, radix_bits=4)),
                  ("w8-r4", dict(num_warps=8, radix_bits=4)), ("w4-r2", dict(num_warps=4, radix_bits=2)),
                  ("w1-r2", dict(num_warps=1, radix_bits=2)), ("w2-r2", dict(num_warps=2, radix_bits=2))]
@@ -302,9 +302,12 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                         rows.append([context, tag, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
                                      "-", "-"])
                         traceback.print_exc()
+            defaults = dict(topk_impl=sel.TOPK_IMPL, finish=sel.SCORES_FINISH)
             for label, extra in (SELECT_VARIANTS if main else ()):
                 # decode_select with another top-k or finish than the defaults: time, device time, and
                 # whether its ids equal the default path's
+                if all(defaults[k] == v for k, v in extra.items()):
+                    continue
                 try:
                     def select_variant(q, kt, cw, n_win, kv_len, extra=extra):
                         return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg, n_blocks=n_blocks,

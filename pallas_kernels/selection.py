@@ -78,10 +78,13 @@ TOPK_IMPL = "pallas"
 # none: "jnp" (XLA fusions) or "pallas" (one small kernel). Alone the two measured alike, and inside
 # the 8B decode step (batch 16, 16K) too: 7.327 vs 7.334 ms device time per step
 # (bench/results/profile-8b-b16-s5-variants-*; `bench/profile_decode.py --variant finish=pallas`);
-# in the offloaded step (session 17, layers in a scan) the Pallas kernel lost 0.4 ms of wall time.
+# in the offloaded step the Pallas kernel lost 0.4 ms of wall time with the layers in a scan
+# (session 17) and stayed within the spread unrolled (session 21: 8.58 ms against 8.28 / 8.63).
 # "topk": decode_select finishes inside the top-k's kernel (`finish_and_select`; with the Pallas
-# top-k only), replacing the jnp finish's ~9 fusions per layer and the cis pooling's; the scores
-# alone (decode_block_scores) then take the jnp finish.
+# top-k only), replacing the jnp finish's fusions and the cis pooling's (six kernels per layer);
+# the scores alone (decode_block_scores) then take the jnp finish. Session 21, 8B offloaded step
+# (bench/NOTES.md): 9.54 ms against 8.28 / 8.63, in a run that also copied the cis history every
+# layer (since mended in the append); to be measured again before it is made the default or dropped.
 SCORES_FINISH = "jnp"
 
 
@@ -422,8 +425,8 @@ def _select_kernel(layer_ref, nwin_ref, qpos_ref, m_ref, l_ref, s_ref, *refs, G:
         x = pltriton.load(cisw_ref.at[layer, b, jnp.clip(w, 0, C - 1), h], mask=ok, other=NEG_INF)
         return jnp.where(ok, x.astype(jnp.float32), NEG_INF)
 
-    cis = pooled(cis_scores) if mode == "nosa" else None
-    two_stage_ids(pooled(window_scores), cis, qb, j, valid, o_ref, k1=k1, k=k, mode=mode,
+    cis = pooled(cis_scores) if mode == "nosa" else None  # before stage 1: its loads overlap stage 1's
+    two_stage_ids(pooled(window_scores), lambda: cis, qb, j, valid, o_ref, k1=k1, k=k, mode=mode,
                   radix_bits=radix_bits, early_exit=early_exit)
 
 
@@ -586,14 +589,14 @@ def select_from_scores(b_qk, cisw_layer, n_eff, q_pos, *, nosa_cfg: NosaConfig, 
 
 def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: NosaConfig,
                   n_blocks: int, mode: str, interpret: bool = False, topk_impl: str | None = None,
-                  **kernel_kw) -> jax.Array:
+                  finish: str | None = None, **kernel_kw) -> jax.Array:
     """Block ids of one decode query per sequence: [B, Hk, K] int32, K = min(topk, n_blocks).
 
     Same contract as nosa.select_blocks(q[:, None], (kv_len - 1)[:, None], ktilde_pool[layer],
     cisw_pool[layer], kv_len, n_blocks, cfg, mode)[:, :, 0]: ascending ids, then -1.
     cisw_pool [L, B, C, Hk] (may be None for mode "infllmv2"). `kernel_kw` go to the kernel
-    (block_c, tiles_per_program, num_warps, num_stages, precision, prefetch) and `finish`, that of
-    decode_block_scores or "topk": the finish inside the Pallas top-k's kernel (finish_and_select;
+    (block_c, tiles_per_program, num_warps, num_stages, precision, prefetch). finish: that of
+    decode_block_scores, or "topk": the finish inside the Pallas top-k's kernel (finish_and_select;
     None: SCORES_FINISH). topk_impl: the two-stage top-k, "xla" or "pallas" (None: the module
     default TOPK_IMPL); see select_from_scores.
     """
@@ -602,7 +605,6 @@ def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: 
     q_pos = kv_len - 1
     C = ktilde_pool.shape[2]
     n_eff = _effective_windows(jnp.asarray(n_win), q_pos, C, cfg)
-    finish = kernel_kw.pop("finish", None)
     finish = SCORES_FINISH if finish is None else finish
     impl = TOPK_IMPL if topk_impl is None else topk_impl
     if finish == "topk" and impl == "pallas" and C:

@@ -173,18 +173,19 @@ def _top_k_lanes(key, k: int, radix_bits: int, early_exit: bool):
     return lax.cond(exact != 0, lambda: key >= kth, tie_broken)
 
 
-def two_stage_ids(qk, cis, qb, j, valid, o_ref, *, k1: int, k: int, mode: str, radix_bits: int,
+def two_stage_ids(qk, cis_row, qb, j, valid, o_ref, *, k1: int, k: int, mode: str, radix_bits: int,
                   early_exit: bool):
     """The two stages on one row held in registers, the ids stored to o_ref [>= k] (a kernel-side
     helper: the top-k kernel below and selection's fused finish-and-select kernel share it).
 
-    qk: float32 [n_pad] pooled query-aware scores (lanes not `valid` are never chosen); cis: the
-    pooled cis scores [n_pad] (mode "nosa"; None for "infllmv2"), loaded before stage 1 so that
-    their load's latency overlaps it; qb: the query's block (scalar); j: the lane iota."""
+    qk: float32 [n_pad] pooled query-aware scores (lanes not `valid` are never chosen); cis_row: a
+    function returning the pooled cis scores [n_pad] (mode "nosa"), called after stage 1 (the top-k
+    kernel loads them there, as it always has; the fused kernel computes them before and returns
+    them); qb: the query's block (scalar); j: the lane iota."""
     key = _order_keys(qk, valid)
     if mode == "nosa":
         picked = _top_k_lanes(key, k1, radix_bits, early_exit)
-        c = jnp.where(j > qb, NEG_INF, cis)
+        c = jnp.where(j > qb, NEG_INF, cis_row())
         c = jnp.where(picked, POS_INF, c)
         key = _order_keys(c, valid)
     chosen = _top_k_lanes(key, k, radix_bits, early_exit)
@@ -208,9 +209,8 @@ def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mod
     in_mask = valid if n < n_pad else None
     in_other = NEG_INF if n < n_pad else None
     x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
-    c = None if cis_ref is None else pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
-    two_stage_ids(x, c, qb_ref[r], j, valid, o_ref, k1=k1, k=k, mode=mode, radix_bits=radix_bits,
-                  early_exit=early_exit)
+    two_stage_ids(x, lambda: pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other),
+                  qb_ref[r], j, valid, o_ref, k1=k1, k=k, mode=mode, radix_bits=radix_bits, early_exit=early_exit)
 
 
 # ----------------------------------------------------------------------------- launcher
