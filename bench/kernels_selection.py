@@ -174,7 +174,7 @@ def _topk_inputs(n: int, key):
     k1, k2 = jax.random.split(key)
     j = jnp.arange(n)
     qb = jnp.full((B, 1, 1), n - 1, jnp.int32)
-    forced = (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
+    forced = nosa.forced(j, qb, cfg)
     b_qk = jnp.where(forced, jnp.inf, jax.random.normal(k1, (B, HK, n), jnp.float32))
     b_cis = jnp.where(forced, jnp.inf, jax.random.normal(k2, (B, HK, n), jnp.float32))
     return cfg, b_qk, b_cis, qb

@@ -154,8 +154,13 @@ def pool_blocks(x: jax.Array, q_pos: jax.Array, n_win: jax.Array, n_blocks: int,
         pooled = jnp.full(x.shape[:3] + (n_blocks,), NEG_INF, jnp.float32)
     pooled = jnp.broadcast_to(pooled, (B, x.shape[1], Tq, n_blocks))
     qb = (q_pos // cfg.block_size)[:, None, :, None]  # [B, 1, Tq, 1]
-    forced = (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
-    return jnp.where(forced, POS_INF, pooled)
+    return jnp.where(forced(j, qb, cfg), POS_INF, pooled)
+
+
+def forced(j, qb, cfg: NosaConfig):
+    """Whether block j is always selected for a query in block qb (broadcast together): the sink
+    blocks j < init_blocks and the local blocks qb - local_blocks <= j <= qb."""
+    return (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
 
 
 def top_k_mask(x: jax.Array, k: int) -> jax.Array:

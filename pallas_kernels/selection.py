@@ -229,6 +229,16 @@ def _logits_kernel(layer_ref, nwin_ref, qt_ref, k_ref, s_ref, m_ref, l_ref, *, G
     l_ref[...] = l
 
 
+def _combine_splits(m, l):
+    """In-kernel: the per-head softmax max M and sum Z over all splits from the splits' statistics
+    m, l [S_pad, G_pad] (padding splits: m -inf, l 0). M is 0 where no window is valid, Z 1 where
+    the sum is 0 (as _window_scores does in jnp)."""
+    M = jnp.max(m, axis=0)
+    M = jnp.where(M == NEG_INF, 0.0, M)
+    Z = jnp.sum(l * jnp.exp(m - M[None, :]), axis=0)
+    return M, jnp.where(Z > 0, Z, 1.0)
+
+
 def _finish_kernel(nwin_ref, m_ref, l_ref, s_ref, o_ref, *, G: int, P: int, blocks_per_program: int,
                    n_splits: int):
     """Normalise, sum over the group and max-pool one tile of blocks of one (b, h).
@@ -243,12 +253,8 @@ def _finish_kernel(nwin_ref, m_ref, l_ref, s_ref, o_ref, *, G: int, P: int, bloc
     s_pad, g_pad = m_ref.shape
     n = nwin_ref[b]
     split_ok = lax.broadcasted_iota(jnp.int32, (s_pad, g_pad), 0) < n_splits
-    m = pltriton.load(m_ref, mask=split_ok, other=NEG_INF)
-    l = pltriton.load(l_ref, mask=split_ok, other=0.0)
-    M = jnp.max(m, axis=0)
-    M = jnp.where(M == NEG_INF, 0.0, M)
-    Z = jnp.sum(l * jnp.exp(m - M[None, :]), axis=0)
-    Z = jnp.where(Z > 0, Z, 1.0)
+    M, Z = _combine_splits(pltriton.load(m_ref, mask=split_ok, other=NEG_INF),
+                           pltriton.load(l_ref, mask=split_ok, other=0.0))
     nw = blocks_per_program * P
     w0 = tile * nw
     row = lax.broadcasted_iota(jnp.int32, (nw, g_pad), 0)
@@ -390,12 +396,9 @@ def _select_kernel(layer_ref, nwin_ref, qpos_ref, m_ref, l_ref, s_ref, *refs, G:
     split_ok = lax.broadcasted_iota(jnp.int32, (s_pad, g_chunk), 0) < n_splits
 
     def normalisers(c0):  # the combined softmax max and sum of columns c0 .. c0 + g_chunk - 1
-        m = pltriton.load(m_ref.at[b, h, pl.ds(0, s_pad), pl.ds(c0, g_chunk)], mask=split_ok, other=NEG_INF)
-        l = pltriton.load(l_ref.at[b, h, pl.ds(0, s_pad), pl.ds(c0, g_chunk)], mask=split_ok, other=0.0)
-        M = jnp.max(m, axis=0)
-        M = jnp.where(M == NEG_INF, 0.0, M)
-        Z = jnp.sum(l * jnp.exp(m - M[None, :]), axis=0)
-        return M, jnp.where(Z > 0, Z, 1.0)
+        at = (b, h, pl.ds(0, s_pad), pl.ds(c0, g_chunk))
+        return _combine_splits(pltriton.load(m_ref.at[at], mask=split_ok, other=NEG_INF),
+                               pltriton.load(l_ref.at[at], mask=split_ok, other=0.0))
 
     chunks = [(c0, *normalisers(c0)) for c0 in range(0, g_pad, g_chunk)]
     col = lax.broadcasted_iota(jnp.int32, (n_pad, g_chunk), 1)
@@ -411,7 +414,7 @@ def _select_kernel(layer_ref, nwin_ref, qpos_ref, m_ref, l_ref, s_ref, *refs, G:
             S = part if S is None else S + part
         return jnp.where(ok, S, NEG_INF)
 
-    forced = (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
+    forced = nosa.forced(j, qb, cfg)
 
     def pooled(scores):  # max over windows P j - 1 .. P j + P - 1, then the forced blocks
         best = scores(P * j - 1)
@@ -470,9 +473,7 @@ def finish_and_select(logits, m, l, n_eff, q_pos, cisw_pool, layer, *, G: int, n
 # ----------------------------------------------------------------------------- jnp finishing
 
 def _forced(q_pos, n_blocks: int, cfg: NosaConfig):
-    j = jnp.arange(n_blocks)
-    qb = (q_pos // cfg.block_size)[:, None, None]
-    return (j < cfg.init_blocks) | ((j <= qb) & (qb <= j + cfg.local_blocks))
+    return nosa.forced(jnp.arange(n_blocks), (q_pos // cfg.block_size)[:, None, None], cfg)
 
 
 def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig):
