@@ -8,7 +8,7 @@ comparison with the earlier numbers). Timed:
   decode_block_scores  (kernel + jnp finish)   vs  nosa.stage1_scores + nosa.pool_blocks
   decode_select (nosa) (kernel + two-stage top-k) vs nosa.select_blocks; the default top-k is
                        the fused Pallas kernel (pallas_kernels/topk.py); also with topk_impl="xla"
-                       and with each scores finish (SELECT_VARIANTS; "topk": in the top-k's kernel)
+                       and with each scores finish (SELECT_VARIANTS)
   two-stage top-k alone on decode rows (B=16 x Hk=2 rows of 512 / 2048 blocks, mode nosa):
     pallas_kernels.topk.two_stage_select_pallas vs nosa.two_stage_select (XLA: three sorts)
 Each timing runs `iters` calls inside one jitted fori_loop (the query is perturbed per iteration so
@@ -80,10 +80,10 @@ SWEEP_F32 = [
 # 1 and 2 warps: the radix rounds reduce within a warp (no shared-memory round trip) - at 16K the
 # default's 16 rounds on 4 warps cost 20 us per layer in the 8B decode step (bench/NOTES.md).
 TOPK_BLOCKS = (257, 513, 2049)
-# decode_select rows beside the default path: XLA's top-k, and each scores finish (selection.SCORES_FINISH;
-# "topk" finishes inside the top-k's kernel); the one that is the current default is skipped.
+# decode_select rows beside the default path: XLA's top-k, and each scores finish (selection.SCORES_FINISH);
+# the one that is the current default is skipped.
 SELECT_VARIANTS = [("xla-topk", dict(topk_impl="xla")), ("finish=jnp", dict(finish="jnp")),
-                   ("finish=pallas", dict(finish="pallas")), ("finish=topk", dict(finish="topk"))]
+                   ("finish=pallas", dict(finish="pallas"))]
 TOPK_VARIANTS = [("default", {}), ("full-search", dict(search="full")), ("w4-r4", dict(num_warps=4, radix_bits=4)),
                  ("w8-r4", dict(num_warps=8, radix_bits=4)), ("w4-r2", dict(num_warps=4, radix_bits=2)),
                  ("w1-r2", dict(num_warps=1, radix_bits=2)), ("w2-r2", dict(num_warps=2, radix_bits=2))]
@@ -205,10 +205,13 @@ def run_topk(records: list, rows: list, iters: int, repeats: int, sweep: bool = 
         for label, kw in TOPK_VARIANTS + (TOPK_SWEEP if sweep else []):
             try:
                 fn = lambda s, c, qb, kw=kw: two_stage_select_pallas(s, c, qb, cfg, "nosa", **kw)  # noqa: E731
+                same_v = float(np.mean(np.all(np.asarray(jax.jit(fn)(b_qk, b_cis, qb)) == ids_x, axis=-1)))
                 t = _time_loop(fn, b_qk, (b_cis, qb), iters, repeats)
                 s = dict(settings, variant=label, **kw)
                 records.append(record(f"{NAME}/topk/pallas", s, "time", t * 1e6, "us"))
-                rows.append([context, "-", op, f"pallas {label}", f"{t * 1e6:.1f}", "-", f"{t_x / t:.2f}"])
+                records.append(record(f"{NAME}/topk/check_variant", s, "identical_rows_vs_xla", same_v, "1"))
+                rows.append([context, "-", op, f"pallas {label} (rows = xla: {same_v:.3f})", f"{t * 1e6:.1f}", "-",
+                             f"{t_x / t:.2f}"])
             except Exception as e:  # noqa: BLE001
                 rows.append([context, "-", op, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160], "-", "-"])
                 traceback.print_exc()

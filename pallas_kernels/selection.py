@@ -20,9 +20,6 @@ ktilde is stored in the model dtype, so 2 bytes per element for a bf16 model):
     _dot_precision). The next tile's load is issued before the current tile's math (`prefetch`).
   finish (jnp fused by XLA, or a second small Pallas kernel): combine the per-split statistics,
     normalise the logits, sum over the G heads, max-pool windows to blocks, force sink/local blocks.
-    Or, in decode_select, inside the top-k's kernel (`finish_and_select`): one program per
-    (sequence, kv head) from the logits to the ids, the cis scores pooled there too, so nothing
-    between the stage-1 kernel and the ids is an XLA fusion.
   selection: the two-stage top-k, with ties broken lowest-index-first explicitly. topk_impl "xla"
     (jnp: `nosa.two_stage_select`, three XLA sorts) or "pallas" (`pallas_kernels.topk`: one fused
     kernel, radix select + scatter, no sort); the default is the module constant TOPK_IMPL.
@@ -57,8 +54,7 @@ from jax.experimental.pallas import triton as pltriton
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels.lanes import next_pow2
-from pallas_kernels import topk as topk_kernel
-from pallas_kernels.topk import two_stage_ids, two_stage_select_pallas
+from pallas_kernels.topk import two_stage_select_pallas
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -79,12 +75,10 @@ TOPK_IMPL = "pallas"
 # the 8B decode step (batch 16, 16K) too: 7.327 vs 7.334 ms device time per step
 # (bench/results/profile-8b-b16-s5-variants-*; `bench/profile_decode.py --variant finish=pallas`);
 # in the offloaded step the Pallas kernel lost 0.4 ms of wall time with the layers in a scan
-# (session 17) and stayed within the spread unrolled (session 21: 8.58 ms against 8.28 / 8.63).
-# "topk": decode_select finishes inside the top-k's kernel (`finish_and_select`; with the Pallas
-# top-k only), replacing the jnp finish's fusions and the cis pooling's (six kernels per layer);
-# the scores alone (decode_block_scores) then take the jnp finish. Session 21, 8B offloaded step
-# (bench/NOTES.md): 9.54 ms against 8.28 / 8.63, in a run that also copied the cis history every
-# layer (since mended in the append); to be measured again before it is made the default or dropped.
+# (session 17) and stayed within the spread unrolled (session 21: 8.58 ms against 8.28 / 8.63);
+# decode_select at batch 16: 34.3 vs 35.5 us at 32K, 74.3 vs 74.7 at 128K (H100, session 22). A third
+# finish inside the top-k's kernel (one program per row from the logits to the ids) lost and was
+# removed in session 22 (48.8 / 155.3 us there; bench/NOTES.md).
 SCORES_FINISH = "jnp"
 
 
@@ -372,104 +366,6 @@ def pooled_window_scores(logits, m, l, n_eff, *, G: int, n_blocks: int, P: int, 
     return out[:, :, :n_blocks]
 
 
-def _select_kernel(layer_ref, nwin_ref, qpos_ref, m_ref, l_ref, s_ref, *refs, G: int, P: int, n_splits: int,
-                   n_blocks: int, n_pad: int, g_chunk: int, cfg: NosaConfig, k1: int, k: int, mode: str,
-                   radix_bits: int, early_exit: bool):
-    """The finish and the two-stage top-k of one (sequence b, kv head h) in one program.
-
-    layer_ref [1]; nwin_ref, qpos_ref [B]; m_ref, l_ref [B, Hk, n_splits, G_pad] split statistics;
-    s_ref [B, Hk, 1 + C_pad, G_pad] logits (window c at row 1 + c); refs: (cisw_ref [L, B, C, Hk],
-    mode "nosa",) o_ref [k] (this row's ids). Lane j of the row is block j: its score is the max of
-    the group-summed softmax over windows P j - 1 .. P j + P - 1, one [n_pad, g_chunk] gather of
-    logits per window offset and column chunk (every lane's window P j + p is computed by the same
-    ops, so a window shared by two blocks gives both the same bits); forced blocks +inf.
-    """
-    cisw_ref, o_ref = refs if mode == "nosa" else (None, refs[0])
-    b, h = pl.program_id(0), pl.program_id(1)
-    g_pad = m_ref.shape[3]
-    rows = s_ref.shape[2]
-    s_pad = next_pow2(n_splits)
-    n = nwin_ref[b]
-    qb = qpos_ref[b] // cfg.block_size
-    j = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
-    valid = j < n_blocks
-    split_ok = lax.broadcasted_iota(jnp.int32, (s_pad, g_chunk), 0) < n_splits
-
-    def normalisers(c0):  # the combined softmax max and sum of columns c0 .. c0 + g_chunk - 1
-        at = (b, h, pl.ds(0, s_pad), pl.ds(c0, g_chunk))
-        return _combine_splits(pltriton.load(m_ref.at[at], mask=split_ok, other=NEG_INF),
-                               pltriton.load(l_ref.at[at], mask=split_ok, other=0.0))
-
-    chunks = [(c0, *normalisers(c0)) for c0 in range(0, g_pad, g_chunk)]
-    col = lax.broadcasted_iota(jnp.int32, (n_pad, g_chunk), 1)
-
-    def window_scores(w):  # [n_pad] window index per lane -> its group-summed probability, -inf if invalid
-        ok = valid & (w >= 0) & (w < n)
-        S = None
-        for c0, M, Z in chunks:
-            col_ok = (c0 + col) < G
-            at_row = jnp.broadcast_to(jnp.clip(1 + w, 0, rows - 1)[:, None], col.shape)
-            x = pltriton.load(s_ref.at[b, h, at_row, c0 + col], mask=ok[:, None] & col_ok, other=0.0)
-            part = jnp.sum(jnp.where(col_ok, jnp.exp(x - M[None, :]) / Z[None, :], 0.0), axis=1)
-            S = part if S is None else S + part
-        return jnp.where(ok, S, NEG_INF)
-
-    forced = nosa.forced(j, qb, cfg)
-
-    def pooled(scores):  # max over windows P j - 1 .. P j + P - 1, then the forced blocks
-        best = scores(P * j - 1)
-        for p in range(P):
-            best = jnp.maximum(best, scores(P * j + p))
-        return jnp.where(forced, POS_INF, best)
-
-    def cis_scores(w):
-        layer, C = layer_ref[0], cisw_ref.shape[2]
-        ok = valid & (w >= 0) & (w < n)
-        x = pltriton.load(cisw_ref.at[layer, b, jnp.clip(w, 0, C - 1), h], mask=ok, other=NEG_INF)
-        return jnp.where(ok, x.astype(jnp.float32), NEG_INF)
-
-    cis = pooled(cis_scores) if mode == "nosa" else None  # before stage 1: its loads overlap stage 1's
-    two_stage_ids(pooled(window_scores), lambda: cis, qb, j, valid, o_ref, k1=k1, k=k, mode=mode,
-                  radix_bits=radix_bits, early_exit=early_exit)
-
-
-def finish_and_select(logits, m, l, n_eff, q_pos, cisw_pool, layer, *, G: int, n_blocks: int, cfg: NosaConfig,
-                      mode: str, interpret: bool = False, g_chunk: int | None = None) -> jax.Array:
-    """SCORES_FINISH "topk": window_logits' outputs -> block ids [B, Hk, min(topk, n_blocks)] in one
-    kernel per (sequence, kv head): normalise, sum over the group, pool and force both the stage-1
-    and (mode "nosa") the cis scores of `layer` (cisw_pool [L, B, C, Hk], read in-kernel), then the
-    two-stage top-k of pallas_kernels.topk. The same ids as the jnp finish + the Pallas top-k, up to
-    the float32 rounding of the summed softmax (ties in float64 excepted, as between any two finishes).
-    g_chunk: columns of the group summed per logits tile (a power of two; None: as many as keep the
-    [n_pad, g_chunk] tile at 32 values per thread: each value's gather also holds a 64-bit pointer)."""
-    if mode not in ("nosa", "infllmv2"):
-        raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
-    B, Hk, rows, g_pad = logits.shape
-    n_splits = m.shape[2]
-    n_pad = topk_kernel.row_lanes(n_blocks)
-    num_warps, radix_bits = topk_kernel.default_tiling(n_pad)
-    if g_chunk is None:
-        g_chunk = max(1, min(g_pad, (32 * 32 * num_warps) // n_pad))
-    if not (_is_pow2(g_chunk) and g_chunk <= g_pad):
-        raise ValueError(f"g_chunk must be a power of two <= {g_pad}, got {g_chunk}")
-    k = min(cfg.topk, n_blocks)
-    kernel = functools.partial(_select_kernel, G=G, P=cfg.pool_stride, n_splits=n_splits, n_blocks=n_blocks,
-                               n_pad=n_pad, g_chunk=g_chunk, cfg=cfg, k1=min(cfg.qk_select, n_blocks), k=k,
-                               mode=mode, radix_bits=radix_bits, early_exit=topk_kernel.RADIX_SEARCH == "early")
-    scalar = lambda size: pl.BlockSpec((size,), lambda b, h: (0,))  # noqa: E731
-    whole = pl.BlockSpec(memory_space=pl.ANY)
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), n_eff.astype(jnp.int32), q_pos.astype(jnp.int32), m, l, logits]
-    if mode == "nosa":
-        args.append(cisw_pool)
-    return pl.pallas_call(
-        kernel, grid=(B, Hk), in_specs=[scalar(1), scalar(B), scalar(B)] + [whole] * (len(args) - 3),
-        out_specs=pl.BlockSpec((None, None, k), lambda b, h: (b, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, Hk, k), jnp.int32),
-        interpret=interpret, name="nosa_decode_finish_select",
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-    )(*args)
-
-
 # ----------------------------------------------------------------------------- jnp finishing
 
 def _forced(q_pos, n_blocks: int, cfg: NosaConfig):
@@ -522,10 +418,9 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     nosa.pool_blocks(nosa.stage1_scores(q[:, None], q_pos[:, None], ktilde_pool[layer], n_win)).
     finish: "jnp" (XLA fusions) or "pallas" (a second small kernel: normalise, sum over G, pool);
     None takes the module default SCORES_FINISH. "pallas" needs block_size / kernel_stride to be a
-    power of two, else "jnp" is used; "topk" (decode_select's finish inside the top-k) is "jnp" here.
+    power of two, else "jnp" is used.
     """
     finish = SCORES_FINISH if finish is None else finish
-    finish = "jnp" if finish == "topk" else finish  # the top-k kernel's finish exists only inside decode_select
     cfg = nosa_cfg
     B, Hq, D = q.shape
     C, Hk = ktilde_pool.shape[2], ktilde_pool.shape[3]
@@ -542,7 +437,7 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
                                       interpret=interpret)
         return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled)
     if finish not in ("pallas", "jnp"):
-        raise ValueError(f"finish must be 'jnp', 'pallas' or 'topk', got {finish!r}")
+        raise ValueError(f"finish must be 'jnp' or 'pallas', got {finish!r}")
     S = _window_scores(logits, m, l, n_eff, G, n_blocks * cfg.pool_stride)
     # One stored copy of the window scores. A window shared by two blocks must give both blocks the
     # same bits: that exact tie is structural and upstream breaks it lowest-index-first. Fused, XLA
@@ -597,8 +492,7 @@ def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: 
     cisw_pool[layer], kv_len, n_blocks, cfg, mode)[:, :, 0]: ascending ids, then -1.
     cisw_pool [L, B, C, Hk] (may be None for mode "infllmv2"). `kernel_kw` go to the kernel
     (block_c, tiles_per_program, num_warps, num_stages, precision, prefetch). finish: that of
-    decode_block_scores, or "topk": the finish inside the Pallas top-k's kernel (finish_and_select;
-    None: SCORES_FINISH). topk_impl: the two-stage top-k, "xla" or "pallas" (None: the module
+    decode_block_scores (None: SCORES_FINISH). topk_impl: the two-stage top-k, "xla" or "pallas" (None: the module
     default TOPK_IMPL); see select_from_scores.
     """
     cfg = nosa_cfg
@@ -606,12 +500,6 @@ def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: 
     q_pos = kv_len - 1
     C = ktilde_pool.shape[2]
     n_eff = _effective_windows(jnp.asarray(n_win), q_pos, C, cfg)
-    finish = SCORES_FINISH if finish is None else finish
-    impl = TOPK_IMPL if topk_impl is None else topk_impl
-    if finish == "topk" and impl == "pallas" and C:
-        logits, m, l = window_logits(q, ktilde_pool, n_eff, layer, interpret=interpret, **kernel_kw)
-        return finish_and_select(logits, m, l, n_eff, q_pos, cisw_pool, layer, G=q.shape[1] // ktilde_pool.shape[3],
-                                 n_blocks=n_blocks, cfg=cfg, mode=mode, interpret=interpret)
     b_qk = decode_block_scores(q, ktilde_pool, n_eff, q_pos, layer, nosa_cfg=cfg, n_blocks=n_blocks,
                                interpret=interpret, finish=finish, **kernel_kw)
     cisw_layer = None

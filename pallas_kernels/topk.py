@@ -173,19 +173,27 @@ def _top_k_lanes(key, k: int, radix_bits: int, early_exit: bool):
     return lax.cond(exact != 0, lambda: key >= kth, tie_broken)
 
 
-def two_stage_ids(qk, cis_row, qb, j, valid, o_ref, *, k1: int, k: int, mode: str, radix_bits: int,
-                  early_exit: bool):
-    """The two stages on one row held in registers, the ids stored to o_ref [>= k] (a kernel-side
-    helper: the top-k kernel below and selection's fused finish-and-select kernel share it).
+def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,
+                 radix_bits: int, early_exit: bool):
+    """One row r. qb_ref [R] i32; qk_ref (and cis_ref for "nosa") [R, n] f32 (whole arrays, read at
+    row r); o_ref [k] i32, this row's output."""
+    if mode == "nosa":
+        cis_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    r = pl.program_id(0)
+    j = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+    valid = j < n
+    in_mask = valid if n < n_pad else None
+    in_other = NEG_INF if n < n_pad else None
+    qb = qb_ref[r]
 
-    qk: float32 [n_pad] pooled query-aware scores (lanes not `valid` are never chosen); cis_row: a
-    function returning the pooled cis scores [n_pad] (mode "nosa"), called after stage 1 (the top-k
-    kernel loads them there, as it always has; the fused kernel computes them before and returns
-    them); qb: the query's block (scalar); j: the lane iota."""
-    key = _order_keys(qk, valid)
+    x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
+    key = _order_keys(x, valid)
     if mode == "nosa":
         picked = _top_k_lanes(key, k1, radix_bits, early_exit)
-        c = jnp.where(j > qb, NEG_INF, cis_row())
+        c = pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
+        c = jnp.where(j > qb, NEG_INF, c)
         c = jnp.where(picked, POS_INF, c)
         key = _order_keys(c, valid)
     chosen = _top_k_lanes(key, k, radix_bits, early_exit)
@@ -195,30 +203,7 @@ def two_stage_ids(qk, cis_row, qb, j, valid, o_ref, *, k1: int, k: int, mode: st
     pltriton.store(o_ref.at[jnp.where(chosen, slot, k)], ids, mask=chosen)
 
 
-def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,
-                 radix_bits: int, early_exit: bool):
-    """One row r. qb_ref [R] i32; qk_ref (and cis_ref for "nosa") [R, n] f32 (whole arrays, read at
-    row r); o_ref [k] i32, this row's output."""
-    if mode == "nosa":
-        cis_ref, o_ref = refs
-    else:
-        cis_ref, (o_ref,) = None, refs
-    r = pl.program_id(0)
-    j = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
-    valid = j < n
-    in_mask = valid if n < n_pad else None
-    in_other = NEG_INF if n < n_pad else None
-    x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
-    two_stage_ids(x, lambda: pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other),
-                  qb_ref[r], j, valid, o_ref, k1=k1, k=k, mode=mode, radix_bits=radix_bits, early_exit=early_exit)
-
-
 # ----------------------------------------------------------------------------- launcher
-
-def row_lanes(n: int) -> int:
-    """Lanes of a row of n blocks in the kernel: a power of two, at least one warp wide."""
-    return max(_MIN_ROW, next_pow2(n))
-
 
 def default_tiling(n_pad: int) -> tuple[int, int]:
     """(num_warps, radix_bits) for rows of n_pad lanes: the widest search step (4 or 2 bits) whose
@@ -250,7 +235,7 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     """
     if mode not in ("nosa", "infllmv2"):
         raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
-    n_pad = row_lanes(b_qk.shape[-1])
+    n_pad = max(_MIN_ROW, next_pow2(b_qk.shape[-1]))
     auto_warps, auto_bits = default_tiling(n_pad)
     num_warps = auto_warps if num_warps is None else num_warps
     radix_bits = auto_bits if radix_bits is None else radix_bits

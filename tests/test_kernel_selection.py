@@ -183,8 +183,7 @@ _FRAGILE = {"rows": 0, "fragile": 0}
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G,finish,precision,prefetch", [(1, "jnp", None, False), (4, "pallas", None, True),
-                                                       (16, "pallas", "split3", True), (1, "topk", None, True),
-                                                       (4, "topk", None, False), (16, "topk", "split3", True)])
+                                                       (16, "pallas", "split3", True)])
 def test_small_config_ragged(dtype, G, finish, precision, prefetch):
     # kv_len 5 and 7 give 0 windows; C_alloc = 61 is not a multiple of the 16-window tile; two
     # tiles per program exercise the in-program loop and the split combine. `precision` picks the
@@ -198,7 +197,7 @@ def test_small_config_ragged(dtype, G, finish, precision, prefetch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("finish", ["pallas", "jnp", "topk"])
+@pytest.mark.parametrize("finish", ["pallas", "jnp"])
 def test_wide_config_default_plan(finish, dtype):
     kv_len = [240, 17, 161]
     r, f = check_case(7, cfg=WIDE, B=3, Hq=8, Hk=2, D=32, L=2, layer=1, kv_len=kv_len, C_alloc=63, finish=finish,
@@ -208,7 +207,7 @@ def test_wide_config_default_plan(finish, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("G,block_c,tiles,finish", [(4, 32, None, "jnp"), (6, 16, 3, "pallas"), (6, 16, 3, "topk")])
+@pytest.mark.parametrize("G,block_c,tiles,finish", [(4, 32, None, "jnp"), (6, 16, 3, "pallas")])
 def test_upstream_config(G, block_c, tiles, finish, dtype):
     # Upstream hyperparameters (top-64 of >64 blocks: genuinely sparse); Hk = 1 and 2.
     kv_len = [5000, 1023, 31, 4100]
@@ -293,16 +292,15 @@ def test_bf16_kernel_is_one_native_pass():
     assert len(_kernel_dots(q32, kt32, block_c=16, precision="split3")) == 3
 
 
-@pytest.mark.parametrize("finish", ["jnp", "pallas", "topk"])
+@pytest.mark.parametrize("finish", ["jnp", "pallas"])
 @pytest.mark.parametrize("context", [16384, 131072])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lowers_to_triton_for_cuda(dtype, context, finish):
     """Cross-lower (no GPU needed) decode_select at the model's sizes (B=16, Hq=32, Hk=2, D=128,
     16K and 128K): the Triton lowering accepts the stage-1 kernel for this ktilde dtype, with grid
     (B, Hk, splits), and each finish's kernels, every Triton module passing the MLIR verifier; no
-    layer of the stacked pools (keys; cis scores under the "topk" finish, which reads them in its
-    kernel) is sliced out outside the kernels; the top-k is the fused Pallas kernel when that is the
-    default, and under the "topk" finish the one kernel after stage 1."""
+    layer of the stacked pool is sliced out outside the kernel, and the top-k is the fused Pallas
+    kernel when that is the default."""
     from model_utils import verified_triton_modules
 
     L, B, Hq, Hk, D = 4, 16, 32, 2, 128
@@ -315,40 +313,12 @@ def test_lowers_to_triton_for_cuda(dtype, context, finish):
         finish=finish), *args)
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     stage1 = [ln for ln in calls if "nosa_decode_stage1_logits" in ln]
-    names = ("nosa_decode_stage1_pool", "nosa_two_stage_topk", "nosa_decode_finish_select")
-    pool, topk, fused = ([ln for ln in calls if name in ln] for name in names)
-    want_fused = finish == "topk" and sel.TOPK_IMPL == "pallas"
-    assert len(stage1) == 1 and len(fused) == want_fused
-    assert len(pool) == (finish == "pallas") and len(topk) == (sel.TOPK_IMPL == "pallas" and not want_fused)
-    assert len(calls) == len(modules) == 1 + len(pool) + len(topk) + len(fused)
+    pool = [ln for ln in calls if "nosa_decode_stage1_pool" in ln]
+    topk = [ln for ln in calls if "nosa_two_stage_topk" in ln]
+    assert len(stage1) == 1 and len(pool) == (finish == "pallas") and len(topk) == (sel.TOPK_IMPL == "pallas")
+    assert len(calls) == len(modules) == 1 + len(pool) + len(topk)
     assert f"grid_x = {B} " in stage1[0] and f"grid_y = {Hk} " in stage1[0]
     assert f"tensor<{B}x{C}x{Hk}x{D}x{'bf16' if dtype == 'bfloat16' else 'f32'}>" not in txt
-    if want_fused:
-        assert f"tensor<{B}x{C}x{Hk}xf32>" not in txt and f"tensor<{B}x{Hk}x{n_blocks}xf32>" not in txt
-        assert f"grid_x = {B} " in fused[0] and f"grid_y = {Hk} " in fused[0]
-
-
-@pytest.mark.parametrize("g_chunk", [1, 4])
-def test_finish_and_select_column_chunks(g_chunk):
-    """Long rows make the fused kernel sum the group's columns in chunks (its [n_pad, g_chunk]
-    logits tile kept in registers); chunks of 1 and 4 of G = 6 (padded to 16) still give the jnp
-    reference's ids on every row without a float64 near tie."""
-    G, Hk, kv_len = 6, 2, [200, 137, 5, 31, 90]
-    q, kt, cw, kv_len, n_win, nb = make_inputs(3, cfg=SMALL, B=len(kv_len), Hq=G * Hk, Hk=Hk, D=16, L=2, layer=1,
-                                                kv_len=kv_len, C_alloc=61)
-    q_pos = kv_len - 1
-    n_eff = sel._effective_windows(jnp.asarray(n_win), jnp.asarray(q_pos), kt.shape[2], SMALL)
-    logits, m, l = sel.window_logits(jnp.asarray(q), jnp.asarray(kt), n_eff, 1, interpret=True, block_c=16,
-                                     tiles_per_program=2)
-    s64 = np_block_scores(q, kt[1], n_win, q_pos, SMALL, nb)
-    for mode in ("nosa", "infllmv2"):
-        ids = np.asarray(sel.finish_and_select(logits, m, l, n_eff, jnp.asarray(q_pos), jnp.asarray(cw), 1, G=G,
-                                               n_blocks=nb, cfg=SMALL, mode=mode, interpret=True, g_chunk=g_chunk))
-        want = np.asarray(_ref_select(*_on_cpu(q, kt, cw, kv_len), 1, SMALL, nb, mode))
-        frag = fragile_rows(s64, SMALL, nb, mode)
-        assert frag.sum() <= 1, frag
-        for b, h in zip(*np.nonzero(~frag)):
-            np.testing.assert_array_equal(ids[b, h], want[b, h], err_msg=f"{mode} b={b} h={h}")
 
 
 def test_fragile_rows_are_rare():
@@ -422,7 +392,6 @@ GPU_B, GPU_HQ, GPU_HK, GPU_D = 16, 32, 2, 128
 @pytest.mark.parametrize("context", [32768, 131072])
 @pytest.mark.parametrize("dtype,precision,finish,prefetch", [
     ("bfloat16", None, "jnp", False), ("bfloat16", None, "jnp", True), ("bfloat16", None, "pallas", True),
-    ("bfloat16", None, "topk", True),
     ("float32", None, "jnp", True), ("float32", "bf16x6", "jnp", True), ("float32", "split3", "jnp", True)])
 def test_gpu_realistic(context, dtype, precision, finish, prefetch):
     rng = np.random.default_rng(context)
@@ -439,7 +408,7 @@ def test_gpu_realistic(context, dtype, precision, finish, prefetch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("G,finish", [(1, "jnp"), (6, "pallas"), (16, "jnp"), (6, "topk"), (16, "topk")])
+@pytest.mark.parametrize("G,finish", [(1, "jnp"), (6, "pallas"), (16, "jnp")])
 def test_gpu_small_groups(G, finish, dtype):
     kv_len = [9000, 4100, 700, 31]
     r, f = check_case(G, cfg=UPSTREAM, B=4, Hq=2 * G, Hk=2, D=64, L=3, layer=2, kv_len=kv_len,

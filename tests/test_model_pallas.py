@@ -27,18 +27,14 @@ def _sets(ids):
     return [frozenset(int(x) for x in r if x >= 0) for r in np.asarray(ids).reshape(-1, ids.shape[-1])]
 
 
-@pytest.mark.parametrize("mode,cache_write,finish", [("nosa", "xla", "jnp"), ("infllmv2", "xla", "jnp"),
-                                                     ("full", "xla", "jnp"), ("nosa", "pallas", "jnp"),
-                                                     ("nosa", "pallas", "topk")])
-def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, finish, monkeypatch):
+@pytest.mark.parametrize("mode,cache_write", [("nosa", "xla"), ("infllmv2", "xla"), ("full", "xla"),
+                                               ("nosa", "pallas")])
+def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, monkeypatch):
     """Small shapes that the Triton rules allow (head_dim 16, block 16, G = 2 padded in-kernel);
-    cache_write: the decode cache write's implementation (pallas_kernels.cache_write.WRITE_IMPL);
-    finish: the decode selection's scores finish (pallas_kernels.selection.SCORES_FINISH)."""
+    cache_write: the decode cache write's implementation (pallas_kernels.cache_write.WRITE_IMPL)."""
     from pallas_kernels import cache_write as cw
-    from pallas_kernels import selection
 
     monkeypatch.setattr(cw, "WRITE_IMPL", cache_write)
-    monkeypatch.setattr(selection, "SCORES_FINISH", finish)
     traced = []  # the kernel body is traced (so the Pallas write runs) exactly in the "pallas" case
     kernel = cw._write_kernel
     monkeypatch.setattr(cw, "_write_kernel", lambda *a, **kw: (traced.append(1), kernel(*a, **kw))[1])
@@ -140,10 +136,9 @@ def test_pallas_model_logits_gpu_1b(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,cache_write,finish", [("nosa", "xla", "jnp"), ("infllmv2", "xla", "jnp"),
-                                                     ("nosa", "pallas", "jnp"), ("infllmv2", "pallas", "jnp"),
-                                                     ("nosa", "pallas", "topk"), ("infllmv2", "pallas", "topk")])
-def test_pallas_model_selections_gpu_1b(mode, cache_write, finish, monkeypatch):
+@pytest.mark.parametrize("mode,cache_write", [("nosa", "xla"), ("infllmv2", "xla"), ("nosa", "pallas"),
+                                              ("infllmv2", "pallas")])
+def test_pallas_model_selections_gpu_1b(mode, cache_write, monkeypatch):
     """Decode selections, layer by layer, against float64: the reference model's 28 layer inputs
     (8K prefill, 8 decode steps) are fed to a one-layer model of that layer under each
     implementation. Every decode call's selection inputs (q, the layer's compressed keys and cis
@@ -158,16 +153,13 @@ def test_pallas_model_selections_gpu_1b(mode, cache_write, finish, monkeypatch):
     kernel only attends), so only decode is compared. q/k projections are scaled x4: with the std
     0.02 init the stage-1 scores of a row are nearly all tied. cache_write: the Pallas program's
     decode cache write (pallas_kernels.cache_write.WRITE_IMPL); the compressed keys and window
-    means it stores must be the reference program's bits. finish: the Pallas selection's scores
-    finish (pallas_kernels.selection.SCORES_FINISH; "topk" finishes inside the top-k's kernel)."""
+    means it stores must be the reference program's bits."""
     import np_reference as npr
     import pallas_kernels
     from nosa_jax import nosa
     from pallas_kernels import cache_write as cw
-    from pallas_kernels import selection
 
     monkeypatch.setattr(cw, "WRITE_IMPL", cache_write)
-    monkeypatch.setattr(selection, "SCORES_FINISH", finish)
 
     rel = 1e-5
     caps = {"reference": [], "pallas": []}
