@@ -21,7 +21,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # in nosa_jax.offload.decode_attend and does not read it. "slots" and "loads" are the offloaded
 # cache's slot assignment and whether the misses are read inside the attention kernel ("fused").
 KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pallas")),
-                  "search": ("pallas_kernels.topk", "RADIX_SEARCH", ("early", "full", "rank")),
+                  "search": ("pallas_kernels.topk", "RADIX_SEARCH", ("early", "full")),
                   "finish": ("pallas_kernels.selection", "SCORES_FINISH", ("jnp", "pallas")),
                   "write": ("pallas_kernels.cache_write", "WRITE_IMPL", ("xla", "pallas")),
                   "slots": ("pallas_kernels.slots", "SLOTS_IMPL", ("xla", "pallas")),

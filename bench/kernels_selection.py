@@ -46,7 +46,6 @@ from bench.kernels_decode import device_time
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels import selection as sel
-from pallas_kernels import topk
 from pallas_kernels.topk import two_stage_select_pallas
 
 B, HQ, HK, D, L, LAYER = 16, 32, 2, 128, 2, 1
@@ -81,14 +80,11 @@ SWEEP_F32 = [
 # 1 and 2 warps: the radix rounds reduce within a warp (no shared-memory round trip) - at 16K the
 # default's 16 rounds on 4 warps cost 20 us per layer in the 8B decode step (bench/NOTES.md).
 TOPK_BLOCKS = (257, 513, 2049)
-# decode_select rows beside the default path: XLA's top-k, each scores finish (selection.SCORES_FINISH)
-# and each search of the Pallas top-k (topk.RADIX_SEARCH); the one that is the current default is skipped.
+# decode_select rows beside the default path: XLA's top-k, and each scores finish (selection.SCORES_FINISH);
+# the one that is the current default is skipped.
 SELECT_VARIANTS = [("xla-topk", dict(topk_impl="xla")), ("finish=jnp", dict(finish="jnp")),
-                   ("finish=pallas", dict(finish="pallas")), ("search=early", dict(search="early")),
-                   ("search=rank", dict(search="rank"))]
-TOPK_VARIANTS = [("default", {}), ("full-search", dict(search="full")), ("rank-w4", dict(search="rank", num_warps=4)),
-                 ("rank-w8", dict(search="rank", num_warps=8)), ("rank-w16", dict(search="rank", num_warps=16)),
-                 ("w4-r4", dict(num_warps=4, radix_bits=4)),
+                   ("finish=pallas", dict(finish="pallas"))]
+TOPK_VARIANTS = [("default", {}), ("full-search", dict(search="full")), ("w4-r4", dict(num_warps=4, radix_bits=4)),
                  ("w8-r4", dict(num_warps=8, radix_bits=4)), ("w4-r2", dict(num_warps=4, radix_bits=2)),
                  ("w1-r2", dict(num_warps=1, radix_bits=2)), ("w2-r2", dict(num_warps=2, radix_bits=2))]
 TOPK_SWEEP = [("w8-r2", dict(num_warps=8, radix_bits=2)), ("w16-r4", dict(num_warps=16, radix_bits=4)),
@@ -309,7 +305,7 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                         rows.append([context, tag, what, f"pallas {label}", f"FAILED: {type(e).__name__}: {e}"[:160],
                                      "-", "-"])
                         traceback.print_exc()
-            defaults = dict(topk_impl=sel.TOPK_IMPL, finish=sel.SCORES_FINISH, search=topk.RADIX_SEARCH)
+            defaults = dict(topk_impl=sel.TOPK_IMPL, finish=sel.SCORES_FINISH)
             for label, extra in (SELECT_VARIANTS if main else ()):
                 # decode_select with another top-k or finish than the defaults: time, device time, and
                 # whether its ids equal the default path's
@@ -317,14 +313,8 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                     continue
                 try:
                     def select_variant(q, kt, cw, n_win, kv_len, extra=extra):
-                        kw = dict(extra)
-                        search, saved = kw.pop("search", topk.RADIX_SEARCH), topk.RADIX_SEARCH
-                        topk.RADIX_SEARCH = search  # read while this traces
-                        try:
-                            return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg,
-                                                     n_blocks=n_blocks, mode="nosa", **kw)
-                        finally:
-                            topk.RADIX_SEARCH = saved
+                        return sel.decode_select(q, kt, cw, n_win, kv_len, LAYER, nosa_cfg=cfg, n_blocks=n_blocks,
+                                                 mode="nosa", **extra)
 
                     ids_a = np.asarray(jax.jit(select_variant)(q, *rest))
                     same = float(np.mean(np.all(ids_a == np.asarray(jax.jit(_fns(cfg, n_blocks, {})[2])(q, *rest)),

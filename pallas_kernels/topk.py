@@ -99,17 +99,12 @@ from pallas_kernels.lanes import next_pow2
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 _INT32_MIN = -(2 ** 31)
-_INT32_MAX = 2 ** 31 - 1
 _ABS_MASK = 0x7FFFFFFF
 _MIN_ROW = 32  # rows are padded to at least one warp's width
-# How the kernel finds the k-th largest key. The radix search: "early" stops once exactly k keys are
-# above the prefix found so far (about half the steps on random scores), "full" runs all 32 /
-# radix_bits steps (the kernel before the early stop; bench/kernels_selection.py and
-# bench/profile_decode.py time it as the baseline). "rank": no search; every lane counts the lanes
-# above it (an n x n_pad compare, one column chunk at a time, with no reduction across the row
-# until the end), which trades the radix search's chain of dependent row reductions for compares.
+# The radix search: "early" stops once exactly k keys are above the prefix found so far (about half
+# the steps on random scores), "full" runs all 32 / radix_bits steps (the kernel before the early
+# stop; bench/kernels_selection.py and bench/profile_decode.py time it as the baseline).
 RADIX_SEARCH = "early"
-SEARCHES = ("early", "full", "rank")
 
 
 
@@ -160,32 +155,11 @@ def _kth_threshold(key, k: int, radix_bits: int, early_exit: bool = True):
     return prefix ^ _INT32_MIN, exact
 
 
-def _kth_by_count(key, valid, k: int, col_keys, n: int, w: int):
-    """(t, exact) as _kth_threshold returns them, by counting instead of searching: for every lane
-    the number of lanes whose key is strictly greater, summed over column chunks of w lanes
-    (col_keys(c0): the keys [w] of lanes c0 .. c0 + w - 1, lanes >= n INT32_MIN, which is above no
-    key); the k-th largest key is the least key with fewer than k keys above it (any smaller key has
-    the k largest above it). exact: exactly k keys are >= t (no tie across the k-th place)."""
-    def count(c, greater):
-        kc = col_keys(c * w)
-        return greater + jnp.sum(jnp.where(kc[None, :] > key[:, None], 1, 0), axis=1)
-
-    greater = lax.fori_loop(0, pl.cdiv(n, w), count, jnp.zeros(key.shape, jnp.int32))
-    kth = jnp.min(jnp.where(valid & (greater < k), key, _INT32_MAX))
-    # 1 iff the count is k, in integer arithmetic (Triton lowers a scalar bool -> int32 as i1)
-    exact = 1 - jnp.minimum(jnp.abs(jnp.sum(jnp.where(key >= kth, 1, 0)) - k), 1)
-    return kth, exact
-
-
-def _top_k_lanes(key, k: int, search: str, radix_bits: int, counted=None):
-    """bool [n_pad]: the k largest keys, ties lowest-index-first (nosa.top_k_mask). When exactly k
-    keys are >= the threshold found (the early radix stop, or no tie across the k-th place) those
-    are the answer and the tie ranks (a reduction and a scan across the row) are skipped.
-    counted: search "rank"'s (valid, col_keys, n, w), see _kth_by_count."""
-    if search == "rank":
-        kth, exact = _kth_by_count(key, counted[0], k, *counted[1:])
-    else:
-        kth, exact = _kth_threshold(key, k, radix_bits, early_exit=search == "early")
+def _top_k_lanes(key, k: int, radix_bits: int, early_exit: bool):
+    """bool [n_pad]: the k largest keys, ties lowest-index-first (nosa.top_k_mask). When the search
+    stopped early (exact) the keys >= its threshold are the answer and the tie ranks (a reduction
+    and a scan across the row) are skipped."""
+    kth, exact = _kth_threshold(key, k, radix_bits, early_exit)
 
     def tie_broken():
         above = key > kth
@@ -194,19 +168,19 @@ def _top_k_lanes(key, k: int, search: str, radix_bits: int, counted=None):
         rank = lax.cumsum(jnp.where(tied, 1, 0), axis=0)  # inclusive: 1 for the first tied lane
         return above | (tied & (rank <= room))
 
-    if search == "full":
+    if not early_exit:
         return tie_broken()
     return lax.cond(exact != 0, lambda: key >= kth, tie_broken)
 
 
-def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str, search: str,
-                 radix_bits: int, chunk: int, interpret: bool):
+def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,
+                 radix_bits: int, early_exit: bool):
     """One row r. qb_ref [R] i32; qk_ref (and cis_ref for "nosa") [R, n] f32 (whole arrays, read at
-    row r); o_ref [k] i32, this row's output; search "rank" also has keys_ref [R, n_pad] i32, where
-    the row's stage-2 keys are stored so that the column chunks can read them back."""
+    row r); o_ref [k] i32, this row's output."""
     if mode == "nosa":
-        cis_ref, *refs = refs
-    o_ref = refs[0]
+        cis_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
     r = pl.program_id(0)
     j = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
     valid = j < n
@@ -214,27 +188,15 @@ def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mod
     in_other = NEG_INF if n < n_pad else None
     qb = qb_ref[r]
 
-    def qk_chunk(c0):  # stage 1's keys of lanes c0 .. c0 + chunk - 1, read again from the scores
-        lane = c0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-        x = pltriton.load(qk_ref.at[r, pl.ds(c0, chunk)], mask=lane < n, other=NEG_INF)
-        return _order_keys(x, lane < n)
-
     x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
     key = _order_keys(x, valid)
-    counted = (valid, qk_chunk, n, chunk)
     if mode == "nosa":
-        picked = _top_k_lanes(key, k1, search, radix_bits, counted)
+        picked = _top_k_lanes(key, k1, radix_bits, early_exit)
         c = pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
         c = jnp.where(j > qb, NEG_INF, c)
         c = jnp.where(picked, POS_INF, c)
         key = _order_keys(c, valid)
-        if search == "rank":
-            keys_ref = refs[1]
-            pltriton.store(keys_ref.at[r, pl.ds(0, n_pad)], key)
-            if not interpret:  # every thread's keys stored before any thread reads a chunk (bar.sync)
-                pltriton.debug_barrier()
-            counted = (valid, lambda c0: keys_ref[r, pl.ds(c0, chunk)], n, chunk)
-    chosen = _top_k_lanes(key, k, search, radix_bits, counted)
+    chosen = _top_k_lanes(key, k, radix_bits, early_exit)
     one = jnp.where(chosen, 1, 0)
     slot = lax.cumsum(one, axis=0) - one  # rank among the chosen lanes: ascending ids
     ids = jnp.where(j > qb, -1, j)
@@ -257,12 +219,6 @@ def default_tiling(n_pad: int) -> tuple[int, int]:
     return 16, 1
 
 
-def rank_chunk(n_pad: int, num_warps: int) -> int:
-    """Column chunk of search "rank": the widest (a power of two, at most 32) whose [n_pad, chunk]
-    compare holds <= 64 values per thread, as default_tiling keeps the radix compare."""
-    return max(1, min(32, (64 * 32 * num_warps) // n_pad))
-
-
 def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Array, cfg: NosaConfig,
                             mode: str, *, interpret: bool = False, num_warps: int | None = None,
                             radix_bits: int | None = None, search: str | None = None) -> jax.Array:
@@ -275,8 +231,7 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     interpret: run the kernel in Pallas interpret mode (CPU). num_warps: Triton warps per row
     program. radix_bits: bits resolved per search step (1, 2, 4 or 8). None: `default_tiling`.
     search: "early" stops each radix search once the top k are separated, "full" runs every step
-    (the benchmark's baseline), "rank" counts the keys above each lane instead (see RADIX_SEARCH);
-    same result in every case. None: `RADIX_SEARCH`.
+    (the benchmark's baseline); same result either way. None: `RADIX_SEARCH`.
     """
     if mode not in ("nosa", "infllmv2"):
         raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
@@ -285,8 +240,8 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     num_warps = auto_warps if num_warps is None else num_warps
     radix_bits = auto_bits if radix_bits is None else radix_bits
     search = RADIX_SEARCH if search is None else search
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if search not in ("early", "full"):
+        raise ValueError(f"search must be 'early' or 'full', got {search!r}")
     if radix_bits not in (1, 2, 4, 8):
         raise ValueError(f"radix_bits must be 1, 2, 4 or 8, got {radix_bits!r}")
     n = b_qk.shape[-1]
@@ -313,22 +268,17 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     if mode == "nosa":
         args.append(jnp.broadcast_to(b_cis.astype(jnp.float32), lead + (n,)).reshape(rows, n))
 
-    kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=k1, k=k_final, mode=mode, search=search,
-                               radix_bits=radix_bits, chunk=rank_chunk(n_pad, num_warps), interpret=interpret)
+    kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=k1, k=k_final, mode=mode,
+                               radix_bits=radix_bits, early_exit=search == "early")
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    out_specs = [pl.BlockSpec((None, k_final), lambda r: (r, 0))]
-    out_shape = [jax.ShapeDtypeStruct((rows, k_final), jnp.int32)]
-    if search == "rank" and mode == "nosa":  # the stage-2 keys, stored to be read back by column chunk
-        out_specs.append(any_spec)
-        out_shape.append(jax.ShapeDtypeStruct((rows, n_pad), jnp.int32))
     out = pl.pallas_call(
         kernel,
         grid=(rows,),
         in_specs=[any_spec] * len(args),
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=pl.BlockSpec((None, k_final), lambda r: (r, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, k_final), jnp.int32),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="nosa_two_stage_topk",
-    )(*args)[0]
+    )(*args)
     return out.reshape(lead + (k_final,))

@@ -211,21 +211,6 @@ def test_full_search_baseline(mode):
               search="full")
 
 
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-@pytest.mark.parametrize("n,cfg", [(3, SMALL), (17, SMALL), (17, K17), (64, UPSTREAM), (257, UPSTREAM)])
-def test_rank_search_matches_reference(mode, n, cfg):
-    # search="rank" (counting, no radix search; column chunks of the stage-2 keys read back from
-    # the kernel's own store) gives the reference's ids on every row kind: ties across the k-th
-    # place, +-inf, subnormals, k >= n; 257 blocks is the 16K decode row (padded to 512 lanes).
-    for seed in range(2):
-        qb = make_qb(seed + 60, (3, 1, 1), n, cfg.topk)
-        check(make_scores(seed + 61, (3, 4), n), make_scores(seed + 62, (3, 4), n), qb, cfg, mode, search="rank")
-    B, Hk, Tq = 2, 2, 3  # the prefill layout, b_cis broadcast over the query axis
-    qb = make_qb(63, (B, 1, Tq, 1), n, cfg.topk)
-    b_cis = make_scores(64, (B, Hk, 1), n)
-    check(make_scores(65, (B, Hk, Tq), n), b_cis, qb, cfg, mode, search="rank")
-
-
 @pytest.mark.parametrize("radix_bits", [2, 4])
 def test_threshold_stops_early_and_separates_the_top_k(radix_bits):
     # _kth_threshold (plain jnp outside a kernel) against numpy: on distinct random keys it stops
@@ -359,7 +344,7 @@ def test_bad_arguments_raise():
     ("nosa", (2, 2), 100, UPSTREAM),        # padded row
     ("infllmv2", (3,), 17, SMALL),          # padded row, K = 6 output slots (not a power of two)
 ])
-@pytest.mark.parametrize("search", ["early", "full", "rank"])
+@pytest.mark.parametrize("search", ["early", "full"])
 def test_lowers_to_triton_for_cuda(mode, lead, n, cfg, search):
     sd = jax.ShapeDtypeStruct
     rows = int(np.prod(lead))
@@ -371,12 +356,8 @@ def test_lowers_to_triton_for_cuda(mode, lead, n, cfg, search):
     assert len(calls) == 1 and f"grid_x = {rows} " in calls[0]
     assert "sort" not in txt  # no XLA sort left
     (ir,) = modules
-    stages = 2 if mode == "nosa" else 1
-    assert ir.count("\"tt.scan\"(") == stages + 1  # tie ranks per stage + output slots
-    # one radix search per stage, or one counting loop over column chunks
-    assert ir.count("scf.while") == stages * (search != "rank") and ir.count("scf.for") == stages * (search == "rank")
-    # "rank" in mode "nosa" reads its stored stage-2 keys back after a barrier
-    assert ir.count("gpu.barrier") == (search == "rank" and mode == "nosa")
+    assert ir.count("\"tt.scan\"(") == (3 if mode == "nosa" else 2)  # tie ranks per stage + output slots
+    assert ir.count("scf.while") == (2 if mode == "nosa" else 1)  # one radix search per stage
     assert "tt.store" in ir
 
 
@@ -398,10 +379,10 @@ def _gpu_case(lead, n, mode, seed):
     return args, reference_ieee(*args, UPSTREAM, mode)
 
 
-def _gpu_check(lead, n, mode, num_warps, radix_bits=4, seed=0, search=None):
+def _gpu_check(lead, n, mode, num_warps, radix_bits=4, seed=0):
     args, want = _gpu_case(lead, n, mode, seed)
     f = jax.jit(lambda a, b, q: two_stage_select_pallas(a, b, q, UPSTREAM, mode, num_warps=num_warps,
-                                                        radix_bits=radix_bits, search=search))
+                                                        radix_bits=radix_bits))
     dev_args = [None if x is None else jnp.asarray(x) for x in args]
     got = np.asarray(f(*dev_args))
     np.testing.assert_array_equal(got, want, err_msg=f"{mode} lead={lead} n={n}: kernel vs reference_ieee")
@@ -418,16 +399,6 @@ def test_gpu_realistic(mode, lead, n, num_warps, radix_bits):
     _gpu_check(lead, n, mode, num_warps, radix_bits, seed=n)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
-@pytest.mark.parametrize("lead,n", [((16, 2), 257), ((16, 2), 513), ((16, 2), 2049), ((1, 2, 4096), 512), ((4, 2), 100)])
-@pytest.mark.parametrize("num_warps", [4, 8])
-def test_gpu_rank_search(mode, lead, n, num_warps):
-    # the stored stage-2 keys are read back by other threads of the program: a missing barrier
-    # shows here as wrong ids on some rows
-    _gpu_check(lead, n, mode, num_warps, seed=n + num_warps, search="rank")
-
-
 def test_default_tiling_bounds_the_compare_tensor():
     """The default (num_warps, radix_bits) keeps the [2**bits, n_pad] compare at <= 64 int32 per
     thread wherever 16 warps and 1 bit allow it, with the measured best at 512 and 2048 lanes."""
@@ -438,13 +409,3 @@ def test_default_tiling_bounds_the_compare_tensor():
         warps, bits = default_tiling(n_pad)
         assert warps in (4, 8, 16) and bits in (1, 2, 4)
         assert (2 ** bits) * n_pad <= 64 * 32 * warps
-
-
-def test_rank_chunk_bounds_the_compare_tensor():
-    from pallas_kernels.topk import rank_chunk
-
-    for warps in (1, 4, 8, 16):
-        for n_pad in (32, 512, 4096, 16384):
-            c = rank_chunk(n_pad, warps)
-            assert 1 <= c <= 32 and c & (c - 1) == 0
-            assert n_pad * c <= 64 * 32 * warps or c == 1
