@@ -33,8 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, markdown_table, record,  # noqa: E402
-                          save, split_by_scope, trace_device_events)
+from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, kernel_choices, markdown_table,  # noqa: E402
+                          record, save, split_by_scope, trace_device_events)
 from nosa_jax.config import SHAPES, ModelConfig  # noqa: E402
 from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
@@ -142,6 +142,55 @@ def timed_windows(gen, st, logits, steps: int, repeats: int, profile: bool = Tru
                                                   eos_ids=(), n_steps=steps).compile().as_text())
         (st, logits), events = trace_device_events(lambda: window(st, logits))
     return Windows(st, logits, times, compile_s, first_step, events, op_names, recompiled)
+
+
+@dataclasses.dataclass
+class ABWindows:
+    """What `ab_windows` measured: the state after the last window, each variant's timed window
+    wall times (s; window i of every variant ran in round i, one after the other), and the step at
+    which the timed windows began."""
+
+    st: object
+    logits: object
+    times: list  # [variant][round]
+    first_step: int
+
+
+def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) -> ABWindows:
+    """Decode timing of several kernel variants (bench.common.KERNEL_CHOICES overrides) in ONE
+    process on one state: each variant's decode loop is compiled under its choices, every variant
+    runs two warm-up windows, then `repeats` rounds each run one timed window of every variant in
+    turn, each window going on from the state the last one left. So every variant sees the same
+    host, the same pool contents over time and the same drift (which between processes was up to 4 %
+    on one host: session 21), and round i's windows can be compared pairwise. The variants must
+    compute the same thing (they do: each choice is an exact alternative); the module choices are
+    restored afterwards."""
+    before = kernel_choices()
+    compiled = []
+    try:
+        for v in variants:
+            kernel_choices({**before, **v})
+            compiled.append(decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=gen.sampler,
+                                              eos_ids=(), n_steps=steps).compile())
+    finally:
+        kernel_choices(before)
+
+    def window(exe, st, logits):
+        st, logits = exe(gen.state, st, logits)
+        jax.block_until_ready(st.tokens)
+        return st, logits
+
+    for exe in compiled:  # warm-up (an offloaded run's first window fills an empty pool)
+        for _ in range(2):
+            st, logits = window(exe, st, logits)
+    first_step = int(st.step)
+    times = [[] for _ in variants]
+    for _ in range(repeats):
+        for i, exe in enumerate(compiled):
+            t0 = time.perf_counter()
+            st, logits = window(exe, st, logits)
+            times[i].append(time.perf_counter() - t0)
+    return ABWindows(st, logits, times, first_step)
 
 
 def print_profile(events, op_names: dict, steps: int, top: int = 14) -> None:

@@ -45,6 +45,8 @@ FILE.json ...` rebuilds tables and plots from saved records (e.g. of several dev
         [--kernels slots=xla,loads=separate]   # kernel choices for every run (bench/common.KERNEL_CHOICES)
         [--layer-unroll 0]           # the layers as a straight-line program instead of a scan
     python bench/throughput.py --dry-run ...     # the plan: which runs, batches, memory; no timing
+    python bench/throughput.py ... --ab default finish=pallas   # kernel variants compared in one process:
+                                 # alternating windows on one state, paired ratios (bench/offload.ab_windows)
     python bench/throughput.py --report bench/results/throughput-*.json [--out-dir DIR]
     nosa-jax bench [the same arguments]
 """
@@ -79,7 +81,7 @@ import numpy as np  # noqa: E402
 from bench.common import (KERNEL_CHOICES_HELP, add_layer_unroll_arg, compiled_memory_line,  # noqa: E402
                           device_memory_line, enable_compilation_cache, kernel_choices, layer_unroll,
                           markdown_table, parse_kernels, record, save, split_by_scope)
-from bench.offload import SCOPES, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
+from bench.offload import SCOPES, ab_windows, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
 from nosa_jax.cache import DEFAULT_PREFILL_CHUNK, cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
 from nosa_jax import offload  # noqa: E402
@@ -428,6 +430,10 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                 for batch in [b for b in e["batches"] if todo(e, b)]:
                     try:
                         st, logits = device_state(model, cfg, batch, ctx, length, n_windows * args.steps + 2)
+                        if args.ab:
+                            ab = ab_windows(gen, st, logits, args.steps, args.repeats, [parse_kernels(v) for v in args.ab])
+                            keep(ab_records(model_name, e, batch, ab, args, kernels))
+                            continue
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": "random cache (decode cost does not depend on the values)",
@@ -499,6 +505,12 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                             print(compiled_memory_line(decode_loop.lower(
                                 gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
                                 n_steps=args.steps).compile(), "decode loop"), flush=True)
+                        if args.ab:
+                            ab = ab_windows(gen, st, logits, args.steps, args.repeats, [parse_kernels(v) for v in args.ab])
+                            st, logits = ab.st, ab.logits
+                            stats = np.asarray(st.stats)[ab.first_step:int(st.step)]
+                            keep(ab_records(model_name, e, batch, ab, args, kernels, cfg=cfg, stats=stats))
+                            continue
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         st, logits = w.st, w.logits
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
@@ -520,6 +532,41 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
             memo = cache = lg = None
         model = None
     return records
+
+
+def ab_records(model_name, entry, batch, ab, args, kernels, cfg=None, stats=None) -> list[dict]:
+    """Records ("throughput/ab", apart from the table's "throughput/decode") of one --ab run, and
+    its printed line: per variant the median step time, and against the first variant the median,
+    least and largest ratio of the rounds' paired windows."""
+    from nosa_jax.generate import offload_statistics
+
+    base = {"model": model_name, "method": entry["method"], "pool": pool_label(entry["pool_mult"]),
+            "pool_slots": entry["pool_slots"], "context": entry["context"], "batch": batch,
+            "steps_per_window": args.steps, "repeats": args.repeats, "variants": list(args.ab),
+            "layer_unroll": layer_unroll(args)}
+    extra = []
+    if stats is not None and len(stats):
+        s = offload_statistics(stats, cfg, DTYPE, method_mode(entry["method"])[0], batch)
+        extra = [("misses_per_layer_head_seq_step", s["misses_per_layer_head_seq"], "blocks"),
+                 ("gamma", s["gamma_mean"], "ratio")]
+    recs, parts = [], []
+    t0 = np.asarray(ab.times[0])
+    for label, times in zip(args.ab, ab.times):
+        t = np.asarray(times)
+        step_s = float(np.median(t)) / args.steps
+        ratio = t / t0  # round i's window against the first variant's window of the same round
+        settings = base | {"variant": label, "kernels": kernels | parse_kernels(label)}
+        vals = [("step_time", step_s * 1e3, "ms"), ("throughput", batch / step_s, "tokens/s"),
+                ("step_time_vs_first", float(np.median(ratio)), "x"),
+                ("paired_ratio_min", float(ratio.min()), "x"), ("paired_ratio_max", float(ratio.max()), "x")] + extra
+        recs += [record("throughput/ab", settings, m, v, u) for m, v, u in vals]
+        parts.append(f"{label} {step_s * 1e3:.2f} ms/step ({batch / step_s:.0f} tok/s)"
+                     + ("" if label == args.ab[0] else
+                        f" x{np.median(ratio):.3f} [{ratio.min():.3f}-{ratio.max():.3f}]"))
+    print(f"  A/B {entry['method']} pool {pool_label(entry['pool_mult'])} ctx {entry['context']} batch {batch}, "
+          f"{len(t0)} rounds: " + "; ".join(parts)
+          + (f"; misses {extra[0][1]:.2f}" if extra else ""), flush=True)
+    return recs
 
 
 def report_line(recs):
@@ -851,6 +898,10 @@ def parse_args(argv):
     ap.add_argument("--loader", choices=["auto", "pallas", "xla"], default="auto")
     ap.add_argument("--kernels", default="default", metavar="KEY=VALUE,...",
                     help=f"kernel choices for every run ({KERNEL_CHOICES_HELP}; default: the modules' defaults)")
+    ap.add_argument("--ab", nargs="+", metavar="KERNELS",
+                    help="compare kernel variants in one process instead of measuring the table: each run "
+                         "alternates timed windows of these --kernels values (on top of --kernels) and reports "
+                         "each one's step time and its paired ratio to the first (records 'throughput/ab')")
     add_layer_unroll_arg(ap)
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
@@ -871,7 +922,10 @@ def parse_args(argv):
     bad = [m for m in args.models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from 8b 1b")
-    parse_kernels(args.kernels)  # a bad choice fails here, before any model is built
+    for k in [args.kernels] + (args.ab or []):
+        parse_kernels(k)  # a bad choice fails here, before any model is built
+    if args.ab and len(args.ab) < 2:
+        ap.error("--ab needs at least two variants (e.g. --ab default finish=pallas)")
     args.kept = []  # the --resume records
     for f in args.resume:
         try:

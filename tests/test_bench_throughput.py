@@ -253,6 +253,73 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
         assert r["settings"]["layer_unroll"] is True
 
 
+def test_ab_windows_runs_each_variant_under_its_own_choices(monkeypatch):
+    """bench.offload.ab_windows compiles one decode loop per variant under that variant's kernel
+    choices and alternates them on one state: a stand-in loop that adds 1 to the tokens when traced
+    with the Pallas finish and 100 otherwise shows which program ran each window; the module's
+    choice is what it was before."""
+    import typing
+    from functools import partial
+
+    import jax.numpy as jnp
+
+    from bench import offload as bo
+    from pallas_kernels import selection
+
+    monkeypatch.setattr(selection, "SCORES_FINISH", "jnp")  # restored after the test
+
+    class St(typing.NamedTuple):
+        tokens: jax.Array
+        step: jax.Array
+
+    @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"))
+    def loop(graphdef, state, st, logits, *, sampler, eos_ids, n_steps):
+        add = 1 if selection.SCORES_FINISH == "pallas" else 100
+        return St(st.tokens + add, st.step + n_steps), logits + state
+
+    monkeypatch.setattr(bo, "decode_loop", loop)
+    gen = type("Gen", (), {"graphdef": None, "state": jnp.float32(0), "sampler": None})()
+    st = St(jnp.int32(0), jnp.int32(0))
+    ab = bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=3, variants=[{}, {"finish": "pallas"}])
+    # warm-up: two windows of each variant, then three rounds of one window each
+    assert int(ab.st.tokens) == 2 * 100 + 2 * 1 + 3 * (100 + 1)
+    assert int(ab.st.step) == (4 + 3 * 2) * 4 and ab.first_step == 4 * 4
+    assert [len(t) for t in ab.times] == [3, 3] and all(x > 0 for t in ab.times for x in t)
+    assert selection.SCORES_FINISH == "jnp"
+
+
+def test_ab_mode_end_to_end(tmp_path, monkeypatch):
+    """--ab measures each run as alternating windows of the variants and records each variant's
+    step time and paired ratio to the first ('throughput/ab', apart from the table's records)."""
+    from pallas_kernels import selection
+
+    monkeypatch.setattr(selection, "SCORES_FINISH", selection.SCORES_FINISH)  # restored after the test
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["--models", "tiny", "--contexts", "256", "--modes", "nosa", "nosa-offload", "--pools", "1",
+            "--budgets-gb", "0.002", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "2",
+            "--distinct", "1", "--prefill-chunk", "128", "--batches", "1", "--no-plots", "--tag", "ab"]
+    with pytest.raises(SystemExit):
+        tp.parse_args(argv + ["--ab", "default"])
+    with pytest.raises(SystemExit, match="kernel choice"):
+        tp.parse_args(argv + ["--ab", "default", "finish=cuda"])
+    before = selection.SCORES_FINISH
+    assert tp.main(argv + ["--ab", "default", "finish=pallas"]) == 0
+    assert selection.SCORES_FINISH == before
+    records = json.loads(next(tmp_path.glob("throughput-tiny-ab-*.json")).read_text())
+    assert not [r for r in records if r["name"] == "throughput/decode"]
+    ab = [r for r in records if r["name"] == "throughput/ab"]
+    assert all(set(r) == KEYS for r in ab)
+    got = {(r["settings"]["method"], r["settings"]["variant"], r["metric"]): r for r in ab}
+    for method in ("nosa", "nosa-offload"):
+        assert got[(method, "default", "step_time_vs_first")]["value"] == 1.0
+        assert got[(method, "finish=pallas", "step_time_vs_first")]["value"] > 0
+        assert got[(method, "finish=pallas", "step_time")]["settings"]["kernels"]["finish"] == "pallas"
+        assert got[(method, "default", "step_time")]["settings"]["kernels"]["finish"] == before
+        t = got[(method, "default", "step_time")]["value"]
+        assert got[(method, "default", "throughput")]["value"] == pytest.approx(1 / (t / 1e3))
+    assert got[("nosa-offload", "default", "misses_per_layer_head_seq_step")]["value"] >= 0
+
+
 def test_kernel_choices_retrace_after_a_change(monkeypatch):
     """A jitted function that reads a kernel choice at trace time sees a new choice on its next call
     (jit's cache key does not hold the choice; bench.common.kernel_choices drops the stale traces)."""
