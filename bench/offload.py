@@ -147,8 +147,8 @@ def timed_windows(gen, st, logits, steps: int, repeats: int, profile: bool = Tru
 @dataclasses.dataclass
 class ABWindows:
     """What `ab_windows` measured: the state after the last window, each variant's timed window
-    wall times (s; window i of every variant ran in round i, one after the other), and the step at
-    which the timed windows began."""
+    wall times (s; window i of every variant ran in round i), and the step at which the timed
+    windows began."""
 
     st: object
     logits: object
@@ -159,8 +159,8 @@ class ABWindows:
 def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) -> ABWindows:
     """Decode timing of several kernel variants (bench.common.KERNEL_CHOICES overrides) in ONE
     process on one state: each variant's decode loop is compiled under its choices, every variant
-    runs two warm-up windows, then `repeats` rounds each run one timed window of every variant in
-    turn, each window going on from the state the last one left. So every variant sees the same
+    runs two warm-up windows, then `repeats` rounds each run one timed window of every variant (in
+    an order that rotates from round to round), each window going on from the state the last one left. So every variant sees the same
     host, the same pool contents over time and the same drift (which between processes was up to 4 %
     on one host: session 21), and round i's windows can be compared pairwise. The variants must
     compute the same thing (they do: each choice is an exact alternative); the module choices are
@@ -185,10 +185,11 @@ def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) 
             st, logits = window(exe, st, logits)
     first_step = int(st.step)
     times = [[] for _ in variants]
-    for _ in range(repeats):
-        for i, exe in enumerate(compiled):
+    n = len(compiled)
+    for r in range(repeats):
+        for i in [(r + j) % n for j in range(n)]:  # the order rotates: no variant always runs first
             t0 = time.perf_counter()
-            st, logits = window(exe, st, logits)
+            st, logits = window(compiled[i], st, logits)
             times[i].append(time.perf_counter() - t0)
     return ABWindows(st, logits, times, first_step)
 

@@ -555,7 +555,8 @@ def ab_records(model_name, entry, batch, ab, args, kernels, cfg=None, stats=None
         t = np.asarray(times)
         step_s = float(np.median(t)) / args.steps
         ratio = t / t0  # round i's window against the first variant's window of the same round
-        settings = base | {"variant": label, "kernels": kernels | parse_kernels(label)}
+        settings = base | {"variant": label, "kernels": kernels | parse_kernels(label),
+                           "window_times_s": [float(x) for x in t]}
         vals = [("step_time", step_s * 1e3, "ms"), ("throughput", batch / step_s, "tokens/s"),
                 ("step_time_vs_first", float(np.median(ratio)), "x"),
                 ("paired_ratio_min", float(ratio.min()), "x"), ("paired_ratio_max", float(ratio.max()), "x")] + extra
@@ -969,6 +970,10 @@ def main(argv=None) -> int:
         records = measure_model(model_name, args, budget_bytes, host_budget, headroom, args.kept)
         all_records += records
         if args.dry_run:
+            continue
+        if args.ab:  # the A/B lines above are the result; the table has no runs to show
+            path = save(records, results_stem(model_name, args.tag), "(an --ab comparison: see its records)\n")
+            print("wrote", path, flush=True)
             continue
         text = build_report(records)
         print(text)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,9 +256,9 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
 
 def test_ab_windows_runs_each_variant_under_its_own_choices(monkeypatch):
     """bench.offload.ab_windows compiles one decode loop per variant under that variant's kernel
-    choices and alternates them on one state: a stand-in loop that adds 1 to the tokens when traced
-    with the Pallas finish and 100 otherwise shows which program ran each window; the module's
-    choice is what it was before."""
+    choices and alternates them on one state, rotating the order from round to round: a stand-in
+    loop that appends the digit 1 to the tokens when traced with the Pallas finish and 2 otherwise
+    writes down which program ran each window; the module's choice is what it was before."""
     import typing
     from functools import partial
 
@@ -274,17 +275,18 @@ def test_ab_windows_runs_each_variant_under_its_own_choices(monkeypatch):
 
     @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"))
     def loop(graphdef, state, st, logits, *, sampler, eos_ids, n_steps):
-        add = 1 if selection.SCORES_FINISH == "pallas" else 100
-        return St(st.tokens + add, st.step + n_steps), logits + state
+        digit = 1 if selection.SCORES_FINISH == "pallas" else 2
+        return St(st.tokens * 10 + digit, st.step + n_steps), logits + state
 
     monkeypatch.setattr(bo, "decode_loop", loop)
     gen = type("Gen", (), {"graphdef": None, "state": jnp.float32(0), "sampler": None})()
     st = St(jnp.int32(0), jnp.int32(0))
-    ab = bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=3, variants=[{}, {"finish": "pallas"}])
-    # warm-up: two windows of each variant, then three rounds of one window each
-    assert int(ab.st.tokens) == 2 * 100 + 2 * 1 + 3 * (100 + 1)
-    assert int(ab.st.step) == (4 + 3 * 2) * 4 and ab.first_step == 4 * 4
-    assert [len(t) for t in ab.times] == [3, 3] and all(x > 0 for t in ab.times for x in t)
+    ab = bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=2, variants=[{}, {"finish": "pallas"}])
+    # warm-up: two windows of each variant; then two rounds of one window each, the second round
+    # in the other order
+    assert int(ab.st.tokens) == 2211_21_12
+    assert int(ab.st.step) == (4 + 2 * 2) * 4 and ab.first_step == 4 * 4
+    assert [len(t) for t in ab.times] == [2, 2] and all(x > 0 for t in ab.times for x in t)
     assert selection.SCORES_FINISH == "jnp"
 
 
@@ -317,7 +319,10 @@ def test_ab_mode_end_to_end(tmp_path, monkeypatch):
         assert got[(method, "default", "step_time")]["settings"]["kernels"]["finish"] == before
         t = got[(method, "default", "step_time")]["value"]
         assert got[(method, "default", "throughput")]["value"] == pytest.approx(1 / (t / 1e3))
+        w = got[(method, "default", "step_time")]["settings"]["window_times_s"]
+        assert len(w) == 2 and t == pytest.approx(float(np.median(w)) / 4 * 1e3)
     assert got[("nosa-offload", "default", "misses_per_layer_head_seq_step")]["value"] >= 0
+    assert "an --ab comparison" in next(tmp_path.glob("throughput-tiny-ab-*.md")).read_text()
 
 
 def test_kernel_choices_retrace_after_a_change(monkeypatch):
