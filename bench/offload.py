@@ -160,11 +160,11 @@ def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) 
     """Decode timing of several kernel variants (bench.common.KERNEL_CHOICES overrides) in ONE
     process on one state: each variant's decode loop is compiled under its choices, every variant
     runs two warm-up windows, then `repeats` rounds each run one timed window of every variant (in
-    an order that rotates from round to round), each window going on from the state the last one left. So every variant sees the same
-    host, the same pool contents over time and the same drift (which between processes was up to 4 %
-    on one host: session 21), and round i's windows can be compared pairwise. The variants must
-    compute the same thing (they do: each choice is an exact alternative); the module choices are
-    restored afterwards."""
+    an order that rotates from round to round), each window going on from the state the last one
+    left. So every variant sees the same host, the same pool contents over time and the same drift
+    (between processes the same default differed by 3.6 % on one host: session 22), and round i's
+    windows can be compared pairwise. The variants must compute the same thing (they do: each
+    choice is an exact alternative); the module choices are restored afterwards."""
     before = kernel_choices()
     compiled = []
     try:

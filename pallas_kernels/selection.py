@@ -492,8 +492,8 @@ def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: 
     cisw_pool[layer], kv_len, n_blocks, cfg, mode)[:, :, 0]: ascending ids, then -1.
     cisw_pool [L, B, C, Hk] (may be None for mode "infllmv2"). `kernel_kw` go to the kernel
     (block_c, tiles_per_program, num_warps, num_stages, precision, prefetch). finish: that of
-    decode_block_scores (None: SCORES_FINISH). topk_impl: the two-stage top-k, "xla" or "pallas" (None: the module
-    default TOPK_IMPL); see select_from_scores.
+    decode_block_scores (None: SCORES_FINISH). topk_impl: the two-stage top-k, "xla" or "pallas"
+    (None: the module default TOPK_IMPL); see select_from_scores.
     """
     cfg = nosa_cfg
     kv_len = jnp.asarray(kv_len, jnp.int32)
