@@ -33,8 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, kernel_choices, markdown_table,  # noqa: E402
-                          record, save, split_by_scope, trace_device_events)
+from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, kernel_choices,  # noqa: E402
+                          markdown_table, record, save, split_by_scope, trace_device_events)
 from nosa_jax.config import SHAPES, ModelConfig  # noqa: E402
 from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402

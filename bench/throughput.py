@@ -405,6 +405,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
 
     loader = loader_path(args.loader)
     kernels = kernel_choices(parse_kernels(args.kernels))
+    ab_variants = [parse_kernels(v) for v in args.ab or ()]  # --ab: each run compares these instead
 
     def keep(new: list[dict]) -> None:
         """Add a run's records and save all so far: a process stopped later (a device call's time
@@ -431,7 +432,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                     try:
                         st, logits = device_state(model, cfg, batch, ctx, length, n_windows * args.steps + 2)
                         if args.ab:
-                            ab = ab_windows(gen, st, logits, args.steps, args.repeats, [parse_kernels(v) for v in args.ab])
+                            ab = ab_windows(gen, st, logits, args.steps, args.repeats, ab_variants)
                             keep(ab_records(model_name, e, batch, ab, args, kernels))
                             continue
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
@@ -506,7 +507,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                                 gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
                                 n_steps=args.steps).compile(), "decode loop"), flush=True)
                         if args.ab:
-                            ab = ab_windows(gen, st, logits, args.steps, args.repeats, [parse_kernels(v) for v in args.ab])
+                            ab = ab_windows(gen, st, logits, args.steps, args.repeats, ab_variants)
                             st, logits = ab.st, ab.logits
                             stats = np.asarray(st.stats)[ab.first_step:int(st.step)]
                             keep(ab_records(model_name, e, batch, ab, args, kernels, cfg=cfg, stats=stats))
