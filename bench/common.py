@@ -20,9 +20,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # is read at trace time. "write" is the on-device cache's decode write; the offloaded cache appends
 # in nosa_jax.offload.decode_attend and does not read it. "slots" and "loads" are the offloaded
 # cache's slot assignment and whether the misses are read inside the attention kernel ("fused").
+# "pool": whether the Pallas top-k pools and forces its decode inputs in its own kernel.
 KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pallas")),
                   "search": ("pallas_kernels.topk", "RADIX_SEARCH", ("early", "full")),
                   "finish": ("pallas_kernels.selection", "SCORES_FINISH", ("jnp", "pallas")),
+                  "pool": ("pallas_kernels.selection", "TOPK_POOL", ("kernel", "xla")),
                   "write": ("pallas_kernels.cache_write", "WRITE_IMPL", ("xla", "pallas")),
                   "slots": ("pallas_kernels.slots", "SLOTS_IMPL", ("xla", "pallas")),
                   "loads": ("nosa_jax.offload", "LOADS", ("fused", "separate"))}

@@ -54,7 +54,7 @@ from jax.experimental.pallas import triton as pltriton
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels.lanes import next_pow2
-from pallas_kernels.topk import two_stage_select_pallas
+from pallas_kernels.topk import decode_two_stage_select, two_stage_select_pallas
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -80,6 +80,12 @@ TOPK_IMPL = "pallas"
 # finish inside the top-k's kernel (one program per row from the logits to the ids) lost and was
 # removed in session 22 (48.8 / 155.3 us there; bench/NOTES.md).
 SCORES_FINISH = "jnp"
+
+# Where decode_select's Pallas top-k gets its inputs pooled and forced: "kernel" (in the top-k's own
+# kernel: the cis window row of mode "nosa" is read from the stacked pool and max-pooled there, and
+# both rows get the sink / local forcing there; topk.decode_two_stage_select) or "xla" (the jnp
+# _pool_windows and forcing, as XLA fusions before the kernel). The XLA top-k always takes "xla".
+TOPK_POOL = "kernel"
 
 
 def _is_pow2(n: int) -> bool:
@@ -372,8 +378,9 @@ def _forced(q_pos, n_blocks: int, cfg: NosaConfig):
     return nosa.forced(jnp.arange(n_blocks), (q_pos // cfg.block_size)[:, None, None], cfg)
 
 
-def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig):
-    """[B, Hk, W] window scores (-inf where invalid) -> [B, Hk, n_blocks] pooled with forcing.
+def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig, force: bool = True):
+    """[B, Hk, W] window scores (-inf where invalid) -> [B, Hk, n_blocks] pooled, with forcing
+    unless `force` is False.
 
     Block j = max over windows P j - 1 .. P j + P - 1 (as nosa.pool_blocks), computed as the max of
     the P windows of group j and the last window of group j - 1.
@@ -389,7 +396,7 @@ def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig):
     grp = jnp.max(g, axis=-1)
     prev = jnp.concatenate([jnp.full((B, Hk, 1), NEG_INF, x.dtype), g[..., :-1, P - 1]], axis=-1)
     pooled = jnp.maximum(grp, prev)
-    return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled)
+    return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled) if force else pooled
 
 
 def _window_scores(logits, m, l, n_eff, G: int, n_windows: int):
@@ -409,7 +416,7 @@ def _window_scores(logits, m, l, n_eff, G: int, n_windows: int):
 def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
                         interpret: bool = False, block_c: int = 64, tiles_per_program: int | None = None,
                         num_warps: int = 4, num_stages: int = 3, precision=None,
-                        prefetch: bool = True, finish: str | None = None) -> jax.Array:
+                        prefetch: bool = True, finish: str | None = None, force: bool = True) -> jax.Array:
     """Pooled stage-1 block scores of one decode query per sequence. [B, Hk, n_blocks] float32.
 
     q [B, Hq, D]; ktilde_pool [L, B, C, Hk, D] (all layers, model dtype; `layer` selects one inside
@@ -418,7 +425,8 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     nosa.pool_blocks(nosa.stage1_scores(q[:, None], q_pos[:, None], ktilde_pool[layer], n_win)).
     finish: "jnp" (XLA fusions) or "pallas" (a second small kernel: normalise, sum over G, pool);
     None takes the module default SCORES_FINISH. "pallas" needs block_size / kernel_stride to be a
-    power of two, else "jnp" is used.
+    power of two, else "jnp" is used. force False: without the sink / local forcing (for a top-k
+    that forces them itself).
     """
     finish = SCORES_FINISH if finish is None else finish
     cfg = nosa_cfg
@@ -427,7 +435,7 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     G = Hq // Hk
     q_pos = jnp.asarray(q_pos, jnp.int32)
     if C == 0:
-        return _pool_windows(jnp.full((B, Hk, 0), NEG_INF, jnp.float32), q_pos, n_blocks, cfg)
+        return _pool_windows(jnp.full((B, Hk, 0), NEG_INF, jnp.float32), q_pos, n_blocks, cfg, force)
     n_eff = _effective_windows(jnp.asarray(n_win), q_pos, C, cfg)
     logits, m, l = window_logits(q, ktilde_pool, n_eff, layer, interpret=interpret, block_c=block_c,
                                  tiles_per_program=tiles_per_program, num_warps=num_warps,
@@ -435,7 +443,7 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     if finish == "pallas" and _is_pow2(cfg.pool_stride):
         pooled = pooled_window_scores(logits, m, l, n_eff, G=G, n_blocks=n_blocks, P=cfg.pool_stride,
                                       interpret=interpret)
-        return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled)
+        return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled) if force else pooled
     if finish not in ("pallas", "jnp"):
         raise ValueError(f"finish must be 'jnp' or 'pallas', got {finish!r}")
     S = _window_scores(logits, m, l, n_eff, G, n_blocks * cfg.pool_stride)
@@ -445,7 +453,7 @@ def decode_block_scores(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaCo
     # previous group's last window), whose last bits can differ and flip the tie. Suspected cause of
     # the GPU selection test's failure in session 18 (bench/NOTES.md; not yet run on a GPU).
     S = lax.optimization_barrier(S)
-    return _pool_windows(S, q_pos, n_blocks, cfg)
+    return _pool_windows(S, q_pos, n_blocks, cfg, force)
 
 
 def decode_block_scores_reference(q, ktilde_pool, n_win, q_pos, layer, *, nosa_cfg: NosaConfig,
@@ -493,15 +501,23 @@ def decode_select(q, ktilde_pool, cisw_pool, n_win, kv_len, layer, *, nosa_cfg: 
     cisw_pool [L, B, C, Hk] (may be None for mode "infllmv2"). `kernel_kw` go to the kernel
     (block_c, tiles_per_program, num_warps, num_stages, precision, prefetch). finish: that of
     decode_block_scores (None: SCORES_FINISH). topk_impl: the two-stage top-k, "xla" or "pallas"
-    (None: the module default TOPK_IMPL); see select_from_scores.
+    (None: the module default TOPK_IMPL); see select_from_scores. The Pallas top-k pools and forces
+    its inputs in its own kernel where TOPK_POOL is "kernel" (and the pool has windows).
     """
     cfg = nosa_cfg
     kv_len = jnp.asarray(kv_len, jnp.int32)
     q_pos = kv_len - 1
     C = ktilde_pool.shape[2]
     n_eff = _effective_windows(jnp.asarray(n_win), q_pos, C, cfg)
+    impl = TOPK_IMPL if topk_impl is None else topk_impl
+    if TOPK_POOL not in ("kernel", "xla"):
+        raise ValueError(f"selection.TOPK_POOL must be 'kernel' or 'xla', got {TOPK_POOL!r}")
+    in_kernel = impl == "pallas" and TOPK_POOL == "kernel" and C > 0
     b_qk = decode_block_scores(q, ktilde_pool, n_eff, q_pos, layer, nosa_cfg=cfg, n_blocks=n_blocks,
-                               interpret=interpret, finish=finish, **kernel_kw)
+                               interpret=interpret, finish=finish, force=not in_kernel, **kernel_kw)
+    if in_kernel:
+        return decode_two_stage_select(b_qk, cisw_pool if mode == "nosa" else None, layer, n_eff,
+                                       q_pos // cfg.block_size, cfg, mode, interpret=interpret)
     cisw_layer = None
     if mode == "nosa":
         # Only [B, C, Hk] (1/D of the keys' bytes); XLA fuses this slice into its consumer.

@@ -79,6 +79,12 @@ parallel (one program each), against the three XLA sorts. Tunables: num_warps an
 2**radix_bits, so 2 does half the compares of 4 in twice the steps); by default `default_tiling`
 picks them from n_pad so the compare tensor does not spill (measured on the H200).
 
+Decode (`decode_two_stage_select`, the model's path): the same kernel also pools the cis window
+scores of its row (mode "nosa") from the stacked [L, B, C, Hk] pool - P + 1 masked gather loads, the
+windows P j - 1 .. P j + P - 1 below n_eff, their max - and gives both rows the sink / local
+forcing, work that XLA otherwise does in several small fusions per layer before the kernel (move,
+mask, pool, force). The cis loads are issued before stage 1's search, which hides their latency.
+
 NaN scores are not supported (the pooled scores never hold NaN; lax.top_k orders NaN its own way).
 """
 
@@ -173,11 +179,30 @@ def _top_k_lanes(key, k: int, radix_bits: int, early_exit: bool):
     return lax.cond(exact != 0, lambda: key >= kth, tie_broken)
 
 
+def _pool_windows_in_kernel(cisw_ref, layer, b, h, n_eff, j, valid, P: int):
+    """Block j's pooled cis score, as selection._pool_windows: the max of the layer's window scores
+    P j - 1 .. P j + P - 1 that lie below n_eff (-inf where none does), read from the stacked
+    [L, B, C, Hk] pool with P + 1 masked gather loads (indices clamped, so no lane points outside)."""
+    C = cisw_ref.shape[2]
+    out = jnp.full(j.shape, NEG_INF, jnp.float32)
+    for t in range(P + 1):
+        w = P * j - 1 + t
+        ok = valid & (w >= 0) & (w < n_eff)
+        x = pltriton.load(cisw_ref.at[layer, b, jnp.clip(w, 0, C - 1), h], mask=ok)
+        out = jnp.where(ok, jnp.maximum(out, x.astype(jnp.float32)), out)
+    return out
+
+
 def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mode: str,
-                 radix_bits: int, early_exit: bool):
-    """One row r. qb_ref [R] i32; qk_ref (and cis_ref for "nosa") [R, n] f32 (whole arrays, read at
-    row r); o_ref [k] i32, this row's output."""
-    if mode == "nosa":
+                 radix_bits: int, early_exit: bool, pool: tuple | None = None):
+    """One row r. qb_ref [R] i32; qk_ref [R, n] f32 (whole arrays, read at row r); o_ref [k] i32,
+    this row's output. For "nosa" either cis_ref [R, n] f32, the pooled, forced cis scores, or,
+    with `pool` = (Hk, P, init_blocks, local_blocks), layer_ref [1], n_eff_ref [B] and the stacked
+    window scores cisw_ref [L, B, C, Hk]: row r = b Hk + h pools them here, and both rows get the
+    sink / local forcing here (qk_ref then holds the unforced pooled scores)."""
+    if pool is not None and mode == "nosa":
+        layer_ref, n_eff_ref, cisw_ref, o_ref = refs
+    elif mode == "nosa":
         cis_ref, o_ref = refs
     else:
         (o_ref,) = refs
@@ -187,12 +212,22 @@ def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mod
     in_mask = valid if n < n_pad else None
     in_other = NEG_INF if n < n_pad else None
     qb = qb_ref[r]
+    if pool is not None:
+        Hk, P, init_blocks, local_blocks = pool
+        forced = valid & ((j < init_blocks) | ((j <= qb) & (qb <= j + local_blocks)))  # nosa.forced
+        if mode == "nosa":  # issued first: its loads wait while stage 1 searches
+            b = r // Hk
+            c = _pool_windows_in_kernel(cisw_ref, layer_ref[0], b, r % Hk, n_eff_ref[b], j, valid, P)
+            c = jnp.where(forced, POS_INF, c)
 
     x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
+    if pool is not None:
+        x = jnp.where(forced, POS_INF, x)
     key = _order_keys(x, valid)
     if mode == "nosa":
         picked = _top_k_lanes(key, k1, radix_bits, early_exit)
-        c = pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
+        if pool is None:
+            c = pltriton.load(cis_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
         c = jnp.where(j > qb, NEG_INF, c)
         c = jnp.where(picked, POS_INF, c)
         key = _order_keys(c, valid)
@@ -219,6 +254,47 @@ def default_tiling(n_pad: int) -> tuple[int, int]:
     return 16, 1
 
 
+def _tiling(n: int, num_warps, radix_bits, search):
+    """(n_pad, num_warps, radix_bits, early_exit) with the defaults filled in and checked."""
+    if n < 1:
+        raise ValueError("two_stage_select_pallas needs at least one block per row")
+    n_pad = max(_MIN_ROW, next_pow2(n))
+    auto_warps, auto_bits = default_tiling(n_pad)
+    num_warps = auto_warps if num_warps is None else num_warps
+    radix_bits = auto_bits if radix_bits is None else radix_bits
+    search = RADIX_SEARCH if search is None else search
+    if search not in ("early", "full"):
+        raise ValueError(f"search must be 'early' or 'full', got {search!r}")
+    if radix_bits not in (1, 2, 4, 8):
+        raise ValueError(f"radix_bits must be 1, 2, 4 or 8, got {radix_bits!r}")
+    return n_pad, num_warps, radix_bits, search == "early"
+
+
+def _launch(args, rows: int, n: int, cfg: NosaConfig, mode: str, pool, interpret: bool, num_warps, radix_bits,
+            search) -> jax.Array:
+    """The kernel over `rows` rows of n blocks: [rows, min(topk, n)] int32."""
+    n_pad, num_warps, radix_bits, early_exit = _tiling(n, num_warps, radix_bits, search)
+    k_final = min(cfg.topk, n)
+    kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=min(cfg.qk_select, n), k=k_final, mode=mode,
+                               radix_bits=radix_bits, early_exit=early_exit, pool=pool)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        grid=(rows,),
+        in_specs=[any_spec] * len(args),
+        out_specs=pl.BlockSpec((None, k_final), lambda r: (r, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, k_final), jnp.int32),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="nosa_two_stage_topk",
+    )(*args)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("nosa", "infllmv2"):
+        raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
+
+
 def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Array, cfg: NosaConfig,
                             mode: str, *, interpret: bool = False, num_warps: int | None = None,
                             radix_bits: int | None = None, search: str | None = None) -> jax.Array:
@@ -233,22 +309,8 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     search: "early" stops each radix search once the top k are separated, "full" runs every step
     (the benchmark's baseline); same result either way. None: `RADIX_SEARCH`.
     """
-    if mode not in ("nosa", "infllmv2"):
-        raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
-    n_pad = max(_MIN_ROW, next_pow2(b_qk.shape[-1]))
-    auto_warps, auto_bits = default_tiling(n_pad)
-    num_warps = auto_warps if num_warps is None else num_warps
-    radix_bits = auto_bits if radix_bits is None else radix_bits
-    search = RADIX_SEARCH if search is None else search
-    if search not in ("early", "full"):
-        raise ValueError(f"search must be 'early' or 'full', got {search!r}")
-    if radix_bits not in (1, 2, 4, 8):
-        raise ValueError(f"radix_bits must be 1, 2, 4 or 8, got {radix_bits!r}")
+    _check_mode(mode)
     n = b_qk.shape[-1]
-    if n < 1:
-        raise ValueError("two_stage_select_pallas needs at least one block per row")
-    k_final = min(cfg.topk, n)
-    k1 = min(cfg.qk_select, n)
     qb = jnp.asarray(qb)
     shapes = [b_qk.shape[:-1], qb.shape[:-1] if qb.ndim else ()]
     if mode == "nosa":
@@ -260,25 +322,43 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     lead = jnp.broadcast_shapes(*shapes)
     rows = math.prod(lead)
     if rows == 0:
-        return jnp.zeros(lead + (k_final,), jnp.int32)
+        _tiling(n, num_warps, radix_bits, search)
+        return jnp.zeros(lead + (min(cfg.topk, n),), jnp.int32)
 
     qk = jnp.broadcast_to(b_qk.astype(jnp.float32), lead + (n,)).reshape(rows, n)
     qbr = jnp.broadcast_to(qb.astype(jnp.int32), lead + (1,)).reshape(rows)
     args = [qbr, qk]
     if mode == "nosa":
         args.append(jnp.broadcast_to(b_cis.astype(jnp.float32), lead + (n,)).reshape(rows, n))
+    out = _launch(args, rows, n, cfg, mode, None, interpret, num_warps, radix_bits, search)
+    return out.reshape(lead + (min(cfg.topk, n),))
 
-    kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=k1, k=k_final, mode=mode,
-                               radix_bits=radix_bits, early_exit=search == "early")
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    out = pl.pallas_call(
-        kernel,
-        grid=(rows,),
-        in_specs=[any_spec] * len(args),
-        out_specs=pl.BlockSpec((None, k_final), lambda r: (r, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, k_final), jnp.int32),
-        interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        name="nosa_two_stage_topk",
-    )(*args)
-    return out.reshape(lead + (k_final,))
+
+def decode_two_stage_select(b_qk: jax.Array, cisw_pool: jax.Array | None, layer, n_eff: jax.Array,
+                            qb: jax.Array, cfg: NosaConfig, mode: str, *, interpret: bool = False,
+                            num_warps: int | None = None, radix_bits: int | None = None,
+                            search: str | None = None) -> jax.Array:
+    """The decode selection's two-stage top-k with its inputs' pooling and forcing in the kernel.
+
+    b_qk [B, Hk, n]: pooled stage-1 scores WITHOUT the sink / local forcing; cisw_pool [L, B, C, Hk]:
+    every layer's cis window scores (mode "nosa"; None for "infllmv2"), of which the kernel reads
+    layer `layer` (traced), windows below n_eff [B] (<= C), and pools them to blocks itself; qb [B]:
+    the query's block. Equal, bit for bit, to two_stage_select_pallas(forced b_qk,
+    selection._pool_windows(the masked layer's windows), qb) - the XLA fusions that would move,
+    mask, pool and force the cis row and force b_qk are not run. [B, Hk, min(topk, n)] int32.
+    """
+    _check_mode(mode)
+    B, Hk, n = b_qk.shape
+    if B * Hk == 0:
+        _tiling(n, num_warps, radix_bits, search)
+        return jnp.zeros((B, Hk, min(cfg.topk, n)), jnp.int32)
+    qbr = jnp.repeat(jnp.asarray(qb, jnp.int32).reshape(B), Hk)
+    args = [qbr, b_qk.astype(jnp.float32).reshape(B * Hk, n)]
+    if mode == "nosa":
+        if cisw_pool is None or cisw_pool.ndim != 4 or cisw_pool.shape[1] != B or cisw_pool.shape[3] != Hk:
+            raise ValueError(f"mode 'nosa' needs cisw_pool [L, {B}, C, {Hk}], got "
+                             f"{None if cisw_pool is None else cisw_pool.shape}")
+        args += [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(n_eff, jnp.int32).reshape(B), cisw_pool]
+    pool = (Hk, cfg.pool_stride, cfg.init_blocks, cfg.local_blocks)
+    out = _launch(args, B * Hk, n, cfg, mode, pool, interpret, num_warps, radix_bits, search)
+    return out.reshape(B, Hk, min(cfg.topk, n))

@@ -249,8 +249,8 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
     assert {r["settings"]["method"] for r in runs} == {"nosa", "nosa-offload"}
     for r in runs:
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
-                                            "finish": "pallas", "write": "xla", "slots": "xla",
-                                            "loads": "separate"}
+                                            "finish": "pallas", "pool": selection.TOPK_POOL, "write": "xla",
+                                            "slots": "xla", "loads": "separate"}
         assert r["settings"]["layer_unroll"] is True
 
 

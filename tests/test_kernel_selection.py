@@ -299,7 +299,7 @@ def test_lowers_to_triton_for_cuda(dtype, context, finish):
     """Cross-lower (no GPU needed) decode_select at the model's sizes (B=16, Hq=32, Hk=2, D=128,
     16K and 128K): the Triton lowering accepts the stage-1 kernel for this ktilde dtype, with grid
     (B, Hk, splits), and each finish's kernels, every Triton module passing the MLIR verifier; no
-    layer of the stacked pool is sliced out outside the kernel, and the top-k is the fused Pallas
+    layer of the stacked pools is sliced out outside the kernels, and the top-k is the fused Pallas
     kernel when that is the default."""
     from model_utils import verified_triton_modules
 
@@ -319,6 +319,8 @@ def test_lowers_to_triton_for_cuda(dtype, context, finish):
     assert len(calls) == len(modules) == 1 + len(pool) + len(topk)
     assert f"grid_x = {B} " in stage1[0] and f"grid_y = {Hk} " in stage1[0]
     assert f"tensor<{B}x{C}x{Hk}x{D}x{'bf16' if dtype == 'bfloat16' else 'f32'}>" not in txt
+    # the top-k pools the cis windows itself: no layer of the stacked cis pool is sliced out either
+    assert (f"tensor<{B}x{C}x{Hk}xf32>" in txt) == (sel.TOPK_POOL == "xla" or sel.TOPK_IMPL == "xla")
 
 
 def test_fragile_rows_are_rare():

@@ -30,6 +30,7 @@ from pallas_kernels import selection as sel
 from pallas_kernels import topk
 from pallas_kernels.topk import two_stage_select_pallas
 from model_utils import verified_triton_modules
+import np_reference as npr
 
 SMALL = NosaConfig(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=1,
                    topk=6, qk_select=4)
@@ -325,6 +326,82 @@ def test_decode_select_passes_topk_impl():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+P4 = NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=2, local_blocks=2,
+                topk=9, qk_select=6)  # 4 windows per block step, as upstream's 64 / 16
+
+
+def decode_pool_case(seed: int, B: int, Hk: int, n: int, C: int, cfg, L: int = 3, layer: int = 1):
+    """Inputs of topk.decode_two_stage_select and its expected ids. b_qk [B, Hk, n]: unforced
+    pooled scores of every row kind (row (0, 0) all +inf); cisw [L, B, C, Hk]: window scores of every row kind below
+    n_eff[b] of layer `layer`, NaN elsewhere (other layers, windows >= n_eff: never to be read);
+    n_eff anywhere in [0, C] (0: no window), qb anywhere. Expected: reference_ieee of the forced
+    b_qk and np_reference.pool_row of each row's valid windows (float64, exact for float32 inputs).
+    The cis scores are flushed of subnormals: the kernel's max in interpret mode runs on XLA:CPU,
+    whose denormals-are-zero the GPU does not share (the keys, integer-only, are tested above)."""
+    rng = np.random.default_rng(seed)
+    b_qk = make_scores(seed, (B, Hk), n)
+    rows = flush_subnormals(make_scores(seed + 1, (B, Hk), C))  # [B, Hk, C] window scores
+    n_eff = rng.integers(0, C + 1, B).astype(np.int32)
+    n_eff[0] = C
+    if B > 2:
+        n_eff[1] = 0
+    qb = make_qb(seed, (B,), n, cfg.topk)
+    # row (0, 0): every b_qk +inf, so stage 1 picks the lowest ids and not the local blocks at the
+    # row's end, whose cis windows score lowest: only the cis row's own forcing selects them
+    b_qk[0, 0] = np.inf
+    qb[0] = n - 1
+    rows[0, 0, max(0, cfg.pool_stride * (n - 1 - cfg.local_blocks) - 1):] = -1e30
+    cisw = np.full((L, B, C, Hk), np.nan, np.float32)
+    for b in range(B):
+        cisw[layer, b, :n_eff[b]] = rows[b, :, :n_eff[b]].T
+    forced = np.array([[npr.forced(j, int(qb[b]), cfg) for j in range(n)] for b in range(B)])
+    qk_forced = np.where(forced[:, None, :], np.float32(np.inf), b_qk)
+    b_cis = np.stack([[npr.pool_row(rows[b, h, :n_eff[b]], int(qb[b]), n, cfg) for h in range(Hk)]
+                      for b in range(B)]).astype(np.float32)
+    want = {mode: reference_ieee(qk_forced, b_cis, qb[:, None, None], cfg, mode) for mode in ("nosa", "infllmv2")}
+    return b_qk, cisw, n_eff, qb, want
+
+
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+@pytest.mark.parametrize("n,C,cfg", [
+    (17, 40, SMALL),      # P = 2; C > P n: the windows past block n are not read
+    (40, 61, P4),         # P = 4; C < P n: the last blocks have no window (-inf)
+    (100, 397, UPSTREAM),  # upstream's P = 4 and k
+])
+def test_decode_pools_and_forces_in_kernel(mode, n, C, cfg):
+    """decode_two_stage_select reads the layer's cis windows from the stacked pool, masks those at or
+    past n_eff, max-pools them to blocks (window P j - 1 .. P j + P - 1) and forces the sink / local
+    blocks of both rows in its kernel: the ids equal the float64 pooling's through reference_ieee."""
+    for seed in range(2):
+        b_qk, cisw, n_eff, qb, want = decode_pool_case(seed + 20, 5, 2, n, C, cfg)
+        got = topk.decode_two_stage_select(jnp.asarray(b_qk), jnp.asarray(cisw) if mode == "nosa" else None,
+                                           jnp.int32(1), jnp.asarray(n_eff), jnp.asarray(qb), cfg, mode,
+                                           interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), want[mode], err_msg=f"{mode} n={n} C={C} seed={seed}")
+
+
+@pytest.mark.parametrize("pool", ["kernel", "xla"])
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_decode_select_pool_choices_agree(pool, mode, monkeypatch):
+    """decode_select with the Pallas top-k, its inputs pooled in its kernel or by XLA, equals the
+    XLA top-k on XLA's pooling (cis windows past n_win hold NaN: no path may read them)."""
+    monkeypatch.setattr(sel, "TOPK_POOL", pool)
+    rng = np.random.default_rng(8)
+    L, B, Hq, Hk, D, C, nb = 2, 3, 4, 2, 16, 60, 30
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32)
+    kt = jnp.asarray(rng.standard_normal((L, B, C, Hk, D)), jnp.float32)
+    kv_len = jnp.asarray([230, 41, 3], jnp.int32)
+    n_win = nosa.num_windows(kv_len, SMALL)
+    cw = np.full((L, B, C, Hk), np.nan, np.float32)
+    for b in range(B):
+        cw[1, b, :int(n_win[b])] = rng.integers(0, 3, (int(n_win[b]), Hk))  # ties across blocks
+    kw = dict(nosa_cfg=SMALL, n_blocks=nb, mode=mode, interpret=True)
+    cw = jnp.asarray(cw)
+    want = sel.decode_select(q, kt, cw, n_win, kv_len, 1, topk_impl="xla", **kw)
+    got = sel.decode_select(q, kt, cw, n_win, kv_len, 1, topk_impl="pallas", **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bad_arguments_raise():
     x = jnp.zeros((2, 8), jnp.float32)
     with pytest.raises(ValueError, match="mode"):
@@ -397,6 +474,17 @@ def _gpu_check(lead, n, mode, num_warps, radix_bits=4, seed=0):
 @pytest.mark.parametrize("num_warps,radix_bits", [(4, 4), (8, 4), (4, 2)])
 def test_gpu_realistic(mode, lead, n, num_warps, radix_bits):
     _gpu_check(lead, n, mode, num_warps, radix_bits, seed=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+@pytest.mark.parametrize("n,C", [(257, 1026), (2049, 8194)])  # 16K and 128K decode rows, batch 16
+def test_gpu_decode_pools_in_kernel(mode, n, C):
+    b_qk, cisw, n_eff, qb, want = decode_pool_case(n, 16, 2, n, C, UPSTREAM)
+    f = jax.jit(lambda a, c, e, q: topk.decode_two_stage_select(a, c, jnp.int32(1), e, q, UPSTREAM, mode))
+    got = np.asarray(f(jnp.asarray(b_qk), jnp.asarray(cisw) if mode == "nosa" else None, jnp.asarray(n_eff),
+                       jnp.asarray(qb)))
+    np.testing.assert_array_equal(got, want[mode], err_msg=f"{mode} n={n}: kernel vs float64 pooling + reference_ieee")
 
 
 def test_default_tiling_bounds_the_compare_tensor():
