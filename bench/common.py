@@ -17,15 +17,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # kernel choices a benchmark may switch per run: key -> (module, attribute, values); each attribute
-# is read at trace time. "write" is the on-device cache's decode write; the offloaded cache appends
-# in nosa_jax.offload.decode_attend and does not read it. "slots" and "loads" are the offloaded
-# cache's slot assignment and whether the misses are read inside the attention kernel ("fused").
-# "pool": whether the Pallas top-k pools and forces its decode inputs in its own kernel.
+# is read at trace time. "write" is the on-device cache's decode write, "append" the offloaded
+# cache's (nosa_jax.offload._append). "slots" and "loads" are the offloaded cache's slot assignment
+# and whether the misses are read inside the attention kernel ("fused"). "pool": whether the Pallas
+# top-k pools and forces its decode inputs in its own kernel.
 KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pallas")),
                   "search": ("pallas_kernels.topk", "RADIX_SEARCH", ("early", "full")),
                   "finish": ("pallas_kernels.selection", "SCORES_FINISH", ("jnp", "pallas")),
                   "pool": ("pallas_kernels.selection", "TOPK_POOL", ("kernel", "xla")),
                   "write": ("pallas_kernels.cache_write", "WRITE_IMPL", ("xla", "pallas")),
+                  "append": ("pallas_kernels.cache_write", "APPEND_IMPL", ("xla", "pallas")),
                   "slots": ("pallas_kernels.slots", "SLOTS_IMPL", ("xla", "pallas")),
                   "loads": ("nosa_jax.offload", "LOADS", ("fused", "separate"))}
 KERNEL_CHOICES_HELP = ", ".join(f"{k} {'|'.join(v)}" for k, (_, _, v) in KERNEL_CHOICES.items())

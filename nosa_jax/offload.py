@@ -327,6 +327,44 @@ def _count_in(a, b):
 
 
 # --------------------------------------------------------------------------------- decode step
+def _append(off: OffloadedKV, layer, pos, live, k, cis, n: NosaConfig, settings):
+    """One decode token per sequence (k [B, Hk, D], cis [B, Hk] at `pos`; sequences not `live`
+    write nothing) into the ring of recent keys and the cis history, and the window it completes
+    (its mean key and mean score) into ktilde / cisw. Returns (ring_k, cis, ktilde, cisw).
+
+    With the Pallas append (impl "pallas" and cache_write.APPEND_IMPL "pallas") one kernel does it
+    all in place, the window means included (cache_write.append_token); otherwise XLA
+    scatters write the token and the means come from the written arrays (no reader of an old buffer
+    may follow its in-place update: XLA would copy the whole [L, B, T, Hk] history each layer to
+    keep it, 67 MB at 8B / 16K / batch 16, seen in session 21). Both store the same bits."""
+    from pallas_kernels import cache_write
+
+    k, cis = k.astype(off.ring_k.dtype), cis.astype(off.cis.dtype)
+    if cache_write.APPEND_IMPL not in ("xla", "pallas"):
+        raise ValueError(f"cache_write.APPEND_IMPL must be 'xla' or 'pallas', got {cache_write.APPEND_IMPL!r}")
+    if settings.impl == "pallas" and cache_write.APPEND_IMPL == "pallas":
+        return cache_write.append_token(off.ring_k, off.cis, off.ktilde, off.cisw, layer, pos, live, k, cis, n,
+                                        interpret=settings.interpret)
+    R, T, C = off.ring_k.shape[2], off.cis.shape[2], off.ktilde.shape[2]
+    b_idx = jnp.arange(pos.shape[0])
+    ring_k = off.ring_k.at[layer, b_idx, jnp.where(live, pos % R, R)].set(k, mode="drop")
+    cis_h = off.cis.at[layer, b_idx, jnp.where(live, pos, T)].set(cis, mode="drop")
+    ktilde, cisw = off.ktilde, off.cisw
+    c0 = nosa.num_windows(pos, n)  # the window that a token at `pos` may complete
+    w_idx = jnp.where(live & (c0 * n.kernel_stride + n.kernel_size - 1 == pos), c0, C)
+    if C:  # the same gather-then-mean as `cache.new_windows`, from the ring
+        def one(ring_b, c):
+            seg = ring_b[(c * n.kernel_stride + jnp.arange(n.kernel_size)) % R]
+            return nosa.window_means(seg[None], n)[0]
+
+        new_k = jax.vmap(one)(ring_k[layer], c0)[:, 0]
+        ktilde = ktilde.at[layer, b_idx, w_idx].set(new_k.astype(ktilde.dtype), mode="drop")
+    if cisw.shape[2]:
+        _, new_c = new_windows(cis_h[layer], cis[:, None], pos, 1, n)
+        cisw = cisw.at[layer, b_idx, w_idx].set(new_c[:, 0], mode="drop")
+    return ring_k, cis_h, ktilde, cisw
+
+
 def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, settings):
     """One decode token per sequence against the offloaded cache (see the module docstring).
 
@@ -341,35 +379,13 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
         raise ValueError("the offloaded cache decodes one token per step; prefill runs on the device "
                          "(Generator.start moves it to the host store)")
     mode, bs = settings.mode, n.block_size
-    B, _, Hq, D = q.shape
     live = off.length > start  # stopped sequences write nothing and do not count in the statistics
     pos = start
-    b_idx = jnp.arange(B)
-    R = off.ring_k.shape[2]
 
     # 1. append: ring, cis history; refresh the window this token completes (the pool gets the
     #    token in step 4, the host store at the next flush)
     with jax.named_scope("nosa_append"):  # named scopes: profiler labels (bench/offload.py)
-        ring_k = off.ring_k.at[layer, b_idx, pos % R].set(jnp.where(live[:, None, None], k[:, 0],
-                                                                    off.ring_k[layer, b_idx, pos % R]))
-        cis_h = off.cis.at[layer, b_idx, jnp.where(live, pos, off.cis.shape[2])].set(cis[:, 0], mode="drop")
-        ktilde, cisw = off.ktilde, off.cisw
-        c0 = nosa.num_windows(pos, n)  # the window that a token at `pos` may complete
-        done_win = live & (c0 * n.kernel_stride + n.kernel_size - 1 == pos)
-        w_idx = jnp.where(done_win, c0, ktilde.shape[2])
-        if ktilde.shape[2]:  # the same gather-then-mean as `cache.new_windows`, from the ring
-            def one(ring_b, c):
-                seg = ring_b[(c * n.kernel_stride + jnp.arange(n.kernel_size)) % R]
-                return nosa.window_means(seg[None], n)[0]
-
-            new_k = jax.vmap(one)(ring_k[layer], c0)[:, 0]
-            ktilde = ktilde.at[layer, b_idx, w_idx].set(new_k.astype(ktilde.dtype), mode="drop")
-        if cisw.shape[2]:
-            # from cis_h, not off.cis: no reader of the history's old buffer may follow its in-place
-            # update, or XLA copies the whole [L, B, T, Hk] history each layer to keep it (67 MB at 8B /
-            # 16K / batch 16: 30 us per layer on the H200, seen in session 21 when the schedule moved)
-            _, new_c = new_windows(cis_h[layer], cis, pos, 1, n)
-            cisw = cisw.at[layer, b_idx, w_idx].set(new_c[:, 0], mode="drop")
+        ring_k, cis_h, ktilde, cisw = _append(off, layer, pos, live, k[:, 0], cis[:, 0], n, settings)
 
     # 2. selection (the same code and data as the on-device cache)
     with jax.named_scope("nosa_select"):

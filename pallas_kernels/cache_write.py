@@ -22,6 +22,13 @@ likely the structural tie that the decode finish broke along two code paths (men
 (session 19, H200). Because the kernel updates the stacked cache in place, the model's decode step
 runs its layers as a straight-line program on the device too (`AttentionSettings.unroll_for`).
 Chunks of more than one token (prefill) always take cache_write.
+
+`append_token` is the offloaded cache's decode append in one kernel (`nosa_jax.offload._append`:
+the token's key into the ring, its score into the cis history, and the window it completes, whose
+means the kernel computes with nosa.window_means' adds, into ktilde / cisw), in place of four XLA
+scatters; `APPEND_IMPL` picks it. A first version stored the rows with this module's write kernel
+and left the means to XLA: the means became separate fusions (XLA had fused them into the
+scatters) and the step was 0.6-1.4 % slower (H100, bench/NOTES.md session 23).
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ from nosa_jax.cache import KVCache, cache_write, window_rows
 from nosa_jax.config import NosaConfig
 
 WRITE_IMPL = "pallas"
+# The offloaded cache's decode append (nosa_jax.offload._append): "pallas" (append_token, one kernel
+# with the window means) or "xla" (scatters, into which XLA fuses the means).
+APPEND_IMPL = "xla"
 
 
 def _write_kernel(layer_ref, pos_ref, win_ref, k_ref, v_ref, cis_ref, *refs, T: int, n_kt: int, n_cw: int):
@@ -118,3 +128,95 @@ def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v:
     kt = out[3] if n_kt else cache.ktilde
     cw = out[-1] if n_cw else cache.cisw
     return dataclasses.replace(cache, k=kc, v=vc, cis=cc, ktilde=kt, cisw=cw)
+
+
+def _append_kernel(layer_ref, pos_ref, live_ref, k_ref, cis_ref, *refs, S: int, K: int, n_kt: int, n_cw: int):
+    """One (sequence b, kv head h) of `append_token`. refs: the aliased inputs ring, history (,
+    ktilde if n_kt) (, cisw if n_cw), then the outputs in the same order - the same buffers. The
+    window's rows are read from the inputs (the token's own row is taken from k / cis) and summed
+    as nosa.window_means sums them: S consecutive rows per chunk, then the K / S chunks, each a left
+    fold of elementwise adds, then / K."""
+    n_state = 2 + (n_kt > 0) + (n_cw > 0)
+    ins, outs = refs[:n_state], refs[n_state:]
+    ring_in, hist_in, ring_ref, hist_ref = ins[0], ins[1], outs[0], outs[1]
+    kt_ref = outs[2] if n_kt else None
+    cw_ref = outs[-1] if n_cw else None
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    layer, pos = layer_ref[0], pos_ref[b]
+    live = live_ref[b] != 0
+    R, T = ring_ref.shape[2], hist_ref.shape[2]
+    k_new = pltriton.load(k_ref.at[b, h, :]).astype(jnp.float32)
+    c_new = pltriton.load(cis_ref.at[b, pl.ds(h, 1)])
+    c0 = jnp.maximum(pos - K + S, 0) // S  # nosa.num_windows(pos): the window a token at pos may complete
+    win = jnp.where(live & (c0 * S + K - 1 == pos), c0, max(n_kt, n_cw))
+
+    def mean(row):  # row(t) -> the window's t-th row as float32
+        total = None
+        for j in range(K // S):
+            chunk = row(j * S)
+            for i in range(1, S):
+                chunk = chunk + row(j * S + i)
+            total = chunk if total is None else total + chunk
+        return total / K
+
+    if n_kt:
+        @pl.when(win < n_kt)
+        def _window_key():
+            def row(t):
+                idx = win * S + t
+                x = pltriton.load(ring_in.at[layer, b, idx % R, h, :]).astype(jnp.float32)
+                return jnp.where(idx == pos, k_new, x)
+
+            pltriton.store(kt_ref.at[layer, b, win, h, :], mean(row).astype(kt_ref.dtype))
+
+    if n_cw:
+        @pl.when(win < n_cw)
+        def _window_score():
+            def row(t):
+                idx = win * S + t
+                x = pltriton.load(hist_in.at[layer, b, pl.ds(idx, 1), h])
+                return jnp.where(idx == pos, c_new, x)
+
+            pltriton.store(cw_ref.at[layer, b, pl.ds(win, 1), h], mean(row))
+
+    @pl.when(live)
+    def _token():
+        pltriton.store(ring_ref.at[layer, b, pos % R, h, :], pltriton.load(k_ref.at[b, h, :]))
+
+        @pl.when(pos < T)
+        def _score():
+            pltriton.store(hist_ref.at[layer, b, pl.ds(pos, 1), h], c_new)
+
+
+def append_token(ring_k, cis_h, ktilde, cisw, layer, pos: jax.Array, live: jax.Array, k: jax.Array, cis: jax.Array,
+                 n: NosaConfig, *, interpret: bool = False):
+    """The offloaded cache's decode append in one kernel, in place: for each live sequence the
+    token's key k [B, Hk, D] into ring_k [L, B, R, Hk, D] at row pos % R, its score cis [B, Hk]
+    into the history cis_h [L, B, T, Hk] at row pos (< T), and, where the token completes window
+    c0 = num_windows(pos), that window's mean key into ktilde [L, B, C, Hk, D] and mean score into
+    cisw [L, B, C', Hk] (C' = 0 outside mode "nosa"), computed in the kernel from the ring and the
+    history with the same adds as nosa.window_means (the same bits as the XLA path of
+    `nosa_jax.offload._append`). Sequences not `live` write nothing. Returns (ring_k, cis_h, ktilde,
+    cisw)."""
+    B, Hk, D = k.shape
+    S, K = n.kernel_stride, n.kernel_size
+    if ring_k.shape[2] < K:
+        raise ValueError(f"append_token: the ring holds {ring_k.shape[2]} keys, fewer than a window's {K}")
+    n_kt, n_cw = ktilde.shape[2], cisw.shape[2]
+    state = [ring_k, cis_h] + [ktilde] * (n_kt > 0) + [cisw] * (n_cw > 0)  # no empty array enters the kernel
+    args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(pos, jnp.int32), jnp.asarray(live, jnp.int32),
+            k.astype(ring_k.dtype), cis.astype(cis_h.dtype), *state]
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    out = pl.pallas_call(
+        functools.partial(_append_kernel, S=S, K=K, n_kt=n_kt, n_cw=n_cw),
+        grid=(B, Hk),
+        in_specs=[any_spec] * len(args),
+        out_specs=[any_spec] * len(state),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state],
+        input_output_aliases={5 + i: i for i in range(len(state))},
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="nosa_offload_append",
+    )(*args)
+    return out[0], out[1], out[2] if n_kt else ktilde, out[-1] if n_cw else cisw

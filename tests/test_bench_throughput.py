@@ -250,7 +250,8 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
     for r in runs:
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
                                             "finish": "pallas", "pool": selection.TOPK_POOL, "write": "xla",
-                                            "slots": "xla", "loads": "separate"}
+                                            "append": cache_write.APPEND_IMPL, "slots": "xla",
+                                            "loads": "separate"}
         assert r["settings"]["layer_unroll"] is True
 
 

@@ -100,6 +100,32 @@ def test_lowers_to_one_in_place_triton_kernel(mode):
     assert modules[0].count("tt.store") >= n_caches
 
 
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_offload_append_lowers_to_one_in_place_triton_kernel(mode):
+    """The offloaded cache's append (append_token) at the 8B shape (4 of 32 layers, B=16, 16K, ring
+    of 64): one Triton kernel, grid (B, Hk), the ring, the cis history and the window arrays (cisw
+    in mode "nosa" only) aliased to its outputs and passed whole; the Triton module passes the
+    MLIR verifier."""
+    from nosa_jax.config import NosaConfig
+    from pallas_kernels.cache_write import append_token
+
+    n = NosaConfig()
+    L, B, T, Hk, D, R = 4, 16, 16384, 2, 128, 64
+    C = (T - n.kernel_size) // n.kernel_stride + 1
+    sd = jax.ShapeDtypeStruct
+    state = (sd((L, B, R, Hk, D), jnp.bfloat16), sd((L, B, T, Hk), jnp.float32), sd((L, B, C, Hk, D), jnp.bfloat16),
+             sd((L, B, C if mode == "nosa" else 0, Hk), jnp.float32))
+    txt, modules = verified_triton_modules(
+        lambda r, c, kt, cw, layer, pos, live, k, cis: append_token(r, c, kt, cw, layer, pos, live, k, cis, n),
+        *state, sd((), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.bool_), sd((B, Hk, D), jnp.bfloat16),
+        sd((B, Hk), jnp.float32))
+    calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
+    assert len(calls) == 1 and len(modules) == 1
+    assert "grid_x = 16 " in calls[0] and "grid_y = 2 " in calls[0]
+    assert calls[0].count("#stablehlo.output_operand_alias<") == (4 if mode == "nosa" else 3)
+    assert modules[0].count("tt.store") >= (4 if mode == "nosa" else 3)
+
+
 # ----------------------------------------------------------------------------- GPU (Triton)
 
 @pytest.mark.gpu

@@ -500,6 +500,32 @@ def test_offloaded_equals_on_device_gpu_1b():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("append", ["xla", "pallas"])
+def test_decode_loop_does_not_copy_the_cache_gpu(append, monkeypatch):
+    """1B shape, Pallas kernels, on the GPU: the compiled decode loop updates every array of the
+    offloaded cache in place - the host store, the pools, the ring, the cis history and the
+    compressed keys and scores - with either append (session 21 saw XLA copy the whole cis history
+    each layer when a reader of its old buffer came after the update)."""
+    from nosa_jax.config import SHAPES, ModelConfig
+    from nosa_jax.model import NosaForCausalLM
+    from pallas_kernels import cache_write
+
+    monkeypatch.setattr(cache_write, "APPEND_IMPL", append)
+    jax.clear_caches()
+
+    cfg = ModelConfig(**SHAPES["1b"])
+    model = NosaForCausalLM(cfg, mode="nosa", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    gen = Generator(model, eos_ids=(), offload=OffloadSettings())
+    st, logits, _ = gen.start([rng.integers(0, cfg.vocab_size, n).tolist() for n in (3000, 2100)], max_new_tokens=64)
+    hlo = decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(),
+                            n_steps=8).compile().as_text()
+    for name in ("host_kv", "pool_k", "pool_v", "ring_k", "cis", "ktilde", "cisw"):
+        copies = copies_of(hlo, [hlo_shape(getattr(st.cache, name))])
+        assert not copies, (name, copies[:3])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("model_name,context", [("1b", 16384), ("8b", 131072)])
 def test_prefill_activation_estimate_covers_xla_temporaries_gpu(model_name, context):
     """The prefill group size counts `cache.prefill_activation_bytes` per sequence for a call's own
@@ -621,3 +647,66 @@ def test_streaming_compiles_the_decode_loop_once(offload):
     chunks = list(gen.stream(st, logits, 5))
     assert len(chunks) == 3
     assert decode_loop._cache_size() == before + 1
+
+
+def _check_append(mode, n, L, B, R, T, Hk, D, interpret, monkeypatch):
+    """offload._append with the Pallas append against its XLA scatters on one random state (bf16
+    ring and compressed keys, float32 history and scores): the same bits in every array."""
+    import types
+
+    from nosa_jax.offload import _append
+    from pallas_kernels import cache_write
+
+    monkeypatch.setattr(cache_write, "APPEND_IMPL", "pallas")  # the "reference" impl takes the scatters
+
+    C = (T - n.kernel_size) // n.kernel_stride + 1  # windows of the history
+    rng = np.random.default_rng(11)
+
+    def arr(*shape, dtype=jnp.float32):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    off = types.SimpleNamespace(ring_k=arr(L, B, R, Hk, D, dtype=jnp.bfloat16), cis=arr(L, B, T, Hk),
+                                ktilde=arr(L, B, C, Hk, D, dtype=jnp.bfloat16),
+                                cisw=arr(L, B, C if mode == "nosa" else 0, Hk))
+    end = lambda c: c * n.kernel_stride + n.kernel_size - 1  # noqa: E731  the token completing window c
+    # completing window 2, inside a window, past a ring wrap, completing the last window, the same
+    # position not live, past the history (not live either: the model never writes there), then
+    # random positions
+    pos = np.concatenate([[end(2), 13, R + 3, end(C - 1), end(2), T + 2], rng.integers(0, T, B - 6)])
+    live = jnp.asarray(np.arange(B) != 4) & (jnp.asarray(pos) < T)
+    pos = jnp.asarray(pos, jnp.int32)
+    k, cis = arr(B, Hk, D), arr(B, Hk)
+    out = {}
+    for impl in ("pallas", "reference"):
+        settings = types.SimpleNamespace(impl=impl, interpret=interpret)
+        f = jax.jit(lambda o, p, lv, k, c: _append(types.SimpleNamespace(**o), 1, p, lv, k, c, n, settings))
+        out[impl] = [np.asarray(x.astype(jnp.float32)) for x in f(vars(off), pos, live, k, cis)]
+    for name, a, b in zip(("ring_k", "cis", "ktilde", "cisw"), out["pallas"], out["reference"]):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # the reference wrote what it should (the comparison is not between no-ops)
+    ring, hist, kt = out["reference"][:3]
+    assert not np.array_equal(ring[1, 2, 3], np.asarray(off.ring_k[1, 2, 3], np.float32))  # (R + 3) % R
+    assert np.array_equal(ring[1, 4], np.asarray(off.ring_k[1, 4], np.float32))  # not live
+    assert hist[1, 1, 13, 0] == float(cis[1, 0])
+    assert not np.array_equal(kt[1, 0, 2], np.asarray(off.ktilde[1, 0, 2], np.float32))
+
+
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_append_kernel_stores_what_the_scatters_store(mode, monkeypatch):
+    """offload._append with the Pallas append (cache_write.append_token, interpret mode: one
+    kernel, the window means included) stores the same bits as with XLA's scatters: the token's key
+    at its ring row, its score in the cis history, and the window it completes in ktilde / cisw;
+    sequences that are not live and positions past the history write nothing. Every array starts
+    random, so a missed or misplaced write shows."""
+    _check_append(mode, triton_small_config().nosa, L=3, B=8, R=16, T=64, Hk=2, D=16, interpret=True,
+                  monkeypatch=monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
+def test_append_kernel_stores_what_the_scatters_store_gpu(mode, monkeypatch):
+    """The same at the 8B shape (4 of 32 layers, batch 16, 16K, ring of 64, upstream windows)."""
+    from nosa_jax.config import NosaConfig
+
+    _check_append(mode, NosaConfig(), L=4, B=16, R=64, T=16384, Hk=2, D=128, interpret=False,
+                  monkeypatch=monkeypatch)

@@ -165,21 +165,27 @@ def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch)
     """The offloaded decode with the Pallas model (interpret mode) gives the same tokens, logits and
     pool statistics with the slot kernel as with assign_slots, with the loader kernel (which also
     writes the new token) as with the XLA loads and scatters, and with the loads inside the
-    attention kernel (offload.LOADS "fused") as with either, also after a sequence stops."""
+    attention kernel (offload.LOADS "fused") as with either, also after a sequence stops; and the
+    tokens and logits of the reference model's offloaded decode (every Pallas run also has the
+    append's one-kernel write and the top-k pooling its inputs)."""
     from flax import nnx
 
     from model_utils import random_model, triton_small_config
     from nosa_jax.generate import OffloadSettings, generate
     from nosa_jax import offload
     from nosa_jax.model import from_params
+    from pallas_kernels import cache_write, selection, sparse_decode
     from pallas_kernels import slots as slots_kernel
-    from pallas_kernels import sparse_decode
 
     cfg = triton_small_config()
     ref = random_model(cfg, "nosa", seed=5)
     model = from_params(cfg, nnx.to_pure_dict(nnx.state(ref, nnx.Param)), mode="nosa", impl="pallas", interpret=True)
     prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (70, 30)]
     eos = generate(ref, prompts, max_new_tokens=20, eos_ids=[]).tokens[1][8]  # sequence 1 stops early
+    monkeypatch.setattr(cache_write, "APPEND_IMPL", "pallas")
+    monkeypatch.setattr(selection, "TOPK_POOL", "kernel")
+    settings = dict(max_new_tokens=20, save_logits=True, kv_offload=OffloadSettings(pool_slots=6))
+    want = generate(ref, prompts, eos_ids=[eos], **settings)
     runs = {}
     fetch_kernel = sparse_decode.sparse_decode_attention_fetch
     for impl, loader, loads in (("xla", "xla", "fused"), ("pallas", "xla", "fused"), ("pallas", "pallas", "separate"),
@@ -199,6 +205,8 @@ def test_offloaded_generation_same_with_either_slot_path_and_loader(monkeypatch)
         assert bool(fetched) == (loader == "pallas" and loads == "fused")  # only on the zero-copy loader path
     a = runs["xla", "xla", "fused"]
     assert len(a.tokens[1]) < 20
+    assert a.tokens == want.tokens
+    np.testing.assert_allclose(a.logits, want.logits, atol=1e-4 * np.abs(want.logits).max())
     for b in (runs["pallas", "xla", "fused"], runs["pallas", "pallas", "separate"], runs["pallas", "pallas", "fused"]):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(b.logits, a.logits)
