@@ -333,10 +333,10 @@ def _append(off: OffloadedKV, layer, pos, live, k, cis, n: NosaConfig, settings)
     (its mean key and mean score) into ktilde / cisw. Returns (ring_k, cis, ktilde, cisw).
 
     With the Pallas append (impl "pallas" and cache_write.APPEND_IMPL "pallas") one kernel does it
-    all in place, the window means included (cache_write.append_token); otherwise XLA
-    scatters write the token and the means come from the written arrays (no reader of an old buffer
-    may follow its in-place update: XLA would copy the whole [L, B, T, Hk] history each layer to
-    keep it, 67 MB at 8B / 16K / batch 16, seen in session 21). Both store the same bits."""
+    all in place, the window means included (cache_write.append_token); otherwise XLA scatters
+    write the token and the means come from the written arrays (no reader of an old buffer may
+    follow its in-place update: XLA would copy the whole [L, B, T, Hk] history each layer to keep
+    it, 67 MB at 8B / 16K / batch 16, seen in session 21). Both store the same bits."""
     from pallas_kernels import cache_write
 
     k, cis = k.astype(off.ring_k.dtype), cis.astype(off.cis.dtype)

@@ -332,10 +332,11 @@ P4 = NosaConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=2, lo
 
 def decode_pool_case(seed: int, B: int, Hk: int, n: int, C: int, cfg, L: int = 3, layer: int = 1):
     """Inputs of topk.decode_two_stage_select and its expected ids. b_qk [B, Hk, n]: unforced
-    pooled scores of every row kind (row (0, 0) all +inf); cisw [L, B, C, Hk]: window scores of every row kind below
-    n_eff[b] of layer `layer`, NaN elsewhere (other layers, windows >= n_eff: never to be read);
-    n_eff anywhere in [0, C] (0: no window), qb anywhere. Expected: reference_ieee of the forced
-    b_qk and np_reference.pool_row of each row's valid windows (float64, exact for float32 inputs).
+    pooled scores of every row kind (row (0, 0) all +inf); cisw [L, B, C, Hk]: window scores of
+    every row kind below n_eff[b] of layer `layer`, NaN elsewhere (other layers, windows >= n_eff:
+    never to be read); n_eff anywhere in [0, C] (0: no window), qb anywhere. Expected:
+    reference_ieee of the forced b_qk and np_reference.pool_row of each row's valid windows
+    (float64, exact for float32 inputs).
     The cis scores are flushed of subnormals: the kernel's max in interpret mode runs on XLA:CPU,
     whose denormals-are-zero the GPU does not share (the keys, integer-only, are tested above)."""
     rng = np.random.default_rng(seed)
