@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from nosa_jax import nosa
 from nosa_jax.cache import KVCache, cache_write, window_rows
 from nosa_jax.config import NosaConfig
 
@@ -130,7 +131,7 @@ def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v:
     return dataclasses.replace(cache, k=kc, v=vc, cis=cc, ktilde=kt, cisw=cw)
 
 
-def _append_kernel(layer_ref, pos_ref, live_ref, k_ref, cis_ref, *refs, S: int, K: int, n_kt: int, n_cw: int):
+def _append_kernel(layer_ref, pos_ref, live_ref, k_ref, cis_ref, *refs, n: NosaConfig, n_kt: int, n_cw: int):
     """One (sequence b, kv head h) of `append_token`. refs: the aliased inputs ring, history (,
     ktilde if n_kt) (, cisw if n_cw), then the outputs in the same order - the same buffers. The
     window's rows are read from the inputs (the token's own row is taken from k / cis) and summed
@@ -148,7 +149,8 @@ def _append_kernel(layer_ref, pos_ref, live_ref, k_ref, cis_ref, *refs, S: int, 
     R, T = ring_ref.shape[2], hist_ref.shape[2]
     k_new = pltriton.load(k_ref.at[b, h, :]).astype(jnp.float32)
     c_new = pltriton.load(cis_ref.at[b, pl.ds(h, 1)])
-    c0 = jnp.maximum(pos - K + S, 0) // S  # nosa.num_windows(pos): the window a token at pos may complete
+    S, K = n.kernel_stride, n.kernel_size
+    c0 = nosa.num_windows(pos, n)  # the window that a token at pos may complete
     win = jnp.where(live & (c0 * S + K - 1 == pos), c0, max(n_kt, n_cw))
 
     def mean(row):  # row(t) -> the window's t-th row as float32
@@ -200,16 +202,16 @@ def append_token(ring_k, cis_h, ktilde, cisw, layer, pos: jax.Array, live: jax.A
     `nosa_jax.offload._append`). Sequences not `live` write nothing. Returns (ring_k, cis_h, ktilde,
     cisw)."""
     B, Hk, D = k.shape
-    S, K = n.kernel_stride, n.kernel_size
-    if ring_k.shape[2] < K:
-        raise ValueError(f"append_token: the ring holds {ring_k.shape[2]} keys, fewer than a window's {K}")
+    if ring_k.shape[2] < n.kernel_size:
+        raise ValueError(f"append_token: the ring holds {ring_k.shape[2]} keys, fewer than a window's "
+                         f"{n.kernel_size}")
     n_kt, n_cw = ktilde.shape[2], cisw.shape[2]
     state = [ring_k, cis_h] + [ktilde] * (n_kt > 0) + [cisw] * (n_cw > 0)  # no empty array enters the kernel
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(pos, jnp.int32), jnp.asarray(live, jnp.int32),
             k.astype(ring_k.dtype), cis.astype(cis_h.dtype), *state]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
-        functools.partial(_append_kernel, S=S, K=K, n_kt=n_kt, n_cw=n_cw),
+        functools.partial(_append_kernel, n=n, n_kt=n_kt, n_cw=n_cw),
         grid=(B, Hk),
         in_specs=[any_spec] * len(args),
         out_specs=[any_spec] * len(state),

@@ -99,6 +99,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels.lanes import next_pow2
 
@@ -197,9 +198,9 @@ def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mod
                  radix_bits: int, early_exit: bool, pool: tuple | None = None):
     """One row r. qb_ref [R] i32; qk_ref [R, n] f32 (whole arrays, read at row r); o_ref [k] i32,
     this row's output. For "nosa" either cis_ref [R, n] f32, the pooled, forced cis scores, or,
-    with `pool` = (Hk, P, init_blocks, local_blocks), layer_ref [1], n_eff_ref [B] and the stacked
-    window scores cisw_ref [L, B, C, Hk]: row r = b Hk + h pools them here, and both rows get the
-    sink / local forcing here (qk_ref then holds the unforced pooled scores)."""
+    with `pool` = (Hk, cfg), layer_ref [1], n_eff_ref [B] and the stacked window scores cisw_ref
+    [L, B, C, Hk]: row r = b Hk + h pools them here, and both rows get the sink / local forcing
+    here (qk_ref then holds the unforced pooled scores)."""
     if pool is not None and mode == "nosa":
         layer_ref, n_eff_ref, cisw_ref, o_ref = refs
     elif mode == "nosa":
@@ -213,11 +214,11 @@ def _topk_kernel(qb_ref, qk_ref, *refs, n: int, n_pad: int, k1: int, k: int, mod
     in_other = NEG_INF if n < n_pad else None
     qb = qb_ref[r]
     if pool is not None:
-        Hk, P, init_blocks, local_blocks = pool
-        forced = valid & ((j < init_blocks) | ((j <= qb) & (qb <= j + local_blocks)))  # nosa.forced
+        Hk, cfg = pool
+        forced = valid & nosa.forced(j, qb, cfg)
         if mode == "nosa":  # issued first: its loads wait while stage 1 searches
             b = r // Hk
-            c = _pool_windows_in_kernel(cisw_ref, layer_ref[0], b, r % Hk, n_eff_ref[b], j, valid, P)
+            c = _pool_windows_in_kernel(cisw_ref, layer_ref[0], b, r % Hk, n_eff_ref[b], j, valid, cfg.pool_stride)
             c = jnp.where(forced, POS_INF, c)
 
     x = pltriton.load(qk_ref.at[r, pl.ds(0, n_pad)], mask=in_mask, other=in_other)
@@ -270,10 +271,9 @@ def _tiling(n: int, num_warps, radix_bits, search):
     return n_pad, num_warps, radix_bits, search == "early"
 
 
-def _launch(args, rows: int, n: int, cfg: NosaConfig, mode: str, pool, interpret: bool, num_warps, radix_bits,
-            search) -> jax.Array:
-    """The kernel over `rows` rows of n blocks: [rows, min(topk, n)] int32."""
-    n_pad, num_warps, radix_bits, early_exit = _tiling(n, num_warps, radix_bits, search)
+def _launch(args, rows: int, n: int, cfg: NosaConfig, mode: str, pool, interpret: bool, tiling) -> jax.Array:
+    """The kernel over `rows` rows of n blocks, `tiling` from _tiling: [rows, min(topk, n)] int32."""
+    n_pad, num_warps, radix_bits, early_exit = tiling
     k_final = min(cfg.topk, n)
     kernel = functools.partial(_topk_kernel, n=n, n_pad=n_pad, k1=min(cfg.qk_select, n), k=k_final, mode=mode,
                                radix_bits=radix_bits, early_exit=early_exit, pool=pool)
@@ -311,6 +311,7 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     """
     _check_mode(mode)
     n = b_qk.shape[-1]
+    tiling = _tiling(n, num_warps, radix_bits, search)
     qb = jnp.asarray(qb)
     shapes = [b_qk.shape[:-1], qb.shape[:-1] if qb.ndim else ()]
     if mode == "nosa":
@@ -322,7 +323,6 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     lead = jnp.broadcast_shapes(*shapes)
     rows = math.prod(lead)
     if rows == 0:
-        _tiling(n, num_warps, radix_bits, search)
         return jnp.zeros(lead + (min(cfg.topk, n),), jnp.int32)
 
     qk = jnp.broadcast_to(b_qk.astype(jnp.float32), lead + (n,)).reshape(rows, n)
@@ -330,7 +330,7 @@ def two_stage_select_pallas(b_qk: jax.Array, b_cis: jax.Array | None, qb: jax.Ar
     args = [qbr, qk]
     if mode == "nosa":
         args.append(jnp.broadcast_to(b_cis.astype(jnp.float32), lead + (n,)).reshape(rows, n))
-    out = _launch(args, rows, n, cfg, mode, None, interpret, num_warps, radix_bits, search)
+    out = _launch(args, rows, n, cfg, mode, None, interpret, tiling)
     return out.reshape(lead + (min(cfg.topk, n),))
 
 
@@ -349,8 +349,8 @@ def decode_two_stage_select(b_qk: jax.Array, cisw_pool: jax.Array | None, layer,
     """
     _check_mode(mode)
     B, Hk, n = b_qk.shape
+    tiling = _tiling(n, num_warps, radix_bits, search)
     if B * Hk == 0:
-        _tiling(n, num_warps, radix_bits, search)
         return jnp.zeros((B, Hk, min(cfg.topk, n)), jnp.int32)
     qbr = jnp.repeat(jnp.asarray(qb, jnp.int32).reshape(B), Hk)
     args = [qbr, b_qk.astype(jnp.float32).reshape(B * Hk, n)]
@@ -359,6 +359,5 @@ def decode_two_stage_select(b_qk: jax.Array, cisw_pool: jax.Array | None, layer,
             raise ValueError(f"mode 'nosa' needs cisw_pool [L, {B}, C, {Hk}], got "
                              f"{None if cisw_pool is None else cisw_pool.shape}")
         args += [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(n_eff, jnp.int32).reshape(B), cisw_pool]
-    pool = (Hk, cfg.pool_stride, cfg.init_blocks, cfg.local_blocks)
-    out = _launch(args, B * Hk, n, cfg, mode, pool, interpret, num_warps, radix_bits, search)
+    out = _launch(args, B * Hk, n, cfg, mode, (Hk, cfg), interpret, tiling)
     return out.reshape(B, Hk, min(cfg.topk, n))
