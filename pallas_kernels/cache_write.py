@@ -91,6 +91,23 @@ def in_place(n_tokens: int, impl: str | None = None) -> bool:
     return impl == "pallas" and n_tokens == 1
 
 
+def _in_place_call(kernel, grid, args, state, name: str, interpret: bool):
+    """kernel(*args, *state refs, *output refs) over `grid`, every operand in place in memory (ANY), each
+    of `state` aliased to its output (updated in place, not copied); returns the outputs."""
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[any_spec] * (len(args) + len(state)),
+        out_specs=[any_spec] * len(state),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state],
+        input_output_aliases={len(args) + i: i for i in range(len(state))},
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*args, *state)
+
+
 def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
                        n: NosaConfig, *, impl: str | None = None, interpret: bool = False) -> KVCache:
     """`cache_write(cache, layer, start, k, v, cis, n)`, the same cache bit for bit; where
@@ -111,20 +128,9 @@ def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v:
         rows.append(cw_row[:, 0])
         caches.append(cache.cisw)
     args = [jnp.asarray(layer, jnp.int32).reshape(1), pos, win, k[:, 0], v[:, 0], cis[:, 0].astype(jnp.float32),
-            *rows, *caches]
-    first = len(args) - len(caches)
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    out = pl.pallas_call(
-        functools.partial(_write_kernel, T=T, n_kt=n_kt, n_cw=n_cw),
-        grid=(B, Hk),
-        in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * len(caches),
-        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
-        input_output_aliases={first + i: i for i in range(len(caches))},
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=1, num_stages=1),
-        interpret=interpret,
-        name="nosa_decode_cache_write",
-    )(*args)
+            *rows]
+    out = _in_place_call(functools.partial(_write_kernel, T=T, n_kt=n_kt, n_cw=n_cw), (B, Hk), args, caches,
+                         "nosa_decode_cache_write", interpret)
     kc, vc, cc = out[:3]
     kt = out[3] if n_kt else cache.ktilde
     cw = out[-1] if n_cw else cache.cisw
@@ -208,17 +214,7 @@ def append_token(ring_k, cis_h, ktilde, cisw, layer, pos: jax.Array, live: jax.A
     n_kt, n_cw = ktilde.shape[2], cisw.shape[2]
     state = [ring_k, cis_h] + [ktilde] * (n_kt > 0) + [cisw] * (n_cw > 0)  # no empty array enters the kernel
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(pos, jnp.int32), jnp.asarray(live, jnp.int32),
-            k.astype(ring_k.dtype), cis.astype(cis_h.dtype), *state]
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    out = pl.pallas_call(
-        functools.partial(_append_kernel, n=n, n_kt=n_kt, n_cw=n_cw),
-        grid=(B, Hk),
-        in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * len(state),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state],
-        input_output_aliases={5 + i: i for i in range(len(state))},
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=1, num_stages=1),
-        interpret=interpret,
-        name="nosa_offload_append",
-    )(*args)
+            k.astype(ring_k.dtype), cis.astype(cis_h.dtype)]
+    out = _in_place_call(functools.partial(_append_kernel, n=n, n_kt=n_kt, n_cw=n_cw), (B, Hk), args, state,
+                         "nosa_offload_append", interpret)
     return out[0], out[1], out[2] if n_kt else ktilde, out[-1] if n_cw else cisw
