@@ -110,11 +110,25 @@ class Windows:
     recompiled: bool
 
 
+def check_room(st, n_steps: int, what: str) -> None:
+    """Raise unless the decode state has `n_steps` more steps before its sequences stop. A state
+    started with max_new_tokens = N marks every sequence done after its N-th token; the decode loop
+    still runs its steps then, but a stopped sequence appends nothing and loads no missed block, so
+    a window past that point would not time a decode step (sessions 22-23's A/B windows mostly
+    did: bench/NOTES.md session 24)."""
+    room = st.tokens.shape[1] - int(st.step)
+    if room < n_steps:
+        raise ValueError(f"{what} decodes {n_steps} steps but the state has room for {room}: past that every "
+                         f"sequence has stopped (no appends, no missed blocks loaded), so those windows would "
+                         f"time no decode step; start the state with max_new_tokens >= {int(st.step) + n_steps}")
+
+
 def timed_windows(gen, st, logits, steps: int, repeats: int, profile: bool = True) -> Windows:
     """Steady-state decode timing of `gen`'s jitted decode loop from (st, logits): a compile +
     warm-up window, a second warm-up window (no compilation may be left in the timing), `repeats`
     timed windows of `steps` steps each, then (with `profile`) one window under the profiler.
     Needs `enable_compilation_cache()` for the HLO to come from a cache hit."""
+    check_room(st, (2 + repeats + profile) * steps, "timed_windows")
 
     def window(st, logits):
         st, logits = decode_loop(gen.graphdef, gen.state, st, logits, sampler=gen.sampler, eos_ids=(),
@@ -165,6 +179,7 @@ def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) 
     (between processes the same default differed by 3.6 % on one host: session 22), and round i's
     windows can be compared pairwise. The variants must compute the same thing (they do: each
     choice is an exact alternative); the module choices are restored afterwards."""
+    check_room(st, len(variants) * (2 + repeats) * steps, "ab_windows")
     before = kernel_choices()
     compiled = []
     try:

@@ -379,7 +379,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     from pallas_kernels.kv_loader import loader_path
 
     cfg = ModelConfig(**MODELS[model_name])
-    n_windows = args.repeats + 3  # 2 warm-up, the timed, 1 profiled
+    # windows of 2 warm-up, the timed, 1 profiled; with --ab 2 warm-up and the timed per variant
+    n_windows = len(args.ab) * (args.repeats + 2) if args.ab else args.repeats + 3
     card = max(device_bytes_limit(), *budget_bytes.values())  # a CPU dry run: the budgets
     entries = make_plan(cfg, args.modes, args.contexts, args.pools, budget_bytes, host_budget, headroom,
                         args.batches, args.quick, args.distinct, card, args.prefill_chunk)

@@ -271,24 +271,33 @@ def test_ab_windows_runs_each_variant_under_its_own_choices(monkeypatch):
     monkeypatch.setattr(selection, "SCORES_FINISH", "jnp")  # restored after the test
 
     class St(typing.NamedTuple):
-        tokens: jax.Array
+        tokens: jax.Array  # [1, max_new_tokens]: the room check reads its length
         step: jax.Array
+        ran: jax.Array
 
     @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"))
     def loop(graphdef, state, st, logits, *, sampler, eos_ids, n_steps):
         digit = 1 if selection.SCORES_FINISH == "pallas" else 2
-        return St(st.tokens * 10 + digit, st.step + n_steps), logits + state
+        return St(st.tokens, st.step + n_steps, st.ran * 10 + digit), logits + state
 
     monkeypatch.setattr(bo, "decode_loop", loop)
     gen = type("Gen", (), {"graphdef": None, "state": jnp.float32(0), "sampler": None})()
-    st = St(jnp.int32(0), jnp.int32(0))
-    ab = bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=2, variants=[{}, {"finish": "pallas"}])
+    variants = [{}, {"finish": "pallas"}]
+    st = St(jnp.zeros((1, 32), jnp.int32), jnp.int32(0), jnp.int32(0))
+    ab = bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=2, variants=variants)
     # warm-up: two windows of each variant; then two rounds of one window each, the second round
     # in the other order
-    assert int(ab.st.tokens) == 2211_21_12
+    assert int(ab.st.ran) == 2211_21_12
     assert int(ab.st.step) == (4 + 2 * 2) * 4 and ab.first_step == 4 * 4
     assert [len(t) for t in ab.times] == [2, 2] and all(x > 0 for t in ab.times for x in t)
     assert selection.SCORES_FINISH == "jnp"
+    # one step short of the 32 the windows decode: refused before anything runs (past the state's
+    # last token every sequence has stopped, and a window there times no decode step)
+    short = St(jnp.zeros((1, 33), jnp.int32), jnp.int32(2), jnp.int32(0))
+    with pytest.raises(ValueError, match="room for 31.*max_new_tokens >= 34"):
+        bo.ab_windows(gen, short, jnp.float32(0), steps=4, repeats=2, variants=variants)
+    with pytest.raises(ValueError, match="room for 31"):
+        bo.timed_windows(gen, short, jnp.float32(0), steps=8, repeats=1, profile=True)
 
 
 def test_ab_mode_end_to_end(tmp_path, monkeypatch):
@@ -306,7 +315,9 @@ def test_ab_mode_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="kernel choice"):
         tp.parse_args(argv + ["--ab", "default", "finish=cuda"])
     before = selection.SCORES_FINISH
-    assert tp.main(argv + ["--ab", "default", "finish=pallas"]) == 0
+    # three variants: 3 x (2 + 2) windows, more than the 2 + 2 + 1 of a timed run; each state must
+    # have room for them all (bench.offload.check_room), or its misses would be counted over no step
+    assert tp.main(argv + ["--ab", "default", "finish=pallas", "finish=jnp"]) == 0
     assert selection.SCORES_FINISH == before
     records = json.loads(next(tmp_path.glob("throughput-tiny-ab-*.json")).read_text())
     assert not [r for r in records if r["name"] == "throughput/decode"]
@@ -322,7 +333,8 @@ def test_ab_mode_end_to_end(tmp_path, monkeypatch):
         assert got[(method, "default", "throughput")]["value"] == pytest.approx(1 / (t / 1e3))
         w = got[(method, "default", "step_time")]["settings"]["window_times_s"]
         assert len(w) == 2 and t == pytest.approx(float(np.median(w)) / 4 * 1e3)
-    assert got[("nosa-offload", "default", "misses_per_layer_head_seq_step")]["value"] >= 0
+        assert got[(method, "finish=jnp", "step_time")]["settings"]["kernels"]["finish"] == "jnp"
+    assert got[("nosa-offload", "default", "misses_per_layer_head_seq_step")]["value"] >= 0  # not NaN
     assert "an --ab comparison" in next(tmp_path.glob("throughput-tiny-ab-*.md")).read_text()
 
 
