@@ -130,7 +130,7 @@ def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v:
     args = [jnp.asarray(layer, jnp.int32).reshape(1), pos, win, k[:, 0], v[:, 0], cis[:, 0].astype(jnp.float32),
             *rows]
     out = _in_place_call(functools.partial(_write_kernel, T=T, n_kt=n_kt, n_cw=n_cw), (B, Hk), args, caches,
-                         "nosa_decode_cache_write", interpret)
+                         name="nosa_decode_cache_write", interpret=interpret)
     kc, vc, cc = out[:3]
     kt = out[3] if n_kt else cache.ktilde
     cw = out[-1] if n_cw else cache.cisw
@@ -216,5 +216,5 @@ def append_token(ring_k, cis_h, ktilde, cisw, layer, pos: jax.Array, live: jax.A
     args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(pos, jnp.int32), jnp.asarray(live, jnp.int32),
             k.astype(ring_k.dtype), cis.astype(cis_h.dtype)]
     out = _in_place_call(functools.partial(_append_kernel, n=n, n_kt=n_kt, n_cw=n_cw), (B, Hk), args, state,
-                         "nosa_offload_append", interpret)
+                         name="nosa_offload_append", interpret=interpret)
     return out[0], out[1], out[2] if n_kt else ktilde, out[-1] if n_cw else cisw

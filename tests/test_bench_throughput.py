@@ -372,6 +372,16 @@ def test_step_split_names_each_kernel_and_the_part_over_its_floor():
     assert split == {"flush": 0.0, "append": 3.0, "selection": 550.0, "slots": 30.0, "loads": 0.0,
                      "attention": 2000.0, "gemm": 4100.0, "rest": 7.0}
 
+    # every Pallas kernel of the package has a part by its pallas_call name (the one-kernel offloaded
+    # append fell into "rest" until session 24)
+    import re
+
+    names = {m for f in (ROOT / "pallas_kernels").glob("*.py") for line in f.read_text().splitlines()
+             if "name=" in line for m in re.findall(r'"(nosa_[a-z0-9_]+)"', line)}
+    assert {"nosa_offload_append", "nosa_decode_stage1_pool", "nosa_kv_load_blocks"} <= names
+    parts = {n: [p for p, v in split_by_scope([ev(n, 1.0)], SCOPES, {}).items() if v] for n in names}
+    assert {n: p for n, p in parts.items() if p in ([], ["rest"])} == {}
+
     v = {"step_time": 8.6, "device_time_per_step": 8200.0, "floor_compressed_time": 0.1, "floor_pcie_time": 1.5,
          "floor_kv_time": 0.5, "floor_weights_time": 3.7, "split_selection": 600.0, "split_loads": 0.0,
          "split_attention": 2100.0, "split_gemm": 4000.0, "split_rest": 1500.0}
