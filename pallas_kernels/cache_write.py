@@ -28,7 +28,11 @@ the token's key into the ring, its score into the cis history, and the window it
 means the kernel computes with nosa.window_means' adds, into ktilde / cisw), in place of four XLA
 scatters; `APPEND_IMPL` picks it. A first version stored the rows with this module's write kernel
 and left the means to XLA: the means became separate fusions (XLA had fused them into the
-scatters) and the step was 0.6-1.4 % slower (H100, bench/NOTES.md session 23).
+scatters) and the step was 0.6-1.4 % slower (H100, bench/NOTES.md session 23). This one is the
+default since session 24: on an H100 (8B, batch 16, 16K, pool 2x top-k, one process) the step with
+it took 0.977 of the scatters' time, and with the scatters 1.014 of its time (paired medians;
+bench/NOTES.md session 24 on how those windows ran), and it stores the scatters' bits at the 8B
+shape (GPU test).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from nosa_jax.config import NosaConfig
 WRITE_IMPL = "pallas"
 # The offloaded cache's decode append (nosa_jax.offload._append): "pallas" (append_token, one kernel
 # with the window means) or "xla" (scatters, into which XLA fuses the means).
-APPEND_IMPL = "xla"
+APPEND_IMPL = "pallas"
 
 
 def _write_kernel(layer_ref, pos_ref, win_ref, k_ref, v_ref, cis_ref, *refs, T: int, n_kt: int, n_cw: int):

@@ -71,15 +71,19 @@ _TARGET_PROGRAMS = 512
 TOPK_IMPL = "pallas"
 
 # Default finish of decode_block_scores (normalise, sum over the group, pool) when the caller passes
-# none: "jnp" (XLA fusions) or "pallas" (one small kernel). Alone the two measured alike, and inside
+# none: "pallas" (one small kernel) or "jnp" (XLA fusions). Alone the two measured alike, and inside
 # the 8B decode step (batch 16, 16K) too: 7.327 vs 7.334 ms device time per step
 # (bench/results/profile-8b-b16-s5-variants-*; `bench/profile_decode.py --variant finish=pallas`);
 # in the offloaded step the Pallas kernel lost 0.4 ms of wall time with the layers in a scan
 # (session 17) and stayed within the spread unrolled (session 21: 8.58 ms against 8.28 / 8.63);
-# decode_select at batch 16: 34.3 vs 35.5 us at 32K, 74.3 vs 74.7 at 128K (H100, session 22). A third
-# finish inside the top-k's kernel (one program per row from the logits to the ids) lost and was
-# removed in session 22 (48.8 / 155.3 us there; bench/NOTES.md).
-SCORES_FINISH = "jnp"
+# decode_select at batch 16: 34.3 vs 35.5 us at 32K, 74.3 vs 74.7 at 128K (H100, session 22). Once
+# the top-k pooled its own inputs (session 23) the kernel replaces all of the selection's XLA
+# fusions left, and it became the default in session 24: in one process on an H100 (8B offloaded,
+# 16K, batch 16, pool 2x top-k) the jnp finish took 1.009x as long, and 0.980x the other way round
+# (bench/NOTES.md session 24); the whole-model GPU selection test passes with it. A third finish
+# inside the top-k's kernel (one program per row from the logits to the ids) lost and was removed in
+# session 22 (48.8 / 155.3 us there; bench/NOTES.md).
+SCORES_FINISH = "pallas"
 
 # Where decode_select's Pallas top-k gets its inputs pooled and forced: "kernel" (in the top-k's own
 # kernel: the cis window row of mode "nosa" is read from the stacked pool and max-pooled there, and
