@@ -369,6 +369,12 @@ def results_stem(model_name: str, tag: str) -> str:
     return f"throughput-{model_name}{'-' + tag if tag else ''}"
 
 
+def decode_windows(args) -> int:
+    """Decode windows a run takes: 2 warm-up, the timed and 1 profiled; with --ab, 2 warm-up and the
+    timed per variant. Each context's prompts leave room for this many windows per pool."""
+    return len(args.ab) * (args.repeats + 2) if args.ab else args.repeats + 3
+
+
 def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, kept=()) -> list[dict]:
     """Measure the plan's runs of one model; `kept`: records of runs measured earlier (--resume),
     which are not run again and stay in the results."""
@@ -379,8 +385,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     from pallas_kernels.kv_loader import loader_path
 
     cfg = ModelConfig(**MODELS[model_name])
-    # windows of 2 warm-up, the timed, 1 profiled; with --ab 2 warm-up and the timed per variant
-    n_windows = len(args.ab) * (args.repeats + 2) if args.ab else args.repeats + 3
+    n_windows = decode_windows(args)
     card = max(device_bytes_limit(), *budget_bytes.values())  # a CPU dry run: the budgets
     entries = make_plan(cfg, args.modes, args.contexts, args.pools, budget_bytes, host_budget, headroom,
                         args.batches, args.quick, args.distinct, card, args.prefill_chunk)
@@ -929,6 +934,13 @@ def parse_args(argv):
         parse_kernels(k)  # a bad choice fails here, before any model is built
     if args.ab and len(args.ab) < 2:
         ap.error("--ab needs at least two variants (e.g. --ab default finish=pallas)")
+    if not args.report:
+        new = len(args.pools) * decode_windows(args) * args.steps + 2
+        short = [c for c in args.contexts if 2 * new > c]
+        if short:
+            ap.error(f"context(s) {short} are too short for the {new} decode steps of these windows (over "
+                     f"half the context would be decoded rather than prefilled); use fewer --steps / "
+                     f"--repeats / --pools / --ab variants or a longer context")
     args.kept = []  # the --resume records
     for f in args.resume:
         try:

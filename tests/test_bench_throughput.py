@@ -314,6 +314,10 @@ def test_ab_mode_end_to_end(tmp_path, monkeypatch):
         tp.parse_args(argv + ["--ab", "default"])
     with pytest.raises(SystemExit, match="kernel choice"):
         tp.parse_args(argv + ["--ab", "default", "finish=cuda"])
+    # 2 variants x (2 + 2) windows of 32 steps: 258 decode steps, over half of the 256-token context
+    with pytest.raises(SystemExit):
+        tp.parse_args(argv + ["--steps", "32", "--ab", "default", "finish=pallas"])
+    tp.parse_args(argv + ["--steps", "15", "--ab", "default", "finish=pallas"])  # 122 steps: fits
     before = selection.SCORES_FINISH
     # three variants: 3 x (2 + 2) windows, more than the 2 + 2 + 1 of a timed run; each state must
     # have room for them all (bench.offload.check_room), or its misses would be counted over no step
