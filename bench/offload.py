@@ -115,7 +115,7 @@ def check_room(st, n_steps: int, what: str) -> None:
     """Raise unless the decode state has `n_steps` more steps before its sequences stop. A state
     started with max_new_tokens = N marks every sequence done after its N-th token; the decode loop
     still runs its steps then, but a stopped sequence appends nothing and loads no missed block, so
-    a window past that point would not time a decode step (sessions 22-23's A/B windows mostly
+    a window past that point would not time a decode step (sessions 22-24's A/B windows mostly
     did: bench/NOTES.md session 24)."""
     room = st.tokens.shape[1] - int(st.step)
     if room < n_steps:
