@@ -15,6 +15,13 @@ around it: the jnp merge, or with merge=kernel the zero-fill of the split counte
               pages (each (b, kv head) is one "sequence" of 64 pages; pages_per_compute_block=4,
               num_stages=1, the settings that fit the H200's shared memory), no bias
   dense       jax.nn.dot_product_attention over the whole 32k context (cudnn, else xla), no bias
+  read_*      the read ceiling at this size: what it costs only to read the selected K+V bytes, no
+              attention. read_gather: a Triton kernel with the Pallas kernel's grid (B, Hk, k_splits),
+              blocks and warps, summing the same blocks of the same [L, B, T, Hk, D] pools;
+              read_headmajor: the same kernel on [L, B, Hk, T, D] pools (each block one contiguous
+              16 KiB run); read_contig_xla: XLA's sum of one contiguous buffer of the same bytes;
+              copy_contig_xla: XLA's copy of that buffer (bytes read + written). A target above the
+              best of these is above what any kernel that reads these bytes can reach at this size.
 
 Timing: each timed function is one jit that makes R calls in a row (Python-unrolled), call r reading
 layer r % L of a stacked [L, B, T, Hk, D] pool through a traced layer index, each call's output
@@ -32,6 +39,7 @@ The roofline is the H200's ~4.3 TB/s device copy ceiling (notes A.5).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -45,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
 from bench.common import record, standalone  # noqa: E402
 from nosa_jax import nosa  # noqa: E402
@@ -95,6 +106,87 @@ def _rel(a, b) -> float:
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("nan")
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _read_kernel(layer_ref, ids_ref, k_ref, v_ref, o_ref, *, block_size: int, per_split: int,
+                 head_major: bool):
+    """Program (b, h, s) of `read_blocks`: the K and V blocks of entries s*E .. s*E+E-1, summed."""
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    bs, D = block_size, k_ref.shape[-1]
+
+    def body(i, acc):
+        tok = pl.ds(pl.multiple_of(ids_ref[b, h, s * per_split + i] * bs, bs), bs)
+        at = (layer, b, h, tok, slice(None)) if head_major else (layer, b, tok, h, slice(None))
+        k = pltriton.load(k_ref.at[at])
+        v = pltriton.load(v_ref.at[at])
+        return acc + k.astype(jnp.float32) + v.astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, per_split, body, jnp.zeros((bs, D), jnp.float32))
+    pltriton.store(o_ref.at[b, h, s, :], jnp.sum(acc, axis=0))
+
+
+def read_blocks(k_pool, v_pool, ids, layer, *, k_splits: int, block_size: int = BS, head_major: bool = False,
+                num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+    """Sum over the blocks ids[b, h] (of block_size tokens) of K + V, per split: [B, Hk, k_splits, D] float32.
+    Pools [L, B, T, Hk, D] (or [L, B, Hk, T, D] with head_major). The read ceiling's kernel: the
+    Pallas decode kernel's grid and loads without its math. K must be a multiple of k_splits."""
+    B, Hk, Kn = ids.shape
+    D = k_pool.shape[-1]
+    if Kn % k_splits:
+        raise ValueError(f"read_blocks: K={Kn} is not a multiple of k_splits={k_splits}")
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_read_kernel, block_size=block_size, per_split=Kn // k_splits, head_major=head_major),
+        grid=(B, Hk, k_splits),
+        in_specs=[any_spec] * 4,
+        out_specs=any_spec,
+        out_shape=jax.ShapeDtypeStruct((B, Hk, k_splits, D), jnp.float32),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="read_ceiling",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), ids, k_pool, v_pool)
+
+
+def _read_ceilings(k_pool, v_pool, ids, layers, ks: int, R: int, L: int, repeats: int, nbytes: int, emit, fail):
+    """The read_* rows (module docstring): the same bytes read with no attention math."""
+    Kn = ids.shape[-1]
+    splits = ks if Kn % ks == 0 else 1
+    variants = [(False, splits, 2), (False, splits, 3), (True, splits, 2)]
+    if Kn % (2 * splits) == 0:
+        variants.append((False, 2 * splits, 2))
+    for head_major, sp, stages in variants:
+        method = "read_headmajor" if head_major else "read_gather"
+        settings = {"k_splits": sp, "num_warps": 4, "num_stages": stages}
+        kp, vp = ((jnp.swapaxes(k_pool, 2, 3), jnp.swapaxes(v_pool, 2, 3)) if head_major else (k_pool, v_pool))
+
+        def fn(kp, vp, ids, layers, head_major=head_major, sp=sp, stages=stages):
+            return [read_blocks(kp, vp, ids, layers[r], k_splits=sp, head_major=head_major, num_stages=stages)
+                    for r in range(R)]
+
+        try:
+            secs, _, how = device_time(jax.jit(fn), (kp, vp, ids, layers), R, repeats)
+            emit(method, settings, secs, None, how, nbytes)
+        except Exception as e:  # noqa: BLE001
+            fail(method, settings, e)
+        del kp, vp
+    rows = nbytes // 2 // 4096
+    bufs = [jnp.full((rows, 4096), i + 1, jnp.bfloat16) for i in range(L)]
+
+    def sum_fn(bufs):
+        return [jnp.sum(bufs[r % L], dtype=jnp.float32) for r in range(R)]
+
+    def copy_fn(bufs):
+        return [bufs[r % L] * 2 for r in range(R)]
+
+    for method, fn, moved in (("read_contig_xla", sum_fn, rows * 4096 * 2), ("copy_contig_xla", copy_fn,
+                                                                              2 * rows * 4096 * 2)):
+        try:
+            secs, _, how = device_time(jax.jit(fn), (bufs,), R, repeats)
+            emit(method, {"bytes_moved": moved}, secs, None, how, moved)
+        except Exception as e:  # noqa: BLE001
+            fail(method, {}, e)
+    del bufs
 
 
 def _one_config(Hq: int, Hk: int, B: int, quick: bool, records: list, rows: list, repeats: int):
@@ -199,6 +291,9 @@ def _one_config(Hq: int, Hk: int, B: int, quick: bool, records: list, rows: list
                  err)
         except Exception as e:  # noqa: BLE001
             fail("pallas_kernel", settings, e)
+
+    # ---- the read ceiling at this size (no attention math)
+    _read_ceilings(k_pool, v_pool, ids, layers, ks0, R, L, repeats, sel_bytes, emit, fail)
 
     # ---- the Mosaic GPU backend of the same kernel (TMA + wgmma), default split
     mg_settings = {"backend": "mosaic", "k_splits": ks0, "bias": True}
