@@ -19,7 +19,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # kernel choices a benchmark may switch per run: key -> (module, attribute, values); each attribute
 # is read at trace time. "write" is the on-device cache's decode write, "append" the offloaded
 # cache's (nosa_jax.offload._append). "slots" and "loads" are the offloaded cache's slot assignment
-# and whether the misses are read inside the attention kernel ("fused"). "pool": whether the Pallas
+# and whether the misses are read inside the attention kernel ("fused"); "rows" whether the slot kernel
+# also finds the new token's pool rows. "pool": whether the Pallas
 # top-k pools and forces its decode inputs in its own kernel.
 KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pallas")),
                   "search": ("pallas_kernels.topk", "RADIX_SEARCH", ("early", "full")),
@@ -28,6 +29,7 @@ KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pal
                   "write": ("pallas_kernels.cache_write", "WRITE_IMPL", ("xla", "pallas")),
                   "append": ("pallas_kernels.cache_write", "APPEND_IMPL", ("xla", "pallas")),
                   "slots": ("pallas_kernels.slots", "SLOTS_IMPL", ("xla", "pallas")),
+                  "rows": ("pallas_kernels.slots", "ROWS", ("kernel", "xla")),
                   "loads": ("nosa_jax.offload", "LOADS", ("fused", "separate"))}
 KERNEL_CHOICES_HELP = ", ".join(f"{k} {'|'.join(v)}" for k, (_, _, v) in KERNEL_CHOICES.items())
 

@@ -402,12 +402,16 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
 
     # 3. slots, and this layer's statistics of the step
     keep = live[:, None, None]
+    rows = None  # the new token's pool rows, when the slot kernel finds them
     with jax.named_scope("nosa_slots"):
         if (settings.impl == "pallas" and slots_kernel.SLOTS_IMPL == "pallas"
                 and slots_kernel.supported(off.table.shape[-1], ids.shape[-1])):
+            in_kernel = dict(start=pos, block_size=bs) if slots_kernel.ROWS == "kernel" else {}
             slots, loads, *state = slots_kernel.update_slots(off.table, off.stamp, off.prev_ids, off.misses,
                                                              off.reused, off.selected, layer, ids, kv_len, live,
-                                                             interpret=settings.interpret)
+                                                             interpret=settings.interpret, **in_kernel)
+            if in_kernel:
+                *state, rows = state
             counted = dict(zip(("table", "stamp", "prev_ids", "misses", "reused", "selected"), state))
         else:
             slots, loads, table_l, stamp_l = assign_slots(off.table[layer], off.stamp[layer], ids, kv_len)
@@ -423,17 +427,20 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
                 selected=off.selected.at[layer].set(jnp.sum(ids >= 0, axis=-1).astype(jnp.int32) * lv))
 
     # 4. loads, then the new token into its own block's slot (one kernel on the pallas loader path)
-    own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
-    rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, -1)  # [B, Hk]
+    from_kernel = rows is not None
+    if not from_kernel:
+        own = jnp.max(jnp.where(ids == (pos // bs)[:, None, None], slots, -1), axis=-1)  # [B, Hk]
+        rows = jnp.where(live[:, None] & (own >= 0), own * bs + pos[:, None] % bs, -1)  # [B, Hk]
     if settings.impl == "pallas" and LOADS == "fused" and loader_path(off.loader) == "pallas":
         # 4 + 5 in one kernel: the misses' PCIe reads overlap the attention over the hits
         from pallas_kernels.sparse_decode import Fetch, sparse_decode_attention_fetch
 
         with jax.named_scope("nosa_attend_fetch"):  # the step split counts it as attention
             fetch = Fetch(off.host_kv, cis_h, loads, k[:, 0], v[:, 0], cis[:, 0], rows)
+            # unselected entries (id -1, slot -1) are masked, and the kernel keeps their address in the pool
             o, pool_k, pool_v, pool_bias = sparse_decode_attention_fetch(
-                q[:, 0], off.pool_k, off.pool_v, off.pool_bias, ids, jnp.maximum(slots, 0), pos, layer, fetch,
-                block_size=bs, use_bias=mode == "nosa", interpret=settings.interpret)
+                q[:, 0], off.pool_k, off.pool_v, off.pool_bias, ids, slots if from_kernel else jnp.maximum(slots, 0),
+                pos, layer, fetch, block_size=bs, use_bias=mode == "nosa", interpret=settings.interpret)
     else:
         with jax.named_scope("nosa_load"):
             pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias,

@@ -53,6 +53,12 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.lanes import next_pow2
 
 SLOTS_IMPL = "pallas"
+# Where the offloaded step finds the new token's pool row (the slot of the block holding position
+# `start`, times block_size, plus its offset; -1 for a stopped sequence): "kernel" (update_slots'
+# ninth output, given block_size; the attention then takes the kernel's slots unclamped, since it
+# clamps the entries it masks itself) or "xla" (decode_attend's own fusions: a max over the K
+# entries, and the slots clamped to >= 0).
+ROWS = "kernel"
 MAX_LANES = 256  # at most this many selected ids per row (padded)
 # Rows of up to this many (padded) slots rank the victims with an [S, S] compare; longer rows take
 # the tiled path. On the H200 (batch 248, 4 misses per row, bench/results/probe-slots-s10-*) the
@@ -83,13 +89,16 @@ def _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer,
     pltriton.store(prev_ref.at[layer, b, h, pl.ds(0, Kp)], ids, mask=keep if k_in is None else keep & k_in)
 
 
-def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref, loads_ref,
-                  table_ref, stamp_ref, prev_ref, misses_ref, reused_ref, selected_ref, *, K: int, S: int, Kp: int,
-                  Sp: int):
+def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, *refs, K: int, S: int, Kp: int, Sp: int, block_size: int):
     """One (sequence b, kv head h); the *_in refs and their outputs are the same buffers (aliased):
     read the layer's rows, then store the slots that change. Rows of up to RANK_MAX_SLOTS slots compare
     all K ids at once and rank the victims with an [S, S] compare; longer rows take the ids in tiles
-    and the victims one miss at a time (module docstring)."""
+    and the victims one miss at a time (module docstring). With block_size, refs start with the
+    positions [B] and end with the new token's rows [B, Hk]."""
+    if block_size:
+        start_ref, *refs, rows_ref = refs
+    (table_in, stamp_in, prev_in, _mi, _ri, _si, slots_ref, loads_ref, table_ref, stamp_ref, prev_ref, misses_ref,
+     reused_ref, selected_ref) = refs
     b = pl.program_id(0)
     h = pl.program_id(1)
     layer = layer_ref[0]
@@ -152,6 +161,11 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, table_in, stamp_in, pre
     loads = jnp.where(miss & live, ids, -1)
     pltriton.store(slots_ref.at[b, h, pl.ds(0, Kp)], slots, mask=k_in)
     pltriton.store(loads_ref.at[b, h, pl.ds(0, Kp)], loads, mask=k_in)
+    if block_size:  # the new token's row: the slot of its block (selected while live: forced local)
+        pos = start_ref[b]
+        own = jnp.max(jnp.where(ids == pos // block_size, slots, -1))
+        row = jnp.where(live & (own >= 0), own * block_size + pos % block_size, -1)
+        pltriton.store(rows_ref.at[b, pl.ds(h, 1)], jnp.full((1,), row, jnp.int32))
     _store_stats(prev_in, prev_ref, misses_ref, reused_ref, selected_ref, layer, b, h, ids, miss, live, k_in, Kp)
 
     # every selected id lands in its slot (hits rewrite their own id) with the stamp `now`
@@ -184,7 +198,7 @@ def supported(S: int, K: int) -> bool:
 
 def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses: jax.Array, reused: jax.Array,
                  selected: jax.Array, layer, ids: jax.Array, now: jax.Array, live: jax.Array, *,
-                 interpret: bool = False):
+                 start: jax.Array | None = None, block_size: int | None = None, interpret: bool = False):
     """One layer's slot assignment and locality statistics on the stacked arrays, in place.
 
     table, stamp: [L, B, Hk, S] int32 (block id held by each slot or -1; last selection step);
@@ -193,7 +207,10 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
     LRU clock; live: [B] bool, sequences still decoding. Returns (slots [B, Hk, K], loads [B, Hk, K],
     table, stamp, prev_ids, misses, reused, selected): slots, loads, table and stamp equal to
     `nosa_jax.offload.assign_slots` on layer `layer`, with loads -1 and the layer's rows unchanged for
-    sequences that are not live; the statistics as `decode_attend` counts them.
+    sequences that are not live; the statistics as `decode_attend` counts them. With block_size (and
+    start [B], the new token's positions) a ninth output, rows [B, Hk]: the pool row of the token at
+    `start` (its block's slot * block_size + start % block_size), -1 where the sequence is not live
+    or its block is not selected.
     """
     L, B, Hk, S = table.shape
     K = ids.shape[-1]
@@ -201,19 +218,23 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
     if not supported(S, K):
         raise ValueError(f"update_slots: K={K} must be <= {MAX_LANES} and S={S} <= {MAX_LANES_LARGE} "
                          f"(use nosa_jax.offload.assign_slots)")
+    if (start is None) != (block_size is None):
+        raise ValueError("update_slots: pass start and block_size together (the new token's rows), or neither")
     large = Sp > RANK_MAX_SLOTS
     state = (table, stamp, prev_ids, misses, reused, selected)
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
-            ids.astype(jnp.int32), *state]
+    head = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
+            ids.astype(jnp.int32)] + ([jnp.asarray(start, jnp.int32)] if block_size else [])
+    args = head + list(state)
+    rows_shape = [jax.ShapeDtypeStruct((B, Hk), jnp.int32)] if block_size else []
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
-        functools.partial(_slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp),
+        functools.partial(_slots_kernel, K=K, S=S, Kp=Kp, Sp=Sp, block_size=block_size or 0),
         grid=(B, Hk),
         in_specs=[any_spec] * len(args),
-        out_specs=[any_spec] * 8,
+        out_specs=[any_spec] * (8 + len(rows_shape)),
         out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
-                  + [jax.ShapeDtypeStruct(x.shape, jnp.int32) for x in state],
-        input_output_aliases={4 + i: 2 + i for i in range(len(state))},
+                  + [jax.ShapeDtypeStruct(x.shape, jnp.int32) for x in state] + rows_shape,
+        input_output_aliases={len(head) + i: 2 + i for i in range(len(state))},
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if large else 4, num_stages=1),
         interpret=interpret,
         name="nosa_update_slots",

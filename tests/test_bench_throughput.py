@@ -251,7 +251,7 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
                                             "finish": "pallas", "pool": selection.TOPK_POOL, "write": "xla",
                                             "append": cache_write.APPEND_IMPL, "slots": "xla",
-                                            "loads": "separate"}
+                                            "rows": slots.ROWS, "loads": "separate"}
         assert r["settings"]["layer_unroll"] is True
 
 

@@ -2,6 +2,8 @@
 path `pallas_kernels.slots.update_slots` (interpret mode on the CPU, cross-lowered for the H200)
 against a plain-Python LRU policy on random pool states."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,18 +121,63 @@ def test_update_slots_and_assign_slots_equal_the_lru_policy(S, K):
         np.testing.assert_array_equal(np.where(keep, np.asarray(st), stamp[1]), want[3])
 
 
+def _token_rows(slots, ids, start, live, bs):
+    """Plain-Python pool row of each (sequence, head)'s new token at position start[b]: the slot of the
+    entry selecting block start // bs, times bs, plus start % bs; -1 if not selected or not live."""
+    B, Hk, _ = ids.shape
+    rows = np.full((B, Hk), -1, np.int32)
+    for b, h in np.ndindex(B, Hk):
+        at = [k for k in range(ids.shape[-1]) if ids[b, h, k] == start[b] // bs]
+        if live[b] and at:
+            rows[b, h] = slots[b, h, at[0]] * bs + start[b] % bs
+    return rows
+
+
+@pytest.mark.parametrize("S,K,bs", [(16, 16, 4), (128, 64, 64), (300, 64, 16)])
+def test_update_slots_finds_the_new_tokens_rows(S, K, bs):
+    """With block_size and start, the kernel's ninth output is the new token's pool row (the slot of
+    its block, if selected, for live sequences); the other outputs are unchanged by asking."""
+    rng = np.random.default_rng(S + K + bs)
+    for _ in range(3):
+        table, stamp, ids, now, live = _state(rng, 3, 6, 2, S, K, n_blocks=max(300, 2 * S))
+        start = rng.integers(0, 300 * bs, 6).astype(np.int32)
+        for b in range(0, 6, 2):  # half the sequences: the token's block is selected by one head
+            ids[b, 0, rng.integers(K)] = -1
+            if start[b] // bs not in ids[b, 0]:
+                ids[b, 0, np.flatnonzero(ids[b, 0] < 0)[0]] = start[b] // bs
+        prev, counts = _stats_state(rng, ids, 3)
+        args = (*map(jnp.asarray, (table, stamp, prev, *counts)), 1, jnp.asarray(ids), jnp.asarray(now),
+                jnp.asarray(live))
+        got = update_slots(*args, start=jnp.asarray(start), block_size=bs, interpret=True)
+        plain = update_slots(*args, interpret=True)
+        assert len(got) == 9 and len(plain) == 8
+        for g, p in zip(got, plain):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(p))
+        want = _token_rows(np.asarray(plain[0]), ids, start, live, bs)
+        assert (want >= 0).any() and (want < 0).any()
+        np.testing.assert_array_equal(np.asarray(got[8]), want)
+    with pytest.raises(ValueError, match="together"):
+        update_slots(*args, block_size=bs, interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("S", [128, 167, 1024, 4096])
 def test_gpu_update_slots_compiled_equals_the_lru_policy(S):
     """On the GPU: the compiled kernels (all-at-once at 128 slots, tiled above) at the 8B
-    decode's sizes (K = 64, batch 27) against the plain-Python policy."""
+    decode's sizes (K = 64, batch 27) against the plain-Python policy, the new token's rows too."""
     rng = np.random.default_rng(S)
     table, stamp, ids, now, live = _state(rng, 3, 27, 2, S, 64, n_blocks=2 * S)
+    start = (now - 1).astype(np.int32)
+    for b in range(0, 27, 2):  # some tokens' blocks selected
+        if start[b] // 64 not in ids[b, 1]:
+            ids[b, 1, 0] = start[b] // 64
     prev, counts = _stats_state(rng, ids, 3)
     want = _lru(table[1], stamp[1], ids, now, live)
-    want = want + _stats(ids, prev[1], want[1], live)
-    got = jax.jit(update_slots)(*map(jnp.asarray, (table, stamp, prev, *counts)), 1, jnp.asarray(ids),
-                                jnp.asarray(now), jnp.asarray(live))
+    want = want + _stats(ids, prev[1], want[1], live) + (_token_rows(want[0], ids, start, live, 64),)
+    got = jax.jit(functools.partial(update_slots, block_size=64))(
+        *map(jnp.asarray, (table, stamp, prev, *counts)), 1, jnp.asarray(ids), jnp.asarray(now), jnp.asarray(live),
+        start=jnp.asarray(start))
+    assert len(got) == len(want) == 9
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g)[1] if g.ndim > w.ndim else np.asarray(g), w)
 
@@ -143,16 +190,17 @@ def test_update_slots_refuses_rows_over_the_lane_limit():
                      jnp.zeros(1, jnp.int32), jnp.ones(1, bool), interpret=True)
 
 
-@pytest.mark.parametrize("S", [128, 1024])
-def test_update_slots_lowers_to_one_in_place_triton_kernel(S):
+@pytest.mark.parametrize("S,rows", [(128, False), (128, True), (1024, True)])
+def test_update_slots_lowers_to_one_in_place_triton_kernel(S, rows):
     """Cross-lowered for the H200 (no GPU needed): one Triton call, grid (B, Hk), the table, stamps
     and the four statistics arrays aliased to their outputs, and a Triton module the MLIR verifier
-    accepts (both kernels)."""
+    accepts (both kernels, with and without the new token's rows)."""
     L, B, Hk, K = 32, 16, 2, 64
     table = jnp.zeros((L, B, Hk, S), jnp.int32)
     prev, count = jnp.zeros((L, B, Hk, K), jnp.int32), jnp.zeros((L, B, Hk), jnp.int32)
+    extra = dict(start=jnp.zeros(B, jnp.int32), block_size=64) if rows else {}
     txt, modules = verified_triton_modules(
-        lambda *a: update_slots(*a),
+        lambda *a: update_slots(*a, **extra),
         table, table, prev, count, count, count, jnp.int32(3), jnp.zeros((B, Hk, K), jnp.int32),
         jnp.zeros(B, jnp.int32), jnp.ones(B, bool))
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
