@@ -323,6 +323,10 @@ def test_lowers_to_triton_for_cuda(dtype, context, finish):
     assert len(stage1) == 1 and len(pool) == (finish == "pallas") and len(topk) == (sel.TOPK_IMPL == "pallas")
     assert len(calls) == len(modules) == 1 + len(pool) + len(topk)
     assert f"grid_x = {B} " in stage1[0] and f"grid_y = {Hk} " in stage1[0]
+    splits = int(stage1[0].split("grid_z = ")[1].split()[0])
+    assert splits & (splits - 1) == 0  # a power of two (17 tiles of windows at 16K: 32 splits) ...
+    assert "stablehlo.pad" not in txt  # ... so the finish takes the split statistics unpadded
+    assert "stablehlo.transpose" not in txt  # the kernel takes q's rows as they are (G = 16: no pad either)
     assert f"tensor<{B}x{C}x{Hk}x{D}x{'bf16' if dtype == 'bfloat16' else 'f32'}>" not in txt
     # the top-k pools the cis windows itself: no layer of the stacked cis pool is sliced out either
     assert (f"tensor<{B}x{C}x{Hk}xf32>" in txt) == (sel.TOPK_POOL == "xla" or sel.TOPK_IMPL == "xla")
