@@ -6,7 +6,8 @@ work it would be max(4.23, 1.53) ms. That needs a load that runs while the GEMMs
 measures whether that happens, with no model around it:
 
   gemm      a chain of N_W [16, 4096] x [4096, 4096] bf16 products (N_W separate weights,
-            ~32 MB each, read once per call: weight-bound, like the decode step's GEMMs)
+            32 MiB each, read once per call; products this short are partly launch-bound, ~1.4
+            TB/s on an H100, but the chain keeps the GPU busy for ~1.7-2 ms)
   load      kv_loader.load_blocks(path="pallas"): M_LOAD host blocks of 32 KB per (b, h)
             (K and V of 64 tokens x 128) read in place from a pinned_host store into a donated
             device pool (the offloaded step's miss load)
@@ -22,6 +23,11 @@ measures whether that happens, with no model around it:
 Each row: median wall time per call over REPS calls after warm-up, and for the pairs the overlap
 ratio (sum of the two alone - pair) / min of the two alone: 1 = fully hidden, 0 = serial.
 The load's result is checked against the load alone (bit-exact) in every pair.
+
+Measured (H100, session 26, bench/results/probe_streams-s26-h100.log): only the contiguous copy
+overlaps (1.0-1.2); the in-place load is serial on one stream and on stream 1 (0.1-0.3; "stream1"
+does not compile: no ExecutionStreamId for its call-start), and the per-block XLA copies run at
+7 GB/s without overlap (0.13).
 
     python bench/probe_streams.py        # GPU (about 1 minute); summary in $OUT/probe_streams.txt
     PROBE_SMALL=1 python bench/probe_streams.py   # CPU smoke test (interpret mode, tiny shapes)
