@@ -54,7 +54,7 @@ cmd="${1:-demo}"; [ $# -gt 0 ] && shift
 case "$cmd" in
     setup) setup test ;;
     demo) setup test; exec .venv/bin/nosa-jax demo "$@" ;;
-    # one test process per core (pytest-xdist; the suite is compile-bound): 2 cores ~9.5 instead of ~13-14 min
+    # one test process per core (pytest-xdist; the suite is compile-bound, see tests/conftest.py)
     test) setup test; exec .venv/bin/python -m pytest -q -n auto "$@" ;;
     --) setup test; exec .venv/bin/nosa-jax "$@" ;;
     *) echo "usage: ./run.sh [demo|test|setup|-- NOSA_JAX_ARGS...]" >&2; exit 2 ;;

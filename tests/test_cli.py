@@ -88,6 +88,7 @@ def test_score_batch_with_padding(tmp_path):
     np.testing.assert_array_equal(b["selected_blocks"][1][..., : s["selected_blocks"].shape[-1]], s["selected_blocks"][0])
 
 
+@pytest.mark.optimized
 def test_score_infllmv2_mode(tmp_path, capsys):
     """score in infllmv2 mode: top-k of the pooled stage-1 scores, no bias; at 5000 tokens (79
     blocks > 64) the selection is sparse and differs from nosa mode's."""

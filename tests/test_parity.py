@@ -17,6 +17,8 @@ from nosa_jax.generate import generate
 
 from conftest import FIXTURES, fixture_cases
 
+pytestmark = pytest.mark.optimized  # prefills of up to 9K tokens: run time, not compile time
+
 CASES = fixture_cases()
 
 
