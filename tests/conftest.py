@@ -43,10 +43,11 @@ def fixture_dirs():
 # (`jax_disable_most_optimizations`: LLVM at O0, no expensive passes), while the tests that run long
 # programs (the upstream parity fixtures: prefills of 5-9K tokens, 2-3x slower at O0) are marked
 # `optimized` and compile as users' programs do. Both compile the same HLO; LLVM's level changes no
-# float semantics (XLA:CPU's fast-math is off by default), and the whole suite passes either way. Compiled programs
-# also go to a persistent cache shared by the test processes (the module fixture below drops the
-# in-memory ones), so a program compiled by one worker or module is loaded by the next. On a 2-core
-# CI machine (session 26, cold cache): 1107 s before, 1037 s with the cache, 710 s with both.
+# float semantics (XLA:CPU's fast-math is off by default), and the whole suite passes either way.
+# Compiled programs also go to a persistent cache shared by the test processes (the module fixture
+# below drops the in-memory ones), so a program compiled by one worker or module is loaded by the
+# next. On a 2-core CI machine (session 26, cold cache): 1107 s before, 1037 s with the cache alone,
+# 710 s with both.
 if not on_gpu():
     jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax-tests"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
