@@ -235,7 +235,7 @@ def _logits_kernel(layer_ref, nwin_ref, q_ref, k_ref, s_ref, m_ref, l_ref, *, G:
 
 def _combine_splits(m, l):
     """In-kernel: the per-head softmax max M and sum Z over all splits from the splits' statistics
-    m, l [S_pad, G_pad] (padding splits: m -inf, l 0). M is 0 where no window is valid, Z 1 where
+    m, l [S, G_pad] (splits past the windows: m -inf, l 0). M is 0 where no window is valid, Z 1 where
     the sum is 0 (as _window_scores does in jnp)."""
     M = jnp.max(m, axis=0)
     M = jnp.where(M == NEG_INF, 0.0, M)
@@ -243,22 +243,19 @@ def _combine_splits(m, l):
     return M, jnp.where(Z > 0, Z, 1.0)
 
 
-def _finish_kernel(nwin_ref, m_ref, l_ref, s_ref, o_ref, *, G: int, P: int, blocks_per_program: int,
-                   n_splits: int):
+def _finish_kernel(nwin_ref, m_ref, l_ref, s_ref, o_ref, *, G: int, P: int, blocks_per_program: int):
     """Normalise, sum over the group and max-pool one tile of blocks of one (b, h).
 
-    nwin_ref [B]; m_ref, l_ref [S_pad, G_pad] split statistics (rows >= n_splits unused);
+    nwin_ref [B]; m_ref, l_ref [S, G_pad] split statistics (S a power of two, `_plan`);
     s_ref [1 + C_pad, G_pad] logits (window c at row 1 + c); o_ref [blocks_per_program] pooled scores (no forcing).
     Block j = max over windows P j - 1 .. P j + P - 1 = max(max S[P j .. P j + P - 1],
     max S[P j - 1 .. P j + P - 2]): two window tiles, the second shifted back by one.
     """
     b = pl.program_id(0)
     tile = pl.program_id(2)
-    s_pad, g_pad = m_ref.shape
+    g_pad = m_ref.shape[1]
     n = nwin_ref[b]
-    split_ok = lax.broadcasted_iota(jnp.int32, (s_pad, g_pad), 0) < n_splits
-    M, Z = _combine_splits(pltriton.load(m_ref, mask=split_ok, other=NEG_INF),
-                           pltriton.load(l_ref, mask=split_ok, other=0.0))
+    M, Z = _combine_splits(pltriton.load(m_ref), pltriton.load(l_ref))
     nw = blocks_per_program * P
     w0 = tile * nw
     row = lax.broadcasted_iota(jnp.int32, (nw, g_pad), 0)
@@ -356,18 +353,18 @@ def pooled_window_scores(logits, m, l, n_eff, *, G: int, n_blocks: int, P: int, 
     """Pallas finish: [B, Hk, n_blocks] pooled stage-1 scores (no sink/local forcing) from the
     kernel's logits and split statistics. P (windows per block step) must be a power of two."""
     B, Hk, rows, g_pad = logits.shape
-    n_splits = s_pad = m.shape[2]
+    n_splits = m.shape[2]
     if not _is_pow2(n_splits):
         raise ValueError(f"pooled_window_scores: {n_splits} splits; window_logits gives a power of two")
     bpp = max(1, min(blocks_per_program, next_pow2(n_blocks)))
     n_tiles = -(-n_blocks // bpp)
-    kernel = functools.partial(_finish_kernel, G=G, P=P, blocks_per_program=bpp, n_splits=n_splits)
+    kernel = functools.partial(_finish_kernel, G=G, P=P, blocks_per_program=bpp)
     out = pl.pallas_call(
         kernel, grid=(B, Hk, n_tiles),
         in_specs=[
             pl.BlockSpec((B,), lambda b, h, t: (0,)),
-            pl.BlockSpec((None, None, s_pad, g_pad), lambda b, h, t: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, s_pad, g_pad), lambda b, h, t: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, n_splits, g_pad), lambda b, h, t: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, n_splits, g_pad), lambda b, h, t: (b, h, 0, 0)),
             pl.BlockSpec((None, None, rows, g_pad), lambda b, h, t: (b, h, 0, 0)),
         ],
         out_specs=pl.BlockSpec((None, None, bpp), lambda b, h, t: (b, h, t)),
