@@ -30,6 +30,7 @@ KERNEL_CHOICES = {"topk": ("pallas_kernels.selection", "TOPK_IMPL", ("xla", "pal
                   "append": ("pallas_kernels.cache_write", "APPEND_IMPL", ("xla", "pallas")),
                   "slots": ("pallas_kernels.slots", "SLOTS_IMPL", ("xla", "pallas")),
                   "rows": ("pallas_kernels.slots", "ROWS", ("kernel", "xla")),
+                  "slots_warps": ("pallas_kernels.slots", "WARPS", ("auto", "4", "8", "16")),
                   "loads": ("nosa_jax.offload", "LOADS", ("fused", "separate"))}
 KERNEL_CHOICES_HELP = ", ".join(f"{k} {'|'.join(v)}" for k, (_, _, v) in KERNEL_CHOICES.items())
 
@@ -47,15 +48,21 @@ def layer_unroll(args):
 
 
 def parse_kernels(text: str) -> dict:
-    """"default" or "key=value,..." over KERNEL_CHOICES (e.g. "write=pallas,finish=pallas")."""
+    """"default" or "key=value,..." over KERNEL_CHOICES (e.g. "write=pallas,finish=pallas"). Keys
+    that start with "xla_" are XLA options for the decode program instead (booleans as true/false,
+    integers as digits), returned under "xla"; only `throughput.py --ab` compiles with them."""
     if text == "default":
         return {}
     out = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
+        if key.startswith("xla_") and value:
+            out.setdefault("xla", {})[key] = (value == "true" if value in ("true", "false")
+                                              else int(value) if value.isdigit() else value)
+            continue
         if key not in KERNEL_CHOICES or value not in KERNEL_CHOICES[key][2]:
             raise SystemExit(f"kernel choice {text!r}: expected 'default' or key=value pairs from "
-                             f"{KERNEL_CHOICES_HELP}")
+                             f"{KERNEL_CHOICES_HELP}, or xla_*=value XLA options")
         out[key] = value
     return out
 
@@ -70,6 +77,8 @@ def kernel_choices(overrides: dict | None = None) -> dict:
 
     before = current()
     for key, value in (overrides or {}).items():
+        if key == "xla":  # XLA options (parse_kernels): not a module choice
+            continue
         mod, attr, _ = KERNEL_CHOICES[key]
         setattr(importlib.import_module(mod), attr, value)
     after = current()

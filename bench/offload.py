@@ -179,7 +179,8 @@ def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) 
     left. So every variant sees the same host, the same pool contents over time and the same drift
     (between processes the same default differed by 3.6 % on one host: session 22), and round i's
     windows can be compared pairwise. The variants must compute the same thing (they do: each
-    choice is an exact alternative); the module choices are restored afterwards."""
+    choice is an exact alternative); the module choices are restored afterwards. A variant's "xla"
+    entry (parse_kernels) holds XLA options its program is compiled with, on top of the jit's own."""
     check_room(st, len(variants) * (2 + repeats) * steps, "ab_windows")
     before = kernel_choices()
     compiled = []
@@ -187,7 +188,7 @@ def ab_windows(gen, st, logits, steps: int, repeats: int, variants: list[dict]) 
         for v in variants:
             kernel_choices({**before, **v})
             compiled.append(decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=gen.sampler,
-                                              eos_ids=(), n_steps=steps).compile())
+                                              eos_ids=(), n_steps=steps).compile(v.get("xla")))
     finally:
         kernel_choices(before)
 

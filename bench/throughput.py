@@ -909,7 +909,8 @@ def parse_args(argv):
     ap.add_argument("--ab", nargs="+", metavar="KERNELS",
                     help="compare kernel variants in one process instead of measuring the table: each run "
                          "alternates timed windows of these --kernels values (on top of --kernels) and reports "
-                         "each one's step time and its paired ratio to the first (records 'throughput/ab')")
+                         "each one's step time and its paired ratio to the first (records 'throughput/ab'); "
+                         "a variant may add XLA options for its decode program as xla_*=value items")
     add_layer_unroll_arg(ap)
     ap.add_argument("--tag", default="", help="suffix of the results' file names (parts of the table)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled window (no step split)")
@@ -932,6 +933,8 @@ def parse_args(argv):
         ap.error(f"unknown model(s) {bad}; choose from 8b 1b")
     for k in [args.kernels] + (args.ab or []):
         parse_kernels(k)  # a bad choice fails here, before any model is built
+    if "xla" in parse_kernels(args.kernels):
+        ap.error("--kernels: XLA options (xla_*=value) apply only to --ab variants")
     if args.ab and len(args.ab) < 2:
         ap.error("--ab needs at least two variants (e.g. --ab default finish=pallas)")
     if not args.report:

@@ -66,6 +66,9 @@ MAX_LANES = 256  # at most this many selected ids per row (padded)
 # 128 slots the rank path is the faster one.
 RANK_MAX_SLOTS = 128
 MAX_LANES_LARGE = 8192  # longer rows, in tiles, up to this many slots (512K tokens)
+# Triton warps per (sequence, kv head) program: "auto" is 8 for the tiled long rows and 4 for the
+# [S, S] rank path; "4", "8" or "16" force a count (the benchmarks' `slots_warps` choice).
+WARPS = "auto"
 _BIG = int(jnp.iinfo(jnp.int32).max)
 
 
@@ -181,6 +184,14 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, *refs, K: int, S: int, 
     pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
 
 
+def _warps(large: bool) -> int:
+    if WARPS == "auto":
+        return 8 if large else 4
+    if WARPS not in ("4", "8", "16"):
+        raise ValueError(f"slots.WARPS must be 'auto', '4', '8' or '16', got {WARPS!r}")
+    return int(WARPS)
+
+
 def _tile_ids(Sp: int) -> int:
     """Ids per tile of the long-row kernel: [T, Sp] compares of 8192 lanes (32 per thread at 8 warps)."""
     return max(1, min(16, 8192 // Sp))
@@ -235,7 +246,7 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
         out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
                   + [jax.ShapeDtypeStruct(x.shape, jnp.int32) for x in state] + rows_shape,
         input_output_aliases={len(head) + i: 2 + i for i in range(len(state))},
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=8 if large else 4, num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=_warps(large), num_stages=1),
         interpret=interpret,
         name="nosa_update_slots",
     )(*args)

@@ -237,9 +237,11 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
             "--budgets-gb", "0.002", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "1",
             "--distinct", "1", "--prefill-chunk", "128", "--batches", "1", "--no-profile", "--no-plots",
             "--tag", "kernels"]
-    for bad in ("write=triton", "finish=pallas,sort=xla", "write", "loads=pallas"):
+    for bad in ("write=triton", "finish=pallas,sort=xla", "write", "loads=pallas", "slots_warps=3", "xla_x"):
         with pytest.raises(SystemExit, match="kernel choice"):
             tp.parse_args(argv + ["--kernels", bad])
+    with pytest.raises(SystemExit):  # XLA options only for --ab variants
+        tp.parse_args(argv + ["--kernels", "xla_gpu_enable_triton_gemm=true"])
     assert tp.main(argv + ["--kernels", "write=xla,finish=pallas,slots=xla,loads=separate",
                            "--layer-unroll", "0"]) == 0
     assert (cache_write.WRITE_IMPL, selection.SCORES_FINISH, slots.SLOTS_IMPL, offload.LOADS) == (
@@ -251,7 +253,7 @@ def test_kernel_choices_set_and_recorded(tmp_path, monkeypatch):
         assert r["settings"]["kernels"] == {"topk": selection.TOPK_IMPL, "search": topk.RADIX_SEARCH,
                                             "finish": "pallas", "pool": selection.TOPK_POOL, "write": "xla",
                                             "append": cache_write.APPEND_IMPL, "slots": "xla",
-                                            "rows": slots.ROWS, "loads": "separate"}
+                                            "rows": slots.ROWS, "slots_warps": slots.WARPS, "loads": "separate"}
         assert r["settings"]["layer_unroll"] is True
 
 
@@ -298,6 +300,40 @@ def test_ab_windows_runs_each_variant_under_its_own_choices(monkeypatch):
         bo.ab_windows(gen, short, jnp.float32(0), steps=4, repeats=2, variants=variants)
     with pytest.raises(ValueError, match="room for 31"):
         bo.timed_windows(gen, short, jnp.float32(0), steps=8, repeats=1, profile=True)
+
+
+def test_ab_variants_with_xla_options():
+    """An --ab variant's xla_*=value items are XLA options (typed), the rest kernel choices; the
+    options reach XLA's compile of that variant's program: XLA refuses an option it does not know."""
+    import typing
+    from functools import partial
+
+    import jax.numpy as jnp
+
+    from bench import offload as bo
+    from bench.common import parse_kernels
+
+    assert parse_kernels("finish=pallas,xla_a=true,xla_b=false,xla_c=12,xla_d=x;y") == {
+        "finish": "pallas", "xla": {"xla_a": True, "xla_b": False, "xla_c": 12, "xla_d": "x;y"}}
+
+    class St(typing.NamedTuple):
+        tokens: jax.Array
+        step: jax.Array
+
+    @partial(jax.jit, static_argnames=("graphdef", "sampler", "eos_ids", "n_steps"))
+    def loop(graphdef, state, st, logits, *, sampler, eos_ids, n_steps):
+        return St(st.tokens, st.step + n_steps), logits + state
+
+    gen = type("Gen", (), {"graphdef": None, "state": jnp.float32(0), "sampler": None})()
+    st = St(jnp.zeros((1, 64), jnp.int32), jnp.int32(0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bo, "decode_loop", loop)
+        ab = bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=1,
+                           variants=[{}, parse_kernels("xla_cpu_enable_fast_math=false")])
+        assert [len(t) for t in ab.times] == [1, 1]
+        with pytest.raises(Exception, match="xla_no_such_option"):
+            bo.ab_windows(gen, st, jnp.float32(0), steps=4, repeats=1,
+                          variants=[{}, parse_kernels("xla_no_such_option=true")])
 
 
 def test_ab_mode_end_to_end(tmp_path, monkeypatch):
