@@ -66,8 +66,11 @@ MAX_LANES = 256  # at most this many selected ids per row (padded)
 # 128 slots the rank path is the faster one.
 RANK_MAX_SLOTS = 128
 MAX_LANES_LARGE = 8192  # longer rows, in tiles, up to this many slots (512K tokens)
-# Triton warps per (sequence, kv head) program: "auto" is 8 for the tiled long rows and 4 for the
-# [S, S] rank path; "4", "8" or "16" force a count (the benchmarks' `slots_warps` choice).
+# Triton warps per (sequence, kv head) program: "auto" is 8 (both paths); "4", "8" or "16" force a
+# count (the benchmarks' `slots_warps` choice). The [S, S] rank path ran at 4 warps until session 27:
+# at 128 slots its [128, 128] compare held 128 values per thread. 8B / 16K / batch 16, pool 2x
+# top-k, in-process rotated A/B on an H100 (bench/results/throughput-s27-ab*-8b-h100.log): 8 warps
+# x0.982 (5 rounds) and x0.984 (11 rounds) of the step time against 4; 16 warps x0.991.
 WARPS = "auto"
 _BIG = int(jnp.iinfo(jnp.int32).max)
 
@@ -184,9 +187,9 @@ def _slots_kernel(layer_ref, now_ref, live_ref, ids_ref, *refs, K: int, S: int, 
     pltriton.store(stamp_ref.at[layer, b, h, pl.ds(0, Sp)], jnp.broadcast_to(now, (Sp,)), mask=written)
 
 
-def _warps(large: bool) -> int:
+def _warps() -> int:
     if WARPS == "auto":
-        return 8 if large else 4
+        return 8
     if WARPS not in ("4", "8", "16"):
         raise ValueError(f"slots.WARPS must be 'auto', '4', '8' or '16', got {WARPS!r}")
     return int(WARPS)
@@ -231,7 +234,6 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
                          f"(use nosa_jax.offload.assign_slots)")
     if (start is None) != (block_size is None):
         raise ValueError("update_slots: pass start and block_size together (the new token's rows), or neither")
-    large = Sp > RANK_MAX_SLOTS
     state = (table, stamp, prev_ids, misses, reused, selected)
     head = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(now, jnp.int32), jnp.asarray(live, jnp.int32),
             ids.astype(jnp.int32)] + ([jnp.asarray(start, jnp.int32)] if block_size else [])
@@ -246,7 +248,7 @@ def update_slots(table: jax.Array, stamp: jax.Array, prev_ids: jax.Array, misses
         out_shape=[jax.ShapeDtypeStruct((B, Hk, K), jnp.int32)] * 2
                   + [jax.ShapeDtypeStruct(x.shape, jnp.int32) for x in state] + rows_shape,
         input_output_aliases={len(head) + i: 2 + i for i in range(len(state))},
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=_warps(large), num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=_warps(), num_stages=1),
         interpret=interpret,
         name="nosa_update_slots",
     )(*args)
