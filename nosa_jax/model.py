@@ -439,8 +439,11 @@ class NosaForCausalLM(nnx.Module):
             y, ids, cis, cache = layer(x, cos, sin, idx, cache, start, settings)
             return (y, cache), (at_rows(ids, 2), at_rows(cis, 1), at_rows(x, 1))
 
+        # The layer indices as a NumPy constant, not jnp.arange's iota: in the straight-line program
+        # XLA folds each layer's slice of a constant into a literal, but keeps a slice of an iota as a
+        # kernel that writes the index (one launch per layer, ~1 us each, in the 8B offloaded step).
         (x, cache), (ids, cis, hid) = run_layers((x, cache), self.layers,
-                                                  jnp.arange(self.cfg.num_hidden_layers))
+                                                  np.arange(self.cfg.num_hidden_layers, dtype=np.int32))
         return ExtendOutput(h=self.norm(at_rows(x, 1)), block_ids=ids, cis=cis, layer_inputs=hid, cache=cache)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, return_hidden=False,
