@@ -289,6 +289,20 @@ def test_decode_loop_does_not_copy_the_store_or_pool():
         assert not copies, (name, copies[:3])
 
 
+def test_decode_step_takes_constant_layer_indices():
+    """The offloaded step is a straight-line program over the layers; each layer's index reaches its
+    kernels as a constant. An iota of the layer count would be sliced per layer, and XLA keeps such a
+    slice as a kernel per layer (no constant folding of iotas)."""
+    L = 5  # a length no other iota of this small model has
+    cfg = small_config(num_hidden_layers=L)
+    gen = Generator(random_model(cfg, "nosa", seed=7), eos_ids=(), offload=OffloadSettings())
+    st, logits, _ = gen.start(PROMPTS, max_new_tokens=4)
+    hlo = decode_loop.lower(gen.graphdef, gen.state, st, logits, sampler=Sampler(), eos_ids=(),
+                            n_steps=2).compile().as_text()
+    iotas = [ln for ln in hlo.splitlines() if f"s32[{L}]" in ln and "iota(" in ln]
+    assert not iotas, iotas[:3]
+
+
 def _scan_unrolls(fn, *args) -> list[int]:
     """The `unroll` of every scan in fn's jaxpr (sub-jaxprs included), outer scans first."""
     found = []
