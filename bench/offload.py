@@ -38,7 +38,7 @@ from bench.common import (busy_time, enable_compilation_cache, hlo_op_names, ker
 from nosa_jax.config import SHAPES, ModelConfig  # noqa: E402
 from nosa_jax.generate import Generator, OffloadSettings, decode_loop, offload_statistics  # noqa: E402
 from nosa_jax.model import NosaForCausalLM  # noqa: E402
-from pallas_kernels.kv_loader import loader_path  # noqa: E402
+from pallas_kernels.kv_loader import load_blocks, loader_path  # noqa: E402
 
 # Device time by part: a kernel belongs to the first part whose marker is in its name or op_name.
 # The profiler gives custom calls (the Pallas kernels, cuBLAS) no op_name, so they are matched by
@@ -122,6 +122,53 @@ def check_room(st, n_steps: int, what: str) -> None:
         raise ValueError(f"{what} decodes {n_steps} steps but the state has room for {room}: past that every "
                          f"sequence has stopped (no appends, no missed blocks loaded), so those windows would "
                          f"time no decode step; start the state with max_new_tokens >= {int(st.step) + n_steps}")
+
+
+def host_read_rates(reps: int = 5) -> dict:
+    """This host's pinned host -> device read rates, GB/s: "in_place" is the misses' path (the
+    zero-copy Triton loader, `load_blocks(path="pallas")`, reading 32 KiB blocks of a pinned store
+    in place, as the fetching attention reads its misses) and "bulk" one contiguous jitted
+    `device_put` of the same bytes (XLA's DMA copy). Hosts of one card type differ - an H100 host
+    read in place at 39-41 GB/s in session 26 and another at 30 in session 27, with the offloaded
+    step's attention 2.20 and 3.08 ms at the same misses - so each offloaded run records them.
+    Medians of `reps` calls after two warm-up calls; off the GPU a small store in interpret mode (the
+    plumbing, not a rate)."""
+    interpret = jax.default_backend() != "gpu"
+    B, Hk, M, bs, D = 16, 2, 48, 64, 128  # 48 blocks per (sequence, head): 48 MiB at 16 sequences
+    if interpret:  # the same program, small: interpret mode runs the programs one by one
+        B, M, bs, D = 1, 2, 8, 16
+    rng = np.random.default_rng(0)
+    dev = jax.devices()[0]
+    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    host_kv = jax.device_put(rng.standard_normal((1, B, Hk, 2 * M, 2, bs, D), np.float32).astype(jnp.bfloat16), pinned)
+    cis = jnp.zeros((1, B, 2 * M * bs, Hk), jnp.float32)
+    blocks = jnp.asarray(np.stack([[rng.choice(2 * M, M, replace=False) for _ in range(Hk)] for _ in range(B)]), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), (B, Hk, M))
+    pools = (jnp.zeros((1, B, M * bs, Hk, D), jnp.bfloat16), jnp.zeros((1, B, M * bs, Hk, D), jnp.bfloat16),
+             jnp.zeros((1, B, M * bs, Hk), jnp.float32))
+    n_bytes = B * Hk * M * 2 * bs * D * 2
+    flat = jax.device_put(np.asarray(host_kv).reshape(-1)[: n_bytes // 2], pinned)
+    in_place = jax.jit(lambda h, c, p: load_blocks(h, c, *p, 0, blocks, slots, block_size=bs, path="pallas",
+                                                   interpret=interpret), donate_argnums=(2,))
+    bulk = jax.jit(lambda h: jax.device_put(h, jax.memory.Space.Device))
+
+    def median_s(call):
+        times = []
+        for i in range(2 + reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    state = {"pools": pools}
+
+    def load():
+        state["pools"] = in_place(host_kv, cis, state["pools"])
+        return state["pools"]
+
+    return {"in_place": n_bytes / median_s(load) / 1e9, "bulk": n_bytes / median_s(lambda: bulk(flat)) / 1e9,
+            "bytes": n_bytes}
 
 
 def timed_windows(gen, st, logits, steps: int, repeats: int, profile: bool = True) -> Windows:

@@ -24,7 +24,10 @@ floor: the bytes the step must move (weights once - the input embedding table ex
 only `batch` rows are read -, the selected K/V of every layer and sequence - K blocks x 64 tokens x
 2 x Hk x D x 2 bytes, the whole context for FullAttn -, the compressed keys (and, for NOSA, the
 window eviction scores) read by the selection, at 4.3 TB/s; the missed blocks over PCIe at 53 GB/s,
-serial as the step runs them) and measured / floor.
+serial as the step runs them) and measured / floor. Offloaded runs also record this host's pinned
+read rates (`bench/offload.host_read_rates`: in place, as the fetching attention reads its misses,
+and as one bulk copy) and the floor again with the misses at the in-place rate (`floor_time_host`):
+hosts of one card type read pinned memory in place at 30-41 GB/s, which moves the step.
 
 Caches: on-device runs decode from a cache of random keys/values/scores (their cost does not depend
 on the values; no prefill); offloaded runs prefill `--distinct` passages of real text (standard
@@ -81,7 +84,8 @@ import numpy as np  # noqa: E402
 from bench.common import (KERNEL_CHOICES_HELP, add_layer_unroll_arg, compiled_memory_line,  # noqa: E402
                           device_memory_line, enable_compilation_cache, kernel_choices, layer_unroll,
                           markdown_table, parse_kernels, record, save, split_by_scope)
-from bench.offload import SCOPES, ab_windows, empty_pool, print_profile, prompts_from_text, timed_windows  # noqa: E402
+from bench.offload import (SCOPES, ab_windows, empty_pool, host_read_rates, print_profile,  # noqa: E402
+                           prompts_from_text, timed_windows)
 from nosa_jax.cache import DEFAULT_PREFILL_CHUNK, cache_bytes  # noqa: E402
 from nosa_jax.config import SHAPES, ModelConfig, NosaConfig  # noqa: E402
 from nosa_jax import offload  # noqa: E402
@@ -350,6 +354,10 @@ def run_records(cfg, model_name, entry, batch, w, steps, extra_settings, stats=N
             "floor_compressed_time": (rf["compressed_s"] * 1e3, "ms"), "floor_pcie_time": (rf["pcie_s"] * 1e3, "ms"),
             "floor_time": (rf["floor_s"] * 1e3, "ms"), "floor_time_overlap": (rf["floor_overlap_s"] * 1e3, "ms"),
             "measured_over_floor": (step_s / rf["floor_s"], "x")}
+    rates = extra_settings.get("host_read_gbps")
+    if rates and off:  # the floor again with the misses at this host's measured in-place read rate
+        host_floor = rf["hbm_s"] + rf["pcie_bytes"] / (rates["in_place"] * 1e9)
+        res |= {"floor_time_host": (host_floor * 1e3, "ms"), "measured_over_floor_host": (step_s / host_floor, "x")}
     settings = {"model": model_name, "method": entry["method"], "mode": mode,
                 "placement": "offloaded" if off else "device", "pool_slots": entry["pool_slots"],
                 "pool": pool_label(entry["pool_mult"]), "context": entry["context"], "batch": batch,
@@ -412,6 +420,8 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
     loader = loader_path(args.loader)
     kernels = kernel_choices(parse_kernels(args.kernels))
     ab_variants = [parse_kernels(v) for v in args.ab or ()]  # --ab: each run compares these instead
+
+    rates = None  # this host's pinned read rates (host_read_rates), measured at the first offloaded run
 
     def keep(new: list[dict]) -> None:
         """Add a run's records and save all so far: a process stopped later (a device call's time
@@ -521,10 +531,15 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         w = timed_windows(gen, st, logits, args.steps, args.repeats, profile=not args.no_profile)
                         st, logits = w.st, w.logits
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
+                        if rates is None:  # once per process, before the first offloaded run's records
+                            r = host_read_rates()
+                            rates = {"in_place": r["in_place"], "bulk": r["bulk"]}
+                            print(f"  this host's pinned reads: in place {rates['in_place']:.1f} GB/s, "
+                                  f"bulk copy {rates['bulk']:.1f} GB/s", flush=True)
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
                                               {"fill": f"stdlib source text, 1 byte/token, {u} distinct passages tiled",
                                                "loader": loader, "kernels": kernels,
-                                               "layer_unroll": layer_unroll(args)},
+                                               "layer_unroll": layer_unroll(args), "host_read_gbps": rates},
                                               stats=stats, prefill_s=prefill_s)
                         keep(recs)
                         report_line(recs)
@@ -582,7 +597,9 @@ def report_line(recs):
     s = recs[0]["settings"]
     print(f"  {s['method']:17s} pool {s['pool']:9s} ctx {s['context']:6d} batch {s['batch']:4d}: "
           f"{v['throughput']:9.1f} tok/s  {v['step_time']:7.2f} ms/step  floor {v['floor_time']:6.2f} ms "
-          f"(x{v['measured_over_floor']:.2f})  sel/loads/attn/gemm/rest "
+          f"(x{v['measured_over_floor']:.2f}"
+          + (f"; x{v['measured_over_floor_host']:.2f} of {v['floor_time_host']:.2f} at this host's in-place rate"
+             if "floor_time_host" in v else "") + ")  sel/loads/attn/gemm/rest "
           + "/".join(f"{v['split_' + k] / 1e3:.2f}" for k in STEP_PARTS)
           + (f"  gamma {v['gamma']:.3f} misses {v['misses_per_layer_head_seq_step']:.2f}" if "gamma" in v else ""),
           flush=True)

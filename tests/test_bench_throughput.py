@@ -63,10 +63,17 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
             assert k in v
         if method == "nosa-offload":
             assert 0 <= v["gamma"] <= 1 and v["misses_per_layer_head_seq_step"] >= 0 and v["host_bytes_per_seq"] > 0
-            # the floor's PCIe part is the measured miss bytes at 53 GB/s
+            # the floor's PCIe part is the measured miss bytes at 53 GB/s; the host floor takes them
+            # at the in-place read rate measured on this host, recorded with the run
             assert v["floor_pcie_time"] == pytest.approx(v["pcie_bytes_per_step"] / 53e9 * 1e3)
+            rate = next(r["settings"]["host_read_gbps"] for r in records
+                        if r["name"] == "throughput/decode" and r["settings"]["method"] == method)
+            assert rate["in_place"] > 0 and rate["bulk"] > 0
+            hbm_ms = v["floor_time"] - v["floor_pcie_time"]
+            assert v["floor_time_host"] == pytest.approx(hbm_ms + v["pcie_bytes_per_step"] / (rate["in_place"] * 1e9) * 1e3)
+            assert v["measured_over_floor_host"] == pytest.approx(v["step_time"] / v["floor_time_host"])
         else:
-            assert v["host_bytes_per_seq"] == 0 and v["floor_pcie_time"] == 0
+            assert v["host_bytes_per_seq"] == 0 and v["floor_pcie_time"] == 0 and "floor_time_host" not in v
     assert {k[1] for k in plans} == {"full", "nosa", "nosa-offload"}
     md = next(tmp_path.glob("throughput-tiny-pytest-*.md")).read_text()
     for heading in ("## All runs", "## Equivalent batch", "## Same batch", "## Paper anchors and issue targets"):
