@@ -130,7 +130,8 @@ def host_read_rates(reps: int = 5) -> dict:
     in place, as the fetching attention reads its misses) and "bulk" one contiguous jitted
     `device_put` of the same bytes (XLA's DMA copy). Hosts of one card type differ - an H100 host
     read in place at 39-41 GB/s in session 26 and another at 30 in session 27, with the offloaded
-    step's attention 2.20 and 3.08 ms at the same misses - so each offloaded run records them.
+    step's attention 2.20 and 3.08 ms at the same misses - so each offloaded run records them
+    ("bytes": how many were read each time).
     Medians of `reps` calls after two warm-up calls; off the GPU a small store in interpret mode (the
     plumbing, not a rate)."""
     interpret = jax.default_backend() != "gpu"

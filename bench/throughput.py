@@ -532,8 +532,7 @@ def measure_model(model_name: str, args, budget_bytes, host_budget, headroom, ke
                         st, logits = w.st, w.logits
                         stats = np.asarray(st.stats)[w.first_step:int(st.step)]
                         if rates is None:  # once per process, before the first offloaded run's records
-                            r = host_read_rates()
-                            rates = {"in_place": r["in_place"], "bulk": r["bulk"]}
+                            rates = host_read_rates()
                             print(f"  this host's pinned reads: in place {rates['in_place']:.1f} GB/s, "
                                   f"bulk copy {rates['bulk']:.1f} GB/s", flush=True)
                         recs, _ = run_records(cfg, model_name, e, batch, w, args.steps,
