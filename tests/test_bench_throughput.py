@@ -84,6 +84,25 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     assert "## Equivalent batch" in next((tmp_path / "report").glob("throughput-report-*.md")).read_text()
 
 
+def test_offloaded_run_without_host_rates(tmp_path, monkeypatch):
+    """The host's read rates are measured once, before the runs; if that fails the offloaded run is
+    still measured and recorded, without the host floor."""
+    def fail():
+        raise RuntimeError("no pinned memory")
+
+    monkeypatch.setattr(tp, "host_read_rates", fail)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["--models", "tiny", "--contexts", "256", "--modes", "nosa-offload", "--pools", "1", "--budgets-gb",
+            "0.002", "--host-gb", "0.0002", "--headroom-gb", "0", "--steps", "4", "--repeats", "1", "--distinct", "1",
+            "--prefill-chunk", "128", "--batches", "1", "--no-profile", "--no-plots", "--tag", "norates"]
+    assert tp.main(argv) == 0
+    records = json.loads(next(tmp_path.glob("throughput-tiny-norates-*.json")).read_text())
+    runs, _, _ = tp.collect(records)
+    (v,) = runs.values()
+    assert v["throughput"] > 0 and "floor_time_host" not in v
+    assert all(r["settings"].get("host_read_gbps") is None for r in records if r["name"] == "throughput/decode")
+
+
 def test_fit_pool_keeps_the_host_bound_batch():
     """A "fit" pool is the largest pool at which the offloaded batch is still the top-k pool's: one
     slot more loses a sequence (or the pool already holds every block of the context)."""
