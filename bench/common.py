@@ -49,16 +49,15 @@ def layer_unroll(args):
 
 def parse_kernels(text: str) -> dict:
     """"default" or "key=value,..." over KERNEL_CHOICES (e.g. "write=pallas,finish=pallas"). Keys
-    that start with "xla_" are XLA options for the decode program instead (booleans as true/false,
-    integers as digits), returned under "xla"; only `throughput.py --ab` compiles with them."""
+    that start with "xla_" are XLA options for the decode program instead (`xla_option_value`),
+    returned under "xla"; only `throughput.py --ab` compiles with them."""
     if text == "default":
         return {}
     out = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key.startswith("xla_") and value:
-            out.setdefault("xla", {})[key] = (value == "true" if value in ("true", "false")
-                                              else int(value) if value.isdigit() else value)
+            out.setdefault("xla", {})[key] = xla_option_value(value)
             continue
         if key not in KERNEL_CHOICES or value not in KERNEL_CHOICES[key][2]:
             raise SystemExit(f"kernel choice {text!r}: expected 'default' or key=value pairs from "
