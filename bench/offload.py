@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import sysconfig
@@ -124,6 +125,7 @@ def check_room(st, n_steps: int, what: str) -> None:
                          f"time no decode step; start the state with max_new_tokens >= {int(st.step) + n_steps}")
 
 
+@functools.cache  # one host: measured once per process (throughput.py asks once per model)
 def host_read_rates(reps: int = 5) -> dict:
     """This host's pinned host -> device read rates, GB/s: "in_place" is the misses' path (the
     zero-copy Triton loader, `load_blocks(path="pallas")`, reading 32 KiB blocks of a pinned store
