@@ -93,7 +93,7 @@ def _separate(q, pools, host, cis, ids, slots, loads, q_pos, rows, new, layer):
 
 
 def _fused(q, pools, host, cis, ids, slots, loads, q_pos, rows, new, layer, ks, nw, ns):
-    o, *p = sparse_decode_attention_fetch(q, *pools, ids, slots, q_pos, layer, Fetch(host, cis, loads, *new, rows),
+    o, *p, _ = sparse_decode_attention_fetch(q, *pools, ids, slots, q_pos, layer, Fetch(host, cis, loads, *new, rows),
                                           block_size=BS, k_splits=ks, num_warps=nw, num_stages=ns, merge="kernel")
     return o, tuple(p)
 

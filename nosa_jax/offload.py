@@ -20,6 +20,9 @@ Layout (L layers, B sequences, Hk kv heads, NB blocks of bs tokens, S pool slots
   flushed         [B]                    tokens per sequence already written to the host store
   prev_ids        [L, B, Hk, K]          last step's selection (locality statistics)
   misses, reused, selected [L, B, Hk]    this step's counts (statistics)
+  merge_count     [B, Hk]                int32, always zero between calls: the fetching kernel's
+                                         split counter (`sparse_decode.Fetch.count`), carried
+                                         through the layers and steps so that no step zeroes one
 
 One decode step, per layer (all inside the jitted decode loop, no host round trip):
   1. the new token's key goes to the ring, its cis to the device history; the window it completes
@@ -83,6 +86,7 @@ class OffloadedKV:
     misses: jax.Array
     reused: jax.Array
     selected: jax.Array
+    merge_count: jax.Array
     capacity: int
     loader: str = "xla"  # kv_loader path: "pallas" (zero-copy kernel) or "xla" (init_offloaded resolves "auto")
 
@@ -164,7 +168,8 @@ def offload_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str
         cisw=sd((L, batch, C if mode == "nosa" else 0, Hk), f32),
         length=sd((batch,), i32), rope_len=sd((batch,), i32), flushed=sd((batch,), i32),
         prev_ids=sd((L, batch, Hk, K), i32),
-        misses=sd((L, batch, Hk), i32), reused=sd((L, batch, Hk), i32), selected=sd((L, batch, Hk), i32))
+        misses=sd((L, batch, Hk), i32), reused=sd((L, batch, Hk), i32), selected=sd((L, batch, Hk), i32),
+        merge_count=sd((batch, Hk), i32))
     return shapes, {"host_kv"}
 
 
@@ -436,12 +441,13 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
         from pallas_kernels.sparse_decode import Fetch, sparse_decode_attention_fetch
 
         with jax.named_scope("nosa_attend_fetch"):  # the step split counts it as attention
-            fetch = Fetch(off.host_kv, cis_h, loads, k[:, 0], v[:, 0], cis[:, 0], rows)
+            fetch = Fetch(off.host_kv, cis_h, loads, k[:, 0], v[:, 0], cis[:, 0], rows, off.merge_count)
             # unselected entries (id -1, slot -1) are masked, and the kernel keeps their address in the pool
-            o, pool_k, pool_v, pool_bias = sparse_decode_attention_fetch(
+            o, pool_k, pool_v, pool_bias, merge_count = sparse_decode_attention_fetch(
                 q[:, 0], off.pool_k, off.pool_v, off.pool_bias, ids, slots if from_kernel else jnp.maximum(slots, 0),
                 pos, layer, fetch, block_size=bs, use_bias=mode == "nosa", interpret=settings.interpret)
     else:
+        merge_count = off.merge_count
         with jax.named_scope("nosa_load"):
             pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias,
                                                     layer, loads, jnp.maximum(slots, 0), block_size=bs,
@@ -461,7 +467,7 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
                           **kw)
 
     off = dataclasses.replace(off, pool_k=pool_k, pool_v=pool_v, pool_bias=pool_bias, ring_k=ring_k, cis=cis_h,
-                              ktilde=ktilde, cisw=cisw, **counted)
+                              ktilde=ktilde, cisw=cisw, merge_count=merge_count, **counted)
     return o[:, None], ids[:, :, None], off
 
 

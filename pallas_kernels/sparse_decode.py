@@ -28,9 +28,10 @@ Structure (flash-decoding / split-K):
     Pallas merge kernel with one program per (b, kv head) looping over the splits was slower (7 us at
     B=16, 41 us at B=1: too few programs, serial latency), so it was dropped; or
   - merge="kernel": inside the same kernel, "last program merges". An int32 counter per (b, h),
-    zeroed by XLA on every call (a `jnp.zeros` input aliased to an output), counts the finished
-    splits: each program stores its partial, then atomically adds 1 to counter[b, h]; the program
-    that reads k_splits - 1 back is the last of its (b, h), and it reads every split's partial back
+    all zero on entry (an input aliased to an output), counts the finished splits: each program
+    stores its partial, then atomically adds 1 to counter[b, h]; the program that reads
+    k_splits - 1 back is the last of its (b, h), sets counter[b, h] back to 0 (no other program of
+    (b, h) touches it after its add), and reads every split's partial back
     (outputs of this same pallas_call, in L2) and writes the normalised rows h*G .. h*G+G-1 of the
     [B, Hq, D] output with `merge_splits`'s math: combined max M and corrections exp(m_s - M) from
     one masked [S, Gp] load of every split's m (S = k_splits padded to a power of two), l_sum from
@@ -38,6 +39,10 @@ Structure (flash-decoding / split-K):
     f32). A loop over single splits would cost one dependent L2 round trip per split (Triton's
     lowering of fori_loop cannot unroll) - 64 at B=1 - in the one program per (b, h) that merges;
     this way it is 1 + ceil(k_splits / C) (C = 4 at Gp=16, D=128). No XLA op follows the kernel.
+    Since the kernel leaves the counter zero, a caller may carry it from call to call (the fetching
+    variant's `Fetch.count`: the offloaded cache keeps one); otherwise each call zeroes a fresh one
+    with `jnp.zeros`, which XLA turns into one constant copied before each in-place use (a 1 us
+    memcpy per layer in the 8B decode step, seen in its optimized HLO in session 27).
     Memory ordering: Pallas Triton lowers the atomic to `tt.atomic_rmw add, acq_rel, gpu` (see
     `_atomic_rmw` in jax/_src/pallas/triton/lowering.py), which Triton issues from ONE thread of the
     program, then broadcasts through shared memory behind a barrier. The release half orders only
@@ -320,6 +325,7 @@ def _merge_if_last(out_ref, o_ref, m_ref, l_ref, cnt_ref, b, h, rows_ok, *, spli
 
         o_sum = lax.fori_loop(0, -(-splits // C), add_chunk, jnp.zeros((Gp, D), jnp.float32))
         out = _normalise(o_sum, l_sum).astype(out_ref.dtype)
+        cnt_ref[b, h] = jnp.int32(0)  # every split has counted: left zero for the next call
         # Rows h*G .. h*G+Gp-1: the padding rows (another head's, or past the end) are masked off.
         dst = out_ref.at[b, pl.ds(h * group, Gp), :]
         if group < Gp:
@@ -415,7 +421,9 @@ class Fetch(NamedTuple):
     score history: a loaded block's bias rows), loads [B, Hk, K] int32 (the block entry k of
     block_ids must load into its slot, or -1: a hit or unused; a load's id equals the entry's), and
     the new token: new_k, new_v [B, Hk, D], new_cis [B, Hk], new_row [B, Hk] int32 (its pool row,
-    inside the slot of one entry, or -1: none)."""
+    inside the slot of one entry, or -1: none); count [B, Hk] int32, all zero, or None: the
+    in-kernel merge's counter, carried by the caller (returned, zero again), instead of a zeroed
+    array made for each call."""
     host_kv: jax.Array
     cis: jax.Array
     loads: jax.Array
@@ -423,6 +431,7 @@ class Fetch(NamedTuple):
     new_v: jax.Array
     new_cis: jax.Array
     new_row: jax.Array
+    count: jax.Array | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "use_bias", "k_splits", "num_warps", "num_stages",
@@ -435,9 +444,9 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
     `sparse_decode_attention` over the result, in ONE kernel: each entry's block comes from the
     host store if it is a miss (written into its slot on the way) and from the pool otherwise, so
     the PCIe reads of the misses overlap the attention over the hits instead of preceding it.
-    Returns (out [B, Hq, D], k_pool, v_pool, bias_pool), the pools updated in place (aliased) exactly
-    as load_blocks updates them. bias_pool is always written; use_bias: whether it enters the logits
-    (False: the infllmv2 mode). Triton backend only; arguments as `sparse_decode_attention`."""
+    Returns (out [B, Hq, D], k_pool, v_pool, bias_pool, count), the pools updated in place (aliased)
+    exactly as load_blocks updates them, and `fetch.count` after the call (all zero; None if None).
+    bias_pool is always written; use_bias: whether it enters the logits (False: the infllmv2 mode). Triton backend only; arguments as `sparse_decode_attention`."""
     _check_merge(merge)
     check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     B, Hk, K = block_ids.shape
@@ -451,6 +460,8 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
     if fetch.loads.shape != (B, Hk, K) or fetch.new_row.shape != (B, Hk) or fetch.new_cis.shape != (B, Hk):
         raise ValueError(f"loads {fetch.loads.shape} / new_row {fetch.new_row.shape} / new_cis {fetch.new_cis.shape} "
                          f"must be {(B, Hk, K)} / {(B, Hk)} / {(B, Hk)}")
+    if fetch.count is not None and (fetch.count.shape != (B, Hk) or fetch.count.dtype != jnp.int32):
+        raise ValueError(f"count {fetch.count.shape} {fetch.count.dtype} must be {(B, Hk)} int32")
     if bias_pool is None or K == 0:
         raise ValueError("the fetching kernel needs the bias pool (it writes the loaded blocks' scores) and K > 0")
     f = fetch._replace(loads=fetch.loads.astype(jnp.int32), new_row=fetch.new_row.astype(jnp.int32),
@@ -464,7 +475,8 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
 def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch | None, *,
                    add_bias: bool, block_size: int, k_splits, num_warps: int, num_stages: int, interpret: bool,
                    merge: str | None) -> list:
-    """The Triton kernel's call; returns [out] or, with `fetch`, [out, k_pool, v_pool, bias_pool]."""
+    """The Triton kernel's call; returns [out] or, with `fetch`, [out, k_pool, v_pool, bias_pool,
+    count] (count: `fetch.count` after the call)."""
     B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     G = Hq // Hk
     Gp = max(16, next_pow2(G))
@@ -483,6 +495,7 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
     if merge == "auto":
         merge = "kernel" if ks <= KERNEL_MERGE_MAX_SPLITS else "jnp"
     in_kernel = not normalize and merge == "kernel"
+    carried = fetch is not None and fetch.count is not None  # the caller's counter (else a fresh one)
     kernel = functools.partial(_decode_kernel, block_size=block_size, per_split=per, num_entries=K,
                                scale=1.0 / math.sqrt(D), has_bias=has_bias, add_bias=add_bias, fetch=fetch is not None,
                                group=G, Gp=Gp, normalize=normalize, merge_splits_here=ks if in_kernel else 0,
@@ -501,7 +514,7 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
         out_specs = [pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0))]
     elif in_kernel:  # final output, partials (read back by the last program: whole arrays), counter
         aliases = {len(args): 4}
-        args.append(jnp.zeros((B, Hk), jnp.int32))  # zeroed by XLA on every call
+        args.append(fetch.count if carried else jnp.zeros((B, Hk), jnp.int32))
         out_shape = [jax.ShapeDtypeStruct((B, Hq, D), q.dtype), *partial_shape,
                      jax.ShapeDtypeStruct((B, Hk), jnp.int32)]
         out_specs = [any_spec] * 5
@@ -534,7 +547,9 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
         out = main[0]
     else:  # merge the splits (only the G real rows; the padding rows were never written)
         out = merge_splits(*main, G, q.dtype)
-    return [out] + pools
+    if fetch is None:
+        return [out]
+    return [out] + pools + [main[4] if in_kernel and carried else fetch.count]
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))

@@ -106,14 +106,14 @@ def np_fetch(c):
                           c["bs"], new=(c["new_k"], c["new_v"], c["new_c"], c["rows"]))
 
 
-def run_fetch(c, *, host_kind="device", use_bias=True, **kw):
+def run_fetch(c, *, host_kind="device", use_bias=True, count=None, **kw):
     jd = jnp.dtype(c["dtype"])
     host = jnp.asarray(c["host"], jd)
     if host_kind == "pinned_host":
         host = jax.device_put(host, SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
     fetch = Fetch(host_kv=host, cis=jnp.asarray(c["cis"]), loads=jnp.asarray(c["loads"]),
                   new_k=jnp.asarray(c["new_k"], jd), new_v=jnp.asarray(c["new_v"], jd),
-                  new_cis=jnp.asarray(c["new_c"]), new_row=jnp.asarray(c["rows"]))
+                  new_cis=jnp.asarray(c["new_c"]), new_row=jnp.asarray(c["rows"]), count=count)
     return sparse_decode_attention_fetch(
         jnp.asarray(c["q"], jd), jnp.asarray(c["pk"], jd), jnp.asarray(c["pv"], jd), jnp.asarray(c["pb"]),
         jnp.asarray(c["ids"]), jnp.asarray(np.maximum(c["slots"], 0)), jnp.asarray(c["q_pos"]), jnp.int32(c["layer"]),
@@ -121,7 +121,8 @@ def run_fetch(c, *, host_kind="device", use_bias=True, **kw):
 
 
 def check_fetch(c, got, use_bias=True, atol=2e-5, rtol=2e-5):
-    out, *pools = got
+    out, *pools, count = got
+    assert count is None or np.array_equal(np.asarray(count), np.zeros(c["rows"].shape, np.int32))
     want = np_fetch(c)
     for g, w in zip(pools, want):
         assert g.shape == w.shape
@@ -140,6 +141,24 @@ def check_fetch(c, got, use_bias=True, atol=2e-5, rtol=2e-5):
 def test_fetch_matches_numpy(k_splits, merge, host_kind):
     c = make_fetch_case(np.random.default_rng())
     check_fetch(c, run_fetch(c, host_kind=host_kind, k_splits=k_splits, merge=merge, interpret=True))
+
+
+@pytest.mark.parametrize("k_splits", [1, 3])
+def test_fetch_carried_merge_counter(k_splits):
+    """The merge counter carried from call to call (`Fetch.count`, as the offloaded cache keeps one):
+    the kernel hands it back zero, so the next call's last program merges again. Without the reset
+    the second call's counts would start at k_splits, no program would merge, and its output would
+    be whatever the output buffer held."""
+    rng = np.random.default_rng()
+    count = jnp.zeros((4, 2), jnp.int32)  # make_fetch_case's default B, Hk
+    for _ in range(3):
+        c = make_fetch_case(rng)
+        got = run_fetch(c, k_splits=k_splits, merge="kernel", count=count, interpret=True)
+        check_fetch(c, got)  # includes: the returned counter is all zero
+        count = got[-1]
+    bad = jnp.zeros((4, 3), jnp.int32)
+    with pytest.raises(ValueError, match="count"):
+        run_fetch(c, k_splits=2, count=bad, interpret=True)
 
 
 @pytest.mark.parametrize("G", [1, 16])
