@@ -158,7 +158,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def project(self, x, cos, sin):
-        """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hk, D] (q, k rotated), cis [B, T, Hk] f32."""
+        """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hk, D] (q, k rotated), cis [B, T, Hk] f32,
+        and the projection itself as heads [B, T, Hq + 2 Hk, D] (its last Hk heads are v)."""
         cfg = self.cfg
         B, T, _ = x.shape
         wq, wk, _ = qkv_widths(cfg)
@@ -168,7 +169,8 @@ class Attention(nnx.Module):
         v = qkv[..., wq + wk:].reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         delta_bias = self.delta.bias[...] if self.delta.bias is not None else None
         cis = nosa.compute_cis(v, self.A[...], self.delta.kernel[...], delta_bias)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cis
+        heads = qkv.reshape(B, T, -1, cfg.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cis, heads
 
     def __call__(self, x, cos, sin, layer: jax.Array, cache: KVCache, start: jax.Array,
                  settings: AttentionSettings):
@@ -179,9 +181,10 @@ class Attention(nnx.Module):
         Returns (out [B, Tc, H], block_ids [B, Hk, Tc, K], cis [B, Tc, Hk], updated cache).
         The cache is a `KVCache` (on the device) or an `OffloadedKV` (decode only, Tc == 1).
         """
-        q, k, v, cis = self.project(x, cos, sin)
-        if isinstance(cache, OffloadedKV):  # decode against the host-offloaded cache
-            o, ids, cache = offload_decode_attend(q, k, v, cis, layer, cache, start, self.cfg.nosa, settings)
+        q, k, v, cis, heads = self.project(x, cos, sin)
+        if isinstance(cache, OffloadedKV):  # decode against the host-offloaded cache; v from `heads`: a
+            # slice of the projection handed to the fetching kernel would be a copy per layer
+            o, ids, cache = offload_decode_attend(q, k, heads, cis, layer, cache, start, self.cfg.nosa, settings)
         elif settings.impl == "pallas":
             from pallas_kernels import decode_cache_write  # cache_write, or its one-kernel decode path
 

@@ -373,7 +373,9 @@ def _append(off: OffloadedKV, layer, pos, live, k, cis, n: NosaConfig, settings)
 def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, settings):
     """One decode token per sequence against the offloaded cache (see the module docstring).
 
-    q: [B, 1, Hq, D]; k, v: [B, 1, Hk, D]; cis: [B, 1, Hk]; start: [B] positions; `off.length`
+    q: [B, 1, Hq, D]; k: [B, 1, Hk, D]; v: [B, 1, X >= Hk, D], the values in its last Hk heads (the
+    model passes its whole q|k|v projection: the fetching kernel reads them there, where a slice
+    would be one more copy per layer); cis: [B, 1, Hk]; start: [B] positions; `off.length`
     already holds the new lengths (sequences that have stopped keep theirs: start == length).
     Returns (o [B, 1, Hq, D], block_ids [B, Hk, 1, K], updated cache).
     """
@@ -451,7 +453,8 @@ def decode_attend(q, k, v, cis, layer, off: OffloadedKV, start, n: NosaConfig, s
         with jax.named_scope("nosa_load"):
             pool_k, pool_v, pool_bias = load_blocks(off.host_kv, cis_h, off.pool_k, off.pool_v, off.pool_bias,
                                                     layer, loads, jnp.maximum(slots, 0), block_size=bs,
-                                                    new_k=k[:, 0], new_v=v[:, 0], new_cis=cis[:, 0], new_row=rows,
+                                                    new_k=k[:, 0], new_v=v[:, 0, -k.shape[2]:], new_cis=cis[:, 0],
+                                                    new_row=rows,
                                                     path=off.loader, interpret=settings.interpret)
 
         # 5. attention over the pool

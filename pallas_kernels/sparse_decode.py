@@ -189,7 +189,8 @@ def _decode_kernel(layer_ref, qpos_ref, ids_ref, slots_ref, q_ref, k_ref, v_ref,
     if fetch:  # this (b, h)'s new token: its pool row (-1: none) and values
         row = row_ref[b, h]
         new_k = pltriton.load(newk_ref.at[b, h, :])[None, :]  # [1, D]
-        new_v = pltriton.load(newv_ref.at[b, h, :])[None, :]
+        v_head = h + newv_ref.shape[1] - newk_ref.shape[1]  # new_v's values are its last Hk heads
+        new_v = pltriton.load(newv_ref.at[b, v_head, :])[None, :]
         new_c = newc_ref[b, h]
 
     def body(i, carry):
@@ -420,8 +421,9 @@ class Fetch(NamedTuple):
     each block; normally pinned_host memory, read in place), cis [L, B, T, Hk] float32 (the eviction
     score history: a loaded block's bias rows), loads [B, Hk, K] int32 (the block entry k of
     block_ids must load into its slot, or -1: a hit or unused; a load's id equals the entry's), and
-    the new token: new_k, new_v [B, Hk, D], new_cis [B, Hk], new_row [B, Hk] int32 (its pool row,
-    inside the slot of one entry, or -1: none); count [B, Hk] int32, all zero, or None: the
+    the new token: new_k [B, Hk, D], new_v [B, X >= Hk, D] (the values are its last Hk heads: the
+    model passes its whole q|k|v projection, whose slice would be a copy before the kernel), new_cis
+    [B, Hk], new_row [B, Hk] int32 (its pool row, inside the slot of one entry, or -1: none); count [B, Hk] int32, all zero, or None: the
     in-kernel merge's counter, carried by the caller (returned, zero again), instead of a zeroed
     array made for each call."""
     host_kv: jax.Array
@@ -460,6 +462,9 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
     if fetch.loads.shape != (B, Hk, K) or fetch.new_row.shape != (B, Hk) or fetch.new_cis.shape != (B, Hk):
         raise ValueError(f"loads {fetch.loads.shape} / new_row {fetch.new_row.shape} / new_cis {fetch.new_cis.shape} "
                          f"must be {(B, Hk, K)} / {(B, Hk)} / {(B, Hk)}")
+    nk, nv = fetch.new_k.shape, fetch.new_v.shape
+    if nk != (B, Hk, q.shape[-1]) or len(nv) != 3 or nv[0] != B or nv[1] < Hk or nv[2] != q.shape[-1]:
+        raise ValueError(f"new_k {nk} / new_v {nv} must be {(B, Hk, q.shape[-1])} / [{B}, >= {Hk}, {q.shape[-1]}]")
     if fetch.count is not None and (fetch.count.shape != (B, Hk) or fetch.count.dtype != jnp.int32):
         raise ValueError(f"count {fetch.count.shape} {fetch.count.dtype} must be {(B, Hk)} int32")
     if bias_pool is None or K == 0:

@@ -261,7 +261,7 @@ def test_fused_qkv_projection_vs_numpy(tmp_path):
         for B, T in ((2, 5), (1, 1)):
             x = rng.standard_normal((B, T, H)).astype(np.float32)
             cos = jnp.ones((B, T, D), jnp.float32)  # cos 1, sin 0: no rotation
-            q, k, v, _ = attn.project(jnp.asarray(x), cos, jnp.zeros_like(cos))
+            q, k, v, *_ = attn.project(jnp.asarray(x), cos, jnp.zeros_like(cos))
             for got, m, heads in ((q, "q_proj", HQ), (k, "k_proj", HK), (v, "v_proj", HK)):
                 name = f"model.layers.{i}.self_attn.{m}"
                 want = x.astype(np.float64) @ sd[name + ".weight"].T.astype(np.float64) + sd[name + ".bias"]

@@ -106,13 +106,20 @@ def np_fetch(c):
                           c["bs"], new=(c["new_k"], c["new_v"], c["new_c"], c["rows"]))
 
 
-def run_fetch(c, *, host_kind="device", use_bias=True, count=None, **kw):
+def run_fetch(c, *, host_kind="device", use_bias=True, count=None, v_heads=None, **kw):
+    """v_heads: hand new_v over as [B, v_heads, D] with the values in its last Hk heads (as the
+    model passes its q|k|v projection), the heads before them random."""
     jd = jnp.dtype(c["dtype"])
+    new_v = c["new_v"]
+    if v_heads is not None:
+        B, Hk, D = new_v.shape
+        junk = np.random.default_rng(9).standard_normal((B, v_heads - Hk, D)).astype(new_v.dtype)
+        new_v = np.concatenate([junk, new_v], axis=1)
     host = jnp.asarray(c["host"], jd)
     if host_kind == "pinned_host":
         host = jax.device_put(host, SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
     fetch = Fetch(host_kv=host, cis=jnp.asarray(c["cis"]), loads=jnp.asarray(c["loads"]),
-                  new_k=jnp.asarray(c["new_k"], jd), new_v=jnp.asarray(c["new_v"], jd),
+                  new_k=jnp.asarray(c["new_k"], jd), new_v=jnp.asarray(new_v, jd),
                   new_cis=jnp.asarray(c["new_c"]), new_row=jnp.asarray(c["rows"]), count=count)
     return sparse_decode_attention_fetch(
         jnp.asarray(c["q"], jd), jnp.asarray(c["pk"], jd), jnp.asarray(c["pv"], jd), jnp.asarray(c["pb"]),
@@ -161,6 +168,16 @@ def test_fetch_carried_merge_counter(k_splits):
         run_fetch(c, k_splits=2, count=bad, interpret=True)
 
 
+def test_fetch_reads_the_values_from_the_projection():
+    """new_v given as the model's whole q|k|v projection [B, Hq + 2 Hk, D]: the kernel takes the new
+    token's values from its last Hk heads (the pools and output as with new_v alone); a new_v with
+    fewer than Hk heads is refused."""
+    c = make_fetch_case(np.random.default_rng(), G=4)
+    check_fetch(c, run_fetch(c, k_splits=2, v_heads=4 * 2 + 2 * 2, interpret=True))
+    with pytest.raises(ValueError, match="new_v"):
+        run_fetch(dict(c, new_v=c["new_v"][:, :1]), interpret=True)
+
+
 @pytest.mark.parametrize("G", [1, 16])
 def test_fetch_without_bias_in_the_logits(G):
     """The infllmv2 mode: the bias pool is still written (the same pool state) but not attended with."""
@@ -201,9 +218,9 @@ def test_fetch_argument_checks():
 
 def test_fetch_lowers_to_one_verified_triton_kernel():
     """At the 8B decode's sizes (B=16, 32/2 heads, D=128, blocks of 64, K=64, 8 splits, merge in the
-    kernel), cross-lowered for CUDA: one Triton call with the three pools aliased to its outputs
-    (plus the merge counter), the pinned_host store passed straight in, and the module passes the
-    Triton MLIR verifier."""
+    kernel, the values read from the q|k|v projection as the model hands them), cross-lowered for
+    CUDA: one Triton call with the three pools aliased to its outputs (plus the merge counter), the
+    pinned_host store passed straight in, and the module passes the Triton MLIR verifier."""
     L, B, Hq, Hk, D, bs, K, S, NB = 2, 16, 32, 2, 128, 64, 64, 128, 256
     sd = jax.ShapeDtypeStruct
     pin = SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
@@ -218,7 +235,7 @@ def test_fetch_lowers_to_one_verified_triton_kernel():
         f, sd((B, Hq, D), jnp.bfloat16), sd((L, B, S * bs, Hk, D), jnp.bfloat16),
         sd((L, B, S * bs, Hk, D), jnp.bfloat16), sd((L, B, S * bs, Hk), jnp.float32), sd((B, Hk, K), jnp.int32),
         sd((B, Hk, K), jnp.int32), sd((B,), jnp.int32), sd((L, B, NB * bs, Hk), jnp.float32),
-        sd((B, Hk, K), jnp.int32), sd((B, Hk, D), jnp.bfloat16), sd((B, Hk, D), jnp.bfloat16),
+        sd((B, Hk, K), jnp.int32), sd((B, Hk, D), jnp.bfloat16), sd((B, Hq + 2 * Hk, D), jnp.bfloat16),
         sd((B, Hk), jnp.float32), sd((B, Hk), jnp.int32))
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     assert len(calls) == 1 and len(modules) == 1 and "nosa_sparse_decode_fetch" in calls[0]
