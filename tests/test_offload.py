@@ -303,29 +303,6 @@ def test_decode_step_takes_constant_layer_indices():
     assert not iotas, iotas[:3]
 
 
-def test_fused_fetch_offload_equals_on_device_interpret():
-    """The Pallas model's offloaded step on the zero-copy loader path (interpret mode): the loads run
-    inside the attention kernel (`sparse_decode_attention_fetch`), whose splits are merged by the
-    last program with the counter the cache carries through the layers and steps. Same greedy
-    tokens and logits as the on-device Pallas decode (a counter left non-zero would keep every
-    later call from merging)."""
-    from nosa_jax.model import from_params
-    from nosa_jax.offload import num_selected
-    from pallas_kernels.sparse_decode import KERNEL_MERGE_MAX_SPLITS, plan_splits
-
-    cfg = triton_small_config()
-    params = nnx.to_pure_dict(nnx.state(random_model(cfg, "nosa", seed=5), nnx.Param))
-    model = from_params(cfg, params, mode="nosa", impl="pallas", interpret=True)
-    n_new = 8
-    K = num_selected(cfg, max(map(len, PROMPTS)) + n_new)
-    assert 1 < plan_splits(len(PROMPTS), cfg.num_key_value_heads, K, None)[0] <= KERNEL_MERGE_MAX_SPLITS
-    ref = generate(model, PROMPTS, max_new_tokens=n_new, eos_ids=[], save_logits=True)
-    off = generate(model, PROMPTS, max_new_tokens=n_new, eos_ids=[], save_logits=True,
-                   kv_offload=OffloadSettings(loader="pallas"))
-    assert off.tokens == ref.tokens
-    np.testing.assert_allclose(off.logits, ref.logits, atol=1e-5 * np.abs(ref.logits).max(), rtol=0)
-
-
 def _scan_unrolls(fn, *args) -> list[int]:
     """The `unroll` of every scan in fn's jaxpr (sub-jaxprs included), outer scans first."""
     found = []
