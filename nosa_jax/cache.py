@@ -11,6 +11,9 @@ T = allocated tokens, C = allocated windows):
   cisw     [L, B, C, Hk]     float32       cis window means; C = 0 unless `nosa` mode
   length   [B]               int32         tokens held per sequence
   rope_len [B]               int32         each sequence's final length (length-dependent RoPE)
+  merge_count [B, Hk]        int32         always zero between calls: the Pallas decode kernel's split
+                                           counter (`sparse_decode_attention(count=...)`), carried
+                                           through the layers and steps so that no step zeroes one
 
 Compressed windows are maintained incrementally (spec 2.3, 2.6): when tokens [start, start + Tc)
 are written, exactly the windows they complete are recomputed from the keys already in the cache
@@ -38,11 +41,12 @@ class KVCache:
     cisw: jax.Array
     length: jax.Array
     rope_len: jax.Array  # [B] length at which length-dependent RoPE is evaluated per sequence
+    merge_count: jax.Array  # [B, Hk] zeros: the decode kernel's carried split counter
     capacity: int  # tokens a sequence may hold (static)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "cis", "ktilde", "cisw", "length", "rope_len"],
-                                 meta_fields=["capacity"])
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "cis", "ktilde", "cisw", "length", "rope_len",
+                                                       "merge_count"], meta_fields=["capacity"])
 
 
 def allocation(cfg: ModelConfig, capacity: int) -> tuple[int, int]:
@@ -73,6 +77,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str, ro
         length=jnp.zeros((batch,), jnp.int32),
         rope_len=(jnp.full((batch,), capacity, jnp.int32) if rope_len is None
                   else jnp.asarray(rope_len, jnp.int32).reshape(batch)),
+        merge_count=jnp.zeros((batch, Hk), jnp.int32),
         capacity=capacity,
     )
 

@@ -182,14 +182,14 @@ class Attention(nnx.Module):
         The cache is a `KVCache` (on the device) or an `OffloadedKV` (decode only, Tc == 1).
         """
         q, k, v, cis, heads = self.project(x, cos, sin)
-        if isinstance(cache, OffloadedKV):  # decode against the host-offloaded cache; v from `heads`: a
-            # slice of the projection handed to the fetching kernel would be a copy per layer
+        # the Pallas kernels read v from `heads`: a slice of the projection handed to a kernel is a copy
+        if isinstance(cache, OffloadedKV):  # decode against the host-offloaded cache
             o, ids, cache = offload_decode_attend(q, k, heads, cis, layer, cache, start, self.cfg.nosa, settings)
         elif settings.impl == "pallas":
             from pallas_kernels import decode_cache_write  # cache_write, or its one-kernel decode path
 
-            cache = decode_cache_write(cache, layer, start, k, v, cis, self.cfg.nosa, interpret=settings.interpret)
-            o, ids = attend_pallas(q, layer, cache, start, self.cfg.nosa, settings)
+            cache = decode_cache_write(cache, layer, start, k, heads, cis, self.cfg.nosa, interpret=settings.interpret)
+            o, ids, cache = attend_pallas(q, layer, cache, start, self.cfg.nosa, settings)
         else:
             cache = cache_write(cache, layer, start, k, v, cis, self.cfg.nosa)
             o, ids = attend(q, layer, cache, start, self.cfg.nosa, settings)
@@ -274,7 +274,8 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
 def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):
     """`attend` with the Pallas kernels: decode selection and block-sparse attention read the
     stacked cache in place (no per-layer slice); prefill chunks select with the jnp reference and
-    attend with the block-sparse prefill kernel. Same contract and results as `attend`."""
+    attend with the block-sparse prefill kernel. Same results as `attend`; returns (o, ids, cache):
+    the decode kernel's split counter is carried in the cache (`KVCache.merge_count`)."""
     from pallas_kernels import decode_select, sparse_decode_attention, sparse_prefill_attention
 
     mode, interp = settings.mode, settings.interpret
@@ -295,10 +296,10 @@ def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: Atte
                                     nosa.num_windows(kv_len, n), kv_len, layer, nosa_cfg=n, n_blocks=n_blocks,
                                     mode=mode, interpret=interp)
         with jax.named_scope("nosa_attend"):
-            o = sparse_decode_attention(q[:, 0], cache.k, cache.v, bias, ids, ids, pos, layer,
-                                        block_size=n.block_size, interpret=interp)[:, None]
+            o, count = sparse_decode_attention(q[:, 0], cache.k, cache.v, bias, ids, ids, pos, layer,
+                                               block_size=n.block_size, interpret=interp, count=cache.merge_count)
         ids = ids[:, :, None] if mode != "full" else jnp.zeros((B, Hk, 1, 0), jnp.int32)
-        return o, ids
+        return o[:, None], ids, dataclasses.replace(cache, merge_count=count)
 
     ktilde = cache.ktilde[layer] if mode != "full" else None
     cisw = cache.cisw[layer] if mode == "nosa" else None
@@ -309,7 +310,7 @@ def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: Atte
                                      block_size=n.block_size, interpret=interp)
         return o, (jnp.zeros((B, Hk, q_i.shape[1], 0), jnp.int32) if ids is None else ids)
 
-    return map_query_chunks(one_chunk, q, q_pos, settings.q_chunk)
+    return *map_query_chunks(one_chunk, q, q_pos, settings.q_chunk), cache
 
 
 class MLP(nnx.Module):

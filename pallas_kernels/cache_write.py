@@ -71,7 +71,8 @@ def _write_kernel(layer_ref, pos_ref, win_ref, k_ref, v_ref, cis_ref, *refs, T: 
     @pl.when(pos < T)
     def _token():
         pltriton.store(kc.at[layer, b, pos, h, :], pltriton.load(k_ref.at[b, h, :]))
-        pltriton.store(vc.at[layer, b, pos, h, :], pltriton.load(v_ref.at[b, h, :]))
+        v_head = h + v_ref.shape[1] - k_ref.shape[1]  # v's values are its last Hk heads
+        pltriton.store(vc.at[layer, b, pos, h, :], pltriton.load(v_ref.at[b, v_head, :]))
         pltriton.store(cc.at[layer, b, pl.ds(pos, 1), h], pltriton.load(cis_ref.at[b, pl.ds(h, 1)]))
 
     if n_kt:
@@ -114,12 +115,16 @@ def _in_place_call(kernel, grid, args, state, name: str, interpret: bool):
 
 def decode_cache_write(cache: KVCache, layer, start: jax.Array, k: jax.Array, v: jax.Array, cis: jax.Array,
                        n: NosaConfig, *, impl: str | None = None, interpret: bool = False) -> KVCache:
-    """`cache_write(cache, layer, start, k, v, cis, n)`, the same cache bit for bit; where
-    `in_place(k.shape[1], impl)` the rows are stored by one kernel. interpret: Pallas interpret
-    mode (CPU tests)."""
-    if not in_place(k.shape[1], impl):
-        return cache_write(cache, layer, start, k, v, cis, n)
+    """`cache_write(cache, layer, start, k, v[:, :, -Hk:], cis, n)`, the same cache bit for bit; where
+    `in_place(k.shape[1], impl)` the rows are stored by one kernel. v: [B, Tc, X >= Hk, D], the
+    values in its last Hk heads (the model passes its whole q|k|v projection: the kernel reads them
+    there, where a slice would be one more copy per layer). interpret: Pallas interpret mode (CPU
+    tests)."""
     B, _, Hk, D = k.shape
+    if v.ndim != 4 or v.shape[2] < Hk or v.shape[:2] != k.shape[:2] or v.shape[3] != D:
+        raise ValueError(f"v {v.shape} must be [{B}, {k.shape[1]}, >= {Hk}, {D}] (the values in its last {Hk} heads)")
+    if not in_place(k.shape[1], impl):
+        return cache_write(cache, layer, start, k, v[:, :, v.shape[2] - Hk:], cis, n)
     T, n_kt, n_cw = cache.k.shape[2], cache.ktilde.shape[2], cache.cisw.shape[2]
     pos = jnp.asarray(start, jnp.int32)
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)

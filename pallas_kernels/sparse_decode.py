@@ -39,9 +39,9 @@ Structure (flash-decoding / split-K):
     f32). A loop over single splits would cost one dependent L2 round trip per split (Triton's
     lowering of fori_loop cannot unroll) - 64 at B=1 - in the one program per (b, h) that merges;
     this way it is 1 + ceil(k_splits / C) (C = 4 at Gp=16, D=128). No XLA op follows the kernel.
-    Since the kernel leaves the counter zero, a caller may carry it from call to call (the fetching
-    variant's `Fetch.count`: the offloaded cache keeps one); otherwise each call zeroes a fresh one
-    with `jnp.zeros`, which XLA turns into one constant copied before each in-place use (a 1 us
+    Since the kernel leaves the counter zero, a caller may carry it from call to call (`count=` here,
+    `Fetch.count` in the fetching variant; both caches keep one); otherwise each call zeroes a fresh
+    one with `jnp.zeros`, which XLA turns into one constant copied before each in-place use (a 1 us
     memcpy per layer in the 8B decode step, seen in its optimized HLO in session 27).
     Memory ordering: Pallas Triton lowers the atomic to `tt.atomic_rmw add, acq_rel, gpu` (see
     `_atomic_rmw` in jax/_src/pallas/triton/lowering.py), which Triton issues from ONE thread of the
@@ -383,7 +383,7 @@ def merge_splits(o, m, l, G: int, dtype):
 def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, *,
                             block_size: int, k_splits: int | None = None, num_warps: int = 4,
                             num_stages: int = 2, interpret: bool = False, backend: str = "triton",
-                            merge: str | None = None) -> jax.Array:
+                            merge: str | None = None, count: jax.Array | None = None):
     """Block-sparse decode attention over the stacked KV pool (Pallas/Triton, split-K).
 
     q: [B, Hq, D]; k_pool, v_pool: [L, B, T, Hk, D]; bias_pool: [L, B, T, Hk] float32 or None;
@@ -396,23 +396,34 @@ def sparse_decode_attention(q, k_pool, v_pool, bias_pool, block_ids, slots, q_po
     last program of each (b, h) merges, see the module docstring) or "auto" ("kernel" up to
     KERNEL_MERGE_MAX_SPLITS splits, measured faster there, else "jnp"); None -> DEFAULT_MERGE. The
     Mosaic backend always merges in jnp ("auto" included).
+    count: None, or a [B, Hk] int32 array of zeros that the caller carries from call to call: the
+    in-kernel merge's counter (module docstring), which the kernel leaves zero again; then the
+    result is (out, count after the call).
     """
     _check_merge(merge)
+    _check_count(count, q.shape[0], k_pool.shape[3])
     if backend == "mosaic":
         if merge == "kernel":
             raise ValueError("merge='kernel' is only implemented for backend='triton' (the Mosaic backend "
                              "merges the splits in jnp)")
         from pallas_kernels.sparse_decode_mgpu import sparse_decode_attention_mgpu
-        return sparse_decode_attention_mgpu(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
-                                            block_size=block_size, k_splits=k_splits, interpret=interpret)
+        out = sparse_decode_attention_mgpu(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
+                                           block_size=block_size, k_splits=k_splits, interpret=interpret)
+        return out if count is None else (out, count)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'mosaic'")
     check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     if block_ids.shape[-1] == 0:
-        return jnp.zeros_like(q)
-    return _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, None,
-                          add_bias=bias_pool is not None, block_size=block_size, k_splits=k_splits,
-                          num_warps=num_warps, num_stages=num_stages, interpret=interpret, merge=merge)[0]
+        return jnp.zeros_like(q) if count is None else (jnp.zeros_like(q), count)
+    out, count = _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, None, count,
+                                add_bias=bias_pool is not None, block_size=block_size, k_splits=k_splits,
+                                num_warps=num_warps, num_stages=num_stages, interpret=interpret, merge=merge)
+    return out if count is None else (out, count)
+
+
+def _check_count(count, B: int, Hk: int) -> None:
+    if count is not None and (count.shape != (B, Hk) or count.dtype != jnp.int32):
+        raise ValueError(f"count {count.shape} {count.dtype} must be {(B, Hk)} int32 (zeros, carried by the caller)")
 
 
 class Fetch(NamedTuple):
@@ -423,9 +434,8 @@ class Fetch(NamedTuple):
     block_ids must load into its slot, or -1: a hit or unused; a load's id equals the entry's), and
     the new token: new_k [B, Hk, D], new_v [B, X >= Hk, D] (the values are its last Hk heads: the
     model passes its whole q|k|v projection, whose slice would be a copy before the kernel), new_cis
-    [B, Hk], new_row [B, Hk] int32 (its pool row, inside the slot of one entry, or -1: none); count [B, Hk] int32, all zero, or None: the
-    in-kernel merge's counter, carried by the caller (returned, zero again), instead of a zeroed
-    array made for each call."""
+    [B, Hk], new_row [B, Hk] int32 (its pool row, inside the slot of one entry, or -1: none); and
+    count: as `sparse_decode_attention`'s (None, or the carried [B, Hk] int32 zeros)."""
     host_kv: jax.Array
     cis: jax.Array
     loads: jax.Array
@@ -465,23 +475,22 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
     nk, nv = fetch.new_k.shape, fetch.new_v.shape
     if nk != (B, Hk, q.shape[-1]) or len(nv) != 3 or nv[0] != B or nv[1] < Hk or nv[2] != q.shape[-1]:
         raise ValueError(f"new_k {nk} / new_v {nv} must be {(B, Hk, q.shape[-1])} / [{B}, >= {Hk}, {q.shape[-1]}]")
-    if fetch.count is not None and (fetch.count.shape != (B, Hk) or fetch.count.dtype != jnp.int32):
-        raise ValueError(f"count {fetch.count.shape} {fetch.count.dtype} must be {(B, Hk)} int32")
+    _check_count(fetch.count, B, Hk)
     if bias_pool is None or K == 0:
         raise ValueError("the fetching kernel needs the bias pool (it writes the loaded blocks' scores) and K > 0")
     f = fetch._replace(loads=fetch.loads.astype(jnp.int32), new_row=fetch.new_row.astype(jnp.int32),
                        new_k=fetch.new_k.astype(k_pool.dtype), new_v=fetch.new_v.astype(v_pool.dtype),
                        new_cis=fetch.new_cis.astype(bias_pool.dtype))
-    return _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, f, add_bias=use_bias,
-                          block_size=block_size, k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
-                          interpret=interpret, merge=merge)
+    return _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, f, f.count,
+                          add_bias=use_bias, block_size=block_size, k_splits=k_splits, num_warps=num_warps,
+                          num_stages=num_stages, interpret=interpret, merge=merge)
 
 
-def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch | None, *,
-                   add_bias: bool, block_size: int, k_splits, num_warps: int, num_stages: int, interpret: bool,
-                   merge: str | None) -> list:
-    """The Triton kernel's call; returns [out] or, with `fetch`, [out, k_pool, v_pool, bias_pool,
-    count] (count: `fetch.count` after the call)."""
+def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer, fetch: Fetch | None,
+                   count: jax.Array | None, *, add_bias: bool, block_size: int, k_splits, num_warps: int,
+                   num_stages: int, interpret: bool, merge: str | None) -> list:
+    """The Triton kernel's call; returns [out, count] or, with `fetch`, [out, k_pool, v_pool,
+    bias_pool, count] (count: the carried counter after the call, or None if none was given)."""
     B, Hq, D, Hk, K = check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     G = Hq // Hk
     Gp = max(16, next_pow2(G))
@@ -500,7 +509,6 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
     if merge == "auto":
         merge = "kernel" if ks <= KERNEL_MERGE_MAX_SPLITS else "jnp"
     in_kernel = not normalize and merge == "kernel"
-    carried = fetch is not None and fetch.count is not None  # the caller's counter (else a fresh one)
     kernel = functools.partial(_decode_kernel, block_size=block_size, per_split=per, num_entries=K,
                                scale=1.0 / math.sqrt(D), has_bias=has_bias, add_bias=add_bias, fetch=fetch is not None,
                                group=G, Gp=Gp, normalize=normalize, merge_splits_here=ks if in_kernel else 0,
@@ -519,7 +527,7 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
         out_specs = [pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0))]
     elif in_kernel:  # final output, partials (read back by the last program: whole arrays), counter
         aliases = {len(args): 4}
-        args.append(fetch.count if carried else jnp.zeros((B, Hk), jnp.int32))
+        args.append(jnp.zeros((B, Hk), jnp.int32) if count is None else count)  # the caller's, or a fresh one
         out_shape = [jax.ShapeDtypeStruct((B, Hq, D), q.dtype), *partial_shape,
                      jax.ShapeDtypeStruct((B, Hk), jnp.int32)]
         out_specs = [any_spec] * 5
@@ -552,9 +560,7 @@ def _triton_decode(q, k_pool, v_pool, bias_pool, block_ids, slots, q_pos, layer,
         out = main[0]
     else:  # merge the splits (only the G real rows; the padding rows were never written)
         out = merge_splits(*main, G, q.dtype)
-    if fetch is None:
-        return [out]
-    return [out] + pools + [main[4] if in_kernel and carried else fetch.count]
+    return [out] + pools + [main[4] if in_kernel and count is not None else count]
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))

@@ -20,7 +20,8 @@ def _random_cache(cfg, batch, capacity, dtype, mode, seed):
     """A cache whose every entry holds random values (so a missed or misplaced write shows)."""
     rng = np.random.default_rng(seed)
     c = init_cache(cfg, batch, capacity, dtype, mode)
-    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype) if a.ndim > 1 else a, c)
+    rand = lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype)  # noqa: E731
+    return jax.tree.map(lambda a: rand(a) if a.ndim > 1 and jnp.issubdtype(a.dtype, jnp.floating) else a, c)
 
 
 def _token(cfg, batch, seed):
@@ -52,6 +53,12 @@ def test_equals_cache_write_cpu_interpret(mode, layer):
     want = cache_write(cache, layer, start, k, v, cis, n)
     got = decode_cache_write(cache, layer, start, k, v, cis, n, impl="pallas", interpret=True)
     _assert_same(got, want)
+    # v handed over as the model's q|k|v projection: the values are its last Hk heads
+    junk = jnp.asarray(np.random.default_rng(layer).standard_normal((5, 1, 3, v.shape[-1])), v.dtype)
+    heads = jnp.concatenate([junk, v], axis=2)
+    _assert_same(decode_cache_write(cache, layer, start, k, heads, cis, n, impl="pallas", interpret=True), want)
+    with pytest.raises(ValueError, match="last"):
+        decode_cache_write(cache, layer, start, k, v[:, :, :1], cis, n, impl="pallas", interpret=True)
     # the reference wrote something at each in-range row (the comparison is not between no-ops)
     changed = np.asarray(want.k[layer, :4] != cache.k[layer, :4]).any(axis=(-1, -2))  # [4, T]
     assert changed[np.arange(4), np.asarray(start[:4])].all()
@@ -70,14 +77,17 @@ def test_prefill_chunks_and_xla_impl_take_cache_write():
     k1, v1, c1 = _token(cfg, 2, seed=5)
     _assert_same(decode_cache_write(cache, 0, start, k1, v1, c1, n, impl="xla"),
                  cache_write(cache, 0, start, k1, v1, c1, n))
+    _assert_same(decode_cache_write(cache, 0, start, k1, jnp.concatenate([k1, v1], axis=2), c1, n, impl="xla"),
+                 cache_write(cache, 0, start, k1, v1, c1, n))  # values in the last Hk heads
     with pytest.raises(ValueError, match="impl"):
         decode_cache_write(cache, 0, start, k1, v1, c1, n, impl="triton")
 
 
 @pytest.mark.parametrize("mode", ["nosa", "infllmv2"])
 def test_lowers_to_one_in_place_triton_kernel(mode):
-    """8B cache shape (32 layers cut to 4, B=16, 16K, Hk=2, D=128): one Triton kernel, grid (B, Hk),
-    every cache operand aliased to its output and passed whole (the layer is picked in-kernel).
+    """8B cache shape (32 layers cut to 4, B=16, 16K, Hk=2, D=128; v as the model hands it, the
+    q|k|v projection's 36 heads): one Triton kernel, grid (B, Hk), every cache operand aliased to
+    its output and passed whole (the layer is picked in-kernel).
     (The window means read 32 rows of one layer through a slice that XLA fuses into their gather;
     the GPU test checks that no layer is materialised.)"""
     from nosa_jax.config import ModelConfig
@@ -86,7 +96,7 @@ def test_lowers_to_one_in_place_triton_kernel(mode):
                       num_attention_heads=32, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768)
     cache = jax.eval_shape(lambda: init_cache(cfg, 16, 16384, jnp.bfloat16, mode))
     sd = jax.ShapeDtypeStruct
-    tok = (sd((16, 1, 2, 128), jnp.bfloat16), sd((16, 1, 2, 128), jnp.bfloat16), sd((16, 1, 2), jnp.float32))
+    tok = (sd((16, 1, 2, 128), jnp.bfloat16), sd((16, 1, 36, 128), jnp.bfloat16), sd((16, 1, 2), jnp.float32))
     txt, modules = verified_triton_modules(
         lambda c, layer, start, k, v, cis: decode_cache_write(c, layer, start, k, v, cis, cfg.nosa, impl="pallas"),
         cache, sd((), jnp.int32), sd((16,), jnp.int32), *tok)

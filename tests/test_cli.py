@@ -138,7 +138,8 @@ def test_plan(demo_dir, tmp_path, capsys):
     plan = json.loads(out.read_text())
     L, Hk, D, bs = 2, 2, 32, 16  # the demo config
     T = -(-1000 // bs) * bs  # tokens allocated: whole blocks
-    dense = L * T * Hk * (2 * D * 4 + 4) + 8  # K, V and the eviction score per token (float32); length, rope_len
+    # K, V and the eviction score per token (float32); length, rope_len; the decode kernel's split counter
+    dense = L * T * Hk * (2 * D * 4 + 4) + 8 + Hk * 4
     assert plan["dense"]["device_bytes_per_seq"] == dense
     weights = plan["weights_bytes"]
     assert plan["dense"]["max_batch"] == (int(0.03 * 2**30) - weights) // dense

@@ -302,11 +302,12 @@ def test_bf16_cache_ktilde_is_rounded_window_mean(mode):
     for b, p in enumerate(prompts):
         for layer in range(cfg.num_hidden_layers):
             _check_bf16_window_means(cache.k[layer, b], cache.ktilde[layer, b], len(p) + new, cfg)
-    # bytes: k, v and ktilde in bf16; cis (and cisw in nosa mode) float32; length and rope_len int32
+    # bytes: k, v and ktilde in bf16; cis (and cisw in nosa mode) float32; length, rope_len and the
+    # decode kernel's split counter int32
     B, cap = 3, 200
     L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     T, C = allocation(cfg, cap)
-    want = 2 * L * B * T * Hk * D * 2 + L * B * T * Hk * 4 + L * B * C * Hk * D * 2 + 2 * B * 4
+    want = 2 * L * B * T * Hk * D * 2 + L * B * T * Hk * 4 + L * B * C * Hk * D * 2 + 2 * B * 4 + B * Hk * 4
     want += L * B * C * Hk * 4 if mode == "nosa" else 0
     assert cache_bytes(cfg, B, cap, jnp.bfloat16, mode) == want
     assert cache_bytes(cfg, B, cap, jnp.float32, mode) == want + L * B * T * Hk * D * 4 + L * B * C * Hk * D * 2

@@ -326,6 +326,25 @@ def test_kernel_merge_is_repeatable():
     check(out, ref, npo)
 
 
+@pytest.mark.parametrize("merge", MERGES)
+def test_carried_counter(merge):
+    """count= (the split counter a cache carries): each of three calls matches the references, the
+    counter comes back all zero, and a carried counter that was not reset would make the next
+    in-kernel merge skip (so the second call would fail). A wrong shape or dtype is refused."""
+    rng = np.random.default_rng()
+    count = jnp.zeros((3, 2), jnp.int32)
+    for _ in range(3):
+        case, bs = make_case(rng, B=3, Hk=2, G=4, K=7, n_logical=11)
+        out, count = sparse_decode_attention(**case, block_size=bs, k_splits=3, interpret=True, merge=merge,
+                                             count=count)
+        _, ref, npo = run_all(case, bs, k_splits=3, merge=merge)
+        check(np.asarray(out.astype(jnp.float32)), ref, npo)
+        np.testing.assert_array_equal(np.asarray(count), np.zeros((3, 2), np.int32))
+    for bad in (jnp.zeros((3, 3), jnp.int32), jnp.zeros((3, 2), jnp.float32)):
+        with pytest.raises(ValueError, match="count"):
+            sparse_decode_attention(**case, block_size=bs, interpret=True, count=bad)
+
+
 def test_merge_argument_checked():
     rng = np.random.default_rng()
     case, bs = make_case(rng, G=4, bs=8, poison=False)
