@@ -458,7 +458,8 @@ def sparse_decode_attention_fetch(q, k_pool, v_pool, bias_pool, block_ids, slots
     the PCIe reads of the misses overlap the attention over the hits instead of preceding it.
     Returns (out [B, Hq, D], k_pool, v_pool, bias_pool, count), the pools updated in place (aliased)
     exactly as load_blocks updates them, and `fetch.count` after the call (all zero; None if None).
-    bias_pool is always written; use_bias: whether it enters the logits (False: the infllmv2 mode). Triton backend only; arguments as `sparse_decode_attention`."""
+    bias_pool is always written; use_bias: whether it enters the logits (False: the infllmv2 mode).
+    Triton backend only; arguments as `sparse_decode_attention`."""
     _check_merge(merge)
     check_args(q, k_pool, v_pool, bias_pool, block_ids, slots, block_size)
     B, Hk, K = block_ids.shape
