@@ -24,6 +24,7 @@ kernel actually scores (tile union x rows) / pairs selected (the union's overhea
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -239,6 +240,7 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
     patterns = ["nosa"] if quick else ["shared", "nosa", "indep"]
     variants = [{}] + (SWEEP if sweep else [])
     rng = np.random.default_rng(0)
+    attn_ms: dict[str, float] = {}  # the sparse attention's time per case (pattern nosa, default tiling)
     for case, start, Tc in cases:
         q_pos_np = np.arange(start, start + Tc, dtype=np.int32)
         q = q_full[:, start:start + Tc]
@@ -283,10 +285,84 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
                 records.append(record(f"{NAME}/sparse", s, "tflops_selected", tflops, "TFLOP/s"))
                 rows.append([case, label, sett, f"{ms:.3f}", f"{kern_ms:.3f}" if kern_ms else "-", f"{ns:.5f}",
                              f"{ratio:.2f}", comp, f"{tflops:.0f}"])
+                if pattern == "nosa" and not kw:
+                    attn_ms[case] = ms
             except Exception as e:  # noqa: BLE001
                 rows.append([case, label, sett, f"FAILED: {type(e).__name__}: {e}"[:200], "-", "-", "-", "-", "-"])
                 traceback.print_exc()
+    run_selection(records, rows, q_full, cases, attn_ms, iters)
     return rows
+
+
+# ------------------------------------------------------------------ the selection path
+
+SELECT_CHUNKS = (256, 4096, None)  # queries per selection call (None: the whole case at once)
+
+
+def _chunked(fn, q, q_pos, chunk: int):
+    """fn(q_i [1, c, Hq, D], pos_i [1, c]) -> ids [1, Hk, c, K] over chunks of `chunk` queries."""
+    B, Tc = q_pos.shape
+    n = Tc // chunk
+    qc = jnp.moveaxis(q.reshape(B, n, chunk, HQ, D), 1, 0)
+    pc = jnp.moveaxis(q_pos.reshape(B, n, chunk), 1, 0)
+    ids = jax.lax.map(lambda a: fn(*a), (qc, pc))  # [n, B, Hk, chunk, K]
+    return jnp.moveaxis(ids, 0, 2).reshape(B, HK, Tc, -1)
+
+
+def run_selection(records: list, rows: list, q_full, cases, attn_ms: dict, iters: int) -> None:
+    """The prefill selection path (stage-1 scores, pooling, two-stage top-k, mode nosa) of each case:
+    the Pallas path (pallas_kernels.selection_prefill) and the jnp reference (nosa.select_blocks, as
+    the model ran it before: 256 queries per call), against the sparse attention time of the same
+    case (issue 4: selection <= half the attention). Also the share of (kv head, token) rows whose
+    ids differ between the two (near ties in float32; expected ~0)."""
+    from nosa_jax import nosa
+    from nosa_jax.config import NosaConfig
+    from pallas_kernels.selection_prefill import prefill_select
+
+    cfg = NosaConfig()
+    C = (T_POOL - cfg.kernel_size) // cfg.kernel_stride + 1
+    k1, k2 = jax.random.split(jax.random.key(1))
+    kt_pool = jax.random.normal(k1, (L, 1, C, HK, D), jnp.bfloat16) * 2
+    cw_pool = jax.random.normal(k2, (L, 1, C, HK), jnp.float32)
+    layer = jnp.int32(LAYER)
+    n_blocks = T_POOL // BS
+    for case, start, Tc in cases:
+        q = q_full[:, start:start + Tc]
+        q_pos = jnp.arange(start, start + Tc, dtype=jnp.int32)[None]
+        kv_len = jnp.asarray([start + Tc], jnp.int32)
+
+        def pallas(q_i, p_i):
+            return prefill_select(q_i, p_i, kt_pool, cw_pool, kv_len, layer, nosa_cfg=cfg, n_blocks=n_blocks,
+                                  mode="nosa")
+
+        def reference(q_i, p_i):
+            return nosa.select_blocks(q_i, p_i, kt_pool[LAYER], cw_pool[LAYER], kv_len, n_blocks, cfg, "nosa")
+
+        chunks = sorted({c or Tc for c in SELECT_CHUNKS if (c or Tc) <= Tc})
+        runs = [("reference", reference, 256)] + [("pallas", pallas, c) for c in chunks]
+        ids = {}
+        for impl, f, chunk in runs:
+            label = f"select {impl}"
+            sett = f"chunk={chunk}"
+            try:
+                fn = functools.partial(_chunked, f, chunk=chunk)
+                ids[impl] = np.asarray(jax.jit(fn)(q, q_pos))
+                ms, _, how = device_time(fn, (q, q_pos), iters)
+                att = attn_ms.get(case)
+                share = ms / att if att else float("nan")
+                s = dict(case=case, chunk=chunk, start=start, context=CONTEXT, impl=impl, mode="nosa", timing=how,
+                         hq=HQ, hk=HK, head_dim=D, block_size=BS, topk=K)
+                records.append(record(f"{NAME}/select", s, "time", ms, "ms"))
+                records.append(record(f"{NAME}/select", s, "time_vs_sparse_attention", share, "x"))
+                rows.append([case, label, sett, f"{ms:.3f}", "-", "-", f"sel/attn {share:.2f}", "-", "-"])
+            except Exception as e:  # noqa: BLE001
+                rows.append([case, label, sett, f"FAILED: {type(e).__name__}: {e}"[:200], "-", "-", "-", "-", "-"])
+                traceback.print_exc()
+        if "reference" in ids and "pallas" in ids:
+            differ = float(np.mean(np.any(ids["reference"] != ids["pallas"], axis=-1)))
+            records.append(record(f"{NAME}/select", dict(case=case, mode="nosa"), "rows_differing", differ, "fraction"))
+            rows.append([case, "select pallas vs reference", "ids", f"rows differing {differ:.2e}", "-", "-", "-",
+                         "-", "-"])
 
 
 if __name__ == "__main__":

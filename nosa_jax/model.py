@@ -272,11 +272,11 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
 
 
 def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):
-    """`attend` with the Pallas kernels: decode selection and block-sparse attention read the
-    stacked cache in place (no per-layer slice); prefill chunks select with the jnp reference and
-    attend with the block-sparse prefill kernel. Same results as `attend`; returns (o, ids, cache):
-    the decode kernel's split counter is carried in the cache (`KVCache.merge_count`)."""
-    from pallas_kernels import decode_select, sparse_decode_attention, sparse_prefill_attention
+    """`attend` with the Pallas kernels: selection and block-sparse attention read the stacked
+    cache in place (no per-layer slice), for decode and for prefill chunks. Same results as `attend`
+    (up to float32 near ties at a top-k boundary); returns (o, ids, cache): the decode kernel's split
+    counter is carried in the cache (`KVCache.merge_count`)."""
+    from pallas_kernels import decode_select, prefill_select, sparse_decode_attention, sparse_prefill_attention
 
     mode, interp = settings.mode, settings.interpret
     B, Tc, Hq, D = q.shape
@@ -301,11 +301,10 @@ def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: Atte
         ids = ids[:, :, None] if mode != "full" else jnp.zeros((B, Hk, 1, 0), jnp.int32)
         return o[:, None], ids, dataclasses.replace(cache, merge_count=count)
 
-    ktilde = cache.ktilde[layer] if mode != "full" else None
-    cisw = cache.cisw[layer] if mode == "nosa" else None
-
     def one_chunk(q_i, p_i):
-        ids = None if mode == "full" else nosa.select_blocks(q_i, p_i, ktilde, cisw, kv_len, n_blocks, n, mode)
+        ids = None if mode == "full" else prefill_select(
+            q_i, p_i, cache.ktilde, cache.cisw if mode == "nosa" else None, kv_len, layer, nosa_cfg=n,
+            n_blocks=n_blocks, mode=mode, interpret=interp)
         o = sparse_prefill_attention(q_i, p_i, cache.k, cache.v, bias, ids, kv_len, layer,
                                      block_size=n.block_size, interpret=interp)
         return o, (jnp.zeros((B, Hk, q_i.shape[1], 0), jnp.int32) if ids is None else ids)

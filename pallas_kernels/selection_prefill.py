@@ -1,0 +1,206 @@
+"""Prefill-time NOSA block selection (a chunk of query tokens per sequence) with a Pallas Triton kernel.
+
+Semantics are exactly those of `nosa_jax.nosa.select_blocks` (spec 2.4-2.7), its reference:
+
+  prefill_window_scores = nosa.stage1_scores(q, q_pos, ktilde_pool[layer], n_win)
+  prefill_select        = nosa.select_blocks(q, q_pos, ktilde_pool[layer], cisw_pool[layer], kv_len, ...)
+
+Why a kernel: the jnp reference materialises the logits of every (query head, token, window) in
+float32 ([B, Hk, G, Tc, C]: 16x the window scores it keeps), softmaxes and sums them in separate
+XLA passes, and ranks the blocks with three sorts per row. At prefill the stage-1 dot is the
+work: Tc x Hq x C x D multiply-adds per chunk, compute-bound (the compressed keys of one
+(sequence, kv head) are C x D x 2 bytes, L2-resident, and every query tile reads them).
+
+Plan:
+  kernel (grid B x Hk x token tiles): each program holds `tile_t` consecutive query tokens of one
+    (sequence, kv head) and all G heads of the group: R = tile_t * G_pad rows of q (G padded to a
+    power of two >= 16 with zero rows, masked). It walks the window tiles visible to its last
+    token twice, recomputing the logits q [R, D] x ktilde [block_c, D]^T the second time (flash
+    style; a logits round trip through memory would cost more than the dot):
+      pass 1  online softmax statistics per row (max, sum of exp) over the row's visible windows
+              (c < n_win and S c + K - 1 <= the token's position);
+      pass 2  p = exp(logit - max) / sum per row, summed over the G heads of each token (a reshape
+              [tile_t, G_pad, block_c] and a sum), stored as the window scores [tile_t, block_c];
+    then it stores exact zeros over the windows past its visible range (invisible windows score 0
+    in the reference too, and pooling reads them: the ties they make at the top-k's boundary must
+    be the reference's). The dot follows nosa.stage1_dot_dtype: bf16 / fp16 q and ktilde -> one
+    native tensor-core pass with float32 accumulation (exact products); float32 -> a float32-
+    accurate precision (selection._dot_precision).
+  pooling and forcing: nosa.pool_blocks on the window scores (one XLA fusion) and on the cis
+    window means (mode "nosa"), as the reference does.
+  top-k: the fused two-stage top-k kernel (pallas_kernels.topk.two_stage_select_pallas), one
+    program per (sequence, kv head, token) row.
+
+`interpret=True` runs the kernel on CPU (Pallas interpret mode).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from nosa_jax import nosa
+from nosa_jax.config import NosaConfig
+from pallas_kernels.lanes import next_pow2
+from pallas_kernels.selection import _dot, _dot_precision, _is_pow2
+from pallas_kernels.topk import two_stage_select_pallas
+
+NEG_INF = float("-inf")
+
+
+def _dot_nt(a, b, precision):
+    """a [M, D] @ b [N, D]^T accumulated in float32 (the 16-bit path contracts both operands' last
+    axis, which Triton lowers to a transposed shared-memory operand)."""
+    if isinstance(precision, str) and precision == "native":
+        return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return _dot(a, b.T, precision)
+
+
+def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int, tile_t: int, block_c: int,
+                   n_out_tiles: int, stride: int, ksize: int, sqrt_d: float, precision):
+    """One (sequence b, kv head h, token tile) program.
+
+    layer_ref [1] i32; nwin_ref [B] i32; pos_ref [tile_t] i32 (the tokens' positions, -1 for
+    padding); q_ref [R, D] (R = tile_t * G_pad rows, token-major, zero rows for heads >= G) in the
+    dot dtype; k_ref [L, C, D] (this b, h; read at the traced layer); o_ref [tile_t, C_pad] f32.
+    """
+    b = pl.program_id(0)
+    R, _ = q_ref.shape
+    g_pad = R // tile_t
+    layer = layer_ref[0]
+    n = nwin_ref[b]
+    pos = pos_ref[...]
+    row_pos = jnp.broadcast_to(pos[:, None], (tile_t, g_pad)).reshape(R, 1)
+    row_ok = (lax.broadcasted_iota(jnp.int32, (R, 1), 0) % g_pad) < G
+    # Windows visible to the tile's last token (the largest position): c < n, S c + K - 1 <= p.
+    p_max = jnp.max(pos)
+    n_vis = jnp.where(p_max >= ksize - 1, (jnp.maximum(p_max, ksize - 1) - (ksize - 1)) // stride + 1, 0)
+    n_tiles = (jnp.minimum(n_vis, n) + block_c - 1) // block_c
+
+    q = q_ref[...]
+    col = lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
+    krow = lax.broadcasted_iota(jnp.int32, (block_c, 1), 0)
+
+    def logits(t):
+        c0 = t * block_c
+        k = pltriton.load(k_ref.at[layer, pl.ds(c0, block_c), :], mask=(c0 + krow) < n, other=0.0)
+        s = _dot_nt(q, k, precision) / sqrt_d  # [R, block_c]
+        c = c0 + col
+        vis = row_ok & (c < n) & (stride * c + (ksize - 1) <= row_pos)
+        return jnp.where(vis, s, NEG_INF), vis
+
+    def stats(t, carry):
+        m, l = carry
+        s, _ = logits(t)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s - m_safe), axis=1, keepdims=True)
+        return m_new, l
+
+    m, l = lax.fori_loop(0, n_tiles, stats, (jnp.full((R, 1), NEG_INF, jnp.float32),
+                                             jnp.zeros((R, 1), jnp.float32)))
+    m = jnp.where(m == NEG_INF, 0.0, m)
+    l = jnp.where(l > 0, l, 1.0)
+
+    def write(t, carry):
+        s, vis = logits(t)
+        p = jnp.where(vis, jnp.exp(s - m) / l, 0.0)
+        o_ref[:, pl.ds(t * block_c, block_c)] = jnp.sum(p.reshape(tile_t, g_pad, block_c), axis=1)
+        return carry
+
+    lax.fori_loop(0, n_tiles, write, 0)
+
+    def zero(t, carry):
+        o_ref[:, pl.ds(t * block_c, block_c)] = jnp.zeros((tile_t, block_c), jnp.float32)
+        return carry
+
+    lax.fori_loop(n_tiles, n_out_tiles, zero, 0)
+
+
+def default_tile_t(G: int) -> int:
+    """Tokens per program: 64 rows of q (4 tokens at G = 16), at least one token."""
+    return max(1, 64 // max(16, next_pow2(G)))
+
+
+def prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, *, nosa_cfg: NosaConfig, interpret: bool = False,
+                          tile_t: int | None = None, block_c: int = 64, num_warps: int = 4, num_stages: int = 2,
+                          precision=None):
+    """Stage-1 window scores of a chunk of queries: nosa.stage1_scores(q, q_pos, ktilde_pool[layer], n_win).
+
+    q [B, Tc, Hq, D]; q_pos [B, Tc] int; ktilde_pool [L, B, C, Hk, D] (the model dtype; the layer
+    is read in place); n_win [B]; layer: int scalar (traced ok). Returns [B, Hk, Tc, C] float32.
+    """
+    B, Tc, Hq, D = q.shape
+    L, B2, C, Hk, D2 = ktilde_pool.shape
+    if B2 != B or D2 != D or Hq % Hk or q_pos.shape != (B, Tc):
+        raise ValueError(f"shape mismatch: q {q.shape}, q_pos {q_pos.shape}, ktilde_pool {ktilde_pool.shape}")
+    if not (_is_pow2(D) and D >= 16):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton dot, got {D}")
+    if not (_is_pow2(block_c) and block_c >= 16):
+        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+    G = Hq // Hk
+    g_pad = max(16, next_pow2(G))
+    tile_t = default_tile_t(G) if tile_t is None else int(tile_t)
+    if not _is_pow2(tile_t):
+        raise ValueError(f"tile_t must be a power of two, got {tile_t}")
+    if C == 0 or Tc == 0:
+        return jnp.zeros((B, Hk, Tc, C), jnp.float32)
+    t_pad = -(-Tc // tile_t) * tile_t
+    n_out_tiles = -(-C // block_c)
+
+    dot_dtype = nosa.stage1_dot_dtype(q.dtype, ktilde_pool.dtype)
+    prec = _dot_precision(precision, interpret, dot_dtype)
+    # [B, Hk, Tc * G_pad, D]: each (sequence, kv head)'s rows token-major, the group's heads padded.
+    qg = jnp.moveaxis(q.astype(dot_dtype).reshape(B, Tc, Hk, G, D), 2, 1)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, t_pad - Tc), (0, g_pad - G), (0, 0))).reshape(B, Hk, t_pad * g_pad, D)
+    pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, t_pad - Tc)), constant_values=-1)
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    R = tile_t * g_pad
+
+    kernel = functools.partial(_scores_kernel, G=G, tile_t=tile_t, block_c=block_c, n_out_tiles=n_out_tiles,
+                               stride=nosa_cfg.kernel_stride, ksize=nosa_cfg.kernel_size,
+                               sqrt_d=float(math.sqrt(D)), precision=prec)
+    in_specs = [
+        pl.BlockSpec((1,), lambda b, h, i: (0,)),
+        pl.BlockSpec((B,), lambda b, h, i: (0,)),
+        pl.BlockSpec((None, tile_t), lambda b, h, i: (b, i)),
+        pl.BlockSpec((None, None, R, D), lambda b, h, i: (b, h, i, 0)),
+        # The whole pool of one (b, h): a pointer, nothing is copied; the layer is picked inside.
+        pl.BlockSpec((L, None, C, None, D), lambda b, h, i: (0, b, 0, h, 0)),
+    ]
+    out_spec = pl.BlockSpec((None, None, tile_t, n_out_tiles * block_c), lambda b, h, i: (b, h, i, 0))
+    out_shape = jax.ShapeDtypeStruct((B, Hk, t_pad, n_out_tiles * block_c), jnp.float32)
+    compiler_params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    s1 = pl.pallas_call(
+        kernel, grid=(B, Hk, t_pad // tile_t), in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+        interpret=interpret, compiler_params=compiler_params, name="nosa_prefill_stage1_scores",
+    )(layer_arr, n_win.astype(jnp.int32), pos, qg, ktilde_pool)
+    return s1[:, :, :Tc, :C]
+
+
+def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
+                   mode: str, interpret: bool = False, **kw):
+    """Block ids of a chunk of queries: nosa.select_blocks(q, q_pos, ktilde_pool[layer],
+    cisw_pool[layer], kv_len, n_blocks, nosa_cfg, mode), with the window scores from the kernel
+    (`kw`: its tiling) and the fused two-stage top-k.
+
+    q [B, Tc, Hq, D]; q_pos [B, Tc]; ktilde_pool [L, B, C, Hk, D]; cisw_pool [L, B, C, Hk] (mode
+    "nosa"; ignored for "infllmv2"); kv_len [B]. Returns [B, Hk, Tc, min(topk, n_blocks)] int32.
+    """
+    if mode not in ("nosa", "infllmv2"):
+        raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
+    n_win = nosa.num_windows(kv_len, nosa_cfg)
+    s1 = prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, nosa_cfg=nosa_cfg, interpret=interpret, **kw)
+    b_qk = nosa.pool_blocks(s1, q_pos, n_win, n_blocks, nosa_cfg)
+    b_cis = None
+    if mode == "nosa":
+        cw = jnp.moveaxis(lax.dynamic_index_in_dim(cisw_pool, layer, 0, keepdims=False), 2, 1)[:, :, None, :]
+        b_cis = nosa.pool_blocks(cw, q_pos, n_win, n_blocks, nosa_cfg)
+    qb = (q_pos // nosa_cfg.block_size)[:, None, :, None]
+    return two_stage_select_pallas(b_qk, b_cis, qb, nosa_cfg, mode, interpret=interpret)
