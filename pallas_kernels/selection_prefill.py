@@ -62,17 +62,18 @@ def _dot_nt(a, b, precision):
     return _dot(a, b.T, precision)
 
 
-def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int, tile_t: int, block_c: int,
-                   n_out_tiles: int, stride: int, ksize: int, sqrt_d: float, precision):
+def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int, g_pad: int, tile_t: int,
+                   block_c: int, n_out_tiles: int, stride: int, ksize: int, sqrt_d: float, precision):
     """One (sequence b, kv head h, token tile) program.
 
-    layer_ref [1] i32; nwin_ref [B] i32; pos_ref [tile_t] i32 (the tokens' positions, -1 for
-    padding); q_ref [R, D] (R = tile_t * G_pad rows, token-major, zero rows for heads >= G) in the
-    dot dtype; k_ref [L, C, D] (this b, h; read at the traced layer); o_ref [tile_t, C_pad] f32.
+    layer_ref [1] i32; nwin_ref [B] i32 (clipped to C); pos_ref [tile_t] i32 (the tokens'
+    positions, -1 for padding); q_ref [tile_t, G_pad, D] or [R, D] (R = tile_t * G_pad rows,
+    token-major, zero rows for heads >= G) in the dot dtype; k_ref [L, C, D] (this b, h; read at
+    the traced layer); o_ref [tile_t, W] f32: window c's score, 0 where the token does not see it,
+    -inf for c >= n_win (the pooling's clip).
     """
     b = pl.program_id(0)
-    R, _ = q_ref.shape
-    g_pad = R // tile_t
+    R = tile_t * g_pad
     layer = layer_ref[0]
     n = nwin_ref[b]
     pos = pos_ref[...]
@@ -83,7 +84,7 @@ def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int,
     n_vis = jnp.where(p_max >= ksize - 1, (jnp.maximum(p_max, ksize - 1) - (ksize - 1)) // stride + 1, 0)
     n_tiles = (jnp.minimum(n_vis, n) + block_c - 1) // block_c
 
-    q = q_ref[...]
+    q = q_ref[...].reshape(R, q_ref.shape[-1])
     col = lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
     krow = lax.broadcasted_iota(jnp.int32, (block_c, 1), 0)
 
@@ -108,34 +109,34 @@ def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int,
     m = jnp.where(m == NEG_INF, 0.0, m)
     l = jnp.where(l > 0, l, 1.0)
 
+    def clip(t, x):  # [tile_t, block_c] window scores -> -inf past n_win
+        return jnp.where(t * block_c + col < n, x, NEG_INF)
+
     def write(t, carry):
         s, vis = logits(t)
         p = jnp.where(vis, jnp.exp(s - m) / l, 0.0)
-        o_ref[:, pl.ds(t * block_c, block_c)] = jnp.sum(p.reshape(tile_t, g_pad, block_c), axis=1)
+        o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, jnp.sum(p.reshape(tile_t, g_pad, block_c), axis=1))
         return carry
 
     lax.fori_loop(0, n_tiles, write, 0)
 
-    def zero(t, carry):
-        o_ref[:, pl.ds(t * block_c, block_c)] = jnp.zeros((tile_t, block_c), jnp.float32)
+    def rest(t, carry):  # windows no token of the tile sees: 0, or -inf past n_win
+        o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, jnp.zeros((tile_t, block_c), jnp.float32))
         return carry
 
-    lax.fori_loop(n_tiles, n_out_tiles, zero, 0)
+    lax.fori_loop(n_tiles, n_out_tiles, rest, 0)
 
 
 def default_tile_t(G: int) -> int:
-    """Tokens per program: 64 rows of q (4 tokens at G = 16), at least one token."""
-    return max(1, 64 // max(16, next_pow2(G)))
+    """Tokens per program: 128 rows of q (8 tokens at G = 16; H100, 32K prompt: 2.40 ms against
+    2.51 with 64 rows and 2.90 with 256, bench/NOTES.md session 29), at least one token."""
+    return max(1, 128 // max(16, next_pow2(G)))
 
 
-def prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, *, nosa_cfg: NosaConfig, interpret: bool = False,
-                          tile_t: int | None = None, block_c: int = 64, num_warps: int = 4, num_stages: int = 2,
-                          precision=None):
-    """Stage-1 window scores of a chunk of queries: nosa.stage1_scores(q, q_pos, ktilde_pool[layer], n_win).
-
-    q [B, Tc, Hq, D]; q_pos [B, Tc] int; ktilde_pool [L, B, C, Hk, D] (the model dtype; the layer
-    is read in place); n_win [B]; layer: int scalar (traced ok). Returns [B, Hk, Tc, C] float32.
-    """
+def _window_scores(q, q_pos, ktilde_pool, n_win, layer, width: int, *, nosa_cfg: NosaConfig, interpret: bool,
+                   tile_t: int | None, block_c: int, num_warps: int, num_stages: int, precision):
+    """The kernel's output [B, Hk, T_pad, W >= width]: window c's stage-1 score of each token (0
+    where the token does not see it), -inf for c >= n_win; T_pad = Tc rounded up to the tile."""
     B, Tc, Hq, D = q.shape
     L, B2, C, Hk, D2 = ktilde_pool.shape
     if B2 != B or D2 != D or Hq % Hk or q_pos.shape != (B, Tc):
@@ -149,55 +150,100 @@ def prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, *, nosa_cfg: Nosa
     tile_t = default_tile_t(G) if tile_t is None else int(tile_t)
     if not _is_pow2(tile_t):
         raise ValueError(f"tile_t must be a power of two, got {tile_t}")
-    if C == 0 or Tc == 0:
-        return jnp.zeros((B, Hk, Tc, C), jnp.float32)
     t_pad = -(-Tc // tile_t) * tile_t
-    n_out_tiles = -(-C // block_c)
+    n_out_tiles = max(1, -(-width // block_c))
 
     dot_dtype = nosa.stage1_dot_dtype(q.dtype, ktilde_pool.dtype)
     prec = _dot_precision(precision, interpret, dot_dtype)
-    # [B, Hk, Tc * G_pad, D]: each (sequence, kv head)'s rows token-major, the group's heads padded.
-    qg = jnp.moveaxis(q.astype(dot_dtype).reshape(B, Tc, Hk, G, D), 2, 1)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, t_pad - Tc), (0, g_pad - G), (0, 0))).reshape(B, Hk, t_pad * g_pad, D)
+    qd = jnp.pad(q.astype(dot_dtype), ((0, 0), (0, t_pad - Tc), (0, 0), (0, 0)))
+    if g_pad == G:  # the group's heads are one [tile_t, G, D] block of q as it is: no copy
+        q_spec = pl.BlockSpec((None, tile_t, G, D), lambda b, h, i: (b, i, h, 0))
+    else:  # [B, Hk, T_pad * G_pad, D]: each (sequence, kv head)'s rows token-major, the heads padded
+        qd = jnp.moveaxis(qd.reshape(B, t_pad, Hk, G, D), 2, 1)
+        qd = jnp.pad(qd, ((0, 0), (0, 0), (0, 0), (0, g_pad - G), (0, 0))).reshape(B, Hk, t_pad * g_pad, D)
+        q_spec = pl.BlockSpec((None, None, tile_t * g_pad, D), lambda b, h, i: (b, h, i, 0))
     pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, t_pad - Tc)), constant_values=-1)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    R = tile_t * g_pad
 
-    kernel = functools.partial(_scores_kernel, G=G, tile_t=tile_t, block_c=block_c, n_out_tiles=n_out_tiles,
-                               stride=nosa_cfg.kernel_stride, ksize=nosa_cfg.kernel_size,
+    kernel = functools.partial(_scores_kernel, G=G, g_pad=g_pad, tile_t=tile_t, block_c=block_c,
+                               n_out_tiles=n_out_tiles, stride=nosa_cfg.kernel_stride, ksize=nosa_cfg.kernel_size,
                                sqrt_d=float(math.sqrt(D)), precision=prec)
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, i: (0,)),
         pl.BlockSpec((B,), lambda b, h, i: (0,)),
         pl.BlockSpec((None, tile_t), lambda b, h, i: (b, i)),
-        pl.BlockSpec((None, None, R, D), lambda b, h, i: (b, h, i, 0)),
+        q_spec,
         # The whole pool of one (b, h): a pointer, nothing is copied; the layer is picked inside.
         pl.BlockSpec((L, None, C, None, D), lambda b, h, i: (0, b, 0, h, 0)),
     ]
     out_spec = pl.BlockSpec((None, None, tile_t, n_out_tiles * block_c), lambda b, h, i: (b, h, i, 0))
     out_shape = jax.ShapeDtypeStruct((B, Hk, t_pad, n_out_tiles * block_c), jnp.float32)
     compiler_params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    s1 = pl.pallas_call(
+    return pl.pallas_call(
         kernel, grid=(B, Hk, t_pad // tile_t), in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
         interpret=interpret, compiler_params=compiler_params, name="nosa_prefill_stage1_scores",
-    )(layer_arr, n_win.astype(jnp.int32), pos, qg, ktilde_pool)
-    return s1[:, :, :Tc, :C]
+    )(layer_arr, jnp.minimum(n_win.astype(jnp.int32), C), pos, qd, ktilde_pool)
+
+
+def prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, *, nosa_cfg: NosaConfig, interpret: bool = False,
+                          tile_t: int | None = None, block_c: int = 64, num_warps: int = 4, num_stages: int = 2,
+                          precision=None):
+    """Stage-1 window scores of a chunk of queries: nosa.stage1_scores(q, q_pos, ktilde_pool[layer], n_win).
+
+    q [B, Tc, Hq, D]; q_pos [B, Tc] int; ktilde_pool [L, B, C, Hk, D] (the model dtype; the layer
+    is read in place); n_win [B]; layer: int scalar (traced ok). Returns [B, Hk, Tc, C] float32.
+    """
+    B, Tc = q_pos.shape
+    C, Hk = ktilde_pool.shape[2], ktilde_pool.shape[3]
+    if C == 0 or Tc == 0:
+        return jnp.zeros((B, Hk, Tc, C), jnp.float32)
+    s = _window_scores(q, q_pos, ktilde_pool, n_win, layer, C, nosa_cfg=nosa_cfg, interpret=interpret, tile_t=tile_t,
+                       block_c=block_c, num_warps=num_warps, num_stages=num_stages, precision=precision)
+    s = s[:, :, :Tc, :C]
+    return jnp.where(s == NEG_INF, 0.0, s)  # past n_win: 0, as the reference's softmax leaves it
+
+
+def pool_padded(s, q_pos, n_blocks: int, cfg: NosaConfig):
+    """nosa.pool_blocks of window scores s [B, Hk, Tc, W] that hold -inf at every window >= n_win
+    (and W >= n_blocks * P, or -inf padding up to it): block j = max(windows P j .. P j + P - 1,
+    window P j - 1), then the sink / local forcing. Reshapes, a max and one shifted column instead
+    of the reference's gather: one elementwise pass over s. Returns [B, Hk, Tc, n_blocks] f32."""
+    P = cfg.pool_stride
+    B, Hk, Tc, W = s.shape
+    width = n_blocks * P
+    if W < width:
+        s = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, width - W)), constant_values=NEG_INF)
+    g = s[..., :width].reshape(B, Hk, Tc, n_blocks, P)
+    last = jnp.pad(g[..., :-1, P - 1], ((0, 0), (0, 0), (0, 0), (1, 0)), constant_values=NEG_INF)  # window P j - 1
+    pooled = jnp.maximum(jnp.max(g, axis=-1), last)
+    j = jnp.arange(n_blocks)
+    qb = (q_pos // cfg.block_size)[:, None, :, None]
+    return jnp.where(nosa.forced(j, qb, cfg), jnp.inf, pooled)
 
 
 def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
-                   mode: str, interpret: bool = False, **kw):
+                   mode: str, interpret: bool = False, tile_t: int | None = None, block_c: int = 64,
+                   num_warps: int = 4, num_stages: int = 2, precision=None):
     """Block ids of a chunk of queries: nosa.select_blocks(q, q_pos, ktilde_pool[layer],
     cisw_pool[layer], kv_len, n_blocks, nosa_cfg, mode), with the window scores from the kernel
-    (`kw`: its tiling) and the fused two-stage top-k.
+    (tile_t ... precision: its tiling), the pooling in one pass over them, and the fused top-k.
 
     q [B, Tc, Hq, D]; q_pos [B, Tc]; ktilde_pool [L, B, C, Hk, D]; cisw_pool [L, B, C, Hk] (mode
     "nosa"; ignored for "infllmv2"); kv_len [B]. Returns [B, Hk, Tc, min(topk, n_blocks)] int32.
     """
     if mode not in ("nosa", "infllmv2"):
         raise ValueError(f"block selection: mode must be 'nosa' or 'infllmv2', got {mode!r}")
+    B, Tc = q_pos.shape
+    C, Hk = ktilde_pool.shape[2], ktilde_pool.shape[3]
     n_win = nosa.num_windows(kv_len, nosa_cfg)
-    s1 = prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, nosa_cfg=nosa_cfg, interpret=interpret, **kw)
-    b_qk = nosa.pool_blocks(s1, q_pos, n_win, n_blocks, nosa_cfg)
+    if C == 0 or Tc == 0:
+        s1 = jnp.zeros((B, Hk, Tc, C), jnp.float32)
+        b_qk = nosa.pool_blocks(s1, q_pos, n_win, n_blocks, nosa_cfg)
+    else:
+        s1 = _window_scores(q, q_pos, ktilde_pool, n_win, layer, n_blocks * nosa_cfg.pool_stride, nosa_cfg=nosa_cfg,
+                            interpret=interpret, tile_t=tile_t, block_c=block_c, num_warps=num_warps,
+                            num_stages=num_stages, precision=precision)
+        b_qk = pool_padded(s1[:, :, :Tc], q_pos, n_blocks, nosa_cfg)
     b_cis = None
     if mode == "nosa":
         cw = jnp.moveaxis(lax.dynamic_index_in_dim(cisw_pool, layer, 0, keepdims=False), 2, 1)[:, :, None, :]

@@ -179,6 +179,24 @@ def test_stage1_f64_is_np_reference():
         assert not got[b, :, :, n:].any()
 
 
+@pytest.mark.parametrize("cfg", [SMALL, WIDE, UPSTREAM], ids=["small", "wide", "upstream"])
+def test_pool_padded_is_pool_blocks(cfg):
+    # The selection's one-pass pooling against the reference's gather, exactly (a max of the same
+    # float32 values), on scores with exact ties, rows of every n_win (0, not a multiple of P, the
+    # whole row) and widths below and above n_blocks * P.
+    rng = np.random.default_rng(2)
+    P = cfg.pool_stride
+    for nb, W in ((9, 9 * P), (9, 9 * P - 3), (7, 7 * P + 5)):
+        B, Hk, Tc = 4, 2, 5
+        s = rng.integers(0, 5, (B, Hk, Tc, W)).astype(np.float32) / 4
+        n_win = np.array([0, 1, W - 2, W], np.int32)[:B]
+        q_pos = rng.integers(0, nb * cfg.block_size, (B, Tc)).astype(np.int32)
+        s_inf = np.where(np.arange(W) < n_win[:, None, None, None], s, -np.inf)
+        got = sp.pool_padded(jnp.asarray(s_inf), jnp.asarray(q_pos), nb, cfg)
+        want = nosa.pool_blocks(jnp.asarray(s), jnp.asarray(q_pos), jnp.asarray(n_win), nb, cfg)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_no_windows_gives_zeros():
     # Every query is below the first complete window: all scores 0, and the ids are the forced
     # blocks only (the reference's -inf / 0 pattern), for both modes.

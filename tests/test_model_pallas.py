@@ -149,8 +149,9 @@ def test_pallas_model_selections_gpu_1b(mode, cache_write, monkeypatch):
     (spec invariant 14). Exact ties (two blocks pooling one shared window) are not excluded: they
     must break lowest-index-first. In session 18 the Pallas program's ids differed on 15 / 10 rows
     with no near tie, one block apart, while the reference program's agreed everywhere
-    (bench/NOTES.md). Prefill selects with the same jnp code on both paths (the Pallas prefill
-    kernel only attends), so only decode is compared. q/k projections are scaled x4: with the std
+    (bench/NOTES.md). Only decode is compared here; the Pallas prefill selection is compared
+    against float64 at the kernel level (tests/test_kernel_selection_prefill.py, 32K context on the
+    GPU). q/k projections are scaled x4: with the std
     0.02 init the stage-1 scores of a row are nearly all tied. cache_write: the Pallas program's
     decode cache write (pallas_kernels.cache_write.WRITE_IMPL); the compressed keys and window
     means it stores must be the reference program's bits."""
