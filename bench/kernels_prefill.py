@@ -296,7 +296,7 @@ def run(records: list, quick: bool = False, sweep: bool = False) -> list[list]:
 
 # ------------------------------------------------------------------ the selection path
 
-SELECT_CHUNKS = (256, 4096, None)  # queries per selection call (None: the whole case at once)
+SELECT_CHUNKS = (256, 2048, 4096, None)  # queries per selection call (None: the whole case at once)
 
 
 def _chunked(fn, q, q_pos, chunk: int):

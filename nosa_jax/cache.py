@@ -95,14 +95,24 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, mode: str) -
 # go in one call.
 DEFAULT_PREFILL_CHUNK = 4096
 
+# Default queries per prefill call of the selection and attention, by implementation
+# (AttentionSettings.q_chunk None). The reference holds [Hq, q_chunk, windows] float32 logits per
+# call (16x the window scores at G = 16); the Pallas path holds [Hk, q_chunk, windows] scores and
+# [Hk, q_chunk, blocks] pooled rows, so 2048 of its queries take less memory than 256 of the
+# reference's (`prefill_activation_bytes` counts both), and fewer, larger calls fill the GPU: the
+# 32K prompt's Pallas selection took 9.27 ms in calls of 256 queries and 4.72 ms in calls of 4096 on
+# an H100 (bench/NOTES.md, session 29).
+Q_CHUNK = {"reference": 256, "pallas": 2048}
+
 
 def prefill_activation_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str,
-                             chunk: int = DEFAULT_PREFILL_CHUNK, q_chunk: int = 256) -> int:
+                             chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
     """Estimated device bytes one sequence's prefill call of `chunk` tokens holds beside its cache
     (the GPU path's temporaries): the larger of the MLP's values (gate, up and their product,
-    [chunk, intermediate] each) and one query chunk's selection (`q_chunk` queries, the model's
-    AttentionSettings default: [Hq, q_chunk, windows] float32 logits - XLA fuses their exponentials
-    into the reductions -, the group sum and the [Hk, q_chunk, blocks] pooled, bias and top-k rows),
+    [chunk, intermediate] each) and one query chunk's selection at either implementation's default
+    `Q_CHUNK` (reference: [Hq, q_chunk, windows] float32 logits - XLA fuses their exponentials into
+    the reductions -, the group sum and the [Hk, q_chunk, blocks] pooled, bias and top-k rows;
+    Pallas: [Hk, q_chunk, blocks * P] window scores and the same block rows),
     plus the chunk's q/k/v (and their rotated copies), float32 hidden states and the last logits.
     An estimate, held against XLA's memory analysis by a GPU test and bench/probe_prefill_memory.py:
     on the H100 at 8B / 128K, chunks of 4096, XLA's temporaries are 0.41 GiB for one sequence and
@@ -111,10 +121,12 @@ def prefill_activation_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str,
     it = jnp.dtype(dtype).itemsize
     T, C = allocation(cfg, capacity)
     tc = min(chunk, T)
-    qc = min(q_chunk, tc)
     hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    nb = T // cfg.nosa.block_size
     mlp = 3 * tc * cfg.intermediate_size * it
-    select = 0 if mode == "full" else qc * (hq * C + hk * C + 8 * hk * (T // cfg.nosa.block_size)) * 4
+    select = 0 if mode == "full" else max(
+        min(Q_CHUNK["reference"], tc) * (hq * C + hk * C + 8 * hk * nb) * 4,
+        min(Q_CHUNK["pallas"], tc) * hk * (nb * cfg.nosa.pool_stride + 8 * nb) * 4)
     rest = tc * (2 * (hq + 2 * hk) * d * it + 4 * cfg.hidden_size * 4) + 2 * cfg.vocab_size * 4
     return max(mlp, select) + rest
 

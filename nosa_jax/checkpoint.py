@@ -344,7 +344,7 @@ def load_params(path: str | Path, *, dtype=None, progress: bool = False) -> tupl
         f"(no {CONFIG_FILE}); point to the directory that holds them")
 
 
-def load_model(path: str | Path, *, mode: str = "nosa", dtype=None, q_chunk: int = 256,
+def load_model(path: str | Path, *, mode: str = "nosa", dtype=None, q_chunk: int | None = None,
                impl: str = "auto", progress: bool = False):
     """A `NosaForCausalLM` with the weights of a converted or HF checkpoint directory.
     `impl`: "auto" (Pallas kernels on a GPU, plain jnp elsewhere), "reference" or "pallas"."""

@@ -293,7 +293,9 @@ def _common(p, *, checkpoint=True):
     p.add_argument("--mode", choices=ATTENTION_MODES, default="nosa", help="attention mode (default nosa)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--q-chunk", type=int, default=256, help="queries per chunk in prefill (memory bound)")
+    p.add_argument("--q-chunk", type=int, default=None,
+                   help="queries per selection / attention call in prefill (memory bound; default: 256 for "
+                        "--impl reference, 2048 for the Pallas kernels)")
     p.add_argument("--impl", choices=["auto", "reference", "pallas"], default="auto",
                    help="attention implementation: Pallas GPU kernels or the jnp reference (auto: kernels on a GPU)")
 

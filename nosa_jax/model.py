@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from . import nosa
-from .cache import KVCache, cache_write, init_cache
+from .cache import Q_CHUNK, KVCache, cache_write, init_cache
 from .config import ATTENTION_MODES, ModelConfig, NosaConfig
 from .offload import OffloadedKV
 from .offload import decode_attend as offload_decode_attend
@@ -101,7 +101,9 @@ class AttentionSettings:
     """Static settings of the attention path (part of the model's graph definition)."""
 
     mode: str = "nosa"
-    q_chunk: int = 256  # queries per chunk in prefill (bounds the selection / dense-mask memory)
+    # Queries per selection / attention call in prefill (bounds their temporaries). None: the
+    # implementation's own default, Q_CHUNK[impl].
+    q_chunk: int | None = None
     impl: str = "reference"  # "reference" (plain jnp) or "pallas" (GPU kernels)
     interpret: bool = False  # run the pallas kernels in interpret mode (CPU tests)
     # Unroll of the scan over layers (True: a straight-line program). "auto": straight-line for a
@@ -268,7 +270,7 @@ def attend(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSe
                            block_ids=None if mode == "full" else ids, block_size=n.block_size)
         return o, ids
 
-    return map_query_chunks(one_chunk, q, q_pos, settings.q_chunk)
+    return map_query_chunks(one_chunk, q, q_pos, settings.q_chunk or Q_CHUNK["reference"])
 
 
 def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: AttentionSettings):
@@ -309,7 +311,7 @@ def attend_pallas(q, layer, cache: KVCache, start, n: NosaConfig, settings: Atte
                                      block_size=n.block_size, interpret=interp)
         return o, (jnp.zeros((B, Hk, q_i.shape[1], 0), jnp.int32) if ids is None else ids)
 
-    return *map_query_chunks(one_chunk, q, q_pos, settings.q_chunk), cache
+    return *map_query_chunks(one_chunk, q, q_pos, settings.q_chunk or Q_CHUNK["pallas"]), cache
 
 
 class MLP(nnx.Module):
@@ -374,7 +376,7 @@ jax.tree_util.register_dataclass(ExtendOutput, data_fields=["h", "block_ids", "c
 
 class NosaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, mode: str = "nosa", dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, q_chunk: int = 256, impl: str = "auto",
+                 rngs: nnx.Rngs | None = None, q_chunk: int | None = None, impl: str = "auto",
                  interpret: bool = False, layer_unroll: int | bool | str = "auto"):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
@@ -382,6 +384,8 @@ class NosaForCausalLM(nnx.Module):
                 or (type(layer_unroll) is int and layer_unroll >= 1)):
             raise ValueError(f"layer_unroll must be 'auto', True (a straight-line program) or an int >= 1, "
                              f"got {layer_unroll!r}")
+        if q_chunk is not None and (type(q_chunk) is not int or q_chunk < 1):
+            raise ValueError(f"q_chunk must be a positive int (queries per prefill call) or None, got {q_chunk!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
@@ -509,7 +513,7 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:
 
 
 def from_params(cfg: ModelConfig, params: dict[str, Any], *, mode: str = "nosa", dtype=None,
-                q_chunk: int = 256, impl: str = "auto", interpret: bool = False,
+                q_chunk: int | None = None, impl: str = "auto", interpret: bool = False,
                 layer_unroll: int | bool | str = "auto") -> NosaForCausalLM:
     """Build a model around a nested dict of arrays in the layout of `abstract_params`."""
     leaves = jax.tree.leaves(params)

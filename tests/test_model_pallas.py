@@ -55,6 +55,21 @@ def test_pallas_model_equals_reference_cpu_interpret(mode, cache_write, monkeypa
     assert bool(traced) == (cache_write == "pallas")
 
 
+def test_pallas_prefill_chunking_changes_nothing_cpu_interpret():
+    """The Pallas path's default prefill chunk (one call for this prompt) against calls of 16
+    queries: the same logits and block ids (each query's selection and attention depend on the
+    cache, not on which call it is in). Bad chunk sizes are refused."""
+    cfg = triton_small_config()
+    ref = random_model(cfg, "nosa", seed=5)
+    params = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
+    seq = jnp.asarray([np.random.default_rng(5).integers(0, cfg.vocab_size, 90).tolist()])
+    out = [from_params(cfg, params, mode="nosa", impl="pallas", interpret=True, q_chunk=c)(seq) for c in (None, 16)]
+    np.testing.assert_array_equal(np.asarray(out[0].block_ids), np.asarray(out[1].block_ids))
+    np.testing.assert_allclose(np.asarray(out[0].logits), np.asarray(out[1].logits), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="q_chunk"):
+        from_params(cfg, params, mode="nosa", q_chunk=0)
+
+
 CONTEXT, FED = 8192, 8
 
 
