@@ -112,7 +112,8 @@ def prefill_activation_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str,
     [chunk, intermediate] each) and one query chunk's selection at either implementation's default
     `Q_CHUNK` (reference: [Hq, q_chunk, windows] float32 logits - XLA fuses their exponentials into
     the reductions -, the group sum and the [Hk, q_chunk, blocks] pooled, bias and top-k rows;
-    Pallas: [Hk, q_chunk, blocks * P] window scores and the same block rows),
+    Pallas: [Hk, q_chunk, blocks * P] window scores, the pooled stage-1 and cis rows and the top-k's
+    flattened copies of both),
     plus the chunk's q/k/v (and their rotated copies), float32 hidden states and the last logits.
     An estimate, held against XLA's memory analysis by a GPU test and bench/probe_prefill_memory.py:
     on the H100 at 8B / 128K, chunks of 4096, XLA's temporaries are 0.41 GiB for one sequence and
@@ -126,7 +127,7 @@ def prefill_activation_bytes(cfg: ModelConfig, capacity: int, dtype, mode: str,
     mlp = 3 * tc * cfg.intermediate_size * it
     select = 0 if mode == "full" else max(
         min(Q_CHUNK["reference"], tc) * (hq * C + hk * C + 8 * hk * nb) * 4,
-        min(Q_CHUNK["pallas"], tc) * hk * (nb * cfg.nosa.pool_stride + 8 * nb) * 4)
+        min(Q_CHUNK["pallas"], tc) * hk * (nb * cfg.nosa.pool_stride + 4 * nb) * 4)
     rest = tc * (2 * (hq + 2 * hk) * d * it + 4 * cfg.hidden_size * 4) + 2 * cfg.vocab_size * 4
     return max(mlp, select) + rest
 
