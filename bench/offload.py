@@ -48,7 +48,7 @@ from pallas_kernels.kv_loader import load_blocks, loader_path  # noqa: E402
 # With offload.LOADS == "fused" the misses are read inside the attention kernel (scope
 # "nosa_attend_fetch"): "loads" is then 0 and "attention" holds both.
 SCOPES = {"flush": ("nosa_flush",), "append": ("nosa_append", "nosa_decode_cache_write", "nosa_offload_append"),
-          "selection": ("nosa_select", "nosa_decode_stage1", "nosa_two_stage_topk"),
+          "selection": ("nosa_select", "nosa_decode_stage1", "nosa_prefill_stage1", "nosa_two_stage_topk"),
           "slots": ("nosa_slots", "nosa_update_slots"), "loads": ("nosa_load", "nosa_kv_load"),
           "attention": ("nosa_attend", "nosa_sparse_decode", "nosa_sparse_prefill"),
           "gemm": ("nvjet", "gemm", "gemv")}
