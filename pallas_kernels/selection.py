@@ -138,6 +138,14 @@ def _dot_precision(precision, interpret: bool, dot_dtype=jnp.float32):
                      f"got {precision!r}")
 
 
+def _check_tiling(D: int, block_c: int) -> None:
+    """The Triton dot's shape rules for the stage-1 kernels (decode and prefill)."""
+    if not (_is_pow2(D) and D >= 16):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton dot, got {D}")
+    if not (_is_pow2(block_c) and block_c >= 16):
+        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+
+
 def _effective_windows(n_win, q_pos, C: int, cfg: NosaConfig):
     """Windows visible to the decode query: c < n_win, S c + K - 1 <= q_pos and c < C. [B] int32."""
     n_vis = nosa.num_windows(q_pos.astype(jnp.int32) + 1, cfg)
@@ -302,10 +310,7 @@ def window_logits(q, ktilde_pool, n_eff, layer, *, interpret: bool = False, bloc
     L, B2, C, Hk, D2 = ktilde_pool.shape
     if B2 != B or D2 != D or Hq % Hk:
         raise ValueError(f"shape mismatch: q {q.shape}, ktilde_pool {ktilde_pool.shape}")
-    if not (_is_pow2(D) and D >= 16):
-        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton dot, got {D}")
-    if not (_is_pow2(block_c) and block_c >= 16):
-        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+    _check_tiling(D, block_c)
     G = Hq // Hk
     g_pad = max(16, next_pow2(G))
     tpp, n_splits = _plan(C, B, Hk, block_c, tiles_per_program)

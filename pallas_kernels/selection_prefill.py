@@ -57,7 +57,7 @@ from jax.experimental.pallas import triton as pltriton
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels.lanes import next_pow2
-from pallas_kernels.selection import _dot, _dot_precision, _is_pow2
+from pallas_kernels.selection import _check_tiling, _dot, _dot_precision, _is_pow2
 from pallas_kernels.topk import two_stage_select_pallas
 
 NEG_INF = float("-inf")
@@ -150,10 +150,7 @@ def _window_scores(q, q_pos, ktilde_pool, n_win, layer, width: int, *, nosa_cfg:
     L, B2, C, Hk, D2 = ktilde_pool.shape
     if B2 != B or D2 != D or Hq % Hk or q_pos.shape != (B, Tc):
         raise ValueError(f"shape mismatch: q {q.shape}, q_pos {q_pos.shape}, ktilde_pool {ktilde_pool.shape}")
-    if not (_is_pow2(D) and D >= 16):
-        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton dot, got {D}")
-    if not (_is_pow2(block_c) and block_c >= 16):
-        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+    _check_tiling(D, block_c)
     G = Hq // Hk
     g_pad = max(16, next_pow2(G))
     tile_t = default_tile_t(G) if tile_t is None else int(tile_t)

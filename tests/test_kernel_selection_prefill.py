@@ -26,17 +26,8 @@ import pytest
 
 import np_reference as npr
 from nosa_jax import nosa
-from nosa_jax.config import NosaConfig
 from pallas_kernels import selection_prefill as sp
-
-SMALL = NosaConfig(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=1,
-                   topk=6, qk_select=4)
-WIDE = NosaConfig(kernel_size=16, kernel_stride=4, block_size=8, init_blocks=2, local_blocks=2,
-                  topk=9, qk_select=7)
-UPSTREAM = NosaConfig()
-ATOL = 1e-5
-REL = 1e-5  # float64 top-k boundary gap (relative) under which float32 may reorder legitimately
-MAX_FRAGILE_FRACTION = 0.05
+from test_kernel_selection import ATOL, MAX_FRAGILE_FRACTION, REL, SMALL, UPSTREAM, WIDE  # the decode tests' configs
 
 
 def make_inputs(seed, *, cfg, B, Tc, Hq, Hk, D, L, layer, kv_len, start, C_alloc, dtype):
