@@ -383,26 +383,28 @@ def pooled_window_scores(logits, m, l, n_eff, *, G: int, n_blocks: int, P: int, 
 # ----------------------------------------------------------------------------- jnp finishing
 
 def _forced(q_pos, n_blocks: int, cfg: NosaConfig):
-    return nosa.forced(jnp.arange(n_blocks), (q_pos // cfg.block_size)[:, None, None], cfg)
+    """Forced blocks for queries at q_pos [B] (decode) or [B, Tc] (prefill): [B, 1, (Tc,) n_blocks]."""
+    qb = jnp.expand_dims(q_pos // cfg.block_size, 1)[..., None]
+    return nosa.forced(jnp.arange(n_blocks), qb, cfg)
 
 
 def _pool_windows(x, q_pos, n_blocks: int, cfg: NosaConfig, force: bool = True):
-    """[B, Hk, W] window scores (-inf where invalid) -> [B, Hk, n_blocks] pooled, with forcing
-    unless `force` is False.
+    """[B, Hk, (Tc,) W] window scores (-inf where invalid) -> [B, Hk, (Tc,) n_blocks] pooled, with
+    forcing for the queries at q_pos [B, (Tc)] unless `force` is False.
 
     Block j = max over windows P j - 1 .. P j + P - 1 (as nosa.pool_blocks), computed as the max of
-    the P windows of group j and the last window of group j - 1.
+    the P windows of group j and the last window of group j - 1: one elementwise pass over x.
     """
     P = cfg.pool_stride
-    B, Hk, W = x.shape
+    lead, W = x.shape[:-1], x.shape[-1]
     need = n_blocks * P
     if W >= need:
         x = x[..., :need]
     else:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, need - W)), constant_values=NEG_INF)
-    g = x.reshape(B, Hk, n_blocks, P)
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, need - W)], constant_values=NEG_INF)
+    g = x.reshape(lead + (n_blocks, P))
     grp = jnp.max(g, axis=-1)
-    prev = jnp.concatenate([jnp.full((B, Hk, 1), NEG_INF, x.dtype), g[..., :-1, P - 1]], axis=-1)
+    prev = jnp.concatenate([jnp.full(lead + (1,), NEG_INF, x.dtype), g[..., :-1, P - 1]], axis=-1)
     pooled = jnp.maximum(grp, prev)
     return jnp.where(_forced(q_pos, n_blocks, cfg), POS_INF, pooled) if force else pooled
 

@@ -28,9 +28,9 @@ Plan:
     nosa.stage1_dot_dtype: bf16 / fp16 q and ktilde -> one native tensor-core pass with float32
     accumulation (exact products); float32 -> a float32-accurate precision
     (selection._dot_precision). At G = 16 the group's heads are read as one block of q as it is.
-  pooling and forcing: `pool_padded` on the window scores (reshapes, a max and one shifted column:
-    one XLA fusion, exactly nosa.pool_blocks) and nosa.pool_blocks on the cis window means (mode
-    "nosa"), as the reference does.
+  pooling and forcing: the decode selection's `selection._pool_windows` on the window scores
+    (reshapes, a max and one shifted column: one XLA fusion, exactly nosa.pool_blocks) and
+    nosa.pool_blocks on the cis window means (mode "nosa"), as the reference does.
   top-k: the fused two-stage top-k kernel (pallas_kernels.topk.two_stage_select_pallas), one
     program per (sequence, kv head, token) row.
 
@@ -57,7 +57,7 @@ from jax.experimental.pallas import triton as pltriton
 from nosa_jax import nosa
 from nosa_jax.config import NosaConfig
 from pallas_kernels.lanes import next_pow2
-from pallas_kernels.selection import _check_tiling, _dot, _dot_precision, _is_pow2
+from pallas_kernels.selection import _check_tiling, _dot, _dot_precision, _is_pow2, _pool_windows
 from pallas_kernels.topk import two_stage_select_pallas
 
 NEG_INF = float("-inf")
@@ -213,24 +213,6 @@ def prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, *, nosa_cfg: Nosa
     return jnp.where(s == NEG_INF, 0.0, s)  # past n_win: 0, as the reference's softmax leaves it
 
 
-def pool_padded(s, q_pos, n_blocks: int, cfg: NosaConfig):
-    """nosa.pool_blocks of window scores s [B, Hk, Tc, W] that hold -inf at every window >= n_win
-    (and W >= n_blocks * P, or -inf padding up to it): block j = max(windows P j .. P j + P - 1,
-    window P j - 1), then the sink / local forcing. Reshapes, a max and one shifted column instead
-    of the reference's gather: one elementwise pass over s. Returns [B, Hk, Tc, n_blocks] f32."""
-    P = cfg.pool_stride
-    B, Hk, Tc, W = s.shape
-    width = n_blocks * P
-    if W < width:
-        s = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, width - W)), constant_values=NEG_INF)
-    g = s[..., :width].reshape(B, Hk, Tc, n_blocks, P)
-    last = jnp.pad(g[..., :-1, P - 1], ((0, 0), (0, 0), (0, 0), (1, 0)), constant_values=NEG_INF)  # window P j - 1
-    pooled = jnp.maximum(jnp.max(g, axis=-1), last)
-    j = jnp.arange(n_blocks)
-    qb = (q_pos // cfg.block_size)[:, None, :, None]
-    return jnp.where(nosa.forced(j, qb, cfg), jnp.inf, pooled)
-
-
 def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
                    mode: str, interpret: bool = False, tile_t: int | None = None, block_c: int = 64,
                    num_warps: int = 4, num_stages: int = 2, precision=None):
@@ -246,14 +228,13 @@ def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg:
     B, Tc = q_pos.shape
     C, Hk = ktilde_pool.shape[2], ktilde_pool.shape[3]
     n_win = nosa.num_windows(kv_len, nosa_cfg)
-    if C == 0 or Tc == 0:
-        s1 = jnp.zeros((B, Hk, Tc, C), jnp.float32)
-        b_qk = nosa.pool_blocks(s1, q_pos, n_win, n_blocks, nosa_cfg)
+    if C == 0 or Tc == 0:  # no window to score (or no query): every block pools -inf, then the forcing
+        s1 = jnp.full((B, Hk, Tc, 0), NEG_INF, jnp.float32)
     else:
         s1 = _window_scores(q, q_pos, ktilde_pool, n_win, layer, n_blocks * nosa_cfg.pool_stride, nosa_cfg=nosa_cfg,
                             interpret=interpret, tile_t=tile_t, block_c=block_c, num_warps=num_warps,
-                            num_stages=num_stages, precision=precision)
-        b_qk = pool_padded(s1[:, :, :Tc], q_pos, n_blocks, nosa_cfg)
+                            num_stages=num_stages, precision=precision)[:, :, :Tc]
+    b_qk = _pool_windows(s1, q_pos, n_blocks, nosa_cfg)
     b_cis = None
     if mode == "nosa":
         cw = jnp.moveaxis(lax.dynamic_index_in_dim(cisw_pool, layer, 0, keepdims=False), 2, 1)[:, :, None, :]

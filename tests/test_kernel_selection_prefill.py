@@ -26,6 +26,7 @@ import pytest
 
 import np_reference as npr
 from nosa_jax import nosa
+from pallas_kernels import selection as sel
 from pallas_kernels import selection_prefill as sp
 from test_kernel_selection import ATOL, MAX_FRAGILE_FRACTION, REL, SMALL, UPSTREAM, WIDE  # the decode tests' configs
 
@@ -171,8 +172,9 @@ def test_stage1_f64_is_np_reference():
 
 
 @pytest.mark.parametrize("cfg", [SMALL, WIDE, UPSTREAM], ids=["small", "wide", "upstream"])
-def test_pool_padded_is_pool_blocks(cfg):
-    # The selection's one-pass pooling against the reference's gather, exactly (a max of the same
+def test_pool_windows_is_pool_blocks(cfg):
+    # The selection's one-pass pooling (shared with decode) on prefill rows against the reference's
+    # gather, exactly (a max of the same
     # float32 values), on scores with exact ties, rows of every n_win (0, not a multiple of P, the
     # whole row) and widths below and above n_blocks * P.
     rng = np.random.default_rng(2)
@@ -183,7 +185,7 @@ def test_pool_padded_is_pool_blocks(cfg):
         n_win = np.array([0, 1, W - 2, W], np.int32)[:B]
         q_pos = rng.integers(0, nb * cfg.block_size, (B, Tc)).astype(np.int32)
         s_inf = np.where(np.arange(W) < n_win[:, None, None, None], s, -np.inf)
-        got = sp.pool_padded(jnp.asarray(s_inf), jnp.asarray(q_pos), nb, cfg)
+        got = sel._pool_windows(jnp.asarray(s_inf), jnp.asarray(q_pos), nb, cfg)
         want = nosa.pool_blocks(jnp.asarray(s), jnp.asarray(q_pos), jnp.asarray(n_win), nb, cfg)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
