@@ -33,6 +33,13 @@ Plan:
     nosa.pool_blocks on the cis window means (mode "nosa"), as the reference does.
   top-k: the fused two-stage top-k kernel (pallas_kernels.topk.two_stage_select_pallas), one
     program per (sequence, kv head, token) row.
+  lane buckets: a chunk's queries only ever pick among the first lanes_needed(q_pos) blocks (about
+    the last query's block + 1; the later blocks rank below all of those in both stages and come
+    out as -1), so the three steps above run on rows cut to the shortest of lane_buckets(n_blocks)
+    (n_blocks, and a half and a quarter of the top-k's padded row) that holds them, picked by a
+    lax.switch on the chunk's largest position. The top-k's compares, the scores written and the
+    pooling scale with the row; a 32K prompt in the model's 2048-query chunks runs 7 chunks at 256
+    lanes, 8 at 512 and one at 1024 instead of 16 at 1024.
 
 Measured (H100, 32K prompt as one chunk, mode nosa, bench/NOTES.md session 29), the first version
 (4 tokens per tile, XLA's gather pooling, q transposed): 4.37 ms against the jnp reference's 35.7
@@ -127,13 +134,14 @@ def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int,
         o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, jnp.sum(p.reshape(tile_t, g_pad, block_c), axis=1))
         return carry
 
-    lax.fori_loop(0, n_tiles, write, 0)
+    n_written = jnp.minimum(n_tiles, n_out_tiles)  # the output may be narrower than what the tile sees
+    lax.fori_loop(0, n_written, write, 0)
 
     def rest(t, carry):  # windows no token of the tile sees: 0, or -inf past n_win
         o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, jnp.zeros((tile_t, block_c), jnp.float32))
         return carry
 
-    lax.fori_loop(n_tiles, n_out_tiles, rest, 0)
+    lax.fori_loop(n_written, n_out_tiles, rest, 0)
 
 
 def default_tile_t(G: int) -> int:
@@ -213,12 +221,46 @@ def prefill_window_scores(q, q_pos, ktilde_pool, n_win, layer, *, nosa_cfg: Nosa
     return jnp.where(s == NEG_INF, 0.0, s)  # past n_win: 0, as the reference's softmax leaves it
 
 
+def lanes_needed(q_pos, nosa_cfg: NosaConfig):
+    """The blocks that can rank above the rest for the queries at q_pos (any shape, traced ok): an int32
+    scalar n' such that every block j >= n' of every query's row is ranked below every block < n' in
+    both stages of the selection, so it can only be picked once all of them are, and its id comes out
+    as -1. n' = max(qb + 1, the last block pooling a visible window + 1, init_blocks) over the queries.
+
+    Why: block j > qb is never forced (sink j < init_blocks, local blocks <= qb), and its stage-2
+    (cis) score is -inf; a block with no visible window pools only zeros (invisible windows) and
+    -inf (windows past n_win, a suffix of the blocks), so every stage-1 score below n' is >= its
+    score, and the ties go to the lower id. The selection of a chunk whose queries lie early in the
+    sequence therefore only needs the first n' blocks of each row.
+    """
+    cfg = nosa_cfg
+    p = jnp.max(q_pos).astype(jnp.int32)
+    last_window = (p - (cfg.kernel_size - 1)) // cfg.kernel_stride  # visible to p (negative: none)
+    last_block = (last_window + 1) // cfg.pool_stride  # block j pools windows P j - 1 .. P j + P - 1
+    return jnp.maximum(jnp.maximum(p // cfg.block_size, last_block) + 1, cfg.init_blocks)
+
+
+def lane_buckets(n_blocks: int) -> tuple[int, ...]:
+    """The static row lengths prefill_select compiles for: n_blocks and the rows of a quarter and a
+    half of its top-k row (padded to a power of two), where those are at least one warp wide. A chunk
+    runs at the shortest one that holds lanes_needed; the top-k's work and the window scores written
+    and pooled scale with it (a 32K prompt in 2048-query chunks: 16 rows of 1024 lanes -> 7 of 256,
+    8 of 512, 1 of 1024 lanes, 2.4x less)."""
+    n_pad = next_pow2(n_blocks)
+    return tuple(sorted({n_blocks} | {n_pad // d for d in (4, 2) if _MIN_BUCKET <= n_pad // d < n_blocks}))
+
+
+_MIN_BUCKET = 32  # the top-k pads shorter rows to one warp's width anyway
+
+
 def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg: NosaConfig, n_blocks: int,
                    mode: str, interpret: bool = False, tile_t: int | None = None, block_c: int = 64,
                    num_warps: int = 4, num_stages: int = 2, precision=None):
     """Block ids of a chunk of queries: nosa.select_blocks(q, q_pos, ktilde_pool[layer],
     cisw_pool[layer], kv_len, n_blocks, nosa_cfg, mode), with the window scores from the kernel
-    (tile_t ... precision: its tiling), the pooling in one pass over them, and the fused top-k.
+    (tile_t ... precision: its tiling), the pooling in one pass over them, and the fused top-k, all
+    over the first n_b blocks of each row: the shortest of lane_buckets(n_blocks) that holds
+    lanes_needed(q_pos) (a lax.switch; blocks past it pick as -1, as in the reference).
 
     q [B, Tc, Hq, D]; q_pos [B, Tc]; ktilde_pool [L, B, C, Hk, D]; cisw_pool [L, B, C, Hk] (mode
     "nosa"; ignored for "infllmv2"); kv_len [B]. Returns [B, Hk, Tc, min(topk, n_blocks)] int32.
@@ -228,16 +270,26 @@ def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg:
     B, Tc = q_pos.shape
     C, Hk = ktilde_pool.shape[2], ktilde_pool.shape[3]
     n_win = nosa.num_windows(kv_len, nosa_cfg)
-    if C == 0 or Tc == 0:  # no window to score (or no query): every block pools -inf, then the forcing
-        s1 = jnp.full((B, Hk, Tc, 0), NEG_INF, jnp.float32)
-    else:
-        s1 = _window_scores(q, q_pos, ktilde_pool, n_win, layer, n_blocks * nosa_cfg.pool_stride, nosa_cfg=nosa_cfg,
-                            interpret=interpret, tile_t=tile_t, block_c=block_c, num_warps=num_warps,
-                            num_stages=num_stages, precision=precision)[:, :, :Tc]
-    b_qk = _pool_windows(s1, q_pos, n_blocks, nosa_cfg)
-    b_cis = None
+    K = min(nosa_cfg.topk, n_blocks)
+    qb = (q_pos // nosa_cfg.block_size)[:, None, :, None]
     if mode == "nosa":
         cw = jnp.moveaxis(lax.dynamic_index_in_dim(cisw_pool, layer, 0, keepdims=False), 2, 1)[:, :, None, :]
-        b_cis = nosa.pool_blocks(cw, q_pos, n_win, n_blocks, nosa_cfg)
-    qb = (q_pos // nosa_cfg.block_size)[:, None, :, None]
-    return two_stage_select_pallas(b_qk, b_cis, qb, nosa_cfg, mode, interpret=interpret)
+
+    def select(n_b: int):
+        if C == 0 or Tc == 0:  # no window to score (or no query): every block pools -inf, then the forcing
+            s1 = jnp.full((B, Hk, Tc, 0), NEG_INF, jnp.float32)
+        else:
+            s1 = _window_scores(q, q_pos, ktilde_pool, n_win, layer, n_b * nosa_cfg.pool_stride, nosa_cfg=nosa_cfg,
+                                interpret=interpret, tile_t=tile_t, block_c=block_c, num_warps=num_warps,
+                                num_stages=num_stages, precision=precision)[:, :, :Tc]
+        b_qk = _pool_windows(s1, q_pos, n_b, nosa_cfg)
+        b_cis = nosa.pool_blocks(cw, q_pos, n_win, n_b, nosa_cfg) if mode == "nosa" else None
+        ids = two_stage_select_pallas(b_qk, b_cis, qb, nosa_cfg, mode, interpret=interpret)
+        return jnp.pad(ids, [(0, 0)] * 3 + [(0, K - ids.shape[-1])], constant_values=-1)
+
+    buckets = lane_buckets(n_blocks)
+    if len(buckets) == 1 or Tc == 0:
+        return select(n_blocks)
+    need = lanes_needed(q_pos, nosa_cfg)
+    which = sum((need > b).astype(jnp.int32) for b in buckets[:-1])
+    return lax.switch(which, [functools.partial(select, b) for b in buckets])

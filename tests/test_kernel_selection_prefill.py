@@ -161,6 +161,71 @@ def test_wide_config_matches_jnp_select(dtype):
                C_alloc=36, dtype=dtype, numpy=False, block_c=16)
 
 
+@pytest.mark.parametrize("cfg", [SMALL, WIDE, UPSTREAM], ids=["small", "wide", "upstream"])
+def test_lanes_needed_truncation_is_exact(cfg):
+    # The lemma behind prefill_select's buckets, on the reference itself: the two-stage selection of
+    # rows cut to their first n' >= lanes_needed blocks, padded with -1, equals that of the whole
+    # rows, for every query (random scores, the exact 0s of invisible windows, ragged n_win, queries
+    # near the row's end), and the blocks past n' pool only 0 and -inf.
+    rng = np.random.default_rng(4)
+    nb = 40
+    C = nb * cfg.pool_stride + 3
+    B, Hk, D = 3, 2, 16
+    kv_len = np.array([nb * cfg.block_size, nb * cfg.block_size // 2 + 5, 3 * cfg.block_size + 1], np.int32)
+    n_win = nosa.num_windows(jnp.asarray(kv_len), cfg)
+    checked = tight = 0
+    for p0 in (0, cfg.block_size - 1, 5 * cfg.block_size + 3, nb * cfg.block_size // 2, nb * cfg.block_size - 4):
+        q_pos = np.minimum(p0 + np.arange(4), kv_len[:, None] - 1).astype(np.int32)
+        q = jnp.asarray(rng.standard_normal((B, 4, Hk * 2, D)), jnp.float32)
+        kt = jnp.asarray(rng.standard_normal((B, C, Hk, D)) * 2, jnp.float32)
+        s1 = nosa.stage1_scores(q, jnp.asarray(q_pos), kt, n_win, cfg)
+        b_qk = nosa.pool_blocks(s1, jnp.asarray(q_pos), n_win, nb, cfg)
+        cw = jnp.asarray(rng.standard_normal((B, Hk, 1, C)), jnp.float32)
+        b_cis = nosa.pool_blocks(cw, jnp.asarray(q_pos), n_win, nb, cfg)
+        qb = jnp.asarray(q_pos // cfg.block_size)[:, None, :, None]
+        need = int(sp.lanes_needed(jnp.asarray(q_pos), cfg))
+        assert need <= nb
+        tail = np.asarray(b_qk)[..., need:]
+        assert np.all((tail == 0) | (tail == -np.inf)), p0
+
+        def select(n_b, mode):  # the rows cut to n_b blocks, padded with -1 to the whole rows' width
+            got = np.asarray(nosa.two_stage_select(b_qk[..., :n_b], b_cis[..., :n_b], qb, cfg, mode))
+            return np.pad(got, [(0, 0)] * 3 + [(0, min(cfg.topk, nb) - got.shape[-1])], constant_values=-1)
+
+        for mode in ("nosa", "infllmv2"):
+            want = select(nb, mode)
+            for n_b in range(need, nb, 3):
+                np.testing.assert_array_equal(select(n_b, mode), want, err_msg=f"{mode} p0={p0} n_b={n_b}")
+                checked += 1
+            if need - 1 == q_pos.max() // cfg.block_size:  # one block fewer loses a query's own block
+                assert not np.array_equal(select(need - 1, mode), want), (mode, p0)
+                tight += 1
+    assert checked > 10 and tight >= 3
+
+
+def test_lane_buckets():
+    assert sp.lane_buckets(513) == (256, 512, 513)
+    assert sp.lane_buckets(512) == (128, 256, 512)
+    assert sp.lane_buckets(2049) == (1024, 2048, 2049)
+    assert sp.lane_buckets(70) == (32, 64, 70)
+    assert sp.lane_buckets(40) == (32, 40)
+    assert sp.lane_buckets(13) == (13,)
+
+
+@pytest.mark.parametrize("start,bucket", [(0, 32), (360, 64), (548, 70)])
+def test_each_lane_bucket_matches_jnp_select(start, bucket):
+    # 70 blocks: prefill_select's three branches (rows of 32, 64 and all 70 blocks), each picked by
+    # the chunk's position, against nosa.select_blocks on the whole rows, both modes.
+    cfg, C_alloc = SMALL, 140
+    kv_len = [560, start + 12]
+    q_pos = np.minimum(np.asarray([start, start])[:, None] + np.arange(10), np.asarray(kv_len)[:, None] - 1)
+    need = int(sp.lanes_needed(jnp.asarray(q_pos), cfg))
+    buckets = sp.lane_buckets(C_alloc * cfg.kernel_stride // cfg.block_size)
+    assert buckets == (32, 64, 70) and min(b for b in buckets if b >= need) == bucket
+    check_case(start + 1, cfg=cfg, B=2, Tc=10, Hq=4, Hk=2, D=16, L=1, layer=0, kv_len=kv_len, start=[start, start],
+               C_alloc=C_alloc, dtype="bfloat16", numpy=False, block_c=16)
+
+
 def test_stage1_f64_is_np_reference():
     q, q_pos, kt, cw, kv_len, n_win = make_inputs(8, cfg=WIDE, B=2, Tc=6, Hq=8, Hk=2, D=16, L=1, layer=0,
                                                   kv_len=[70, 30], start=[60, 10], C_alloc=16, dtype="float32")
@@ -234,7 +299,7 @@ def test_bad_inputs_raise():
 def test_lowers_to_triton_for_cuda(dtype):
     """Cross-lower (no GPU needed) prefill_select at the model's sizes (a 256-token chunk at 16K,
     Hq=32, Hk=2, D=128): the Triton lowering accepts the scores kernel for this dtype with grid
-    (B, Hk, token tiles), every Triton module passes the MLIR verifier, and no layer of the stacked
+    (B, Hk, token tiles) in each of the three lane buckets, every Triton module passes the MLIR verifier, and no layer of the stacked
     ktilde pool is sliced out outside the kernel."""
     from model_utils import verified_triton_modules
 
@@ -247,9 +312,11 @@ def test_lowers_to_triton_for_cuda(dtype):
         q, qp, kt, cw, kl, layer, nosa_cfg=UPSTREAM, n_blocks=n_blocks, mode="nosa"), *args)
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     scores = [ln for ln in calls if "nosa_prefill_stage1_scores" in ln]
-    assert len(scores) == 1 and len(modules) == len(calls) == 2  # the scores kernel and the top-k
-    assert f"grid_x = {B} " in scores[0] and f"grid_y = {Hk} " in scores[0]
-    assert f"grid_z = {Tc // sp.default_tile_t(Hq // Hk)} " in scores[0]
+    n_b = len(sp.lane_buckets(n_blocks))
+    assert n_b == 3 and len(scores) == n_b and len(modules) == len(calls) == 2 * n_b  # scores and top-k per bucket
+    for ln in scores:
+        assert f"grid_x = {B} " in ln and f"grid_y = {Hk} " in ln
+        assert f"grid_z = {Tc // sp.default_tile_t(Hq // Hk)} " in ln
     assert f"tensor<{B}x{C}x{Hk}x{D}x{'bf16' if dtype == 'bfloat16' else 'f32'}>" not in txt
 
 
