@@ -240,6 +240,9 @@ def lanes_needed(q_pos, nosa_cfg: NosaConfig):
     return jnp.maximum(jnp.maximum(p // cfg.block_size, last_block) + 1, cfg.init_blocks)
 
 
+_MIN_BUCKET = 32  # the top-k pads shorter rows to one warp's width anyway
+
+
 def lane_buckets(n_blocks: int) -> tuple[int, ...]:
     """The static row lengths prefill_select compiles for: n_blocks and the rows of a quarter and a
     half of its top-k row (padded to a power of two), where those are at least one warp wide. A chunk
@@ -248,9 +251,6 @@ def lane_buckets(n_blocks: int) -> tuple[int, ...]:
     8 of 512, 1 of 1024 lanes, 2.4x less)."""
     n_pad = next_pow2(n_blocks)
     return tuple(sorted({n_blocks} | {n_pad // d for d in (4, 2) if _MIN_BUCKET <= n_pad // d < n_blocks}))
-
-
-_MIN_BUCKET = 32  # the top-k pads shorter rows to one warp's width anyway
 
 
 def prefill_select(q, q_pos, ktilde_pool, cisw_pool, kv_len, layer, *, nosa_cfg: NosaConfig, n_blocks: int,

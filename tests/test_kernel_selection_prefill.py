@@ -299,8 +299,8 @@ def test_bad_inputs_raise():
 def test_lowers_to_triton_for_cuda(dtype):
     """Cross-lower (no GPU needed) prefill_select at the model's sizes (a 256-token chunk at 16K,
     Hq=32, Hk=2, D=128): the Triton lowering accepts the scores kernel for this dtype with grid
-    (B, Hk, token tiles) in each of the three lane buckets, every Triton module passes the MLIR verifier, and no layer of the stacked
-    ktilde pool is sliced out outside the kernel."""
+    (B, Hk, token tiles) in each of the three lane buckets, every Triton module passes the MLIR
+    verifier, and no layer of the stacked ktilde pool is sliced out outside the kernel."""
     from model_utils import verified_triton_modules
 
     L, B, Tc, Hq, Hk, D, context = 4, 1, 256, 32, 2, 128, 16384
@@ -313,7 +313,7 @@ def test_lowers_to_triton_for_cuda(dtype):
     calls = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln]
     scores = [ln for ln in calls if "nosa_prefill_stage1_scores" in ln]
     n_b = len(sp.lane_buckets(n_blocks))
-    assert n_b == 3 and len(scores) == n_b and len(modules) == len(calls) == 2 * n_b  # scores and top-k per bucket
+    assert n_b == 3 and len(scores) == n_b and len(modules) == len(calls) == 2 * n_b  # scores, top-k per bucket
     for ln in scores:
         assert f"grid_x = {B} " in ln and f"grid_y = {Hk} " in ln
         assert f"grid_z = {Tc // sp.default_tile_t(Hq // Hk)} " in ln
