@@ -22,6 +22,9 @@ Plan:
               (c < n_win and S c + K - 1 <= the token's position);
       pass 2  p = exp(logit - max) / sum per row, summed over the G heads of each token (a reshape
               [tile_t, G_pad, block_c] and a sum), stored as the window scores [tile_t, block_c];
+    the window tiles that every token of the tile sees (all but the last one or two of a row's
+    walk) skip the visibility mask and the masked loads, about half the elementwise operations per
+    logit by count (not measured yet); the padded heads' rows get weight 1 / inf = 0 instead;
     then it stores exact zeros over the windows past its visible range (invisible windows score 0
     in the reference too, and pooling reads them: the ties they make at the top-k's boundary must
     be the reference's), and -inf past n_win (the windows the pooling leaves out). The dot follows
@@ -68,6 +71,7 @@ from pallas_kernels.selection import _check_tiling, _dot, _dot_precision, _is_po
 from pallas_kernels.topk import two_stage_select_pallas
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
 
 
 def _dot_nt(a, b, precision):
@@ -95,47 +99,68 @@ def _scores_kernel(layer_ref, nwin_ref, pos_ref, q_ref, k_ref, o_ref, *, G: int,
     pos = pos_ref[...]
     row_pos = jnp.broadcast_to(pos[:, None], (tile_t, g_pad)).reshape(R, 1)
     row_ok = (lax.broadcasted_iota(jnp.int32, (R, 1), 0) % g_pad) < G
-    # Windows visible to the tile's last token (the largest position): c < n, S c + K - 1 <= p.
-    p_max = jnp.max(pos)
-    n_vis = jnp.where(p_max >= ksize - 1, (jnp.maximum(p_max, ksize - 1) - (ksize - 1)) // stride + 1, 0)
-    n_tiles = (jnp.minimum(n_vis, n) + block_c - 1) // block_c
+
+    def n_visible(p):  # windows c < n with S c + K - 1 <= p
+        return jnp.minimum(jnp.where(p >= ksize - 1, (jnp.maximum(p, ksize - 1) - (ksize - 1)) // stride + 1, 0), n)
+
+    # Tiles of windows that some token of the tile sees (its last token has the largest position),
+    # and the leading ones that every token sees (padding tokens, at position -1, left out: their
+    # rows are cut off after the kernel). The latter need no mask: their logits go in as they are.
+    n_tiles = (n_visible(jnp.max(pos)) + block_c - 1) // block_c
+    full_tiles = k_ref.shape[1] >= block_c  # static: a pool narrower than a tile has none (none traced)
+    n_full = n_visible(jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max))) // block_c if full_tiles else 0
 
     q = q_ref[...].reshape(R, q_ref.shape[-1])
     col = lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
     krow = lax.broadcasted_iota(jnp.int32, (block_c, 1), 0)
 
-    def logits(t):
+    def logits(t, masked: bool):
         c0 = t * block_c
+        if not masked:
+            return _dot_nt(q, k_ref[layer, pl.ds(c0, block_c), :], precision) / sqrt_d, None
         k = pltriton.load(k_ref.at[layer, pl.ds(c0, block_c), :], mask=(c0 + krow) < n, other=0.0)
         s = _dot_nt(q, k, precision) / sqrt_d  # [R, block_c]
         c = c0 + col
         vis = row_ok & (c < n) & (stride * c + (ksize - 1) <= row_pos)
         return jnp.where(vis, s, NEG_INF), vis
 
-    def stats(t, carry):
-        m, l = carry
-        s, _ = logits(t)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s - m_safe), axis=1, keepdims=True)
-        return m_new, l
+    def stats(masked: bool):
+        def body(t, carry):
+            m, l = carry
+            s, _ = logits(t, masked)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+            l = l * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s - m_safe), axis=1, keepdims=True)
+            return m_new, l
+        return body
 
-    m, l = lax.fori_loop(0, n_tiles, stats, (jnp.full((R, 1), NEG_INF, jnp.float32),
-                                             jnp.zeros((R, 1), jnp.float32)))
+    m_l = (jnp.full((R, 1), NEG_INF, jnp.float32), jnp.zeros((R, 1), jnp.float32))
+    if full_tiles:
+        m_l = lax.fori_loop(0, n_full, stats(False), m_l)
+    m, l = lax.fori_loop(n_full, n_tiles, stats(True), m_l)
     m = jnp.where(m == NEG_INF, 0.0, m)
-    l = jnp.where(l > 0, l, 1.0)
+    # Padded heads' rows (zero q rows, unmasked in the full tiles) get 1 / inf = 0 weight.
+    l = jnp.where(row_ok, jnp.where(l > 0, l, 1.0), POS_INF)
 
     def clip(t, x):  # [tile_t, block_c] window scores -> -inf past n_win
         return jnp.where(t * block_c + col < n, x, NEG_INF)
 
-    def write(t, carry):
-        s, vis = logits(t)
-        p = jnp.where(vis, jnp.exp(s - m) / l, 0.0)
-        o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, jnp.sum(p.reshape(tile_t, g_pad, block_c), axis=1))
-        return carry
+    def write(masked: bool):
+        def body(t, carry):
+            s, vis = logits(t, masked)
+            p = jnp.exp(s - m) / l
+            if masked:
+                p = jnp.where(vis, p, 0.0)
+            x = jnp.sum(p.reshape(tile_t, g_pad, block_c), axis=1)
+            o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, x) if masked else x
+            return carry
+        return body
 
     n_written = jnp.minimum(n_tiles, n_out_tiles)  # the output may be narrower than what the tile sees
-    lax.fori_loop(0, n_written, write, 0)
+    n_full = jnp.minimum(n_full, n_written)
+    if full_tiles:
+        lax.fori_loop(0, n_full, write(False), 0)
+    lax.fori_loop(n_full, n_written, write(True), 0)
 
     def rest(t, carry):  # windows no token of the tile sees: 0, or -inf past n_win
         o_ref[:, pl.ds(t * block_c, block_c)] = clip(t, jnp.zeros((tile_t, block_c), jnp.float32))

@@ -153,6 +153,15 @@ def test_small_config_ragged(dtype, G, tile_t, block_c):
     assert f <= MAX_FRAGILE_FRACTION * r + 1, (f, r)
 
 
+@pytest.mark.parametrize("G", [4, 16])
+def test_tiles_straddling_the_visible_edge(G):
+    # Token tiles whose first token sees fewer whole window tiles than their last (tokens 60..67 see
+    # 14..16 windows, 124..131 see 30..32): only the window tiles every token sees skip the mask.
+    r, f = check_case(17 + G, cfg=SMALL, B=2, Tc=16, Hq=2 * G, Hk=2, D=16, L=1, layer=0, kv_len=[100, 150],
+                      start=[60, 124], C_alloc=40, dtype="float32", tile_t=8, block_c=16)
+    assert f <= MAX_FRAGILE_FRACTION * r + 1, (f, r)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_wide_config_matches_jnp_select(dtype):
     # Overlapping windows (K = 4 S), two sink and two local blocks; ids against nosa.select_blocks
