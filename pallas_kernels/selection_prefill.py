@@ -260,8 +260,9 @@ def lanes_needed(q_pos, nosa_cfg: NosaConfig):
     """
     cfg = nosa_cfg
     p = jnp.max(q_pos).astype(jnp.int32)
-    last_window = (p - (cfg.kernel_size - 1)) // cfg.kernel_stride  # visible to p (negative: none)
-    last_block = (last_window + 1) // cfg.pool_stride  # block j pools windows P j - 1 .. P j + P - 1
+    # p sees windows 0 .. w - 1 (w = num_windows(p + 1)); block j pools windows P j - 1 .. P j + P - 1,
+    # so the last block that pools a visible window is w // P.
+    last_block = nosa.num_windows(p + 1, cfg) // cfg.pool_stride
     return jnp.maximum(jnp.maximum(p // cfg.block_size, last_block) + 1, cfg.init_blocks)
 
 
